@@ -1,0 +1,88 @@
+//! The errors of the registry, one variant per way an operation can be refused.
+
+use crate::model::{ProcessId, TerminalState};
+
+/// Why a registry operation did not happen. Every refusal writes nothing.
+///
+/// Callers match on the variant; the HTTP layer maps each to a stable code and status.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// No process has this id.
+    #[error("process {0} not found")]
+    NotFound(ProcessId),
+    /// The id is registered with different content.
+    #[error("process {id} is already registered with different content")]
+    Conflict {
+        /// The id in question.
+        id: ProcessId,
+    },
+    /// The replay key is stored for this process with a different type or payload.
+    #[error("replay key {replay_key:?} of process {id} is stored with different content")]
+    ReplayConflict {
+        /// The process.
+        id: ProcessId,
+        /// The key that conflicted.
+        replay_key: String,
+    },
+    /// The process is terminal: its log is sealed.
+    #[error("process {id} is {state}: its log is sealed")]
+    ProcessTerminal {
+        /// The process.
+        id: ProcessId,
+        /// How it ended.
+        state: TerminalState,
+    },
+    /// A different completion was asked of a process that already ended.
+    #[error("process {id} already ended as {state}")]
+    AlreadyTerminal {
+        /// The process.
+        id: ProcessId,
+        /// How it ended.
+        state: TerminalState,
+    },
+    /// The lease the write was fenced by is not the current live lease (expired, released or
+    /// superseded by a newer generation).
+    #[error("lease on process {id} is lost (expired or superseded)")]
+    LeaseLost {
+        /// The process.
+        id: ProcessId,
+    },
+    /// A payload or input is larger than the configured limit.
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// Its serialized size in bytes.
+        size: usize,
+        /// The configured limit in bytes.
+        limit: usize,
+    },
+    /// Malformed input: a bad id, type, kind, owner, key, limit or state.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// The database could not be reached (connection refused or lost, pool exhausted).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The database answered with an error proclog did not expect.
+    #[error("database error: {0}")]
+    Database(String),
+}
+
+impl ProcessError {
+    /// A short, stable, machine-readable code for the variant (used by the HTTP API).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProcessError::NotFound(_) => "not_found",
+            ProcessError::Conflict { .. } => "conflict",
+            ProcessError::ReplayConflict { .. } => "replay_conflict",
+            ProcessError::ProcessTerminal { .. } => "process_terminal",
+            ProcessError::AlreadyTerminal { .. } => "already_terminal",
+            ProcessError::LeaseLost { .. } => "lease_lost",
+            ProcessError::PayloadTooLarge { .. } => "payload_too_large",
+            ProcessError::InvalidInput(_) => "invalid_input",
+            ProcessError::Unavailable(_) => "unavailable",
+            ProcessError::Database(_) => "database_error",
+        }
+    }
+}
+
+/// Shorthand for results of registry operations.
+pub type ProcessResult<T> = Result<T, ProcessError>;

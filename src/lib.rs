@@ -1,0 +1,21 @@
+//! proclog: durable process-event logs on Postgres.
+//!
+//! A *process* is a durable unit of work with an append-only event log (seq 1, 2, 3, ... with
+//! no gaps) that ends in exactly one terminal state held in a durable column. The
+//! [`ProcessRegistry`] trait is the state interface; [`PgProcessRegistry`] is the product and
+//! [`InMemoryProcessRegistry`] the reference model. See `ARCHITECTURE.md` for the layers and
+//! invariants; each item documents its contract.
+
+pub mod error;
+pub mod local_pg;
+pub mod memory;
+pub mod model;
+pub mod pg;
+pub mod registry;
+pub mod validate;
+
+pub use error::{ProcessError, ProcessResult};
+pub use memory::InMemoryProcessRegistry;
+pub use model::*;
+pub use pg::PgProcessRegistry;
+pub use registry::{ProcessRegistry, RegistryConfig};

@@ -1,0 +1,459 @@
+//! `InMemoryProcessRegistry`: the registry contract held in a mutex-guarded map.
+//!
+//! It is the reference model of the contract: the conformance suite runs the same tests against
+//! it and against Postgres, so a divergence between the two is a failing test. Its clock is the
+//! local clock truncated to microseconds, like Postgres timestamps.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use uuid::Uuid;
+
+use crate::error::{ProcessError, ProcessResult};
+use crate::model::{
+    AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, LeaseFence, LeaseInfo,
+    ProcessEvent, ProcessFilter, ProcessId, ProcessPage, ProcessRecord, ProcessRegistration,
+    ProcessStatus, PruneReport, TerminalRecord,
+};
+use crate::registry::{ProcessRegistry, RegistryConfig};
+use crate::{ListCursor, validate};
+
+/// A process registry in memory. Cloning is not offered: share it behind an `Arc`.
+pub struct InMemoryProcessRegistry {
+    config: RegistryConfig,
+    processes: Mutex<HashMap<ProcessId, Entry>>,
+}
+
+struct Entry {
+    record: ProcessRecord,
+    lease_token: Option<Uuid>,
+    events: Vec<ProcessEvent>,
+    replay_keys: HashMap<String, usize>,
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now()
+        .duration_trunc(TimeDelta::microseconds(1))
+        .expect("the clock is representable")
+}
+
+fn ttl_delta(ttl: Duration) -> TimeDelta {
+    TimeDelta::from_std(ttl).expect("validated ttl fits")
+}
+
+impl Entry {
+    fn lease_is_live(&self, at: DateTime<Utc>) -> bool {
+        self.lease_token.is_some()
+            && self
+                .record
+                .lease
+                .as_ref()
+                .is_some_and(|lease| lease.expires_at > at)
+    }
+
+    fn fence_holds(&self, fence: &LeaseFence, at: DateTime<Utc>) -> bool {
+        self.lease_token == Some(fence.token) && self.lease_is_live(at)
+    }
+
+    fn terminal_refusal(&self) -> Option<ProcessError> {
+        self.record
+            .terminal
+            .as_ref()
+            .map(|terminal| ProcessError::ProcessTerminal {
+                id: self.record.id.clone(),
+                state: terminal.state,
+            })
+    }
+
+    /// The replay decision of CONTRACT §2 for a batch: `None` when no key of the batch is
+    /// stored (a new write), otherwise the stored events or `ReplayConflict`.
+    fn replay(&self, requests: &[AppendRequest]) -> Option<ProcessResult<Vec<AppendOutcome>>> {
+        let stored: Vec<Option<&ProcessEvent>> = requests
+            .iter()
+            .map(|request| {
+                request
+                    .replay_key
+                    .as_ref()
+                    .and_then(|key| self.replay_keys.get(key))
+                    .map(|index| &self.events[*index])
+            })
+            .collect();
+        let first_stored = stored.iter().position(Option::is_some)?;
+        let conflict = requests.iter().zip(&stored).find(|(request, event)| {
+            !event.is_some_and(|event| {
+                event.event_type == request.event_type && event.payload == request.payload
+            })
+        });
+        Some(match conflict {
+            Some((request, _)) => Err(ProcessError::ReplayConflict {
+                id: self.record.id.clone(),
+                replay_key: request
+                    .replay_key
+                    .clone()
+                    .or_else(|| requests[first_stored].replay_key.clone())
+                    .unwrap_or_default(),
+            }),
+            None => Ok(stored
+                .into_iter()
+                .map(|event| AppendOutcome {
+                    event: event.expect("checked above").clone(),
+                    replayed: true,
+                })
+                .collect()),
+        })
+    }
+
+    fn push_event(
+        &mut self,
+        event_type: String,
+        payload: serde_json::Value,
+        replay_key: Option<String>,
+        writer: &str,
+        fence: Option<LeaseFence>,
+        at: DateTime<Utc>,
+    ) -> ProcessEvent {
+        self.record.last_seq += 1;
+        let event = ProcessEvent {
+            process_id: self.record.id.clone(),
+            seq: self.record.last_seq,
+            event_type,
+            payload,
+            replay_key,
+            occurred_at: at,
+            writer: writer.to_owned(),
+            lease_generation: fence.map(|fence| fence.generation),
+        };
+        if let Some(key) = &event.replay_key {
+            self.replay_keys.insert(key.clone(), self.events.len());
+        }
+        self.events.push(event.clone());
+        self.record.updated_at = at;
+        event
+    }
+}
+
+impl InMemoryProcessRegistry {
+    /// An empty registry with `config`.
+    pub fn new(config: RegistryConfig) -> Self {
+        Self {
+            config,
+            processes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ProcessId, Entry>> {
+        self.processes
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+#[async_trait]
+impl ProcessRegistry for InMemoryProcessRegistry {
+    async fn register_process(
+        &self,
+        registration: ProcessRegistration,
+    ) -> ProcessResult<ProcessRecord> {
+        validate::registration(&registration, self.config.max_payload_bytes)?;
+        let id = registration.id.clone().unwrap_or_else(ProcessId::generate);
+        let mut processes = self.lock();
+        if let Some(existing) = processes.get(&id) {
+            let record = &existing.record;
+            return if record.kind == registration.kind
+                && record.input == registration.input
+                && record.disposition == registration.disposition
+            {
+                Ok(record.clone())
+            } else {
+                Err(ProcessError::Conflict { id })
+            };
+        }
+        let at = now();
+        let record = ProcessRecord {
+            id: id.clone(),
+            kind: registration.kind,
+            input: registration.input,
+            disposition: registration.disposition,
+            status: ProcessStatus::Pending,
+            last_seq: 0,
+            created_at: at,
+            updated_at: at,
+            lease_generation: 0,
+            lease: None,
+            terminal: None,
+        };
+        processes.insert(
+            id,
+            Entry {
+                record: record.clone(),
+                lease_token: None,
+                events: Vec::new(),
+                replay_keys: HashMap::new(),
+            },
+        );
+        Ok(record)
+    }
+
+    async fn get_process(&self, id: &ProcessId) -> ProcessResult<Option<ProcessRecord>> {
+        Ok(self.lock().get(id).map(|entry| entry.record.clone()))
+    }
+
+    async fn list_processes(&self, filter: ProcessFilter) -> ProcessResult<ProcessPage> {
+        let limit = validate::list_limit(filter.limit)? as usize;
+        if let Some(kind) = &filter.kind {
+            validate::kind(kind)?;
+        }
+        let mut matching: Vec<ProcessRecord> = self
+            .lock()
+            .values()
+            .map(|entry| &entry.record)
+            .filter(|record| {
+                filter.status.is_none_or(|status| record.status == status)
+                    && filter.kind.as_ref().is_none_or(|kind| &record.kind == kind)
+                    && filter
+                        .created_after
+                        .is_none_or(|after| record.created_at >= after)
+                    && filter
+                        .created_before
+                        .is_none_or(|before| record.created_at < before)
+                    && filter.after.as_ref().is_none_or(|cursor| {
+                        (record.created_at, &record.id) > (cursor.created_at, &cursor.id)
+                    })
+            })
+            .cloned()
+            .collect();
+        matching.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        let has_more = matching.len() > limit;
+        matching.truncate(limit);
+        let next = has_more.then(|| {
+            let last = matching.last().expect("a full page is not empty");
+            ListCursor {
+                created_at: last.created_at,
+                id: last.id.clone(),
+            }
+        });
+        Ok(ProcessPage {
+            processes: matching,
+            next,
+        })
+    }
+
+    async fn append_event(
+        &self,
+        id: &ProcessId,
+        request: AppendRequest,
+    ) -> ProcessResult<AppendOutcome> {
+        let mut outcomes = self.append_events(id, vec![request]).await?;
+        Ok(outcomes.remove(0))
+    }
+
+    async fn append_events(
+        &self,
+        id: &ProcessId,
+        requests: Vec<AppendRequest>,
+    ) -> ProcessResult<Vec<AppendOutcome>> {
+        validate::append_batch(&requests, self.config.max_payload_bytes)?;
+        let mut processes = self.lock();
+        let entry = processes
+            .get_mut(id)
+            .ok_or_else(|| ProcessError::NotFound(id.clone()))?;
+        if let Some(replayed) = entry.replay(&requests) {
+            return replayed;
+        }
+        if let Some(refusal) = entry.terminal_refusal() {
+            return Err(refusal);
+        }
+        let at = now();
+        let fence = requests[0].fence;
+        if let Some(fence) = &fence
+            && !entry.fence_holds(fence, at)
+        {
+            return Err(ProcessError::LeaseLost { id: id.clone() });
+        }
+        if entry.record.status == ProcessStatus::Pending {
+            entry.record.status = ProcessStatus::Running;
+        }
+        let writer = self.config.writer.as_str();
+        Ok(requests
+            .into_iter()
+            .map(|request| AppendOutcome {
+                event: entry.push_event(
+                    request.event_type,
+                    request.payload,
+                    request.replay_key,
+                    writer,
+                    fence,
+                    at,
+                ),
+                replayed: false,
+            })
+            .collect())
+    }
+
+    async fn events_after(
+        &self,
+        id: &ProcessId,
+        after_seq: i64,
+        limit: u32,
+    ) -> ProcessResult<Vec<ProcessEvent>> {
+        validate::events_after(after_seq, limit)?;
+        let processes = self.lock();
+        let entry = processes
+            .get(id)
+            .ok_or_else(|| ProcessError::NotFound(id.clone()))?;
+        Ok(entry
+            .events
+            .iter()
+            .filter(|event| event.seq > after_seq)
+            .take(limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn complete_process(
+        &self,
+        id: &ProcessId,
+        completion: Completion,
+    ) -> ProcessResult<ProcessRecord> {
+        validate::payload_bytes(&completion.output, self.config.max_payload_bytes)?;
+        let mut processes = self.lock();
+        let entry = processes
+            .get_mut(id)
+            .ok_or_else(|| ProcessError::NotFound(id.clone()))?;
+        if let Some(terminal) = &entry.record.terminal {
+            return if terminal.state == completion.state && terminal.output == completion.output {
+                Ok(entry.record.clone())
+            } else {
+                Err(ProcessError::AlreadyTerminal {
+                    id: id.clone(),
+                    state: terminal.state,
+                })
+            };
+        }
+        let at = now();
+        if let Some(fence) = &completion.fence
+            && !entry.fence_holds(fence, at)
+        {
+            return Err(ProcessError::LeaseLost { id: id.clone() });
+        }
+        let event = entry.push_event(
+            completion.state.event_type().to_owned(),
+            completion.output.clone(),
+            None,
+            &self.config.writer,
+            completion.fence,
+            at,
+        );
+        entry.record.status = completion.state.into();
+        entry.record.terminal = Some(TerminalRecord {
+            state: completion.state,
+            seq: event.seq,
+            output: completion.output,
+            completed_at: at,
+        });
+        entry.record.lease = None;
+        entry.lease_token = None;
+        Ok(entry.record.clone())
+    }
+
+    async fn claim(
+        &self,
+        id: &ProcessId,
+        owner: &str,
+        ttl: Duration,
+    ) -> ProcessResult<ClaimOutcome> {
+        validate::owner(owner)?;
+        validate::lease_ttl(ttl)?;
+        let mut processes = self.lock();
+        let entry = processes
+            .get_mut(id)
+            .ok_or_else(|| ProcessError::NotFound(id.clone()))?;
+        if let Some(refusal) = entry.terminal_refusal() {
+            return Err(refusal);
+        }
+        let at = now();
+        if entry.lease_is_live(at) {
+            let held = entry
+                .record
+                .lease
+                .as_ref()
+                .expect("a live lease is recorded");
+            return Ok(ClaimOutcome::Busy {
+                holder: held.owner.clone(),
+                expires_at: held.expires_at,
+            });
+        }
+        let lease = Lease {
+            process_id: id.clone(),
+            owner: owner.to_owned(),
+            token: Uuid::new_v4(),
+            generation: entry.record.lease_generation + 1,
+            expires_at: at + ttl_delta(ttl),
+        };
+        entry.lease_token = Some(lease.token);
+        entry.record.lease_generation = lease.generation;
+        entry.record.lease = Some(LeaseInfo {
+            owner: lease.owner.clone(),
+            generation: lease.generation,
+            expires_at: lease.expires_at,
+        });
+        if entry.record.status == ProcessStatus::Pending {
+            entry.record.status = ProcessStatus::Running;
+        }
+        entry.record.updated_at = at;
+        Ok(ClaimOutcome::Acquired(lease))
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> ProcessResult<Lease> {
+        validate::lease_ttl(ttl)?;
+        let mut processes = self.lock();
+        let entry = processes
+            .get_mut(&lease.process_id)
+            .ok_or_else(|| ProcessError::NotFound(lease.process_id.clone()))?;
+        let at = now();
+        if !entry.fence_holds(&lease.fence(), at) {
+            return Err(ProcessError::LeaseLost {
+                id: lease.process_id.clone(),
+            });
+        }
+        let expires_at = at + ttl_delta(ttl);
+        if let Some(recorded) = entry.record.lease.as_mut() {
+            recorded.expires_at = expires_at;
+        }
+        Ok(Lease {
+            expires_at,
+            ..lease.clone()
+        })
+    }
+
+    async fn release(&self, lease: &Lease) -> ProcessResult<()> {
+        let mut processes = self.lock();
+        if let Some(entry) = processes.get_mut(&lease.process_id)
+            && entry.lease_token == Some(lease.token)
+        {
+            entry.lease_token = None;
+            entry.record.lease = None;
+        }
+        Ok(())
+    }
+
+    async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {
+        let mut report = PruneReport::default();
+        self.lock().retain(|_, entry| {
+            let prune = entry
+                .record
+                .terminal
+                .as_ref()
+                .is_some_and(|terminal| terminal.completed_at < cutoff);
+            if prune {
+                report.processes += 1;
+                report.events += entry.events.len() as u64;
+            }
+            !prune
+        });
+        Ok(report)
+    }
+}

@@ -1,0 +1,480 @@
+//! The data model of proclog: processes, their events, terminal states and leases.
+//!
+//! Everything here is plain data. Validation of caller-supplied values lives in
+//! [`crate::validate`]; the operations over these types live in [`crate::registry`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::error::ProcessError;
+use crate::validate;
+
+/// The identifier of a process: 1 to 128 characters from `[A-Za-z0-9._:-]`.
+///
+/// A `ProcessId` can only be built through [`ProcessId::new`] (which validates) or
+/// [`ProcessId::generate`] (a UUIDv7), so holding one proves the id is well formed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct ProcessId(String);
+
+impl ProcessId {
+    /// Validates `id` and wraps it; a malformed id is [`ProcessError::InvalidInput`].
+    pub fn new(id: impl Into<String>) -> Result<Self, ProcessError> {
+        let id = id.into();
+        validate::process_id(&id)?;
+        Ok(Self(id))
+    }
+
+    /// A fresh, time-ordered id (UUIDv7 in its hyphenated form).
+    pub fn generate() -> Self {
+        Self(Uuid::now_v7().to_string())
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ProcessId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for ProcessId {
+    type Err = ProcessError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ProcessId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(deserializer)?;
+        ProcessId::new(raw).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Declares a text-backed enum with its canonical lower-case names, used both in the
+/// database (`text` columns with `CHECK` constraints) and on the wire.
+macro_rules! text_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($(#[$vmeta])* $variant),+ }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The canonical text form, as stored in the database.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = ProcessError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(ProcessError::InvalidInput(format!(
+                        concat!("unknown ", stringify!($name), " {:?}"), other
+                    ))),
+                }
+            }
+        }
+    };
+}
+
+text_enum! {
+    /// Where a process is in its life. Terminal states are absorbing.
+    ProcessStatus {
+        /// Registered, never started.
+        Pending => "pending",
+        /// Claimed by an owner or written to; not yet terminal.
+        Running => "running",
+        /// Ended successfully.
+        Completed => "completed",
+        /// Ended with an error.
+        Failed => "failed",
+        /// Ended because cancellation was requested.
+        Cancelled => "cancelled",
+        /// Ended because its owner was lost and its disposition is `abandon`.
+        Abandoned => "abandoned",
+    }
+}
+
+text_enum! {
+    /// The four ways a process can end.
+    TerminalState {
+        /// Ended successfully.
+        Completed => "completed",
+        /// Ended with an error.
+        Failed => "failed",
+        /// Ended because cancellation was requested.
+        Cancelled => "cancelled",
+        /// Ended because its owner was lost (disposition `abandon`).
+        Abandoned => "abandoned",
+    }
+}
+
+text_enum! {
+    /// What happens to a process when its owner is lost (its lease expires).
+    Disposition {
+        /// Another pod claims it and runs it again (the default).
+        Rerun => "rerun",
+        /// Another pod completes it as `abandoned`, with evidence.
+        Abandon => "abandon",
+        /// Pods never run it; API clients append and complete it.
+        External => "external",
+    }
+}
+
+impl Default for Disposition {
+    fn default() -> Self {
+        Disposition::Rerun
+    }
+}
+
+impl TerminalState {
+    /// The reserved event type of the terminal event, e.g. `process.completed`.
+    pub fn event_type(self) -> &'static str {
+        match self {
+            TerminalState::Completed => "process.completed",
+            TerminalState::Failed => "process.failed",
+            TerminalState::Cancelled => "process.cancelled",
+            TerminalState::Abandoned => "process.abandoned",
+        }
+    }
+}
+
+impl From<TerminalState> for ProcessStatus {
+    fn from(state: TerminalState) -> Self {
+        match state {
+            TerminalState::Completed => ProcessStatus::Completed,
+            TerminalState::Failed => ProcessStatus::Failed,
+            TerminalState::Cancelled => ProcessStatus::Cancelled,
+            TerminalState::Abandoned => ProcessStatus::Abandoned,
+        }
+    }
+}
+
+impl ProcessStatus {
+    /// True for the four absorbing states.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, ProcessStatus::Pending | ProcessStatus::Running)
+    }
+}
+
+/// What a caller supplies to create a process.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProcessRegistration {
+    /// The id to use; a UUIDv7 is generated when absent.
+    #[serde(default)]
+    pub id: Option<ProcessId>,
+    /// Which engine runs it: 1 to 128 characters from `[A-Za-z0-9._:-]`.
+    pub kind: String,
+    /// Free-form JSON input for the engine (subject to the payload limit).
+    #[serde(default)]
+    pub input: Value,
+    /// What happens when its owner is lost.
+    #[serde(default)]
+    pub disposition: Disposition,
+}
+
+impl ProcessRegistration {
+    /// A registration of `kind` with a JSON `input`, a generated id and the default disposition.
+    pub fn new(kind: impl Into<String>, input: Value) -> Self {
+        Self {
+            id: None,
+            kind: kind.into(),
+            input,
+            disposition: Disposition::default(),
+        }
+    }
+
+    /// The same registration with an explicit id.
+    pub fn with_id(mut self, id: ProcessId) -> Self {
+        self.id = Some(id);
+        self
+    }
+
+    /// The same registration with another disposition.
+    pub fn with_disposition(mut self, disposition: Disposition) -> Self {
+        self.disposition = disposition;
+        self
+    }
+}
+
+/// The durable terminal column of a process: set once, in the completing transaction.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TerminalRecord {
+    /// How the process ended.
+    pub state: TerminalState,
+    /// The seq of the terminal event, always the last event of the log.
+    pub seq: i64,
+    /// The output given at completion (also the terminal event's payload).
+    pub output: Value,
+    /// When it ended (database clock).
+    pub completed_at: DateTime<Utc>,
+}
+
+/// The lease currently recorded on a process (live or expired, see [`LeaseInfo::expires_at`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    /// Who holds or last held it.
+    pub owner: String,
+    /// Its generation.
+    pub generation: i64,
+    /// It is live while `expires_at` is after the database clock's now.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A process as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    /// Its id.
+    pub id: ProcessId,
+    /// Which engine runs it.
+    pub kind: String,
+    /// Its input.
+    pub input: Value,
+    /// What happens when its owner is lost.
+    pub disposition: Disposition,
+    /// Where it is in its life.
+    pub status: ProcessStatus,
+    /// The seq of the last event in its log (0 when the log is empty).
+    pub last_seq: i64,
+    /// When it was registered (database clock).
+    pub created_at: DateTime<Utc>,
+    /// When it was last written (database clock).
+    pub updated_at: DateTime<Utc>,
+    /// The generation of the latest lease ever granted (0 if never claimed).
+    pub lease_generation: i64,
+    /// The lease currently recorded, if any (released leases are cleared).
+    pub lease: Option<LeaseInfo>,
+    /// The terminal column; `None` until the process ends.
+    pub terminal: Option<TerminalRecord>,
+}
+
+/// One event of a process log, as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProcessEvent {
+    /// The process it belongs to.
+    pub process_id: ProcessId,
+    /// Its position: 1, 2, 3, ... per process, dense.
+    pub seq: i64,
+    /// Its type (types starting with `process.` are written by proclog only).
+    pub event_type: String,
+    /// Its JSON payload.
+    pub payload: Value,
+    /// The idempotency key it was appended with, if any.
+    pub replay_key: Option<String>,
+    /// When it was written (database clock).
+    pub occurred_at: DateTime<Utc>,
+    /// The writer (pod id) that appended it.
+    pub writer: String,
+    /// The generation of the lease it was written under, for fenced writes.
+    pub lease_generation: Option<i64>,
+}
+
+impl ProcessEvent {
+    /// True for the `process.<terminal state>` event that ends a log.
+    pub fn is_terminal(&self) -> bool {
+        TerminalState::ALL
+            .iter()
+            .any(|state| state.event_type() == self.event_type)
+    }
+}
+
+/// Proof of a lease, carried by fenced writes: the write is refused unless this token is the
+/// process's current, live lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LeaseFence {
+    /// The token of the acquisition (unique per acquisition).
+    pub token: Uuid,
+    /// The generation of the acquisition (recorded on every event written under it).
+    pub generation: i64,
+}
+
+/// One event to append.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AppendRequest {
+    /// Its type: 1 to 128 printable characters, not starting with `process.`.
+    pub event_type: String,
+    /// Its JSON payload (subject to the payload limit).
+    #[serde(default)]
+    pub payload: Value,
+    /// An idempotency key: a retry with the same key and content returns the stored event.
+    #[serde(default)]
+    pub replay_key: Option<String>,
+    /// When set, the append is fenced by this lease (refused with `LeaseLost` otherwise).
+    #[serde(default)]
+    pub fence: Option<LeaseFence>,
+}
+
+impl AppendRequest {
+    /// An unfenced, unkeyed append of `event_type` with `payload`.
+    pub fn new(event_type: impl Into<String>, payload: Value) -> Self {
+        Self {
+            event_type: event_type.into(),
+            payload,
+            replay_key: None,
+            fence: None,
+        }
+    }
+
+    /// The same request with an idempotency key.
+    pub fn with_replay_key(mut self, key: impl Into<String>) -> Self {
+        self.replay_key = Some(key.into());
+        self
+    }
+
+    /// The same request fenced by `lease`.
+    pub fn fenced(mut self, lease: &Lease) -> Self {
+        self.fence = Some(lease.fence());
+        self
+    }
+}
+
+/// The answer to an append: the stored event, and whether it was already stored (a replay).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AppendOutcome {
+    /// The event as stored.
+    pub event: ProcessEvent,
+    /// True when the replay key matched an event stored earlier: nothing new was written.
+    pub replayed: bool,
+}
+
+/// How a process ends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    /// The terminal state to enter.
+    pub state: TerminalState,
+    /// The output (stored in the terminal column and as the terminal event's payload).
+    #[serde(default)]
+    pub output: Value,
+    /// When set, the completion is fenced by this lease.
+    #[serde(default)]
+    pub fence: Option<LeaseFence>,
+}
+
+impl Completion {
+    /// An unfenced completion.
+    pub fn new(state: TerminalState, output: Value) -> Self {
+        Self {
+            state,
+            output,
+            fence: None,
+        }
+    }
+
+    /// The same completion fenced by `lease`.
+    pub fn fenced(mut self, lease: &Lease) -> Self {
+        self.fence = Some(lease.fence());
+        self
+    }
+}
+
+/// A granted lease on a process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The process it covers.
+    pub process_id: ProcessId,
+    /// Who holds it.
+    pub owner: String,
+    /// Unique per acquisition.
+    pub token: Uuid,
+    /// Increases on every acquisition of this process's lease, never goes back.
+    pub generation: i64,
+    /// Live while this is after the database clock's now.
+    pub expires_at: DateTime<Utc>,
+}
+
+impl Lease {
+    /// The fence that writes under this lease carry.
+    pub fn fence(&self) -> LeaseFence {
+        LeaseFence {
+            token: self.token,
+            generation: self.generation,
+        }
+    }
+}
+
+/// The answer to a claim.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClaimOutcome {
+    /// The lease was granted.
+    Acquired(Lease),
+    /// Someone else holds a live lease.
+    Busy {
+        /// The current holder.
+        holder: String,
+        /// When its lease expires unless renewed.
+        expires_at: DateTime<Utc>,
+    },
+}
+
+/// Which processes [`crate::ProcessRegistry::list_processes`] returns, and from where.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcessFilter {
+    /// Only processes in this status.
+    #[serde(default)]
+    pub status: Option<ProcessStatus>,
+    /// Only processes of this kind.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Only processes created at or after this instant.
+    #[serde(default)]
+    pub created_after: Option<DateTime<Utc>>,
+    /// Only processes created before this instant.
+    #[serde(default)]
+    pub created_before: Option<DateTime<Utc>>,
+    /// Continue after this cursor (from [`ProcessPage::next`]).
+    #[serde(default)]
+    pub after: Option<ListCursor>,
+    /// Page size; `None` means the default (100). At most 1,000.
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// A keyset position in the listing order `(created_at, id)`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListCursor {
+    /// `created_at` of the last process of the previous page.
+    pub created_at: DateTime<Utc>,
+    /// Its id.
+    pub id: ProcessId,
+}
+
+/// One page of a listing, in `(created_at, id)` order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProcessPage {
+    /// The processes of this page.
+    pub processes: Vec<ProcessRecord>,
+    /// Where the next page starts; `None` when this page is the last.
+    pub next: Option<ListCursor>,
+}
+
+/// What a prune removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PruneReport {
+    /// Terminal processes deleted.
+    pub processes: u64,
+    /// Events deleted with them.
+    pub events: u64,
+}

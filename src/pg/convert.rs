@@ -1,0 +1,198 @@
+//! Conversions between Postgres rows, errors and parameters and the proclog model.
+
+use std::error::Error as StdError;
+
+use bytes::{BufMut, BytesMut};
+use tokio_postgres::Row;
+use tokio_postgres::error::DbError;
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+
+use crate::error::ProcessError;
+use crate::model::{
+    LeaseInfo, ProcessEvent, ProcessId, ProcessRecord, TerminalRecord, TerminalState,
+};
+
+/// SQLSTATEs raised by the schema's functions (see `migrations/`).
+pub(crate) mod sqlstate {
+    /// No such process.
+    pub const NOT_FOUND: &str = "PLNF0";
+    /// The process is terminal; DETAIL is its state.
+    pub const TERMINAL: &str = "PLTM0";
+    /// The fence is not the current live lease.
+    pub const LEASE_LOST: &str = "PLLL0";
+    /// The replay key is stored with other content; DETAIL is the key.
+    pub const REPLAY_CONFLICT: &str = "PLRC0";
+    /// A different completion of a terminal process; DETAIL is its state.
+    pub const ALREADY_TERMINAL: &str = "PLAT0";
+}
+
+/// JSON already serialized (and measured against the payload limit), sent as `json`/`jsonb`
+/// without a second serialization.
+#[derive(Debug)]
+pub(crate) struct JsonText(pub Vec<u8>);
+
+impl ToSql for JsonText {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        if *ty == Type::JSONB {
+            out.put_u8(1); // jsonb binary format version
+        }
+        out.extend_from_slice(&self.0);
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSON || *ty == Type::JSONB
+    }
+
+    to_sql_checked!();
+}
+
+/// The columns of `proclog.processes` that [`process_from_row`] reads, in order.
+pub(crate) const PROCESS_COLUMNS: &str = "process_id, kind, input, disposition, status, \
+     last_seq, created_at, updated_at, lease_owner, lease_generation, lease_expires_at, \
+     terminal_state, terminal_seq, output, completed_at";
+
+/// The columns of `proclog.events` (without `process_id`) that [`event_from_row`] reads.
+pub(crate) const EVENT_COLUMNS: &str =
+    "seq, event_type, payload, replay_key, occurred_at, writer, lease_generation";
+
+fn corrupt(what: &str, err: impl std::fmt::Display) -> ProcessError {
+    ProcessError::Database(format!("unexpected {what} in the database: {err}"))
+}
+
+/// A process record from a row of [`PROCESS_COLUMNS`].
+pub(crate) fn process_from_row(row: &Row) -> Result<ProcessRecord, ProcessError> {
+    let id: String = row.try_get(0).map_err(db_error)?;
+    let disposition: String = row.try_get(3).map_err(db_error)?;
+    let status: String = row.try_get(4).map_err(db_error)?;
+    let lease_owner: Option<String> = row.try_get(8).map_err(db_error)?;
+    let lease_expires_at = row.try_get(10).map_err(db_error)?;
+    let terminal_state: Option<String> = row.try_get(11).map_err(db_error)?;
+    let terminal = match terminal_state {
+        None => None,
+        Some(state) => Some(TerminalRecord {
+            state: state
+                .parse::<TerminalState>()
+                .map_err(|err| corrupt("terminal state", err))?,
+            seq: row.try_get(12).map_err(db_error)?,
+            output: row.try_get(13).map_err(db_error)?,
+            completed_at: row.try_get(14).map_err(db_error)?,
+        }),
+    };
+    let lease_generation = row.try_get(9).map_err(db_error)?;
+    Ok(ProcessRecord {
+        id: ProcessId::new(id).map_err(|err| corrupt("process id", err))?,
+        kind: row.try_get(1).map_err(db_error)?,
+        input: row.try_get(2).map_err(db_error)?,
+        disposition: disposition
+            .parse()
+            .map_err(|err| corrupt("disposition", err))?,
+        status: status.parse().map_err(|err| corrupt("status", err))?,
+        last_seq: row.try_get(5).map_err(db_error)?,
+        created_at: row.try_get(6).map_err(db_error)?,
+        updated_at: row.try_get(7).map_err(db_error)?,
+        lease_generation,
+        lease: match (lease_owner, lease_expires_at) {
+            (Some(owner), Some(expires_at)) => Some(LeaseInfo {
+                owner,
+                generation: lease_generation,
+                expires_at,
+            }),
+            _ => None,
+        },
+        terminal,
+    })
+}
+
+/// An event of `process_id` from a row starting with [`EVENT_COLUMNS`].
+pub(crate) fn event_from_row(
+    process_id: &ProcessId,
+    row: &Row,
+) -> Result<ProcessEvent, ProcessError> {
+    Ok(ProcessEvent {
+        process_id: process_id.clone(),
+        seq: row.try_get(0).map_err(db_error)?,
+        event_type: row.try_get(1).map_err(db_error)?,
+        payload: row.try_get(2).map_err(db_error)?,
+        replay_key: row.try_get(3).map_err(db_error)?,
+        occurred_at: row.try_get(4).map_err(db_error)?,
+        writer: row.try_get(5).map_err(db_error)?,
+        lease_generation: row.try_get(6).map_err(db_error)?,
+    })
+}
+
+fn terminal_detail(db: &DbError) -> Result<TerminalState, ProcessError> {
+    db.detail()
+        .unwrap_or_default()
+        .parse()
+        .map_err(|err| corrupt("terminal state", err))
+}
+
+/// Maps a database error raised while writing to `id` to the registry's error.
+pub(crate) fn write_error(id: &ProcessId, err: tokio_postgres::Error) -> ProcessError {
+    let Some(db) = err.as_db_error() else {
+        return db_error(err);
+    };
+    match db.code().code() {
+        sqlstate::NOT_FOUND => ProcessError::NotFound(id.clone()),
+        sqlstate::TERMINAL => match terminal_detail(db) {
+            Ok(state) => ProcessError::ProcessTerminal {
+                id: id.clone(),
+                state,
+            },
+            Err(err) => err,
+        },
+        sqlstate::ALREADY_TERMINAL => match terminal_detail(db) {
+            Ok(state) => ProcessError::AlreadyTerminal {
+                id: id.clone(),
+                state,
+            },
+            Err(err) => err,
+        },
+        sqlstate::LEASE_LOST => ProcessError::LeaseLost { id: id.clone() },
+        sqlstate::REPLAY_CONFLICT => ProcessError::ReplayConflict {
+            id: id.clone(),
+            replay_key: db.detail().unwrap_or_default().to_owned(),
+        },
+        _ => db_error(err),
+    }
+}
+
+/// Maps a database error with no process-specific meaning: a lost or refused connection is
+/// `Unavailable`, anything else `Database`.
+pub(crate) fn db_error(err: tokio_postgres::Error) -> ProcessError {
+    if err.is_closed() || err.as_db_error().is_none() && err.source().is_some_and(is_io) {
+        return ProcessError::Unavailable(err.to_string());
+    }
+    match err.as_db_error() {
+        Some(db) if is_unavailable_state(db.code().code()) => {
+            ProcessError::Unavailable(format!("{}: {}", db.code().code(), db.message()))
+        }
+        Some(db) => ProcessError::Database(format!("{}: {}", db.code().code(), db.message())),
+        None => ProcessError::Database(err.to_string()),
+    }
+}
+
+fn is_io(err: &(dyn StdError + 'static)) -> bool {
+    err.is::<std::io::Error>()
+}
+
+/// Connection exceptions (08), insufficient resources (53), operator intervention (57:
+/// shutdown, terminated backends) and system errors (58) mean "try again later".
+fn is_unavailable_state(code: &str) -> bool {
+    ["08", "53", "57", "58"]
+        .iter()
+        .any(|class| code.starts_with(class))
+}
+
+/// Maps a pool checkout failure.
+pub(crate) fn pool_error(err: deadpool_postgres::PoolError) -> ProcessError {
+    match err {
+        deadpool_postgres::PoolError::Backend(err) => db_error(err),
+        other => ProcessError::Unavailable(other.to_string()),
+    }
+}

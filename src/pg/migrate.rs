@@ -1,0 +1,142 @@
+//! The schema migrator: applies `migrations/*.sql` in order, once, under an advisory lock.
+//!
+//! Migrations are embedded in the binary. All pending migrations are applied in one
+//! transaction that first takes a transaction-scoped advisory lock, so pods starting together
+//! apply each migration exactly once and a failed migration leaves nothing behind. A database
+//! that records a version this binary does not know is refused.
+
+use deadpool_postgres::Pool;
+
+use super::convert::{db_error, pool_error};
+use crate::error::ProcessError;
+
+/// One embedded migration.
+#[derive(Clone, Copy, Debug)]
+pub struct Migration {
+    /// Its version (the number its file name starts with), strictly increasing.
+    pub version: i32,
+    /// Its file name.
+    pub name: &'static str,
+    /// Its SQL.
+    pub sql: &'static str,
+}
+
+/// Every migration this binary knows, in order.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "0001_registry.sql",
+    sql: include_str!("../../migrations/0001_registry.sql"),
+}];
+
+/// The schema version this binary expects.
+pub fn latest_version() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+/// Key of the advisory lock that serialises migrators (any fixed 64-bit number).
+const MIGRATION_LOCK_KEY: i64 = 0x7072_6f63_6c6f_6701; // "proclog\x01"
+
+/// Why migrating failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The database records a schema version newer than this binary knows.
+    #[error(
+        "the database schema is at version {found}, newer than the {known} this proclog knows: upgrade proclog"
+    )]
+    SchemaTooNew {
+        /// Version recorded in the database.
+        found: i32,
+        /// Latest version this binary knows.
+        known: i32,
+    },
+    /// The database refused or failed.
+    #[error(transparent)]
+    Database(#[from] ProcessError),
+}
+
+/// What a migration run did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// Versions applied by this run (empty when the schema was current).
+    pub applied: Vec<i32>,
+    /// The schema version after the run.
+    pub version: i32,
+}
+
+/// Applies every pending migration. Safe to call from many pods at once.
+pub async fn migrate(pool: &Pool) -> Result<MigrationReport, MigrationError> {
+    let mut client = pool.get().await.map_err(pool_error)?;
+    let tx = client.transaction().await.map_err(db_error)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .map_err(db_error)?;
+    tx.batch_execute(
+        "CREATE SCHEMA IF NOT EXISTS proclog;
+         CREATE TABLE IF NOT EXISTS proclog.schema_migrations (
+             version    integer     NOT NULL PRIMARY KEY,
+             name       text        NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now());",
+    )
+    .await
+    .map_err(db_error)?;
+    let current: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM proclog.schema_migrations",
+            &[],
+        )
+        .await
+        .map_err(db_error)?
+        .get(0);
+    let known = latest_version();
+    if current > known {
+        return Err(MigrationError::SchemaTooNew {
+            found: current,
+            known,
+        });
+    }
+    let mut applied = Vec::new();
+    for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
+        tx.batch_execute(migration.sql).await.map_err(db_error)?;
+        tx.execute(
+            "INSERT INTO proclog.schema_migrations (version, name) VALUES ($1, $2)",
+            &[&migration.version, &migration.name],
+        )
+        .await
+        .map_err(db_error)?;
+        tracing::info!(
+            version = migration.version,
+            name = migration.name,
+            "applied migration"
+        );
+        applied.push(migration.version);
+    }
+    tx.commit().await.map_err(db_error)?;
+    Ok(MigrationReport {
+        applied,
+        version: current.max(known),
+    })
+}
+
+/// The schema version recorded in the database (0 when proclog was never migrated there).
+pub async fn schema_version(pool: &Pool) -> Result<i32, ProcessError> {
+    let client = pool.get().await.map_err(pool_error)?;
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('proclog.schema_migrations') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(db_error)?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    let row = client
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM proclog.schema_migrations",
+            &[],
+        )
+        .await
+        .map_err(db_error)?;
+    Ok(row.get(0))
+}

@@ -1,0 +1,416 @@
+//! `PgProcessRegistry`: the registry contract on Postgres.
+//!
+//! Every write is one statement (appends and completions call the schema's plpgsql functions),
+//! so a write costs one round trip on a warm pooled connection with a cached prepared
+//! statement. Error paths may take a second, diagnostic query.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Object, Pool};
+use tokio_postgres::types::ToSql;
+
+use super::convert::{
+    EVENT_COLUMNS, JsonText, PROCESS_COLUMNS, db_error, event_from_row, pool_error,
+    process_from_row, write_error,
+};
+use crate::error::{ProcessError, ProcessResult};
+use crate::model::{
+    AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, ListCursor, ProcessEvent,
+    ProcessFilter, ProcessId, ProcessPage, ProcessRecord, ProcessRegistration, PruneReport,
+};
+use crate::registry::{ProcessRegistry, RegistryConfig};
+use crate::validate;
+
+/// The Postgres process registry. Cheap to clone: clones share the pool.
+#[derive(Clone)]
+pub struct PgProcessRegistry {
+    pool: Pool,
+    config: RegistryConfig,
+}
+
+fn ttl_millis(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).expect("validated ttl fits")
+}
+
+impl PgProcessRegistry {
+    /// A registry over `pool` (whose database must be migrated, see [`crate::pg::migrate`]).
+    pub fn new(pool: Pool, config: RegistryConfig) -> Self {
+        Self { pool, config }
+    }
+
+    /// The pool this registry uses.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The config this registry was built with.
+    pub fn config(&self) -> &RegistryConfig {
+        &self.config
+    }
+
+    async fn client(&self) -> ProcessResult<Object> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Runs `sql` as a cached prepared statement (one round trip once warm), mapping a
+    /// database error with `on_error` and a pool failure to `Unavailable`.
+    async fn run(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        on_error: impl FnOnce(tokio_postgres::Error) -> ProcessError,
+    ) -> ProcessResult<Vec<tokio_postgres::Row>> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.map_err(db_error)?;
+        client.query(&statement, params).await.map_err(on_error)
+    }
+
+    /// [`Self::run`] for statements whose errors carry no process-specific meaning.
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> ProcessResult<Vec<tokio_postgres::Row>> {
+        self.run(sql, params, db_error).await
+    }
+
+    async fn exists(&self, id: &ProcessId) -> ProcessResult<bool> {
+        let rows = self
+            .query(
+                "SELECT 1 FROM proclog.processes WHERE process_id = $1",
+                &[&id.as_str()],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+}
+
+#[async_trait]
+impl ProcessRegistry for PgProcessRegistry {
+    async fn register_process(
+        &self,
+        registration: ProcessRegistration,
+    ) -> ProcessResult<ProcessRecord> {
+        let input = validate::registration(&registration, self.config.max_payload_bytes)?;
+        let id = registration.id.clone().unwrap_or_else(ProcessId::generate);
+        let inserted = self
+            .query(
+                &format!(
+                    "INSERT INTO proclog.processes (process_id, kind, input, disposition)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (process_id) DO NOTHING
+                     RETURNING {PROCESS_COLUMNS}"
+                ),
+                &[
+                    &id.as_str(),
+                    &registration.kind,
+                    &JsonText(input),
+                    &registration.disposition.as_str(),
+                ],
+            )
+            .await?;
+        if let Some(row) = inserted.first() {
+            return process_from_row(row);
+        }
+        // The id exists (possibly inserted concurrently and committed since): this statement
+        // takes a new snapshot and sees it.
+        let existing = self.get_process(&id).await?.ok_or_else(|| {
+            ProcessError::Database(format!("process {id} vanished during registration"))
+        })?;
+        if existing.kind == registration.kind
+            && existing.input == registration.input
+            && existing.disposition == registration.disposition
+        {
+            Ok(existing)
+        } else {
+            Err(ProcessError::Conflict { id })
+        }
+    }
+
+    async fn get_process(&self, id: &ProcessId) -> ProcessResult<Option<ProcessRecord>> {
+        let rows = self
+            .query(
+                &format!("SELECT {PROCESS_COLUMNS} FROM proclog.processes WHERE process_id = $1"),
+                &[&id.as_str()],
+            )
+            .await?;
+        rows.first().map(process_from_row).transpose()
+    }
+
+    async fn list_processes(&self, filter: ProcessFilter) -> ProcessResult<ProcessPage> {
+        let limit = validate::list_limit(filter.limit)?;
+        if let Some(kind) = &filter.kind {
+            validate::kind(kind)?;
+        }
+        let status = filter.status.map(|s| s.as_str());
+        let cursor_id = filter.after.as_ref().map(|c| c.id.as_str().to_owned());
+        let cursor_at = filter.after.as_ref().map(|c| c.created_at);
+        let fetch = i64::from(limit) + 1;
+        let mut conditions = Vec::new();
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        if let Some(status) = &status {
+            params.push(status);
+            conditions.push(format!("status = ${}", params.len()));
+        }
+        if let Some(kind) = &filter.kind {
+            params.push(kind);
+            conditions.push(format!("kind = ${}", params.len()));
+        }
+        if let Some(after) = &filter.created_after {
+            params.push(after);
+            conditions.push(format!("created_at >= ${}", params.len()));
+        }
+        if let Some(before) = &filter.created_before {
+            params.push(before);
+            conditions.push(format!("created_at < ${}", params.len()));
+        }
+        if let (Some(at), Some(id)) = (&cursor_at, &cursor_id) {
+            params.push(at);
+            params.push(id);
+            conditions.push(format!(
+                "(created_at, process_id) > (${}, ${})",
+                params.len() - 1,
+                params.len()
+            ));
+        }
+        params.push(&fetch);
+        let where_clause = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {PROCESS_COLUMNS} FROM proclog.processes {where_clause}
+             ORDER BY created_at, process_id LIMIT ${}",
+            params.len()
+        );
+        let rows = self.query(&sql, &params).await?;
+        let mut processes = rows
+            .iter()
+            .map(process_from_row)
+            .collect::<ProcessResult<Vec<_>>>()?;
+        let has_more = processes.len() > limit as usize;
+        processes.truncate(limit as usize);
+        let next = has_more.then(|| {
+            let last = processes.last().expect("a full page is not empty");
+            ListCursor {
+                created_at: last.created_at,
+                id: last.id.clone(),
+            }
+        });
+        Ok(ProcessPage { processes, next })
+    }
+
+    async fn append_event(
+        &self,
+        id: &ProcessId,
+        request: AppendRequest,
+    ) -> ProcessResult<AppendOutcome> {
+        let mut outcomes = self.append_events(id, vec![request]).await?;
+        Ok(outcomes.remove(0))
+    }
+
+    async fn append_events(
+        &self,
+        id: &ProcessId,
+        requests: Vec<AppendRequest>,
+    ) -> ProcessResult<Vec<AppendOutcome>> {
+        let payloads = validate::append_batch(&requests, self.config.max_payload_bytes)?;
+        let token = requests[0].fence.map(|fence| fence.token);
+        let keys: Option<Vec<Option<&str>>> = requests
+            .iter()
+            .any(|r| r.replay_key.is_some())
+            .then(|| requests.iter().map(|r| r.replay_key.as_deref()).collect());
+        let types: Vec<&str> = requests.iter().map(|r| r.event_type.as_str()).collect();
+        let payloads: Vec<JsonText> = payloads.into_iter().map(JsonText).collect();
+        let rows = self
+            .run(
+                "SELECT seq, event_type, payload, replay_key, occurred_at, writer,
+                        lease_generation, replayed
+                   FROM proclog.append_events($1, $2, $3, $4, $5, $6)",
+                &[
+                    &id.as_str(),
+                    &self.config.writer,
+                    &token,
+                    &types,
+                    &payloads,
+                    &keys,
+                ],
+                |err| write_error(id, err),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AppendOutcome {
+                    event: event_from_row(id, row)?,
+                    replayed: row.try_get(7).map_err(db_error)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn events_after(
+        &self,
+        id: &ProcessId,
+        after_seq: i64,
+        limit: u32,
+    ) -> ProcessResult<Vec<ProcessEvent>> {
+        validate::events_after(after_seq, limit)?;
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM proclog.events
+                      WHERE process_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+                ),
+                &[&id.as_str(), &after_seq, &i64::from(limit)],
+            )
+            .await?;
+        if rows.is_empty() && !self.exists(id).await? {
+            return Err(ProcessError::NotFound(id.clone()));
+        }
+        rows.iter().map(|row| event_from_row(id, row)).collect()
+    }
+
+    async fn complete_process(
+        &self,
+        id: &ProcessId,
+        completion: Completion,
+    ) -> ProcessResult<ProcessRecord> {
+        let output = validate::payload_bytes(&completion.output, self.config.max_payload_bytes)?;
+        let token = completion.fence.map(|fence| fence.token);
+        let rows = self
+            .run(
+                &format!(
+                    "SELECT {PROCESS_COLUMNS} FROM proclog.complete_process($1, $2, $3, $4, $5)"
+                ),
+                &[
+                    &id.as_str(),
+                    &self.config.writer,
+                    &token,
+                    &completion.state.as_str(),
+                    &JsonText(output),
+                ],
+                |err| write_error(id, err),
+            )
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| ProcessError::Database("complete_process returned no row".into()))?;
+        process_from_row(row)
+    }
+
+    async fn claim(
+        &self,
+        id: &ProcessId,
+        owner: &str,
+        ttl: Duration,
+    ) -> ProcessResult<ClaimOutcome> {
+        validate::owner(owner)?;
+        validate::lease_ttl(ttl)?;
+        // The UPDATE grants the lease if none is live. When it matches nothing, the row says
+        // why; if the lease was released in between, the claim is simply tried again.
+        loop {
+            let rows = self
+                .query(
+                    "UPDATE proclog.processes
+                        SET lease_owner = $2,
+                            lease_token = gen_random_uuid(),
+                            lease_generation = lease_generation + 1,
+                            lease_expires_at = now() + $3::bigint * interval '1 millisecond',
+                            status = CASE WHEN status = 'pending' THEN 'running' ELSE status END,
+                            updated_at = now()
+                      WHERE process_id = $1
+                        AND terminal_state IS NULL
+                        AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                  RETURNING lease_token, lease_generation, lease_expires_at",
+                    &[&id.as_str(), &owner, &ttl_millis(ttl)],
+                )
+                .await?;
+            if let Some(row) = rows.first() {
+                return Ok(ClaimOutcome::Acquired(Lease {
+                    process_id: id.clone(),
+                    owner: owner.to_owned(),
+                    token: row.get(0),
+                    generation: row.get(1),
+                    expires_at: row.get(2),
+                }));
+            }
+            let record = self
+                .get_process(id)
+                .await?
+                .ok_or_else(|| ProcessError::NotFound(id.clone()))?;
+            if let Some(terminal) = record.terminal {
+                return Err(ProcessError::ProcessTerminal {
+                    id: id.clone(),
+                    state: terminal.state,
+                });
+            }
+            if let Some(held) = record.lease {
+                return Ok(ClaimOutcome::Busy {
+                    holder: held.owner,
+                    expires_at: held.expires_at,
+                });
+            }
+        }
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> ProcessResult<Lease> {
+        validate::lease_ttl(ttl)?;
+        let rows = self
+            .query(
+                "UPDATE proclog.processes
+                    SET lease_expires_at = now() + $3::bigint * interval '1 millisecond'
+                  WHERE process_id = $1 AND lease_token = $2 AND lease_expires_at > now()
+              RETURNING lease_expires_at",
+                &[&lease.process_id.as_str(), &lease.token, &ttl_millis(ttl)],
+            )
+            .await?;
+        match rows.first() {
+            Some(row) => Ok(Lease {
+                expires_at: row.get(0),
+                ..lease.clone()
+            }),
+            None if self.exists(&lease.process_id).await? => Err(ProcessError::LeaseLost {
+                id: lease.process_id.clone(),
+            }),
+            None => Err(ProcessError::NotFound(lease.process_id.clone())),
+        }
+    }
+
+    async fn release(&self, lease: &Lease) -> ProcessResult<()> {
+        self.query(
+            "UPDATE proclog.processes
+                SET lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
+              WHERE process_id = $1 AND lease_token = $2",
+            &[&lease.process_id.as_str(), &lease.token],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {
+        // Events go with their process (ON DELETE CASCADE); a log is dense from 1, so a
+        // process's event count is its last_seq.
+        let rows = self
+            .query(
+                "WITH pruned AS (
+                     DELETE FROM proclog.processes
+                      WHERE terminal_state IS NOT NULL AND completed_at < $1
+                  RETURNING last_seq)
+                 SELECT count(*), coalesce(sum(last_seq), 0)::bigint FROM pruned",
+                &[&cutoff],
+            )
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| ProcessError::Database("prune returned no row".into()))?;
+        let processes: i64 = row.get(0);
+        let events: i64 = row.get(1);
+        Ok(PruneReport {
+            processes: processes as u64,
+            events: events as u64,
+        })
+    }
+}

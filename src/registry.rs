@@ -1,0 +1,123 @@
+//! The `ProcessRegistry` trait: the state interface of proclog.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::error::ProcessResult;
+use crate::model::{
+    AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, ProcessEvent, ProcessFilter,
+    ProcessId, ProcessPage, ProcessRecord, ProcessRegistration, PruneReport,
+};
+
+/// Durable process state: point reads and writes, no waiting, no notification.
+///
+/// Implementations: [`crate::PgProcessRegistry`] (the product) and
+/// [`crate::InMemoryProcessRegistry`] (for tests of the layers above, and as the second witness
+/// of the conformance suite). Every refused operation writes nothing.
+#[async_trait]
+pub trait ProcessRegistry: Send + Sync {
+    /// Creates the process as `pending`. Registering an id again with identical kind, input and
+    /// disposition returns the existing record, whatever its state; different content is
+    /// `Conflict`. Two concurrent registrations of one id create exactly one process and both
+    /// succeed. Bad kind: `InvalidInput`; input over the limit: `PayloadTooLarge`.
+    async fn register_process(
+        &self,
+        registration: ProcessRegistration,
+    ) -> ProcessResult<ProcessRecord>;
+
+    /// The process, or `None` if no process has this id. A database error is an error.
+    async fn get_process(&self, id: &ProcessId) -> ProcessResult<Option<ProcessRecord>>;
+
+    /// Processes matching `filter`, in `(created_at, id)` order, one page at a time.
+    async fn list_processes(&self, filter: ProcessFilter) -> ProcessResult<ProcessPage>;
+
+    /// Appends one event with the next seq. See [`ProcessRegistry::append_events`].
+    async fn append_event(
+        &self,
+        id: &ProcessId,
+        request: AppendRequest,
+    ) -> ProcessResult<AppendOutcome>;
+
+    /// Appends events all or nothing, with consecutive seqs allocated in the append's
+    /// transaction (dense from 1, never duplicated, under any concurrency).
+    ///
+    /// Refusals: unknown process `NotFound`; reserved or malformed type, empty batch, repeated
+    /// key or mixed fences `InvalidInput`; payload over the limit `PayloadTooLarge`; terminal
+    /// process `ProcessTerminal`; fence not the current live lease `LeaseLost`.
+    ///
+    /// Replay: a batch in which some request carries a replay key already stored for this
+    /// process is a retry. It returns the stored events marked `replayed` when every request of
+    /// the batch carries a key stored with the same `(event_type, payload)`; otherwise it is
+    /// `ReplayConflict`. A replay is answered even when the process has since become terminal
+    /// or the lease has since been lost: it reports what was written, it writes nothing.
+    async fn append_events(
+        &self,
+        id: &ProcessId,
+        requests: Vec<AppendRequest>,
+    ) -> ProcessResult<Vec<AppendOutcome>>;
+
+    /// Events with `seq > after_seq`, ascending, at most `limit` (1 to 10,000).
+    /// Unknown process: `NotFound`, never an empty list.
+    async fn events_after(
+        &self,
+        id: &ProcessId,
+        after_seq: i64,
+        limit: u32,
+    ) -> ProcessResult<Vec<ProcessEvent>>;
+
+    /// In one transaction: appends the terminal event `process.<state>` with the output as its
+    /// payload, fills the terminal column and releases the lease. Completing a terminal process
+    /// again with the same state and output returns its record; anything else on a terminal
+    /// process is `AlreadyTerminal`. A fence that is not the current live lease is `LeaseLost`.
+    async fn complete_process(
+        &self,
+        id: &ProcessId,
+        completion: Completion,
+    ) -> ProcessResult<ProcessRecord>;
+
+    /// Grants a lease to `owner` for `ttl` (database clock) if none is live, with a generation
+    /// one above the last ever granted; otherwise `Busy`. Terminal process: `ProcessTerminal`.
+    async fn claim(
+        &self,
+        id: &ProcessId,
+        owner: &str,
+        ttl: Duration,
+    ) -> ProcessResult<ClaimOutcome>;
+
+    /// Extends a live lease to now + `ttl`. Expired, released or superseded: `LeaseLost`.
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> ProcessResult<Lease>;
+
+    /// Releases the lease if it is still the recorded one; otherwise does nothing. Idempotent.
+    async fn release(&self, lease: &Lease) -> ProcessResult<()>;
+
+    /// Deletes terminal processes completed before `cutoff`, with their events and leases.
+    /// Never touches a non-terminal process. Idempotent.
+    async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport>;
+}
+
+/// Settings shared by every registry implementation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegistryConfig {
+    /// The writer recorded on every event this registry appends (the pod id).
+    pub writer: String,
+    /// Largest payload, input or output accepted, serialized, in bytes.
+    pub max_payload_bytes: usize,
+}
+
+impl RegistryConfig {
+    /// A config for `writer` with the default payload limit (256 KiB).
+    pub fn new(writer: impl Into<String>) -> Self {
+        Self {
+            writer: writer.into(),
+            max_payload_bytes: crate::validate::DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+
+    /// The same config with another payload limit.
+    pub fn with_max_payload_bytes(mut self, limit: usize) -> Self {
+        self.max_payload_bytes = limit;
+        self
+    }
+}

@@ -1,0 +1,193 @@
+//! Validation of caller-supplied values. Every registry implementation calls these before
+//! touching storage, so a malformed request is refused identically everywhere and writes nothing.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::error::ProcessError;
+use crate::model::{AppendRequest, ProcessRegistration};
+
+/// Longest process id, kind, event type and lease owner, in characters.
+pub const MAX_NAME_CHARS: usize = 128;
+/// Longest replay key, in characters.
+pub const MAX_REPLAY_KEY_CHARS: usize = 256;
+/// Most events in one `append_events` call.
+pub const MAX_BATCH_EVENTS: usize = 10_000;
+/// Default limit of one payload (or input, or output), serialized, in bytes.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+/// Event types with this prefix are written by proclog only.
+pub const RESERVED_EVENT_PREFIX: &str = "process.";
+/// Shortest lease TTL accepted.
+pub const MIN_LEASE_TTL: Duration = Duration::from_millis(1);
+/// Longest lease TTL accepted.
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// Largest page of `list_processes`, and its default.
+pub const MAX_LIST_LIMIT: u32 = 1_000;
+/// Page size of `list_processes` when none is given.
+pub const DEFAULT_LIST_LIMIT: u32 = 100;
+
+fn invalid(message: String) -> ProcessError {
+    ProcessError::InvalidInput(message)
+}
+
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
+}
+
+fn identifier(what: &str, value: &str) -> Result<(), ProcessError> {
+    let chars = value.chars().count();
+    if chars == 0 || chars > MAX_NAME_CHARS {
+        return Err(invalid(format!(
+            "{what} must be 1 to {MAX_NAME_CHARS} characters, got {chars}"
+        )));
+    }
+    if let Some(bad) = value.chars().find(|c| !is_id_char(*c)) {
+        return Err(invalid(format!(
+            "{what} {value:?} contains {bad:?}; allowed are [A-Za-z0-9._:-]"
+        )));
+    }
+    Ok(())
+}
+
+fn printable(what: &str, value: &str, max_chars: usize) -> Result<(), ProcessError> {
+    let chars = value.chars().count();
+    if chars == 0 || chars > max_chars {
+        return Err(invalid(format!(
+            "{what} must be 1 to {max_chars} characters, got {chars}"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "{what} {value:?} contains a control character"
+        )));
+    }
+    Ok(())
+}
+
+/// A process id: 1 to 128 characters from `[A-Za-z0-9._:-]`.
+pub fn process_id(id: &str) -> Result<(), ProcessError> {
+    identifier("process id", id)
+}
+
+/// A process kind: same alphabet and length as an id.
+pub fn kind(kind: &str) -> Result<(), ProcessError> {
+    identifier("kind", kind)
+}
+
+/// An event type as written by a caller: 1 to 128 printable characters, not reserved.
+pub fn user_event_type(event_type: &str) -> Result<(), ProcessError> {
+    printable("event type", event_type, MAX_NAME_CHARS)?;
+    if event_type.starts_with(RESERVED_EVENT_PREFIX) {
+        return Err(invalid(format!(
+            "event type {event_type:?} is reserved: types starting with {RESERVED_EVENT_PREFIX:?} are written by proclog"
+        )));
+    }
+    Ok(())
+}
+
+/// A lease owner (pod id): 1 to 128 printable characters.
+pub fn owner(owner: &str) -> Result<(), ProcessError> {
+    printable("lease owner", owner, MAX_NAME_CHARS)
+}
+
+/// A replay key: 1 to 256 printable characters.
+pub fn replay_key(key: &str) -> Result<(), ProcessError> {
+    printable("replay key", key, MAX_REPLAY_KEY_CHARS)
+}
+
+/// A lease TTL: between [`MIN_LEASE_TTL`] and [`MAX_LEASE_TTL`].
+pub fn lease_ttl(ttl: Duration) -> Result<(), ProcessError> {
+    if ttl < MIN_LEASE_TTL || ttl > MAX_LEASE_TTL {
+        return Err(invalid(format!(
+            "lease ttl must be between {MIN_LEASE_TTL:?} and {MAX_LEASE_TTL:?}, got {ttl:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Serializes `value` and checks it against `limit` bytes, returning the bytes so that the
+/// caller stores exactly what was measured.
+pub fn payload_bytes(value: &Value, limit: usize) -> Result<Vec<u8>, ProcessError> {
+    let bytes = serde_json::to_vec(value)
+        .map_err(|err| invalid(format!("payload is not serializable: {err}")))?;
+    if bytes.len() > limit {
+        return Err(ProcessError::PayloadTooLarge {
+            size: bytes.len(),
+            limit,
+        });
+    }
+    Ok(bytes)
+}
+
+/// A registration's kind and input size.
+pub fn registration(
+    registration: &ProcessRegistration,
+    payload_limit: usize,
+) -> Result<Vec<u8>, ProcessError> {
+    kind(&registration.kind)?;
+    payload_bytes(&registration.input, payload_limit)
+}
+
+/// A batch of appends: non-empty, at most [`MAX_BATCH_EVENTS`], every type and key valid,
+/// keys distinct within the batch, every request carrying the same fence. Returns each
+/// payload serialized.
+pub fn append_batch(
+    requests: &[AppendRequest],
+    payload_limit: usize,
+) -> Result<Vec<Vec<u8>>, ProcessError> {
+    if requests.is_empty() {
+        return Err(invalid("append_events needs at least one event".into()));
+    }
+    if requests.len() > MAX_BATCH_EVENTS {
+        return Err(invalid(format!(
+            "append_events takes at most {MAX_BATCH_EVENTS} events, got {}",
+            requests.len()
+        )));
+    }
+    let fence = requests[0].fence;
+    let mut keys = std::collections::HashSet::new();
+    let mut payloads = Vec::with_capacity(requests.len());
+    for request in requests {
+        user_event_type(&request.event_type)?;
+        if let Some(key) = &request.replay_key {
+            replay_key(key)?;
+            if !keys.insert(key.as_str()) {
+                return Err(invalid(format!(
+                    "replay key {key:?} appears twice in one batch"
+                )));
+            }
+        }
+        if request.fence != fence {
+            return Err(invalid(
+                "every event of one append_events call must carry the same lease fence".into(),
+            ));
+        }
+        payloads.push(payload_bytes(&request.payload, payload_limit)?);
+    }
+    Ok(payloads)
+}
+
+/// A list page size: `None` is the default, otherwise 1 to [`MAX_LIST_LIMIT`].
+pub fn list_limit(limit: Option<u32>) -> Result<u32, ProcessError> {
+    match limit {
+        None => Ok(DEFAULT_LIST_LIMIT),
+        Some(n) if (1..=MAX_LIST_LIMIT).contains(&n) => Ok(n),
+        Some(n) => Err(invalid(format!(
+            "limit must be 1 to {MAX_LIST_LIMIT}, got {n}"
+        ))),
+    }
+}
+
+/// An `events_after` page size: 1 to [`MAX_BATCH_EVENTS`]; `after_seq` not negative.
+pub fn events_after(after_seq: i64, limit: u32) -> Result<(), ProcessError> {
+    if after_seq < 0 {
+        return Err(invalid(format!("after_seq must be >= 0, got {after_seq}")));
+    }
+    if limit == 0 || limit as usize > MAX_BATCH_EVENTS {
+        return Err(invalid(format!(
+            "limit must be 1 to {MAX_BATCH_EVENTS}, got {limit}"
+        )));
+    }
+    Ok(())
+}
