@@ -284,13 +284,12 @@ fn as_account(mut command: Command, account: Option<Account>, tie_to_parent: boo
     // SAFETY: the closure only makes async-signal-safe syscalls between fork and exec.
     unsafe {
         command.pre_exec(move || {
-            if let Some(account) = account {
-                if libc::setgroups(0, std::ptr::null()) != 0
+            if let Some(account) = account
+                && (libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setgid(account.gid) != 0
-                    || libc::setuid(account.uid) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
+                    || libc::setuid(account.uid) != 0)
+            {
+                return Err(io::Error::last_os_error());
             }
             // Set after the uid change, which would clear it.
             if tie_to_parent && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) != 0 {

@@ -5,7 +5,7 @@
 //! local clock truncated to microseconds, like Postgres timestamps.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,10 +21,13 @@ use crate::model::{
 use crate::registry::{ProcessRegistry, RegistryConfig};
 use crate::{ListCursor, validate};
 
-/// A process registry in memory. Cloning is not offered: share it behind an `Arc`.
+/// A process registry in memory.
+///
+/// [`InMemoryProcessRegistry::share`] gives another handle on the same store with its own
+/// config, the way several pods share one database.
 pub struct InMemoryProcessRegistry {
     config: RegistryConfig,
-    processes: Mutex<HashMap<ProcessId, Entry>>,
+    processes: Arc<Mutex<HashMap<ProcessId, Entry>>>,
 }
 
 struct Entry {
@@ -140,7 +143,15 @@ impl InMemoryProcessRegistry {
     pub fn new(config: RegistryConfig) -> Self {
         Self {
             config,
-            processes: Mutex::new(HashMap::new()),
+            processes: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Another registry over the same processes, writing with `config` (another pod).
+    pub fn share(&self, config: RegistryConfig) -> Self {
+        Self {
+            config,
+            processes: Arc::clone(&self.processes),
         }
     }
 

@@ -134,19 +134,15 @@ text_enum! {
 
 text_enum! {
     /// What happens to a process when its owner is lost (its lease expires).
+    #[derive(Default)]
     Disposition {
         /// Another pod claims it and runs it again (the default).
+        #[default]
         Rerun => "rerun",
         /// Another pod completes it as `abandoned`, with evidence.
         Abandon => "abandon",
         /// Pods never run it; API clients append and complete it.
         External => "external",
-    }
-}
-
-impl Default for Disposition {
-    fn default() -> Self {
-        Disposition::Rerun
     }
 }
 

@@ -1,0 +1,153 @@
+//! Test support: a real Postgres for the whole test binary, a fresh database per test.
+//!
+//! `PROCLOG_TEST_DATABASE_URL` (a `postgres://` URL with rights to create databases) names a
+//! server to use; otherwise one throwaway cluster is started per test binary with
+//! [`proclog::local_pg::LocalPostgres`] and dies with it.
+
+#![allow(dead_code)]
+
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use proclog::local_pg::{LocalPostgres, LocalPostgresOptions};
+use proclog::{InMemoryProcessRegistry, PgProcessRegistry, ProcessRegistry, RegistryConfig};
+
+enum Server {
+    External(String),
+    Local(LocalPostgres),
+}
+
+static SERVER: OnceLock<Server> = OnceLock::new();
+
+fn server() -> &'static Server {
+    SERVER.get_or_init(|| match std::env::var("PROCLOG_TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Server::External(url),
+        _ => Server::Local(
+            LocalPostgres::start(&LocalPostgresOptions::default())
+                .expect("start a throwaway Postgres (is postgresql installed?)"),
+        ),
+    })
+}
+
+/// `url` with its database replaced by `database`.
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    format!("{base}/{database}{query}")
+}
+
+fn admin_url() -> String {
+    match server() {
+        Server::External(url) => url.clone(),
+        Server::Local(pg) => pg.url("postgres"),
+    }
+}
+
+/// Creates an empty database and returns its URL.
+pub async fn fresh_database_url() -> String {
+    let name = format!("proclog_test_{}", uuid::Uuid::new_v4().simple());
+    let admin = admin_url();
+    let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test server");
+    let driver = tokio::spawn(connection);
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create a test database");
+    drop(client);
+    let _ = driver.await;
+    with_database(&admin, &name)
+}
+
+/// A fresh, migrated database and its URL.
+pub async fn migrated_database_url() -> String {
+    let url = fresh_database_url().await;
+    let pool = proclog::pg::connect_pool(&url, 1).expect("pool");
+    proclog::pg::migrate(&pool).await.expect("migrate");
+    url
+}
+
+/// A plain connection for checks over SQL, driven in the background.
+pub async fn sql_client(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+/// A store shared by several "pods", each with its own registry handle.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// A registry for pod `writer` (Postgres: its own connection pool).
+    async fn pod_with(&self, config: RegistryConfig) -> Arc<dyn ProcessRegistry>;
+    /// The store's clock (the database clock for Postgres).
+    async fn now(&self) -> DateTime<Utc>;
+    /// A registry for pod `writer` with default settings.
+    async fn pod(&self, writer: &str) -> Arc<dyn ProcessRegistry> {
+        self.pod_with(RegistryConfig::new(writer)).await
+    }
+}
+
+/// A migrated Postgres database; each pod gets a pool of 8.
+pub struct PgStore {
+    pub url: String,
+}
+
+impl PgStore {
+    pub async fn new() -> Self {
+        Self {
+            url: migrated_database_url().await,
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn pod_with(&self, config: RegistryConfig) -> Arc<dyn ProcessRegistry> {
+        let pool = proclog::pg::connect_pool(&self.url, 8).expect("pool");
+        Arc::new(PgProcessRegistry::new(pool, config))
+    }
+
+    async fn now(&self) -> DateTime<Utc> {
+        sql_client(&self.url)
+            .await
+            .query_one("SELECT now()", &[])
+            .await
+            .expect("read the clock")
+            .get(0)
+    }
+}
+
+/// The in-memory registry; every pod shares its map.
+pub struct MemStore {
+    root: InMemoryProcessRegistry,
+}
+
+impl MemStore {
+    pub fn new() -> Self {
+        Self {
+            root: InMemoryProcessRegistry::new(RegistryConfig::new("root")),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for MemStore {
+    async fn pod_with(&self, config: RegistryConfig) -> Arc<dyn ProcessRegistry> {
+        Arc::new(self.root.share(config))
+    }
+
+    async fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}

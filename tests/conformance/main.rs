@@ -1,0 +1,82 @@
+//! The conformance suite: every clause of CONTRACT §2 (registry) and §5 (leases), run against
+//! both the Postgres registry and the in-memory registry. A divergence is a failing test.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod append;
+mod complete;
+mod concurrency;
+mod leases;
+mod list_prune;
+mod register;
+mod support;
+
+/// Generates one `#[tokio::test]` per case and backend: `pg::<case>` and `memory::<case>`.
+macro_rules! conformance {
+    ($($module:ident :: $case:ident),+ $(,)?) => {
+        mod pg {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let store = crate::common::PgStore::new().await;
+                    crate::$module::$case(&store).await;
+                }
+            )+
+        }
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let store = crate::common::MemStore::new();
+                    crate::$module::$case(&store).await;
+                }
+            )+
+        }
+    };
+}
+
+conformance! {
+    register::registers_a_pending_process,
+    register::generates_a_uuid_v7_id_when_absent,
+    register::identical_registration_returns_the_existing_record,
+    register::different_registration_conflicts,
+    register::concurrent_registration_creates_one_process,
+    register::invalid_kind_and_oversized_input_are_refused,
+    register::unknown_process_is_absent,
+    append::appends_get_dense_seqs_from_one,
+    append::append_to_unknown_process_is_not_found,
+    append::reserved_and_malformed_event_types_are_refused,
+    append::oversized_payloads_are_refused_and_the_limit_is_inclusive,
+    append::batches_are_consecutive_and_all_or_nothing,
+    append::malformed_batches_are_refused,
+    append::first_append_marks_a_pending_process_running,
+    append::replay_returns_the_stored_event_once,
+    append::replay_with_other_content_conflicts,
+    append::replay_after_terminal_still_returns_the_stored_event,
+    append::batch_replay_is_whole_or_conflict,
+    append::terminal_process_is_sealed,
+    append::events_after_pages_in_order,
+    append::events_after_refuses_unknown_process_and_bad_bounds,
+    append::fenced_appends_record_the_generation,
+    append::stale_and_expired_leases_cannot_append,
+    complete::completion_appends_the_terminal_event_last_and_fills_the_column,
+    complete::every_terminal_state_is_reachable,
+    complete::identical_completion_is_idempotent_other_is_already_terminal,
+    complete::completion_refusals_write_nothing,
+    complete::completion_releases_the_lease,
+    leases::claim_grants_then_reports_busy,
+    leases::generation_never_decreases_across_release_and_reclaim,
+    leases::renew_extends_a_live_lease_only,
+    leases::release_is_idempotent_and_ignores_stale_tokens,
+    leases::expired_lease_can_be_claimed_by_another_owner,
+    leases::claim_refusals,
+    list_prune::list_filters_and_paginates,
+    list_prune::list_refuses_bad_limits_and_kinds,
+    list_prune::prune_removes_old_terminal_processes_only,
+    concurrency::three_pods_append_to_one_process_without_gaps,
+    concurrency::three_pods_append_to_500_processes_without_gaps,
+    concurrency::concurrent_retries_of_one_key_write_one_event,
+    concurrency::concurrent_claims_grant_one_lease,
+    concurrency::concurrent_completions_end_a_process_once,
+}
