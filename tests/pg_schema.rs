@@ -1,0 +1,265 @@
+//! Postgres-specific guarantees: the migrator, the schema's shape and constraints, error
+//! kinds that only a real database can produce, and the README's SQL examples.
+
+mod common;
+
+use proclog::pg::{MigrationError, connect_pool, migrate, migrate::latest_version};
+use proclog::{
+    AppendRequest, Completion, PgProcessRegistry, ProcessError, ProcessId, ProcessRegistration,
+    ProcessRegistry, RegistryConfig, TerminalState,
+};
+use serde_json::json;
+
+use common::{fresh_database_url, migrated_database_url, sql_client};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pods_migrating_at_once_apply_each_migration_once() {
+    let url = fresh_database_url().await;
+    let mut runs = Vec::new();
+    for _ in 0..6 {
+        let pool = connect_pool(&url, 1).unwrap();
+        runs.push(tokio::spawn(async move { migrate(&pool).await }));
+    }
+    let mut applied_by = 0;
+    for run in runs {
+        let report = run.await.unwrap().expect("every pod's migration succeeds");
+        assert_eq!(report.version, latest_version());
+        if !report.applied.is_empty() {
+            applied_by += 1;
+        }
+    }
+    assert_eq!(applied_by, 1, "exactly one pod applied the migrations");
+    let client = sql_client(&url).await;
+    let rows = client
+        .query(
+            "SELECT version FROM proclog.schema_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap();
+    let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(versions, (1..=latest_version()).collect::<Vec<_>>());
+    let pool = connect_pool(&url, 1).unwrap();
+    assert_eq!(
+        proclog::pg::migrate::schema_version(&pool).await.unwrap(),
+        latest_version()
+    );
+}
+
+#[tokio::test]
+async fn a_database_with_a_newer_schema_is_refused() {
+    let url = migrated_database_url().await;
+    let client = sql_client(&url).await;
+    client
+        .execute(
+            "INSERT INTO proclog.schema_migrations (version, name) VALUES ($1, 'from the future')",
+            &[&(latest_version() + 1)],
+        )
+        .await
+        .unwrap();
+    let pool = connect_pool(&url, 1).unwrap();
+    match migrate(&pool).await {
+        Err(MigrationError::SchemaTooNew { found, known }) => {
+            assert_eq!((found, known), (latest_version() + 1, latest_version()));
+        }
+        other => panic!("expected SchemaTooNew, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn schema_version_of_an_empty_database_is_zero() {
+    let url = fresh_database_url().await;
+    let pool = connect_pool(&url, 1).unwrap();
+    assert_eq!(
+        proclog::pg::migrate::schema_version(&pool).await.unwrap(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn every_table_is_keyed_by_process_id_first() {
+    let url = migrated_database_url().await;
+    let client = sql_client(&url).await;
+    let rows = client
+        .query(
+            "SELECT c.relname, a.attname
+               FROM pg_index i
+               JOIN pg_class c ON c.oid = i.indrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[0]
+              WHERE n.nspname = 'proclog' AND i.indisprimary
+                AND c.relname <> 'schema_migrations'
+              ORDER BY c.relname",
+            &[],
+        )
+        .await
+        .unwrap();
+    let keys: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        keys,
+        [
+            ("events".to_owned(), "process_id".to_owned()),
+            ("processes".to_owned(), "process_id".to_owned())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_schema_rejects_a_broken_terminal_column() {
+    let url = migrated_database_url().await;
+    let registry = PgProcessRegistry::new(connect_pool(&url, 2).unwrap(), RegistryConfig::new("p"));
+    let process = registry
+        .register_process(ProcessRegistration::new("demo", json!(null)))
+        .await
+        .unwrap();
+    let client = sql_client(&url).await;
+    // A hand-written UPDATE that sets a terminal state without the rest of the column.
+    let result = client
+        .execute(
+            "UPDATE proclog.processes SET status = 'completed', terminal_state = 'completed'
+              WHERE process_id = $1",
+            &[&process.id.as_str()],
+        )
+        .await;
+    assert!(result.is_err(), "the terminal column is whole or empty");
+    // A gap in a log is impossible to write: seq must be positive and unique per process.
+    let result = client
+        .execute(
+            "INSERT INTO proclog.events (process_id, seq, event_type, payload, writer)
+             VALUES ($1, 0, 'x', 'null', 'w')",
+            &[&process.id.as_str()],
+        )
+        .await;
+    assert!(result.is_err());
+    // Events cannot exist without their process.
+    let result = client
+        .execute(
+            "INSERT INTO proclog.events (process_id, seq, event_type, payload, writer)
+             VALUES ('no-such-process', 1, 'x', 'null', 'w')",
+            &[],
+        )
+        .await;
+    assert!(result.is_err());
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_an_error_never_absent() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let pool = connect_pool(&format!("postgres://proclog@127.0.0.1:{port}/nothing"), 1).unwrap();
+    let registry = PgProcessRegistry::new(pool, RegistryConfig::new("p"));
+    let id = ProcessId::new("anything").unwrap();
+    let result = registry.get_process(&id).await;
+    assert!(
+        matches!(result, Err(ProcessError::Unavailable(_))),
+        "{result:?}"
+    );
+    let result = registry
+        .append_event(&id, AppendRequest::new("x", json!(1)))
+        .await;
+    assert!(
+        matches!(result, Err(ProcessError::Unavailable(_))),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_unmigrated_database_is_a_database_error() {
+    let url = fresh_database_url().await;
+    let registry = PgProcessRegistry::new(connect_pool(&url, 1).unwrap(), RegistryConfig::new("p"));
+    let result = registry.get_process(&ProcessId::new("x").unwrap()).await;
+    match result {
+        Err(ProcessError::Database(message)) => assert!(message.contains("42P01"), "{message}"),
+        other => panic!("expected a database error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_url_is_invalid_input() {
+    let result = connect_pool("postgres://[not a url", 1);
+    assert!(matches!(result, Err(ProcessError::InvalidInput(_))));
+}
+
+/// The SQL examples of README.md, verbatim (the test checks the README still holds them).
+const README_QUERIES: [&str; 3] = [
+    "SELECT seq, event_type, payload, occurred_at
+  FROM proclog.events
+ WHERE process_id = 'order-42'
+ ORDER BY seq;",
+    "SELECT status, count(*)
+  FROM proclog.processes
+ GROUP BY status
+ ORDER BY status;",
+    "SELECT event_type, count(*) AS events
+  FROM proclog.events
+ GROUP BY event_type
+ ORDER BY events DESC, event_type;",
+];
+
+#[tokio::test]
+async fn readme_sql_examples_work() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    for query in README_QUERIES {
+        assert!(
+            readme.contains(query),
+            "README.md no longer shows:\n{query}"
+        );
+    }
+    let url = migrated_database_url().await;
+    let registry = PgProcessRegistry::new(connect_pool(&url, 2).unwrap(), RegistryConfig::new("p"));
+    let order = ProcessId::new("order-42").unwrap();
+    registry
+        .register_process(ProcessRegistration::new("steps", json!({})).with_id(order.clone()))
+        .await
+        .unwrap();
+    registry
+        .append_events(
+            &order,
+            vec![
+                AppendRequest::new("step", json!({"n": 1})),
+                AppendRequest::new("step", json!({"n": 2})),
+            ],
+        )
+        .await
+        .unwrap();
+    registry
+        .complete_process(
+            &order,
+            Completion::new(TerminalState::Completed, json!("ok")),
+        )
+        .await
+        .unwrap();
+    registry
+        .register_process(ProcessRegistration::new("steps", json!({})))
+        .await
+        .unwrap();
+    let client = sql_client(&url).await;
+
+    let events = client.query(README_QUERIES[0], &[]).await.unwrap();
+    let types: Vec<(i64, String)> = events.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        types,
+        [
+            (1, "step".to_owned()),
+            (2, "step".to_owned()),
+            (3, "process.completed".to_owned())
+        ]
+    );
+    let by_status = client.query(README_QUERIES[1], &[]).await.unwrap();
+    let counts: Vec<(String, i64)> = by_status.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        counts,
+        [("completed".to_owned(), 1), ("pending".to_owned(), 1)]
+    );
+    let by_type = client.query(README_QUERIES[2], &[]).await.unwrap();
+    let counts: Vec<(String, i64)> = by_type.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        counts,
+        [("step".to_owned(), 2), ("process.completed".to_owned(), 1)]
+    );
+}
