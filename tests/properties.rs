@@ -97,19 +97,20 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// An event as compared: seq, type, payload, key, lease generation, replayed.
+type SeenEvent = (
+    i64,
+    String,
+    serde_json::Value,
+    Option<String>,
+    Option<i64>,
+    bool,
+);
+
 /// What an operation answered, without the parts that legitimately differ (times, tokens).
 #[derive(Debug, PartialEq)]
 enum Answer {
-    Events(
-        Vec<(
-            i64,
-            String,
-            serde_json::Value,
-            Option<String>,
-            Option<i64>,
-            bool,
-        )>,
-    ),
+    Events(Vec<SeenEvent>),
     Claimed(i64),
     Busy(String),
     Done,
