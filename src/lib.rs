@@ -6,16 +6,23 @@
 //! [`InMemoryProcessRegistry`] the reference model. See `ARCHITECTURE.md` for the layers and
 //! invariants; each item documents its contract.
 
+pub mod backoff;
 pub mod error;
 pub mod local_pg;
 pub mod memory;
 pub mod model;
 pub mod pg;
+pub mod pod_services;
 pub mod registry;
 pub mod validate;
+pub mod watch;
 
 pub use error::{ProcessError, ProcessResult};
 pub use memory::InMemoryProcessRegistry;
 pub use model::*;
 pub use pg::PgProcessRegistry;
 pub use registry::{ProcessRegistry, RegistryConfig};
+pub use watch::{
+    AwaitError, ProcessChangeHub, ProcessEventSink, ProcessSubscriptions, ProcessWorkDriver,
+    WatchedProcessRegistry,
+};

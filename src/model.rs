@@ -18,6 +18,16 @@ use crate::validate;
 ///
 /// A `ProcessId` can only be built through [`ProcessId::new`] (which validates) or
 /// [`ProcessId::generate`] (a UUIDv7), so holding one proves the id is well formed.
+///
+/// ```
+/// use proclog::{ProcessError, ProcessId};
+///
+/// let id = ProcessId::new("order:42.v1_x-y").unwrap();
+/// assert_eq!(id.as_str(), "order:42.v1_x-y");
+/// assert!(matches!(ProcessId::new("has space"), Err(ProcessError::InvalidInput(_))));
+/// assert!(ProcessId::new("x".repeat(129)).is_err());
+/// assert_eq!(ProcessId::generate().as_str().len(), 36);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
 pub struct ProcessId(String);

@@ -1,5 +1,6 @@
 //! The `ProcessRegistry` trait: the state interface of proclog.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -8,7 +9,7 @@ use chrono::{DateTime, Utc};
 use crate::error::ProcessResult;
 use crate::model::{
     AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, ProcessEvent, ProcessFilter,
-    ProcessId, ProcessPage, ProcessRecord, ProcessRegistration, PruneReport,
+    ProcessId, ProcessPage, ProcessRecord, ProcessRegistration, PruneReport, TerminalRecord,
 };
 
 /// Durable process state: point reads and writes, no waiting, no notification.
@@ -29,6 +30,22 @@ pub trait ProcessRegistry: Send + Sync {
 
     /// The process, or `None` if no process has this id. A database error is an error.
     async fn get_process(&self, id: &ProcessId) -> ProcessResult<Option<ProcessRecord>>;
+
+    /// The terminal column of each of `ids` that exists (`None` while it has not ended); ids
+    /// missing from the answer are unknown. Postgres answers any number of ids in one query,
+    /// which is what lets many waiters share one poll.
+    async fn terminal_states(
+        &self,
+        ids: &[ProcessId],
+    ) -> ProcessResult<HashMap<ProcessId, Option<TerminalRecord>>> {
+        let mut states = HashMap::with_capacity(ids.len());
+        for id in ids {
+            if let Some(record) = self.get_process(id).await? {
+                states.insert(id.clone(), record.terminal);
+            }
+        }
+        Ok(states)
+    }
 
     /// Processes matching `filter`, in `(created_at, id)` order, one page at a time.
     async fn list_processes(&self, filter: ProcessFilter) -> ProcessResult<ProcessPage>;

@@ -64,6 +64,33 @@ fn corrupt(what: &str, err: impl std::fmt::Display) -> ProcessError {
     ProcessError::Database(format!("unexpected {what} in the database: {err}"))
 }
 
+/// `(id, terminal column)` from a row of `process_id, terminal_state, terminal_seq, output,
+/// completed_at`.
+pub(crate) fn terminal_from_row(
+    row: &Row,
+) -> Result<(ProcessId, Option<TerminalRecord>), ProcessError> {
+    let id: String = row.try_get(0).map_err(db_error)?;
+    let id = ProcessId::new(id).map_err(|err| corrupt("process id", err))?;
+    Ok((id, terminal_at(row, 1)?))
+}
+
+/// The terminal column from the four columns `terminal_state, terminal_seq, output,
+/// completed_at` starting at `first`.
+fn terminal_at(row: &Row, first: usize) -> Result<Option<TerminalRecord>, ProcessError> {
+    let state: Option<String> = row.try_get(first).map_err(db_error)?;
+    let Some(state) = state else {
+        return Ok(None);
+    };
+    Ok(Some(TerminalRecord {
+        state: state
+            .parse::<TerminalState>()
+            .map_err(|err| corrupt("terminal state", err))?,
+        seq: row.try_get(first + 1).map_err(db_error)?,
+        output: row.try_get(first + 2).map_err(db_error)?,
+        completed_at: row.try_get(first + 3).map_err(db_error)?,
+    }))
+}
+
 /// A process record from a row of [`PROCESS_COLUMNS`].
 pub(crate) fn process_from_row(row: &Row) -> Result<ProcessRecord, ProcessError> {
     let id: String = row.try_get(0).map_err(db_error)?;
@@ -71,18 +98,7 @@ pub(crate) fn process_from_row(row: &Row) -> Result<ProcessRecord, ProcessError>
     let status: String = row.try_get(4).map_err(db_error)?;
     let lease_owner: Option<String> = row.try_get(8).map_err(db_error)?;
     let lease_expires_at = row.try_get(10).map_err(db_error)?;
-    let terminal_state: Option<String> = row.try_get(11).map_err(db_error)?;
-    let terminal = match terminal_state {
-        None => None,
-        Some(state) => Some(TerminalRecord {
-            state: state
-                .parse::<TerminalState>()
-                .map_err(|err| corrupt("terminal state", err))?,
-            seq: row.try_get(12).map_err(db_error)?,
-            output: row.try_get(13).map_err(db_error)?,
-            completed_at: row.try_get(14).map_err(db_error)?,
-        }),
-    };
+    let terminal = terminal_at(row, 11)?;
     let lease_generation = row.try_get(9).map_err(db_error)?;
     Ok(ProcessRecord {
         id: ProcessId::new(id).map_err(|err| corrupt("process id", err))?,

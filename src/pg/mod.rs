@@ -1,10 +1,14 @@
 //! The Postgres implementation: pools, the schema migrator and `PgProcessRegistry`.
 
 mod convert;
+pub mod listener;
 pub mod migrate;
+pub mod notify;
 pub mod pool;
 mod registry;
 
+pub use listener::{ListenerOptions, ListenerStatus, PgListener};
 pub use migrate::{MigrationError, MigrationReport, migrate};
+pub use notify::PgNotifier;
 pub use pool::{client_config, connect_pool};
 pub use registry::PgProcessRegistry;

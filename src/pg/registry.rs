@@ -4,6 +4,7 @@
 //! so a write costs one round trip on a warm pooled connection with a cached prepared
 //! statement. Error paths may take a second, diagnostic query.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,12 +14,13 @@ use tokio_postgres::types::ToSql;
 
 use super::convert::{
     EVENT_COLUMNS, JsonText, PROCESS_COLUMNS, db_error, event_from_row, pool_error,
-    process_from_row, write_error,
+    process_from_row, terminal_from_row, write_error,
 };
 use crate::error::{ProcessError, ProcessResult};
 use crate::model::{
     AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, ListCursor, ProcessEvent,
     ProcessFilter, ProcessId, ProcessPage, ProcessRecord, ProcessRegistration, PruneReport,
+    TerminalRecord,
 };
 use crate::registry::{ProcessRegistry, RegistryConfig};
 use crate::validate;
@@ -137,6 +139,21 @@ impl ProcessRegistry for PgProcessRegistry {
             )
             .await?;
         rows.first().map(process_from_row).transpose()
+    }
+
+    async fn terminal_states(
+        &self,
+        ids: &[ProcessId],
+    ) -> ProcessResult<HashMap<ProcessId, Option<TerminalRecord>>> {
+        let texts: Vec<&str> = ids.iter().map(ProcessId::as_str).collect();
+        let rows = self
+            .query(
+                "SELECT process_id, terminal_state, terminal_seq, output, completed_at
+                   FROM proclog.processes WHERE process_id = ANY ($1)",
+                &[&texts],
+            )
+            .await?;
+        rows.iter().map(terminal_from_row).collect()
     }
 
     async fn list_processes(&self, filter: ProcessFilter) -> ProcessResult<ProcessPage> {

@@ -1,0 +1,293 @@
+//! `PgListener`: one dedicated, unpooled connection per pod that LISTENs for notices and turns
+//! them into local hub ticks.
+//!
+//! It pings its connection to detect loss, reconnects with backoff, and after every
+//! (re)connect tells every local watcher to resynchronise from the log, since notices sent
+//! while it was away are gone. At connect it sends itself a probe: if the probe does not come
+//! back (a pooler in transaction mode, where LISTEN cannot work) it says so and stops, leaving
+//! the pod in polling mode, where subscribers and waiters rely on their safety polls.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::{AsyncMessage, Notification};
+
+use crate::backoff::Backoff;
+use crate::watch::hub::ProcessChangeHub;
+use crate::watch::notice::{EVENTS_CHANNEL, EventNotice, TERMINAL_CHANNEL, TerminalHint};
+
+/// Where the listener is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenerStatus {
+    /// Connecting for the first time.
+    Connecting,
+    /// Connected, LISTENing, probe received.
+    Listening,
+    /// Connection lost; reconnecting with backoff.
+    Reconnecting,
+    /// LISTEN does not work on this connection (e.g. a transaction-mode pooler): the pod
+    /// polls instead.
+    Polling {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Counters of a [`PgListener`].
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    /// Notices received from other pods and turned into ticks.
+    pub notices: AtomicU64,
+    /// Reconnects after a lost connection.
+    pub reconnects: AtomicU64,
+}
+
+/// Tuning of a [`PgListener`].
+#[derive(Clone, Debug)]
+pub struct ListenerOptions {
+    /// How often the connection is pinged to detect loss.
+    pub ping_interval: Duration,
+    /// How long a ping or the start-up probe may take.
+    pub probe_timeout: Duration,
+    /// Reconnect backoff floor.
+    pub reconnect_floor: Duration,
+    /// Reconnect backoff cap.
+    pub reconnect_cap: Duration,
+}
+
+impl Default for ListenerOptions {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(5),
+            probe_timeout: Duration::from_secs(3),
+            reconnect_floor: Duration::from_millis(50),
+            reconnect_cap: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A running listener. Dropping it stops it.
+pub struct PgListener {
+    status: watch::Receiver<ListenerStatus>,
+    stats: Arc<ListenerStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PgListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl PgListener {
+    /// Starts listening with `config` (a dedicated connection, never from a pool), ticking
+    /// `hub` for notices written by pods other than `own_pod`.
+    pub fn spawn(
+        config: tokio_postgres::Config,
+        hub: Arc<ProcessChangeHub>,
+        own_pod: impl Into<String>,
+        options: ListenerOptions,
+    ) -> Self {
+        let (status_tx, status) = watch::channel(ListenerStatus::Connecting);
+        let stats = Arc::new(ListenerStats::default());
+        let task = tokio::spawn(run(
+            config,
+            hub,
+            own_pod.into(),
+            options,
+            status_tx,
+            Arc::clone(&stats),
+        ));
+        Self {
+            status,
+            stats,
+            task,
+        }
+    }
+
+    /// The current status.
+    pub fn status(&self) -> ListenerStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver of status changes.
+    pub fn status_updates(&self) -> watch::Receiver<ListenerStatus> {
+        self.status.clone()
+    }
+
+    /// The listener's counters.
+    pub fn stats(&self) -> &Arc<ListenerStats> {
+        &self.stats
+    }
+}
+
+/// How a session ended.
+enum SessionEnd {
+    /// The connection was lost or failed: reconnect.
+    Lost(String),
+    /// LISTEN does not work here: give up on notices.
+    Unsupported(String),
+}
+
+async fn run(
+    config: tokio_postgres::Config,
+    hub: Arc<ProcessChangeHub>,
+    own_pod: String,
+    options: ListenerOptions,
+    status: watch::Sender<ListenerStatus>,
+    stats: Arc<ListenerStats>,
+) {
+    let mut backoff = Backoff::new(options.reconnect_floor, options.reconnect_cap);
+    loop {
+        match session(
+            &config,
+            &hub,
+            &own_pod,
+            &options,
+            &status,
+            &stats,
+            &mut backoff,
+        )
+        .await
+        {
+            SessionEnd::Unsupported(reason) => {
+                tracing::warn!(
+                    %reason,
+                    "LISTEN/NOTIFY does not work on this connection (a pooler in transaction \
+                     mode?); falling back to polling: events from other pods arrive within the \
+                     safety-poll interval"
+                );
+                let _ = status.send(ListenerStatus::Polling { reason });
+                return;
+            }
+            SessionEnd::Lost(reason) => {
+                if *status.borrow() == ListenerStatus::Listening {
+                    stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::warn!(%reason, "listener connection lost; reconnecting");
+                let _ = status.send(ListenerStatus::Reconnecting);
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}
+
+async fn session(
+    config: &tokio_postgres::Config,
+    hub: &ProcessChangeHub,
+    own_pod: &str,
+    options: &ListenerOptions,
+    status: &watch::Sender<ListenerStatus>,
+    stats: &ListenerStats,
+    backoff: &mut Backoff,
+) -> SessionEnd {
+    let (client, mut connection) = match config.connect(tokio_postgres::NoTls).await {
+        Ok(pair) => pair,
+        Err(err) => return SessionEnd::Lost(err.to_string()),
+    };
+    // The connection future delivers notifications; drive it in its own task.
+    let (notifications_tx, mut notifications) = mpsc::unbounded_channel::<Notification>();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(notification)) => {
+                    if notifications_tx.send(notification).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::debug!(error = %err, "listener connection ended");
+                    return;
+                }
+            }
+        }
+    });
+    let _abort_driver = AbortOnDrop(driver);
+
+    let listen = format!("LISTEN {EVENTS_CHANNEL}; LISTEN {TERMINAL_CHANNEL}");
+    if let Err(err) = client.batch_execute(&listen).await {
+        return SessionEnd::Lost(err.to_string());
+    }
+    let probe = format!("probe {}", uuid::Uuid::new_v4());
+    if let Err(err) = client
+        .execute("SELECT pg_notify($1, $2)", &[&EVENTS_CHANNEL, &probe])
+        .await
+    {
+        return SessionEnd::Lost(err.to_string());
+    }
+    let probe_deadline = tokio::time::sleep(options.probe_timeout);
+    tokio::pin!(probe_deadline);
+    loop {
+        tokio::select! {
+            received = notifications.recv() => match received {
+                Some(n) if n.payload() == probe => break,
+                Some(n) => forward(&n, hub, own_pod, stats),
+                None => return SessionEnd::Lost("connection closed during the probe".into()),
+            },
+            _ = &mut probe_deadline => {
+                return SessionEnd::Unsupported(format!(
+                    "a self-addressed notification did not arrive within {:?}",
+                    options.probe_timeout
+                ));
+            }
+        }
+    }
+    let _ = status.send(ListenerStatus::Listening);
+    backoff.reset();
+    // Anything sent while we were not listening is lost: everyone re-reads the log.
+    hub.resync_all();
+
+    let mut ping = tokio::time::interval(options.ping_interval);
+    ping.tick().await; // the first tick is immediate
+    loop {
+        tokio::select! {
+            received = notifications.recv() => match received {
+                Some(n) => forward(&n, hub, own_pod, stats),
+                None => return SessionEnd::Lost("connection closed".into()),
+            },
+            _ = ping.tick() => {
+                match tokio::time::timeout(options.probe_timeout, client.simple_query("SELECT 1")).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(err)) => return SessionEnd::Lost(err.to_string()),
+                    Err(_) => return SessionEnd::Lost("ping timed out".into()),
+                }
+            }
+        }
+    }
+}
+
+/// Turns one notification into a hub tick, ignoring our own pod's notices (already ticked
+/// locally), probes and anything malformed.
+fn forward(
+    notification: &Notification,
+    hub: &ProcessChangeHub,
+    own_pod: &str,
+    stats: &ListenerStats,
+) {
+    let process_id = match notification.channel() {
+        EVENTS_CHANNEL => EventNotice::from_payload(notification.payload())
+            .filter(|notice| notice.pod != own_pod)
+            .map(|notice| notice.process_id),
+        TERMINAL_CHANNEL => TerminalHint::from_payload(notification.payload())
+            .filter(|hint| hint.pod != own_pod)
+            .map(|hint| hint.process_id),
+        _ => None,
+    };
+    if let Some(id) = process_id {
+        stats.notices.fetch_add(1, Ordering::Relaxed);
+        hub.tick(&id);
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

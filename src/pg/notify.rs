@@ -1,0 +1,142 @@
+//! `PgNotifier`: the LISTEN/NOTIFY-forwarding sink.
+//!
+//! `emit` (and the completion hint) only `try_send` a small notice onto a bounded channel,
+//! counting what is dropped when it is full. One background task drains the channel and sends
+//! every pending notice in one round trip (`pg_notify` over `unnest`), on its own connection,
+//! outside any append transaction. Postgres serialises the commits of transactions that
+//! NOTIFY, so batching them here, instead of notifying inside each append, keeps appends
+//! free to group-commit.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::Pool;
+use tokio::sync::mpsc;
+
+use crate::backoff::Backoff;
+use crate::model::{ProcessEvent, ProcessId};
+use crate::watch::notice::{EVENTS_CHANNEL, EventNotice, TERMINAL_CHANNEL, TerminalHint};
+use crate::watch::sink::{CompletionHint, ProcessEventSink};
+
+/// Most notices sent in one round trip.
+const MAX_BATCH: usize = 1000;
+
+/// Counters of a [`PgNotifier`], readable at any time.
+#[derive(Debug, Default)]
+pub struct NotifierStats {
+    /// Notices handed to Postgres.
+    pub sent: AtomicU64,
+    /// Notices dropped because the channel was full or a send failed.
+    pub dropped: AtomicU64,
+    /// Round trips made.
+    pub batches: AtomicU64,
+}
+
+/// A notice waiting to be sent: its channel and payload.
+struct Outgoing {
+    channel: &'static str,
+    payload: String,
+}
+
+/// The NOTIFY-forwarding sink and completion hint of one pod. Clones share the channel.
+#[derive(Clone)]
+pub struct PgNotifier {
+    pod: Arc<str>,
+    queue: mpsc::Sender<Outgoing>,
+    stats: Arc<NotifierStats>,
+}
+
+impl PgNotifier {
+    /// Starts the background sender on `pool` (give it a pool of its own, size 1), for pod
+    /// `pod`, with room for `capacity` pending notices. The sender stops when every clone of
+    /// the notifier is dropped.
+    pub fn spawn(pool: Pool, pod: impl Into<String>, capacity: usize) -> Self {
+        let (queue, pending) = mpsc::channel(capacity.max(1));
+        let stats = Arc::new(NotifierStats::default());
+        tokio::spawn(send_batches(pool, pending, Arc::clone(&stats)));
+        Self {
+            pod: Arc::from(pod.into()),
+            queue,
+            stats,
+        }
+    }
+
+    /// The notifier's counters.
+    pub fn stats(&self) -> &Arc<NotifierStats> {
+        &self.stats
+    }
+
+    fn enqueue(&self, channel: &'static str, payload: String) {
+        if self.queue.try_send(Outgoing { channel, payload }).is_err() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[async_trait]
+impl ProcessEventSink for PgNotifier {
+    async fn emit(&self, event: &ProcessEvent) {
+        self.enqueue(
+            EVENTS_CHANNEL,
+            EventNotice::of(event, &self.pod).to_payload(),
+        );
+    }
+}
+
+impl CompletionHint for PgNotifier {
+    fn completed(&self, id: &ProcessId) {
+        let hint = TerminalHint {
+            process_id: id.clone(),
+            pod: self.pod.to_string(),
+        };
+        self.enqueue(TERMINAL_CHANNEL, hint.to_payload());
+    }
+}
+
+async fn send_batches(
+    pool: Pool,
+    mut pending: mpsc::Receiver<Outgoing>,
+    stats: Arc<NotifierStats>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while pending.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let channels: Vec<&str> = batch.iter().map(|o| o.channel).collect();
+        let payloads: Vec<&str> = batch.iter().map(|o| o.payload.as_str()).collect();
+        match send(&pool, &channels, &payloads).await {
+            Ok(()) => {
+                stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                backoff.reset();
+            }
+            Err(err) => {
+                // Notices are hints: subscribers reconcile from the log. Drop and go on.
+                stats
+                    .dropped
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                tracing::warn!(error = %err, dropped = batch.len(), "could not send notices");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+        batch.clear();
+    }
+}
+
+async fn send(pool: &Pool, channels: &[&str], payloads: &[&str]) -> Result<(), String> {
+    let client = pool.get().await.map_err(|e| e.to_string())?;
+    let statement = client
+        .prepare_cached(
+            "SELECT pg_notify(n.channel, n.payload)
+               FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS n(channel, payload, ord)
+              ORDER BY n.ord",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    client
+        .query(&statement, &[&channels, &payloads])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! `ProcessWorkDriver::await_terminal`: waiting for a process to end, by reading the durable
+//! terminal column.
+//!
+//! All waiters of one driver share one poller: each poll round is one `terminal_states` query
+//! for every pending id. Rounds follow a backoff (25 ms floor, doubling, 1 s cap) that local hub
+//! ticks of a pending process reset; a tick (a local completion, or a hint from another pod via
+//! the listener) triggers a read at once, but never more often than once per floor interval.
+//! A hint is never trusted: only the column decides.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::hub::{FeedEvent, ProcessChangeHub};
+use crate::backoff::Backoff;
+use crate::model::{ProcessId, TerminalRecord};
+use crate::registry::ProcessRegistry;
+
+/// Shortest interval between two poll rounds, and the first backoff delay.
+pub const POLL_FLOOR: Duration = Duration::from_millis(25);
+/// Longest interval between two poll rounds.
+pub const POLL_CAP: Duration = Duration::from_secs(1);
+
+/// Why `await_terminal` returned without a terminal state.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AwaitError {
+    /// No process has this id.
+    #[error("process {0} not found")]
+    NotFound(ProcessId),
+    /// The process did not end within the timeout.
+    #[error("process {id} did not end within {waited:?}")]
+    Timeout {
+        /// The process.
+        id: ProcessId,
+        /// How long the caller waited.
+        waited: Duration,
+    },
+    /// The driver was shut down.
+    #[error("the work driver stopped")]
+    Stopped,
+}
+
+/// Counters and gauges of a [`ProcessWorkDriver`].
+#[derive(Debug, Default)]
+pub struct DriverStats {
+    /// Poll rounds (queries) made.
+    pub polls: AtomicU64,
+    /// Waiters currently waiting.
+    pub waiters: AtomicU64,
+}
+
+struct Waiter {
+    id: ProcessId,
+    reply: oneshot::Sender<Result<TerminalRecord, AwaitError>>,
+}
+
+/// Waits for processes to end. Cheap to clone; clones share one poller, which stops when the
+/// last clone is dropped.
+#[derive(Clone)]
+pub struct ProcessWorkDriver {
+    waiters: mpsc::UnboundedSender<Waiter>,
+    stats: Arc<DriverStats>,
+}
+
+impl ProcessWorkDriver {
+    /// A driver reading `registry`, woken early by ticks of `hub`.
+    pub fn spawn(registry: Arc<dyn ProcessRegistry>, hub: Arc<ProcessChangeHub>) -> Self {
+        let (waiters, incoming) = mpsc::unbounded_channel();
+        let stats = Arc::new(DriverStats::default());
+        let poller = Poller {
+            registry,
+            feed: hub.feed(),
+            _hub: hub,
+            incoming,
+            pending: HashMap::new(),
+            stats: Arc::clone(&stats),
+        };
+        tokio::spawn(poller.run());
+        Self { waiters, stats }
+    }
+
+    /// The driver's counters.
+    pub fn stats(&self) -> &Arc<DriverStats> {
+        &self.stats
+    }
+
+    /// The terminal column of `id` as soon as it is set: state, output, `terminal_seq` and
+    /// completion time. `NotFound` if no such process exists, `Timeout` if it has not ended
+    /// within `timeout`.
+    pub async fn await_terminal(
+        &self,
+        id: &ProcessId,
+        timeout: Duration,
+    ) -> Result<TerminalRecord, AwaitError> {
+        let (reply, answer) = oneshot::channel();
+        self.waiters
+            .send(Waiter {
+                id: id.clone(),
+                reply,
+            })
+            .map_err(|_| AwaitError::Stopped)?;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(AwaitError::Stopped),
+            Err(_) => Err(AwaitError::Timeout {
+                id: id.clone(),
+                waited: timeout,
+            }),
+        }
+    }
+}
+
+struct Poller {
+    registry: Arc<dyn ProcessRegistry>,
+    feed: super::hub::ChangeFeed,
+    /// Keeps the hub (and so the feed's senders) alive as long as the poller runs.
+    _hub: Arc<ProcessChangeHub>,
+    incoming: mpsc::UnboundedReceiver<Waiter>,
+    pending: HashMap<ProcessId, Vec<oneshot::Sender<Result<TerminalRecord, AwaitError>>>>,
+    stats: Arc<DriverStats>,
+}
+
+impl Poller {
+    async fn run(mut self) {
+        let mut backoff = Backoff::new(POLL_FLOOR, POLL_CAP);
+        loop {
+            if self.pending.is_empty() {
+                match self.incoming.recv().await {
+                    Some(waiter) => self.add(waiter),
+                    None => return,
+                }
+                backoff.reset();
+            }
+            while let Ok(waiter) = self.incoming.try_recv() {
+                self.add(waiter);
+            }
+            self.forget_abandoned();
+            if self.pending.is_empty() {
+                continue;
+            }
+            self.round().await;
+            let round_at = Instant::now();
+            if self.pending.is_empty() {
+                continue;
+            }
+            // Wait for the backoff delay, or less if something may have changed.
+            let mut deadline = round_at + backoff.next_delay();
+            let soon = round_at + POLL_FLOOR;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    event = self.feed.next() => {
+                        let relevant = match &event {
+                            FeedEvent::Tick(id) => self.pending.contains_key(id),
+                            FeedEvent::Resync => true,
+                        };
+                        if relevant {
+                            backoff.reset();
+                            deadline = deadline.min(soon);
+                        }
+                    }
+                    waiter = self.incoming.recv() => match waiter {
+                        Some(waiter) => {
+                            // A new waiter's first read should not wait out a long backoff.
+                            self.add(waiter);
+                            deadline = deadline.min(soon);
+                        }
+                        None => return,
+                    },
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, waiter: Waiter) {
+        self.stats.waiters.fetch_add(1, Ordering::Relaxed);
+        self.pending
+            .entry(waiter.id)
+            .or_default()
+            .push(waiter.reply);
+    }
+
+    /// Drops waiters whose caller gave up (timed out or was cancelled).
+    fn forget_abandoned(&mut self) {
+        let stats = &self.stats;
+        self.pending.retain(|_, replies| {
+            let before = replies.len();
+            replies.retain(|reply| !reply.is_closed());
+            stats
+                .waiters
+                .fetch_sub((before - replies.len()) as u64, Ordering::Relaxed);
+            !replies.is_empty()
+        });
+    }
+
+    /// One query for every pending id; answers those that ended or do not exist.
+    async fn round(&mut self) {
+        let ids: Vec<ProcessId> = self.pending.keys().cloned().collect();
+        self.stats.polls.fetch_add(1, Ordering::Relaxed);
+        let states = match self.registry.terminal_states(&ids).await {
+            Ok(states) => states,
+            Err(err) => {
+                tracing::warn!(error = %err, waiting = ids.len(), "terminal poll failed; will retry");
+                return;
+            }
+        };
+        for id in ids {
+            let answer = match states.get(&id) {
+                None => Err(AwaitError::NotFound(id.clone())),
+                Some(Some(terminal)) => Ok(terminal.clone()),
+                Some(None) => continue,
+            };
+            let replies = self.pending.remove(&id).unwrap_or_default();
+            self.stats
+                .waiters
+                .fetch_sub(replies.len() as u64, Ordering::Relaxed);
+            for reply in replies {
+                let _ = reply.send(answer.clone());
+            }
+        }
+    }
+}

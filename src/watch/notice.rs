@@ -1,0 +1,71 @@
+//! The small notices pods exchange over Postgres NOTIFY. Hints only: never a payload, never
+//! trusted without reading the log or the terminal column.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ProcessEvent, ProcessId};
+
+/// The NOTIFY channel of event notices.
+pub const EVENTS_CHANNEL: &str = "proclog_events";
+/// The NOTIFY channel of completion hints (payload: the process id).
+pub const TERMINAL_CHANNEL: &str = "proclog_terminal";
+
+/// "Process `process_id` has an event `seq` of `event_type`, written by `pod`."
+///
+/// Serialized as JSON; at most about 1 KiB (ids, types and pod ids are at most 128
+/// characters), far below NOTIFY's 8000-byte payload cap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventNotice {
+    /// The process.
+    pub process_id: ProcessId,
+    /// The event's seq.
+    pub seq: i64,
+    /// The event's type.
+    pub event_type: String,
+    /// The pod that wrote it.
+    pub pod: String,
+}
+
+impl EventNotice {
+    /// The notice of `event` written by `pod`.
+    pub fn of(event: &ProcessEvent, pod: &str) -> Self {
+        Self {
+            process_id: event.process_id.clone(),
+            seq: event.seq,
+            event_type: event.event_type.clone(),
+            pod: pod.to_owned(),
+        }
+    }
+
+    /// The NOTIFY payload.
+    pub fn to_payload(&self) -> String {
+        serde_json::to_string(self).expect("a notice serializes")
+    }
+
+    /// Parses a NOTIFY payload; `None` for anything malformed (ignored by listeners).
+    pub fn from_payload(payload: &str) -> Option<Self> {
+        serde_json::from_str(payload).ok()
+    }
+}
+
+/// "Process `process_id` was completed through `pod`": wakes waiters on other pods, which then
+/// read the terminal column.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminalHint {
+    /// The process.
+    pub process_id: ProcessId,
+    /// The pod that completed it.
+    pub pod: String,
+}
+
+impl TerminalHint {
+    /// The NOTIFY payload.
+    pub fn to_payload(&self) -> String {
+        serde_json::to_string(self).expect("a hint serializes")
+    }
+
+    /// Parses a NOTIFY payload; `None` for anything malformed (ignored by listeners).
+    pub fn from_payload(payload: &str) -> Option<Self> {
+        serde_json::from_str(payload).ok()
+    }
+}

@@ -1,0 +1,156 @@
+//! `WatchedProcessRegistry`: a decorator that signals committed appends and completions.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::hub::ProcessChangeHub;
+use super::sink::{CompletionHint, NoopSink, ProcessEventSink};
+use crate::error::ProcessResult;
+use crate::model::{
+    AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, ProcessEvent, ProcessFilter,
+    ProcessId, ProcessPage, ProcessRecord, ProcessRegistration, PruneReport, TerminalRecord,
+};
+use crate::registry::ProcessRegistry;
+
+/// Wraps any registry and changes none of its results. After each successful
+/// `append_event`/`append_events` that wrote events it ticks the hub for that process, then
+/// calls the sink's `emit` once per written event, in seq order. Replayed appends wrote
+/// nothing, so they neither tick nor emit (the original write did). `complete_process` goes
+/// straight to the inner registry (its terminal event never reaches the sink), then ticks the
+/// hub and gives the completion hint.
+pub struct WatchedProcessRegistry<R> {
+    inner: R,
+    hub: Arc<ProcessChangeHub>,
+    sink: Arc<dyn ProcessEventSink>,
+    hint: Arc<dyn CompletionHint>,
+}
+
+impl<R: ProcessRegistry> WatchedProcessRegistry<R> {
+    /// Decorates `inner`, ticking `hub` and emitting to `sink`; no completion hint.
+    pub fn new(inner: R, hub: Arc<ProcessChangeHub>, sink: Arc<dyn ProcessEventSink>) -> Self {
+        Self {
+            inner,
+            hub,
+            sink,
+            hint: Arc::new(NoopSink),
+        }
+    }
+
+    /// The same decorator, giving `hint` on every completion.
+    pub fn with_completion_hint(mut self, hint: Arc<dyn CompletionHint>) -> Self {
+        self.hint = hint;
+        self
+    }
+
+    /// The decorated registry.
+    pub fn inner(&self) -> &R {
+        &self.inner
+    }
+
+    /// The hub this decorator ticks.
+    pub fn hub(&self) -> &Arc<ProcessChangeHub> {
+        &self.hub
+    }
+
+    async fn signal(&self, id: &ProcessId, outcomes: &[AppendOutcome]) {
+        if outcomes.iter().all(|outcome| outcome.replayed) {
+            return;
+        }
+        self.hub.tick(id);
+        for outcome in outcomes {
+            if !outcome.replayed {
+                self.sink.emit(&outcome.event).await;
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl<R: ProcessRegistry> ProcessRegistry for WatchedProcessRegistry<R> {
+    async fn register_process(
+        &self,
+        registration: ProcessRegistration,
+    ) -> ProcessResult<ProcessRecord> {
+        self.inner.register_process(registration).await
+    }
+
+    async fn get_process(&self, id: &ProcessId) -> ProcessResult<Option<ProcessRecord>> {
+        self.inner.get_process(id).await
+    }
+
+    async fn terminal_states(
+        &self,
+        ids: &[ProcessId],
+    ) -> ProcessResult<HashMap<ProcessId, Option<TerminalRecord>>> {
+        self.inner.terminal_states(ids).await
+    }
+
+    async fn list_processes(&self, filter: ProcessFilter) -> ProcessResult<ProcessPage> {
+        self.inner.list_processes(filter).await
+    }
+
+    async fn append_event(
+        &self,
+        id: &ProcessId,
+        request: AppendRequest,
+    ) -> ProcessResult<AppendOutcome> {
+        let outcome = self.inner.append_event(id, request).await?;
+        self.signal(id, std::slice::from_ref(&outcome)).await;
+        Ok(outcome)
+    }
+
+    async fn append_events(
+        &self,
+        id: &ProcessId,
+        requests: Vec<AppendRequest>,
+    ) -> ProcessResult<Vec<AppendOutcome>> {
+        let outcomes = self.inner.append_events(id, requests).await?;
+        self.signal(id, &outcomes).await;
+        Ok(outcomes)
+    }
+
+    async fn events_after(
+        &self,
+        id: &ProcessId,
+        after_seq: i64,
+        limit: u32,
+    ) -> ProcessResult<Vec<ProcessEvent>> {
+        self.inner.events_after(id, after_seq, limit).await
+    }
+
+    async fn complete_process(
+        &self,
+        id: &ProcessId,
+        completion: Completion,
+    ) -> ProcessResult<ProcessRecord> {
+        let record = self.inner.complete_process(id, completion).await?;
+        self.hub.tick(id);
+        self.hint.completed(id);
+        Ok(record)
+    }
+
+    async fn claim(
+        &self,
+        id: &ProcessId,
+        owner: &str,
+        ttl: Duration,
+    ) -> ProcessResult<ClaimOutcome> {
+        self.inner.claim(id, owner, ttl).await
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> ProcessResult<Lease> {
+        self.inner.renew(lease, ttl).await
+    }
+
+    async fn release(&self, lease: &Lease) -> ProcessResult<()> {
+        self.inner.release(lease).await
+    }
+
+    async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {
+        self.inner.prune_terminal_processes(cutoff).await
+    }
+}
