@@ -97,7 +97,7 @@ impl PodServices {
         );
         let hub = Arc::new(ProcessChangeHub::new());
         let mut listener_config = client_config(database_url)?;
-        listener_config.application_name(&format!("proclog-listener-{pod_id}"));
+        listener_config.application_name(format!("proclog-listener-{pod_id}"));
         let listener = PgListener::spawn(
             listener_config,
             Arc::clone(&hub),

@@ -128,6 +128,43 @@ impl Store for PgStore {
     }
 }
 
+/// Postgres behind `WatchedProcessRegistry` with a real NOTIFY sink and completion hint.
+pub struct WatchedPgStore {
+    inner: PgStore,
+}
+
+impl WatchedPgStore {
+    pub async fn new() -> Self {
+        Self {
+            inner: PgStore::new().await,
+        }
+    }
+}
+
+#[async_trait]
+impl Store for WatchedPgStore {
+    async fn pod_with(&self, config: RegistryConfig) -> Arc<dyn ProcessRegistry> {
+        let pool = proclog::pg::connect_pool(&self.inner.url, 8).expect("pool");
+        let notifier = proclog::pg::PgNotifier::spawn(
+            proclog::pg::connect_pool(&self.inner.url, 1).expect("pool"),
+            config.writer.clone(),
+            1024,
+        );
+        Arc::new(
+            proclog::WatchedProcessRegistry::new(
+                PgProcessRegistry::new(pool, config),
+                Arc::new(proclog::ProcessChangeHub::new()),
+                Arc::new(notifier.clone()),
+            )
+            .with_completion_hint(Arc::new(notifier)),
+        )
+    }
+
+    async fn now(&self) -> DateTime<Utc> {
+        self.inner.now().await
+    }
+}
+
 /// The in-memory registry; every pod shares its map.
 pub struct MemStore {
     root: InMemoryProcessRegistry,

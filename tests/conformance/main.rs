@@ -1,5 +1,6 @@
 //! The conformance suite: every clause of CONTRACT §2 (registry) and §5 (leases), run against
-//! both the Postgres registry and the in-memory registry. A divergence is a failing test.
+//! the Postgres registry, the same behind the watching decorator, and the in-memory registry.
+//! A divergence is a failing test.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -12,7 +13,9 @@ mod list_prune;
 mod register;
 mod support;
 
-/// Generates one `#[tokio::test]` per case and backend: `pg::<case>` and `memory::<case>`.
+/// Generates one `#[tokio::test]` per case and backend: `pg::<case>`, `memory::<case>` and
+/// `watched::<case>` (Postgres behind `WatchedProcessRegistry` with the NOTIFY sink, which
+/// must change no result).
 macro_rules! conformance {
     ($($module:ident :: $case:ident),+ $(,)?) => {
         mod pg {
@@ -20,6 +23,15 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $case() {
                     let store = crate::common::PgStore::new().await;
+                    crate::$module::$case(&store).await;
+                }
+            )+
+        }
+        mod watched {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let store = crate::common::WatchedPgStore::new().await;
                     crate::$module::$case(&store).await;
                 }
             )+
