@@ -124,7 +124,7 @@ async fn sink_sees_each_written_event_in_seq_order_but_no_terminal_or_replayed_e
         6,
         "the terminal event never reaches the sink"
     );
-    assert_eq!(*hint.completed.lock().unwrap(), [id.clone()]);
+    assert_eq!(*hint.completed.lock().unwrap(), std::slice::from_ref(&id));
     let log = registry.events_after(&id, 0, 100).await.unwrap();
     assert_eq!(log.last().unwrap().event_type, "process.completed");
 }
@@ -586,20 +586,19 @@ async fn a_thousand_waiters_share_their_polls() {
         Arc::new(ProcessChangeHub::new()),
         Arc::new(NoopSink),
     );
-    let mut ids = Vec::with_capacity(WAITERS);
-    let batch: Vec<ProcessId> = (0..WAITERS)
+    let ids: Vec<ProcessId> = (0..WAITERS)
         .map(|n| ProcessId::new(format!("w{n}")).unwrap())
         .collect();
-    for id in &batch {
+    for id in &ids {
         writer
             .register_process(ProcessRegistration::new("demo", json!(null)).with_id(id.clone()))
             .await
             .unwrap();
-        ids.push(id.clone());
     }
     let mut waiters = Vec::with_capacity(WAITERS);
-    for id in ids.iter().cloned() {
+    for id in &ids {
         let driver = driver.clone();
+        let id = id.clone();
         waiters.push(tokio::spawn(async move {
             driver.await_terminal(&id, Duration::from_secs(600)).await
         }));
