@@ -15,8 +15,9 @@ use uuid::Uuid;
 use crate::error::{ProcessError, ProcessResult};
 use crate::model::{
     AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, LeaseFence, LeaseInfo,
-    ProcessEvent, ProcessFilter, ProcessId, ProcessPage, ProcessRecord, ProcessRegistration,
-    ProcessStatus, PruneReport, TerminalRecord,
+    LostOwner, ProcessEvent, ProcessFilter, ProcessId, ProcessPage, ProcessRecord,
+    ProcessRegistration,
+    ProcessStatus, PruneReport, RunnableClaim, TerminalRecord,
 };
 use crate::registry::{ProcessRegistry, RegistryConfig};
 use crate::{ListCursor, validate};
@@ -109,6 +110,29 @@ impl Entry {
         })
     }
 
+    /// Grants a new lease (next generation) to `owner`; the caller checked none is live.
+    fn grant(&mut self, owner: &str, ttl: Duration, at: DateTime<Utc>) -> Lease {
+        let lease = Lease {
+            process_id: self.record.id.clone(),
+            owner: owner.to_owned(),
+            token: Uuid::new_v4(),
+            generation: self.record.lease_generation + 1,
+            expires_at: at + ttl_delta(ttl),
+        };
+        self.lease_token = Some(lease.token);
+        self.record.lease_generation = lease.generation;
+        self.record.lease = Some(LeaseInfo {
+            owner: lease.owner.clone(),
+            generation: lease.generation,
+            expires_at: lease.expires_at,
+        });
+        if self.record.status == ProcessStatus::Pending {
+            self.record.status = ProcessStatus::Running;
+        }
+        self.record.updated_at = at;
+        lease
+    }
+
     fn push_event(
         &mut self,
         event_type: String,
@@ -193,6 +217,7 @@ impl ProcessRegistry for InMemoryProcessRegistry {
             created_at: at,
             updated_at: at,
             lease_generation: 0,
+            attempts: 0,
             lease: None,
             terminal: None,
         };
@@ -397,25 +422,7 @@ impl ProcessRegistry for InMemoryProcessRegistry {
                 expires_at: held.expires_at,
             });
         }
-        let lease = Lease {
-            process_id: id.clone(),
-            owner: owner.to_owned(),
-            token: Uuid::new_v4(),
-            generation: entry.record.lease_generation + 1,
-            expires_at: at + ttl_delta(ttl),
-        };
-        entry.lease_token = Some(lease.token);
-        entry.record.lease_generation = lease.generation;
-        entry.record.lease = Some(LeaseInfo {
-            owner: lease.owner.clone(),
-            generation: lease.generation,
-            expires_at: lease.expires_at,
-        });
-        if entry.record.status == ProcessStatus::Pending {
-            entry.record.status = ProcessStatus::Running;
-        }
-        entry.record.updated_at = at;
-        Ok(ClaimOutcome::Acquired(lease))
+        Ok(ClaimOutcome::Acquired(entry.grant(owner, ttl, at)))
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> ProcessResult<Lease> {
@@ -449,6 +456,48 @@ impl ProcessRegistry for InMemoryProcessRegistry {
             entry.record.lease = None;
         }
         Ok(())
+    }
+
+    async fn claim_runnable(
+        &self,
+        owner: &str,
+        ttl: Duration,
+        limit: u32,
+    ) -> ProcessResult<Vec<RunnableClaim>> {
+        validate::owner(owner)?;
+        validate::lease_ttl(ttl)?;
+        validate::claim_limit(limit)?;
+        let at = now();
+        let mut processes = self.lock();
+        let mut runnable: Vec<&mut Entry> = processes
+            .values_mut()
+            .filter(|entry| {
+                entry.record.terminal.is_none()
+                    && entry.record.disposition != crate::Disposition::External
+                    && !entry.lease_is_live(at)
+            })
+            .collect();
+        runnable.sort_by(|a, b| {
+            (a.record.created_at, &a.record.id).cmp(&(b.record.created_at, &b.record.id))
+        });
+        Ok(runnable
+            .into_iter()
+            .take(limit as usize)
+            .map(|entry| {
+                let lost_owner = entry.record.lease.as_ref().map(|lost| LostOwner {
+                    owner: lost.owner.clone(),
+                    generation: lost.generation,
+                    expired_at: lost.expires_at,
+                });
+                let lease = entry.grant(owner, ttl, at);
+                entry.record.attempts += 1;
+                RunnableClaim {
+                    lease,
+                    process: entry.record.clone(),
+                    lost_owner,
+                }
+            })
+            .collect())
     }
 
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {

@@ -271,6 +271,8 @@ pub struct ProcessRecord {
     pub updated_at: DateTime<Utc>,
     /// The generation of the latest lease ever granted (0 if never claimed).
     pub lease_generation: i64,
+    /// Runs started by pods: the attempt number of the latest run (0 if never run).
+    pub attempts: i32,
     /// The lease currently recorded, if any (released leases are cleared).
     pub lease: Option<LeaseInfo>,
     /// The terminal column; `None` until the process ends.
@@ -331,6 +333,9 @@ pub struct AppendRequest {
     /// When set, the append is fenced by this lease (refused with `LeaseLost` otherwise).
     #[serde(default)]
     pub fence: Option<LeaseFence>,
+    /// Set only by proclog itself for its own `process.*` events; never from the wire.
+    #[serde(skip)]
+    pub(crate) reserved: bool,
 }
 
 impl AppendRequest {
@@ -341,7 +346,22 @@ impl AppendRequest {
             payload,
             replay_key: None,
             fence: None,
+            reserved: false,
         }
+    }
+
+    /// An event of proclog's own reserved `process.*` namespace (e.g. `process.started`);
+    /// terminal types are refused, those are written by `complete_process` only.
+    pub(crate) fn reserved(event_type: &str, payload: Value) -> Self {
+        Self {
+            reserved: true,
+            ..Self::new(event_type, payload)
+        }
+    }
+
+    /// Whether this is one of proclog's own reserved events.
+    pub fn is_reserved(&self) -> bool {
+        self.reserved
     }
 
     /// The same request with an idempotency key.
@@ -474,6 +494,28 @@ pub struct ProcessPage {
     pub processes: Vec<ProcessRecord>,
     /// Where the next page starts; `None` when this page is the last.
     pub next: Option<ListCursor>,
+}
+
+/// A process claimed by a pod to run, from [`crate::ProcessRegistry::claim_runnable`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunnableClaim {
+    /// The lease granted to the pod.
+    pub lease: Lease,
+    /// The process after the claim (`attempts` already counts this run).
+    pub process: ProcessRecord,
+    /// Set when the previous owner was lost: its lease expired without being released.
+    pub lost_owner: Option<LostOwner>,
+}
+
+/// The owner a process lost: evidence for recovery.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostOwner {
+    /// Who held the lease.
+    pub owner: String,
+    /// Its generation.
+    pub generation: i64,
+    /// When it expired.
+    pub expired_at: DateTime<Utc>,
 }
 
 /// What a prune removed.

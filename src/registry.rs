@@ -9,7 +9,8 @@ use chrono::{DateTime, Utc};
 use crate::error::ProcessResult;
 use crate::model::{
     AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, ProcessEvent, ProcessFilter,
-    ProcessId, ProcessPage, ProcessRecord, ProcessRegistration, PruneReport, TerminalRecord,
+    ProcessId, ProcessPage, ProcessRecord, ProcessRegistration, PruneReport, RunnableClaim,
+    TerminalRecord,
 };
 
 /// Durable process state: point reads and writes, no waiting, no notification.
@@ -108,6 +109,18 @@ pub trait ProcessRegistry: Send + Sync {
 
     /// Releases the lease if it is still the recorded one; otherwise does nothing. Idempotent.
     async fn release(&self, lease: &Lease) -> ProcessResult<()>;
+
+    /// Claims up to `limit` runnable processes for pod `owner`, oldest first: non-terminal,
+    /// not `external`, and either `pending` or `running` without a live lease. Each gets a new
+    /// lease (next generation) and its `attempts` incremented. Processes being claimed by
+    /// another pod at the same instant are skipped, never waited for. A process whose previous
+    /// lease expired without release reports that owner in `lost_owner`.
+    async fn claim_runnable(
+        &self,
+        owner: &str,
+        ttl: Duration,
+        limit: u32,
+    ) -> ProcessResult<Vec<RunnableClaim>>;
 
     /// Deletes terminal processes completed before `cutoff`, with their events and leases.
     /// Never touches a non-terminal process. Idempotent.

@@ -86,6 +86,20 @@ pub fn user_event_type(event_type: &str) -> Result<(), ProcessError> {
     Ok(())
 }
 
+/// An event type proclog writes for itself: in the reserved namespace, not terminal.
+fn reserved_event_type(event_type: &str) -> Result<(), ProcessError> {
+    printable("event type", event_type, MAX_NAME_CHARS)?;
+    let terminal = crate::model::TerminalState::ALL
+        .iter()
+        .any(|state| state.event_type() == event_type);
+    if !event_type.starts_with(RESERVED_EVENT_PREFIX) || terminal {
+        return Err(invalid(format!(
+            "{event_type:?} is not a non-terminal reserved event type"
+        )));
+    }
+    Ok(())
+}
+
 /// A lease owner (pod id): 1 to 128 printable characters.
 pub fn owner(owner: &str) -> Result<(), ProcessError> {
     printable("lease owner", owner, MAX_NAME_CHARS)
@@ -149,7 +163,11 @@ pub fn append_batch(
     let mut keys = std::collections::HashSet::new();
     let mut payloads = Vec::with_capacity(requests.len());
     for request in requests {
-        user_event_type(&request.event_type)?;
+        if request.is_reserved() {
+            reserved_event_type(&request.event_type)?;
+        } else {
+            user_event_type(&request.event_type)?;
+        }
         if let Some(key) = &request.replay_key {
             replay_key(key)?;
             if !keys.insert(key.as_str()) {
@@ -166,6 +184,16 @@ pub fn append_batch(
         payloads.push(payload_bytes(&request.payload, payload_limit)?);
     }
     Ok(payloads)
+}
+
+/// A `claim_runnable` batch size: 1 to [`MAX_LIST_LIMIT`].
+pub fn claim_limit(limit: u32) -> Result<(), ProcessError> {
+    if limit == 0 || limit > MAX_LIST_LIMIT {
+        return Err(invalid(format!(
+            "claim limit must be 1 to {MAX_LIST_LIMIT}, got {limit}"
+        )));
+    }
+    Ok(())
 }
 
 /// A list page size: `None` is the default, otherwise 1 to [`MAX_LIST_LIMIT`].

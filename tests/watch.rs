@@ -564,6 +564,14 @@ impl ProcessRegistry for CountingRegistry {
     async fn release(&self, lease: &proclog::Lease) -> proclog::ProcessResult<()> {
         self.inner.release(lease).await
     }
+    async fn claim_runnable(
+        &self,
+        owner: &str,
+        ttl: Duration,
+        limit: u32,
+    ) -> proclog::ProcessResult<Vec<proclog::RunnableClaim>> {
+        self.inner.claim_runnable(owner, ttl, limit).await
+    }
     async fn prune_terminal_processes(
         &self,
         cutoff: chrono::DateTime<chrono::Utc>,

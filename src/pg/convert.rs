@@ -54,7 +54,7 @@ impl ToSql for JsonText {
 /// The columns of `proclog.processes` that [`process_from_row`] reads, in order.
 pub(crate) const PROCESS_COLUMNS: &str = "process_id, kind, input, disposition, status, \
      last_seq, created_at, updated_at, lease_owner, lease_generation, lease_expires_at, \
-     terminal_state, terminal_seq, output, completed_at";
+     terminal_state, terminal_seq, output, completed_at, attempts";
 
 /// The columns of `proclog.events` (without `process_id`) that [`event_from_row`] reads.
 pub(crate) const EVENT_COLUMNS: &str =
@@ -112,6 +112,7 @@ pub(crate) fn process_from_row(row: &Row) -> Result<ProcessRecord, ProcessError>
         created_at: row.try_get(6).map_err(db_error)?,
         updated_at: row.try_get(7).map_err(db_error)?,
         lease_generation,
+        attempts: row.try_get(15).map_err(db_error)?,
         lease: match (lease_owner, lease_expires_at) {
             (Some(owner), Some(expires_at)) => Some(LeaseInfo {
                 owner,

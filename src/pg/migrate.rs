@@ -22,11 +22,18 @@ pub struct Migration {
 }
 
 /// Every migration this binary knows, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_registry.sql",
-    sql: include_str!("../../migrations/0001_registry.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_registry.sql",
+        sql: include_str!("../../migrations/0001_registry.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_pods.sql",
+        sql: include_str!("../../migrations/0002_pods.sql"),
+    },
+];
 
 /// The schema version this binary expects.
 pub fn latest_version() -> i32 {

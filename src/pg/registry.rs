@@ -19,8 +19,8 @@ use super::convert::{
 use crate::error::{ProcessError, ProcessResult};
 use crate::model::{
     AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, ListCursor, ProcessEvent,
-    ProcessFilter, ProcessId, ProcessPage, ProcessRecord, ProcessRegistration, PruneReport,
-    TerminalRecord,
+    LostOwner, ProcessFilter, ProcessId, ProcessPage, ProcessRecord, ProcessRegistration,
+    PruneReport, RunnableClaim, TerminalRecord,
 };
 use crate::registry::{ProcessRegistry, RegistryConfig};
 use crate::validate;
@@ -405,6 +405,76 @@ impl ProcessRegistry for PgProcessRegistry {
         )
         .await?;
         Ok(())
+    }
+
+    async fn claim_runnable(
+        &self,
+        owner: &str,
+        ttl: Duration,
+        limit: u32,
+    ) -> ProcessResult<Vec<RunnableClaim>> {
+        validate::owner(owner)?;
+        validate::lease_ttl(ttl)?;
+        validate::claim_limit(limit)?;
+        let rows = self
+            .query(
+                &format!(
+                    "WITH candidates AS (
+                         SELECT process_id AS candidate_id, lease_owner AS old_owner,
+                                lease_generation AS old_generation,
+                                lease_expires_at AS old_expires_at
+                           FROM proclog.processes
+                          WHERE terminal_state IS NULL AND disposition <> 'external'
+                            AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                          ORDER BY created_at, process_id
+                          LIMIT $3
+                            FOR UPDATE SKIP LOCKED)
+                     UPDATE proclog.processes
+                        SET lease_owner = $1,
+                            lease_token = gen_random_uuid(),
+                            lease_generation = lease_generation + 1,
+                            lease_expires_at = now() + $2::bigint * interval '1 millisecond',
+                            status = 'running',
+                            attempts = attempts + 1,
+                            updated_at = now()
+                       FROM candidates
+                      WHERE process_id = candidate_id
+                  RETURNING {PROCESS_COLUMNS}, lease_token, old_owner, old_generation,
+                            old_expires_at"
+                ),
+                &[&owner, &ttl_millis(ttl), &i64::from(limit)],
+            )
+            .await?;
+        let mut claims = rows
+            .iter()
+            .map(|row| {
+                let process = process_from_row(row)?;
+                let lease_info = process.lease.clone().ok_or_else(|| {
+                    ProcessError::Database("claimed process has no lease".into())
+                })?;
+                let old_owner: Option<String> = row.get(17);
+                let lost_owner = old_owner.map(|owner| LostOwner {
+                    owner,
+                    generation: row.get(18),
+                    expired_at: row.get(19),
+                });
+                Ok(RunnableClaim {
+                    lease: Lease {
+                        process_id: process.id.clone(),
+                        owner: lease_info.owner,
+                        token: row.get(16),
+                        generation: lease_info.generation,
+                        expires_at: lease_info.expires_at,
+                    },
+                    process,
+                    lost_owner,
+                })
+            })
+            .collect::<ProcessResult<Vec<_>>>()?;
+        claims.sort_by(|a, b| {
+            (a.process.created_at, &a.process.id).cmp(&(b.process.created_at, &b.process.id))
+        });
+        Ok(claims)
     }
 
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {

@@ -12,7 +12,8 @@ use super::sink::{CompletionHint, NoopSink, ProcessEventSink};
 use crate::error::ProcessResult;
 use crate::model::{
     AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, ProcessEvent, ProcessFilter,
-    ProcessId, ProcessPage, ProcessRecord, ProcessRegistration, PruneReport, TerminalRecord,
+    ProcessId, ProcessPage, ProcessRecord, ProcessRegistration, PruneReport, RunnableClaim,
+    TerminalRecord,
 };
 use crate::registry::ProcessRegistry;
 
@@ -148,6 +149,15 @@ impl<R: ProcessRegistry> ProcessRegistry for WatchedProcessRegistry<R> {
 
     async fn release(&self, lease: &Lease) -> ProcessResult<()> {
         self.inner.release(lease).await
+    }
+
+    async fn claim_runnable(
+        &self,
+        owner: &str,
+        ttl: Duration,
+        limit: u32,
+    ) -> ProcessResult<Vec<RunnableClaim>> {
+        self.inner.claim_runnable(owner, ttl, limit).await
     }
 
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {

@@ -11,6 +11,7 @@ mod concurrency;
 mod leases;
 mod list_prune;
 mod register;
+mod runnable;
 mod support;
 
 /// Generates one `#[tokio::test]` per case and backend: `pg::<case>`, `memory::<case>` and
@@ -86,6 +87,11 @@ conformance! {
     list_prune::list_filters_and_paginates,
     list_prune::list_refuses_bad_limits_and_kinds,
     list_prune::prune_removes_old_terminal_processes_only,
+    runnable::claim_runnable_takes_the_oldest_runnable_processes,
+    runnable::claim_runnable_reports_a_lost_owner_but_not_a_released_one,
+    runnable::concurrent_pods_claim_each_process_once,
+    runnable::claim_runnable_refuses_bad_arguments,
+    runnable::terminal_states_reads_many_processes_at_once,
     concurrency::three_pods_append_to_one_process_without_gaps,
     concurrency::three_pods_append_to_500_processes_without_gaps,
     concurrency::concurrent_retries_of_one_key_write_one_event,
