@@ -8,10 +8,12 @@
 
 pub mod backoff;
 pub mod error;
+pub mod http;
 pub mod local_pg;
 pub mod memory;
 pub mod model;
 pub mod pg;
+pub mod pod;
 pub mod pod_services;
 pub mod registry;
 pub mod validate;

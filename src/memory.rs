@@ -16,8 +16,7 @@ use crate::error::{ProcessError, ProcessResult};
 use crate::model::{
     AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, LeaseFence, LeaseInfo,
     LostOwner, ProcessEvent, ProcessFilter, ProcessId, ProcessPage, ProcessRecord,
-    ProcessRegistration,
-    ProcessStatus, PruneReport, RunnableClaim, TerminalRecord,
+    ProcessRegistration, ProcessStatus, PruneReport, RunnableClaim, TerminalRecord,
 };
 use crate::registry::{ProcessRegistry, RegistryConfig};
 use crate::{ListCursor, validate};

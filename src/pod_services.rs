@@ -11,6 +11,10 @@
 //! ```
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
 
 use deadpool_postgres::Pool;
 
@@ -66,6 +70,24 @@ pub struct PodServices {
     pub subscriptions: ProcessSubscriptions,
     /// `await_terminal`.
     pub driver: ProcessWorkDriver,
+    /// Notified when runnable processes may exist (work hints from other pods, reconnects).
+    pub work: Arc<Notify>,
+    /// Events appended through this pod.
+    pub appended_events: Arc<AtomicU64>,
+}
+
+/// Counts events on their way to the real sink.
+struct CountingSink {
+    count: Arc<AtomicU64>,
+    inner: Arc<dyn ProcessEventSink>,
+}
+
+#[async_trait]
+impl ProcessEventSink for CountingSink {
+    async fn emit(&self, event: &crate::model::ProcessEvent) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.inner.emit(event).await;
+    }
 }
 
 impl PodServices {
@@ -96,11 +118,14 @@ impl PodServices {
             options.notice_capacity,
         );
         let hub = Arc::new(ProcessChangeHub::new());
+        let work = Arc::new(Notify::new());
+        let appended_events = Arc::new(AtomicU64::new(0));
         let mut listener_config = client_config(database_url)?;
         listener_config.application_name(format!("proclog-listener-{pod_id}"));
         let listener = PgListener::spawn(
             listener_config,
             Arc::clone(&hub),
+            Arc::clone(&work),
             pod_id,
             options.listener.clone(),
         );
@@ -109,7 +134,10 @@ impl PodServices {
             WatchedProcessRegistry::new(
                 PgProcessRegistry::new(pool.clone(), config),
                 Arc::clone(&hub),
-                sink(&notifier),
+                Arc::new(CountingSink {
+                    count: Arc::clone(&appended_events),
+                    inner: sink(&notifier),
+                }),
             )
             .with_completion_hint(Arc::new(notifier.clone())),
         );
@@ -124,6 +152,8 @@ impl PodServices {
             listener,
             subscriptions,
             driver,
+            work,
+            appended_events,
         })
     }
 

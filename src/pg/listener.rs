@@ -12,12 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_postgres::{AsyncMessage, Notification};
 
 use crate::backoff::Backoff;
 use crate::watch::hub::ProcessChangeHub;
-use crate::watch::notice::{EVENTS_CHANNEL, EventNotice, TERMINAL_CHANNEL, TerminalHint};
+use crate::watch::notice::{
+    EVENTS_CHANNEL, EventNotice, TERMINAL_CHANNEL, TerminalHint, WORK_CHANNEL,
+};
 
 /// Where the listener is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,10 +86,12 @@ impl Drop for PgListener {
 
 impl PgListener {
     /// Starts listening with `config` (a dedicated connection, never from a pool), ticking
-    /// `hub` for notices written by pods other than `own_pod`.
+    /// `hub` for notices written by pods other than `own_pod`, and notifying `work` for work
+    /// hints from other pods (and after every reconnect).
     pub fn spawn(
         config: tokio_postgres::Config,
         hub: Arc<ProcessChangeHub>,
+        work: Arc<Notify>,
         own_pod: impl Into<String>,
         options: ListenerOptions,
     ) -> Self {
@@ -95,7 +99,7 @@ impl PgListener {
         let stats = Arc::new(ListenerStats::default());
         let task = tokio::spawn(run(
             config,
-            hub,
+            Targets { hub, work },
             own_pod.into(),
             options,
             status_tx,
@@ -124,6 +128,12 @@ impl PgListener {
     }
 }
 
+/// What notices are turned into.
+struct Targets {
+    hub: Arc<ProcessChangeHub>,
+    work: Arc<Notify>,
+}
+
 /// How a session ended.
 enum SessionEnd {
     /// The connection was lost or failed: reconnect.
@@ -134,7 +144,7 @@ enum SessionEnd {
 
 async fn run(
     config: tokio_postgres::Config,
-    hub: Arc<ProcessChangeHub>,
+    targets: Targets,
     own_pod: String,
     options: ListenerOptions,
     status: watch::Sender<ListenerStatus>,
@@ -144,7 +154,7 @@ async fn run(
     loop {
         match session(
             &config,
-            &hub,
+            &targets,
             &own_pod,
             &options,
             &status,
@@ -177,7 +187,7 @@ async fn run(
 
 async fn session(
     config: &tokio_postgres::Config,
-    hub: &ProcessChangeHub,
+    targets: &Targets,
     own_pod: &str,
     options: &ListenerOptions,
     status: &watch::Sender<ListenerStatus>,
@@ -209,7 +219,8 @@ async fn session(
     });
     let _abort_driver = AbortOnDrop(driver);
 
-    let listen = format!("LISTEN {EVENTS_CHANNEL}; LISTEN {TERMINAL_CHANNEL}");
+    let listen =
+        format!("LISTEN {EVENTS_CHANNEL}; LISTEN {TERMINAL_CHANNEL}; LISTEN {WORK_CHANNEL}");
     if let Err(err) = client.batch_execute(&listen).await {
         return SessionEnd::Lost(err.to_string());
     }
@@ -226,7 +237,7 @@ async fn session(
         tokio::select! {
             received = notifications.recv() => match received {
                 Some(n) if n.payload() == probe => break,
-                Some(n) => forward(&n, hub, own_pod, stats),
+                Some(n) => forward(&n, targets, own_pod, stats),
                 None => return SessionEnd::Lost("connection closed during the probe".into()),
             },
             _ = &mut probe_deadline => {
@@ -240,14 +251,15 @@ async fn session(
     let _ = status.send(ListenerStatus::Listening);
     backoff.reset();
     // Anything sent while we were not listening is lost: everyone re-reads the log.
-    hub.resync_all();
+    targets.hub.resync_all();
+    targets.work.notify_one();
 
     let mut ping = tokio::time::interval(options.ping_interval);
     ping.tick().await; // the first tick is immediate
     loop {
         tokio::select! {
             received = notifications.recv() => match received {
-                Some(n) => forward(&n, hub, own_pod, stats),
+                Some(n) => forward(&n, targets, own_pod, stats),
                 None => return SessionEnd::Lost("connection closed".into()),
             },
             _ = ping.tick() => {
@@ -263,13 +275,14 @@ async fn session(
 
 /// Turns one notification into a hub tick, ignoring our own pod's notices (already ticked
 /// locally), probes and anything malformed.
-fn forward(
-    notification: &Notification,
-    hub: &ProcessChangeHub,
-    own_pod: &str,
-    stats: &ListenerStats,
-) {
+fn forward(notification: &Notification, targets: &Targets, own_pod: &str, stats: &ListenerStats) {
     let process_id = match notification.channel() {
+        WORK_CHANNEL => {
+            if notification.payload() != own_pod {
+                targets.work.notify_one();
+            }
+            None
+        }
         EVENTS_CHANNEL => EventNotice::from_payload(notification.payload())
             .filter(|notice| notice.pod != own_pod)
             .map(|notice| notice.process_id),
@@ -280,7 +293,7 @@ fn forward(
     };
     if let Some(id) = process_id {
         stats.notices.fetch_add(1, Ordering::Relaxed);
-        hub.tick(&id);
+        targets.hub.tick(&id);
     }
 }
 

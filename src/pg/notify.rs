@@ -17,7 +17,9 @@ use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
 use crate::model::{ProcessEvent, ProcessId};
-use crate::watch::notice::{EVENTS_CHANNEL, EventNotice, TERMINAL_CHANNEL, TerminalHint};
+use crate::watch::notice::{
+    EVENTS_CHANNEL, EventNotice, TERMINAL_CHANNEL, TerminalHint, WORK_CHANNEL,
+};
 use crate::watch::sink::{CompletionHint, ProcessEventSink};
 
 /// Most notices sent in one round trip.
@@ -66,6 +68,11 @@ impl PgNotifier {
     /// The notifier's counters.
     pub fn stats(&self) -> &Arc<NotifierStats> {
         &self.stats
+    }
+
+    /// Tells every pod that runnable processes may exist (after a registration or a release).
+    pub fn work_available(&self) {
+        self.enqueue(WORK_CHANNEL, self.pod.to_string());
     }
 
     fn enqueue(&self, channel: &'static str, payload: String) {

@@ -18,8 +18,8 @@ use super::convert::{
 };
 use crate::error::{ProcessError, ProcessResult};
 use crate::model::{
-    AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, ListCursor, ProcessEvent,
-    LostOwner, ProcessFilter, ProcessId, ProcessPage, ProcessRecord, ProcessRegistration,
+    AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, ListCursor, LostOwner,
+    ProcessEvent, ProcessFilter, ProcessId, ProcessPage, ProcessRecord, ProcessRegistration,
     PruneReport, RunnableClaim, TerminalRecord,
 };
 use crate::registry::{ProcessRegistry, RegistryConfig};
@@ -445,32 +445,32 @@ impl ProcessRegistry for PgProcessRegistry {
                 &[&owner, &ttl_millis(ttl), &i64::from(limit)],
             )
             .await?;
-        let mut claims = rows
-            .iter()
-            .map(|row| {
-                let process = process_from_row(row)?;
-                let lease_info = process.lease.clone().ok_or_else(|| {
-                    ProcessError::Database("claimed process has no lease".into())
-                })?;
-                let old_owner: Option<String> = row.get(17);
-                let lost_owner = old_owner.map(|owner| LostOwner {
-                    owner,
-                    generation: row.get(18),
-                    expired_at: row.get(19),
-                });
-                Ok(RunnableClaim {
-                    lease: Lease {
-                        process_id: process.id.clone(),
-                        owner: lease_info.owner,
-                        token: row.get(16),
-                        generation: lease_info.generation,
-                        expires_at: lease_info.expires_at,
-                    },
-                    process,
-                    lost_owner,
+        let mut claims =
+            rows.iter()
+                .map(|row| {
+                    let process = process_from_row(row)?;
+                    let lease_info = process.lease.clone().ok_or_else(|| {
+                        ProcessError::Database("claimed process has no lease".into())
+                    })?;
+                    let old_owner: Option<String> = row.get(17);
+                    let lost_owner = old_owner.map(|owner| LostOwner {
+                        owner,
+                        generation: row.get(18),
+                        expired_at: row.get(19),
+                    });
+                    Ok(RunnableClaim {
+                        lease: Lease {
+                            process_id: process.id.clone(),
+                            owner: lease_info.owner,
+                            token: row.get(16),
+                            generation: lease_info.generation,
+                            expires_at: lease_info.expires_at,
+                        },
+                        process,
+                        lost_owner,
+                    })
                 })
-            })
-            .collect::<ProcessResult<Vec<_>>>()?;
+                .collect::<ProcessResult<Vec<_>>>()?;
         claims.sort_by(|a, b| {
             (a.process.created_at, &a.process.id).cmp(&(b.process.created_at, &b.process.id))
         });

@@ -7,8 +7,10 @@ use crate::model::{ProcessEvent, ProcessId};
 
 /// The NOTIFY channel of event notices.
 pub const EVENTS_CHANNEL: &str = "proclog_events";
-/// The NOTIFY channel of completion hints (payload: the process id).
+/// The NOTIFY channel of completion hints (payload: a [`TerminalHint`]).
 pub const TERMINAL_CHANNEL: &str = "proclog_terminal";
+/// The NOTIFY channel of work hints: runnable processes may exist (payload: the sending pod).
+pub const WORK_CHANNEL: &str = "proclog_work";
 
 /// "Process `process_id` has an event `seq` of `event_type`, written by `pod`."
 ///

@@ -47,7 +47,11 @@ pub async fn claim_runnable_takes_the_oldest_runnable_processes(store: &dyn Stor
 
     let claims = registry.claim_runnable("pod-a", MINUTE, 2).await.unwrap();
     let ids: Vec<&ProcessId> = claims.iter().map(|c| &c.process.id).collect();
-    assert_eq!(ids, [&first, &abandon], "oldest first, skipping external, terminal, held");
+    assert_eq!(
+        ids,
+        [&first, &abandon],
+        "oldest first, skipping external, terminal, held"
+    );
     for claimed in &claims {
         assert_eq!(claimed.lease.owner, "pod-a");
         assert_eq!(claimed.lease.generation, 1);
@@ -64,10 +68,22 @@ pub async fn claim_runnable_takes_the_oldest_runnable_processes(store: &dyn Stor
             .unwrap();
     }
     let rest = registry.claim_runnable("pod-b", MINUTE, 10).await.unwrap();
-    assert_eq!(rest.iter().map(|c| &c.process.id).collect::<Vec<_>>(), [&last]);
-    assert!(registry.claim_runnable("pod-b", MINUTE, 10).await.unwrap().is_empty());
+    assert_eq!(
+        rest.iter().map(|c| &c.process.id).collect::<Vec<_>>(),
+        [&last]
+    );
+    assert!(
+        registry
+            .claim_runnable("pod-b", MINUTE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let record = registry.get_process(&external).await.unwrap().unwrap();
-    assert_eq!((record.status, record.lease_generation), (ProcessStatus::Pending, 0));
+    assert_eq!(
+        (record.status, record.lease_generation),
+        (ProcessStatus::Pending, 0)
+    );
 }
 
 pub async fn claim_runnable_reports_a_lost_owner_but_not_a_released_one(store: &dyn Store) {
@@ -78,21 +94,39 @@ pub async fn claim_runnable_reports_a_lost_owner_but_not_a_released_one(store: &
     let handed_back = claim(&*registry, &released, "pod-old").await;
     registry.release(&handed_back).await.unwrap();
 
-    let claims = registry.claim_runnable("pod-new", MINUTE, 10).await.unwrap();
+    let claims = registry
+        .claim_runnable("pod-new", MINUTE, 10)
+        .await
+        .unwrap();
     assert_eq!(claims.len(), 2);
     let by_id = |id: &ProcessId| claims.iter().find(|c| &c.process.id == id).unwrap();
-    let evidence = by_id(&lost).lost_owner.clone().expect("the lost owner is reported");
+    let evidence = by_id(&lost)
+        .lost_owner
+        .clone()
+        .expect("the lost owner is reported");
     assert_eq!(evidence.owner, "short-lived");
     assert_eq!(evidence.generation, expired.generation);
     assert_eq!(evidence.expired_at, expired.expires_at);
     assert_eq!(by_id(&lost).lease.generation, expired.generation + 1);
-    assert!(by_id(&released).lost_owner.is_none(), "a released lease is not lost");
-    assert_eq!(by_id(&released).lease.generation, handed_back.generation + 1);
+    assert!(
+        by_id(&released).lost_owner.is_none(),
+        "a released lease is not lost"
+    );
+    assert_eq!(
+        by_id(&released).lease.generation,
+        handed_back.generation + 1
+    );
     // The expired lease is fenced out.
     let zombie = registry
-        .append_event(&lost, proclog::AppendRequest::new("z", json!(1)).fenced(&expired))
+        .append_event(
+            &lost,
+            proclog::AppendRequest::new("z", json!(1)).fenced(&expired),
+        )
         .await;
-    assert!(matches!(zombie, Err(ProcessError::LeaseLost { .. })), "{zombie:?}");
+    assert!(
+        matches!(zombie, Err(ProcessError::LeaseLost { .. })),
+        "{zombie:?}"
+    );
 }
 
 pub async fn concurrent_pods_claim_each_process_once(store: &dyn Store) {
@@ -135,7 +169,10 @@ pub async fn claim_runnable_refuses_bad_arguments(store: &dyn Store) {
         ("pod", MINUTE, 1001),
     ] {
         let result = registry.claim_runnable(owner, ttl, limit).await;
-        assert!(matches!(result, Err(ProcessError::InvalidInput(_))), "{result:?}");
+        assert!(
+            matches!(result, Err(ProcessError::InvalidInput(_))),
+            "{result:?}"
+        );
     }
 }
 
@@ -144,7 +181,10 @@ pub async fn terminal_states_reads_many_processes_at_once(store: &dyn Store) {
     let running = register(&*registry, "running", Disposition::Rerun).await;
     let ended = register(&*registry, "ended", Disposition::Rerun).await;
     registry
-        .complete_process(&ended, Completion::new(TerminalState::Failed, json!({"e": 1})))
+        .complete_process(
+            &ended,
+            Completion::new(TerminalState::Failed, json!({"e": 1})),
+        )
         .await
         .unwrap();
     let unknown = ProcessId::new("unknown").unwrap();

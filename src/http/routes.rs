@@ -1,0 +1,322 @@
+//! The `/v1` handlers.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::ApiState;
+use super::error::{ApiError, ApiJson, ApiQuery, path_id};
+use crate::model::{
+    AppendOutcome, AppendRequest, Completion, Disposition, ListCursor, ProcessFilter, ProcessId,
+    ProcessRegistration, ProcessStatus,
+};
+use crate::pod::cancel_process;
+
+/// Longest `await` a client may ask for.
+const MAX_AWAIT: Duration = Duration::from_secs(600);
+/// `await` timeout when none is given.
+const DEFAULT_AWAIT: Duration = Duration::from_secs(30);
+
+pub(super) async fn register(
+    State(state): State<ApiState>,
+    ApiJson(registration): ApiJson<ProcessRegistration>,
+) -> Result<Response, ApiError> {
+    let record = state
+        .services
+        .registry
+        .register_process(registration)
+        .await?;
+    if record.disposition != Disposition::External && record.terminal.is_none() {
+        state.services.work.notify_one();
+        state.services.notifier.work_available();
+    }
+    Ok((StatusCode::CREATED, axum::Json(record)).into_response())
+}
+
+pub(super) async fn get(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = path_id(&id)?;
+    match state.services.registry.get_process(&id).await? {
+        Some(record) => Ok(axum::Json(record).into_response()),
+        None => Err(crate::ProcessError::NotFound(id).into()),
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct ListQuery {
+    status: Option<ProcessStatus>,
+    kind: Option<String>,
+    created_after: Option<DateTime<Utc>>,
+    created_before: Option<DateTime<Utc>>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+fn parse_cursor(raw: &str) -> Result<ListCursor, ApiError> {
+    let bad = || ApiError::invalid(format!("malformed cursor {raw:?}"));
+    let (at, id) = raw.split_once('|').ok_or_else(bad)?;
+    Ok(ListCursor {
+        created_at: DateTime::parse_from_rfc3339(at)
+            .map_err(|_| bad())?
+            .with_timezone(&Utc),
+        id: ProcessId::new(id).map_err(|_| bad())?,
+    })
+}
+
+fn format_cursor(cursor: &ListCursor) -> String {
+    format!(
+        "{}|{}",
+        cursor
+            .created_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        cursor.id
+    )
+}
+
+pub(super) async fn list(
+    State(state): State<ApiState>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Result<Response, ApiError> {
+    let filter = ProcessFilter {
+        status: query.status,
+        kind: query.kind,
+        created_after: query.created_after,
+        created_before: query.created_before,
+        after: query.cursor.as_deref().map(parse_cursor).transpose()?,
+        limit: query.limit,
+    };
+    let page = state.services.registry.list_processes(filter).await?;
+    Ok(axum::Json(json!({
+        "processes": page.processes,
+        "next_cursor": page.next.as_ref().map(format_cursor),
+    }))
+    .into_response())
+}
+
+/// One event (`{"event_type": ...}`) or a batch (`{"events": [...]}`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum AppendBody {
+    Batch { events: Vec<AppendRequest> },
+    One(AppendRequest),
+}
+
+fn appended(outcome: AppendOutcome) -> Value {
+    json!({"event": outcome.event, "replayed": outcome.replayed})
+}
+
+pub(super) async fn append(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    let id = path_id(&id)?;
+    let body: AppendBody = serde_json::from_value(body).map_err(|err| {
+        ApiError::invalid(format!(
+            "expected {{\"event_type\", \"payload\", \"replay_key\"?}} or {{\"events\": [...]}}: {err}"
+        ))
+    })?;
+    let registry = &state.services.registry;
+    match body {
+        AppendBody::One(request) => {
+            let outcome = registry.append_event(&id, request).await?;
+            let status = if outcome.replayed {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            Ok((status, axum::Json(appended(outcome))).into_response())
+        }
+        AppendBody::Batch { events } => {
+            let outcomes = registry.append_events(&id, events).await?;
+            let status = if outcomes.iter().all(|o| o.replayed) {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            let events: Vec<Value> = outcomes.into_iter().map(appended).collect();
+            Ok((status, axum::Json(json!({"events": events}))).into_response())
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct EventsQuery {
+    #[serde(default)]
+    after: i64,
+    limit: Option<u32>,
+}
+
+pub(super) async fn events(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<EventsQuery>,
+) -> Result<Response, ApiError> {
+    let id = path_id(&id)?;
+    let events = state
+        .services
+        .registry
+        .events_after(&id, query.after, query.limit.unwrap_or(100))
+        .await?;
+    Ok(axum::Json(json!({"events": events})).into_response())
+}
+
+#[derive(Deserialize)]
+pub(super) struct StreamQuery {
+    after: Option<i64>,
+}
+
+pub(super) async fn stream(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiQuery(query): ApiQuery<StreamQuery>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let id = path_id(&id)?;
+    let resume = headers
+        .get("last-event-id")
+        .map(|value| {
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<i64>().ok())
+                .ok_or_else(|| ApiError::invalid("Last-Event-ID must be a seq"))
+        })
+        .transpose()?;
+    let after = resume.or(query.after).unwrap_or(0);
+    if after < 0 {
+        return Err(ApiError::invalid("after must be >= 0"));
+    }
+    if state.services.registry.get_process(&id).await?.is_none() {
+        return Err(crate::ProcessError::NotFound(id).into());
+    }
+    let events = state
+        .services
+        .subscriptions
+        .subscribe(id, after)
+        .map(|item| {
+            Ok(match item {
+                Ok(event) => Event::default()
+                    .id(event.seq.to_string())
+                    .event(event.event_type.clone())
+                    .json_data(&event)
+                    .unwrap_or_else(|_| Event::default().event("error")),
+                Err(err) => Event::default()
+                    .event("error")
+                    .data(json!({"code": err.code(), "message": err.to_string()}).to_string()),
+            })
+        });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+pub(super) async fn complete(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    ApiJson(completion): ApiJson<Completion>,
+) -> Result<Response, ApiError> {
+    let id = path_id(&id)?;
+    let record = state
+        .services
+        .registry
+        .complete_process(&id, completion)
+        .await?;
+    Ok(axum::Json(record).into_response())
+}
+
+#[derive(Deserialize, Default)]
+pub(super) struct CancelBody {
+    #[serde(default)]
+    reason: Value,
+}
+
+pub(super) async fn cancel(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let id = path_id(&id)?;
+    let reason = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice::<CancelBody>(&body)
+            .map_err(|err| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", err.to_string()))?
+            .reason
+    };
+    let record = cancel_process(
+        state.services.registry.as_ref(),
+        &id,
+        &state.services.pod_id,
+        reason,
+    )
+    .await?;
+    Ok(axum::Json(record).into_response())
+}
+
+#[derive(Deserialize)]
+pub(super) struct AwaitQuery {
+    timeout_ms: Option<u64>,
+}
+
+pub(super) async fn await_terminal(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<AwaitQuery>,
+) -> Result<Response, ApiError> {
+    let id = path_id(&id)?;
+    let timeout = query
+        .timeout_ms
+        .map_or(DEFAULT_AWAIT, Duration::from_millis);
+    if timeout > MAX_AWAIT {
+        return Err(ApiError::invalid(format!(
+            "timeout_ms must be at most {}",
+            MAX_AWAIT.as_millis()
+        )));
+    }
+    let terminal = state.services.driver.await_terminal(&id, timeout).await?;
+    Ok(axum::Json(terminal).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PruneBody {
+    /// Prune processes completed before this instant...
+    before: Option<DateTime<Utc>>,
+    /// ...or more than this many seconds ago.
+    older_than_secs: Option<u64>,
+}
+
+pub(super) async fn prune(
+    State(state): State<ApiState>,
+    ApiJson(body): ApiJson<PruneBody>,
+) -> Result<Response, ApiError> {
+    let cutoff = match (body.before, body.older_than_secs) {
+        (Some(before), None) => before,
+        (None, Some(secs)) => {
+            let age = chrono::TimeDelta::try_seconds(secs as i64)
+                .ok_or_else(|| ApiError::invalid("older_than_secs is too large"))?;
+            Utc::now() - age
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "give exactly one of \"before\" (RFC 3339) or \"older_than_secs\"",
+            ));
+        }
+    };
+    let report = state
+        .services
+        .registry
+        .prune_terminal_processes(cutoff)
+        .await?;
+    Ok(axum::Json(json!({"cutoff": cutoff, "pruned": report})).into_response())
+}

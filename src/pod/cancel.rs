@@ -1,0 +1,53 @@
+//! Cancellation: a `process.cancel_requested` event, acted on by the owner or, when nobody
+//! runs the process, right away.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::worker::CANCEL_REQUESTED;
+use crate::error::ProcessResult;
+use crate::model::{
+    AppendRequest, ClaimOutcome, Completion, ProcessId, ProcessRecord, TerminalState,
+};
+use crate::registry::ProcessRegistry;
+
+/// Lease TTL of the short claim a canceller takes to complete an unowned process.
+const CANCELLER_TTL: Duration = Duration::from_secs(30);
+
+/// Requests cancellation of `id` on behalf of `pod`: appends `process.cancel_requested
+/// {reason, by}`, then, if no live lease is held (nobody runs it: pending, `external`, or its
+/// owner was lost), claims it and completes it as `cancelled` at once. Otherwise the owning
+/// pod sees the request, stops the run and completes it as `cancelled`. Returns the process
+/// as it is after the request. A terminal process is `ProcessTerminal` (nothing to cancel).
+pub async fn cancel_process(
+    registry: &dyn ProcessRegistry,
+    id: &ProcessId,
+    pod: &str,
+    reason: Value,
+) -> ProcessResult<ProcessRecord> {
+    let request = json!({"reason": reason, "by": pod});
+    registry
+        .append_event(
+            id,
+            AppendRequest::reserved(CANCEL_REQUESTED, request.clone()),
+        )
+        .await?;
+    match registry
+        .claim(id, &format!("canceller:{pod}"), CANCELLER_TTL)
+        .await
+    {
+        Ok(ClaimOutcome::Acquired(lease)) => {
+            let completion = Completion::new(TerminalState::Cancelled, json!({"request": request}))
+                .fenced(&lease);
+            return registry.complete_process(id, completion).await;
+        }
+        // Owned: the owner acts on the request. Ended meanwhile: nothing left to do.
+        Ok(ClaimOutcome::Busy { .. }) | Err(crate::ProcessError::ProcessTerminal { .. }) => {}
+        Err(err) => return Err(err),
+    }
+    registry
+        .get_process(id)
+        .await?
+        .ok_or_else(|| crate::ProcessError::NotFound(id.clone()))
+}
