@@ -7,6 +7,7 @@
 //! invariants; each item documents its contract.
 
 pub mod backoff;
+pub mod cli;
 pub mod error;
 pub mod http;
 pub mod local_pg;

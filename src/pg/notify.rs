@@ -28,10 +28,14 @@ const MAX_BATCH: usize = 1000;
 /// Counters of a [`PgNotifier`], readable at any time.
 #[derive(Debug, Default)]
 pub struct NotifierStats {
+    /// Notices accepted onto the channel.
+    pub enqueued: AtomicU64,
     /// Notices handed to Postgres.
     pub sent: AtomicU64,
     /// Notices dropped because the channel was full or a send failed.
     pub dropped: AtomicU64,
+    /// Of the dropped notices, those accepted onto the channel whose send then failed.
+    pub failed: AtomicU64,
     /// Round trips made.
     pub batches: AtomicU64,
 }
@@ -76,9 +80,27 @@ impl PgNotifier {
     }
 
     fn enqueue(&self, channel: &'static str, payload: String) {
-        if self.queue.try_send(Outgoing { channel, payload }).is_err() {
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        match self.queue.try_send(Outgoing { channel, payload }) {
+            Ok(()) => self.stats.enqueued.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.stats.dropped.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+
+    /// Waits (at most `timeout`) until every notice accepted so far has been sent or dropped;
+    /// used before a pod exits so that its last hints go out.
+    pub async fn flush(&self, timeout: Duration) {
+        let settled = |stats: &NotifierStats| {
+            let accepted = stats.enqueued.load(Ordering::Relaxed);
+            let done = stats.sent.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed);
+            done >= accepted
+        };
+        let _ = tokio::time::timeout(timeout, async {
+            let mut pause = Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
+            while !settled(&self.stats) {
+                tokio::time::sleep(pause.next_delay()).await;
+            }
+        })
+        .await;
     }
 }
 

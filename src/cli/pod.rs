@@ -1,0 +1,131 @@
+//! `proclog pod`: one pod, running processes and serving the API until SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::{CliResult, LogFormat, init_logging};
+use crate::http::{ApiState, DEFAULT_MAX_BODY_BYTES, router};
+use crate::pod::{Worker, WorkerConfig, demo_engines};
+use crate::pod_services::{PodServices, PodServicesOptions};
+
+/// How long the HTTP server may take to close its connections (open SSE streams included)
+/// after the worker has drained.
+const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct PodArgs {
+    /// Postgres URL of the shared database.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "PROCLOG_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// This pod's id (lease owner, event writer); default: host name and process id.
+    #[arg(long, env = "PROCLOG_POD_ID")]
+    pub pod_id: Option<String>,
+    /// Most processes run at once by this pod (0: serve the API only, run nothing).
+    #[arg(long, env = "PROCLOG_CONCURRENCY", default_value_t = 8)]
+    pub concurrency: usize,
+    /// Lease TTL in milliseconds; leases are renewed every third of it.
+    #[arg(long, env = "PROCLOG_LEASE_TTL_MS", default_value_t = 15_000)]
+    pub lease_ttl_ms: u64,
+    /// Safety poll for new work, in milliseconds (work hints usually arrive first).
+    #[arg(long, env = "PROCLOG_POLL_MS", default_value_t = 2_000)]
+    pub poll_ms: u64,
+    /// On SIGTERM, how long runs may finish before their leases are released, in ms.
+    #[arg(long, env = "PROCLOG_GRACE_MS", default_value_t = 10_000)]
+    pub grace_ms: u64,
+    /// Bearer token required on /v1 (none: open).
+    #[arg(long, env = "PROCLOG_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Largest event payload, process input or output, in bytes.
+    #[arg(long, env = "PROCLOG_MAX_PAYLOAD_BYTES", default_value_t = crate::validate::DEFAULT_MAX_PAYLOAD_BYTES)]
+    pub max_payload_bytes: usize,
+    /// Largest HTTP request body, in bytes.
+    #[arg(long, env = "PROCLOG_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// Connections in the pod's pool.
+    #[arg(long, env = "PROCLOG_POOL_SIZE", default_value_t = 16)]
+    pub pool_size: usize,
+    /// Log format.
+    #[arg(long, env = "PROCLOG_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+fn default_pod_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "pod".into());
+    format!("{host}-{}", std::process::id())
+}
+
+pub async fn run(args: PodArgs) -> CliResult {
+    init_logging(args.log_format);
+    let pod_id = args.pod_id.clone().unwrap_or_else(default_pod_id);
+    let pool = crate::pg::connect_pool(&args.database_url, 1)?;
+    let migrated = crate::pg::migrate(&pool).await?;
+    tracing::info!(pod = %pod_id, schema = migrated.version, "database ready");
+
+    let services = Arc::new(PodServices::start(
+        &args.database_url,
+        &pod_id,
+        PodServicesOptions {
+            pool_size: args.pool_size,
+            max_payload_bytes: args.max_payload_bytes,
+            ..PodServicesOptions::default()
+        },
+    )?);
+    let worker = (args.concurrency > 0).then(|| {
+        let config = WorkerConfig {
+            concurrency: args.concurrency,
+            lease_ttl: Duration::from_millis(args.lease_ttl_ms),
+            poll_interval: Duration::from_millis(args.poll_ms),
+            grace: Duration::from_millis(args.grace_ms),
+            ..WorkerConfig::new(pod_id.clone())
+        };
+        Worker::spawn(
+            Arc::clone(&services.registry),
+            Arc::clone(&services.hub),
+            demo_engines(),
+            config,
+            Arc::clone(&services.work),
+        )
+    });
+    let state = ApiState {
+        services: Arc::clone(&services),
+        worker: worker.as_ref().map(|w| Arc::clone(w.stats())),
+        token: args.api_token.as_deref().map(Arc::from),
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let address = listener.local_addr()?;
+    tracing::info!(pod = %pod_id, %address, "serving the API");
+
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        axum::serve(listener, router(state, args.max_body_bytes))
+            .with_graceful_shutdown(async {
+                let _ = http_stopped.await;
+            })
+            .into_future(),
+    );
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!(pod = %pod_id, "SIGTERM: draining"),
+        _ = interrupt.recv() => tracing::info!(pod = %pod_id, "SIGINT: draining"),
+    }
+    if let Some(worker) = worker {
+        worker.shutdown().await;
+        // Released processes can be taken over at once: tell the other pods.
+        services.notifier.work_available();
+        services.notifier.flush(Duration::from_secs(2)).await;
+    }
+    let _ = stop_http.send(());
+    let _ = tokio::time::timeout(HTTP_CLOSE_GRACE, server).await;
+    tracing::info!(pod = %pod_id, "stopped");
+    Ok(())
+}
