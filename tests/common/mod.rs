@@ -8,6 +8,8 @@
 
 use std::sync::{Arc, OnceLock};
 
+pub mod pods;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use proclog::local_pg::{LocalPostgres, LocalPostgresOptions};

@@ -1,0 +1,123 @@
+//! Real `proclog pod` processes for crash tests: spawned from the built binary, killed with
+//! real signals.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A `proclog pod` child process. Killed (SIGKILL) on drop if still running.
+pub struct PodProcess {
+    pub name: String,
+    pub url: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl PodProcess {
+    /// Starts pod `name` on `database_url` with extra `proclog pod` flags, and waits until it
+    /// is ready.
+    pub async fn start(database_url: &str, name: &str, flags: &[&str]) -> Self {
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!(
+            "proclog-test-{}-{name}-{port}.log",
+            std::process::id()
+        ));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_proclog"))
+            .arg("pod")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--pod-id", name])
+            .args(flags)
+            .env("DATABASE_URL", database_url)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn proclog pod");
+        let pod = Self {
+            name: name.to_owned(),
+            url: format!("http://127.0.0.1:{port}"),
+            child,
+            log,
+        };
+        pod.wait_ready().await;
+        pod
+    }
+
+    async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        for _ in 0..600 {
+            if let Ok(response) = client.get(format!("{}/readyz", self.url)).send().await
+                && response.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{} did not become ready:\n{}", self.name, self.log_text());
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends `signal` to the pod.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) of our own child.
+        assert_eq!(
+            unsafe { libc::kill(self.pid(), signal) },
+            0,
+            "kill {}",
+            self.name
+        );
+    }
+
+    /// Waits for the pod to exit and returns its status.
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for PodProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Polls `check` (an SQL scalar that becomes true) until it holds; panics after `limit`.
+pub async fn wait_for_sql(client: &tokio_postgres::Client, sql: &str, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let done: bool = client.query_one(sql, &[]).await.unwrap().get(0);
+        if done {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition never held within {limit:?}: {sql}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
