@@ -1,0 +1,742 @@
+//! CONTRACT §8: every endpoint, every error status, bad bodies, tokens, SSE.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::migrated_database_url;
+use proclog::http::{ApiState, router};
+use proclog::pod_services::{PodServices, PodServicesOptions};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+struct Server {
+    base: String,
+    client: reqwest::Client,
+    _services: Arc<PodServices>,
+}
+
+impl Server {
+    async fn start(url: &str, token: Option<&str>) -> Self {
+        Self::start_with(url, token, 64 * 1024).await
+    }
+
+    async fn start_with(url: &str, token: Option<&str>, max_body: usize) -> Self {
+        let services = Arc::new(
+            PodServices::start(
+                url,
+                "pod-http",
+                PodServicesOptions {
+                    max_payload_bytes: 1024,
+                    ..PodServicesOptions::default()
+                },
+            )
+            .unwrap(),
+        );
+        let state = ApiState {
+            services: Arc::clone(&services),
+            worker: None,
+            token: token.map(Arc::from),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(axum::serve(listener, router(state, max_body)).into_future());
+        Self {
+            base,
+            client: reqwest::Client::new(),
+            _services: services,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self.client.request(method, self.url(path));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn post_raw(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, Value) {
+        let mut request = self.client.post(self.url(path)).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+fn code(body: &Value) -> &str {
+    body["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error code in {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn process_lifecycle_over_http() {
+    let server = Server::start(&migrated_database_url().await, None).await;
+    let (status, record) = server
+        .post(
+            "/v1/processes",
+            json!({"id": "order-1", "kind": "steps", "input": {"n": 1}, "disposition": "external"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{record}");
+    assert_eq!(record["status"], json!("pending"));
+    let (status, again) = server
+        .post(
+            "/v1/processes",
+            json!({"id": "order-1", "kind": "steps", "input": {"n": 1}, "disposition": "external"}),
+        )
+        .await;
+    assert_eq!(
+        (status, &again),
+        (StatusCode::CREATED, &record),
+        "idempotent"
+    );
+    let (status, body) = server
+        .post(
+            "/v1/processes",
+            json!({"id": "order-1", "kind": "other", "disposition": "external"}),
+        )
+        .await;
+    assert_eq!((status, code(&body)), (StatusCode::CONFLICT, "conflict"));
+
+    let (status, got) = server.get("/v1/processes/order-1").await;
+    assert_eq!(
+        (status, got["kind"].clone()),
+        (StatusCode::OK, json!("steps"))
+    );
+
+    let (status, one) = server
+        .post(
+            "/v1/processes/order-1/events",
+            json!({"event_type": "paid", "payload": {"eur": 5}, "replay_key": "pay-1"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{one}");
+    assert_eq!(
+        (one["event"]["seq"].clone(), one["replayed"].clone()),
+        (json!(1), json!(false))
+    );
+    let (status, replay) = server
+        .post(
+            "/v1/processes/order-1/events",
+            json!({"event_type": "paid", "payload": {"eur": 5}, "replay_key": "pay-1"}),
+        )
+        .await;
+    assert_eq!(
+        (status, replay["replayed"].clone()),
+        (StatusCode::OK, json!(true))
+    );
+    let (status, body) = server
+        .post(
+            "/v1/processes/order-1/events",
+            json!({"event_type": "paid", "payload": {"eur": 6}, "replay_key": "pay-1"}),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::CONFLICT, "replay_conflict")
+    );
+    let (status, batch) = server
+        .post(
+            "/v1/processes/order-1/events",
+            json!({"events": [
+                {"event_type": "shipped", "payload": {}},
+                {"event_type": "delivered"}
+            ]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{batch}");
+    let seqs: Vec<i64> = batch["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["event"]["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs, [2, 3]);
+
+    let (status, events) = server
+        .get("/v1/processes/order-1/events?after=1&limit=1")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(events["events"].as_array().unwrap().len(), 1);
+    assert_eq!(events["events"][0]["event_type"], json!("shipped"));
+
+    let (status, ended) = server
+        .post(
+            "/v1/processes/order-1/complete",
+            json!({"state": "completed", "output": {"ok": true}}),
+        )
+        .await;
+    assert_eq!(
+        (status, ended["status"].clone()),
+        (StatusCode::OK, json!("completed"))
+    );
+    let (status, same) = server
+        .post(
+            "/v1/processes/order-1/complete",
+            json!({"state": "completed", "output": {"ok": true}}),
+        )
+        .await;
+    assert_eq!((status, same), (StatusCode::OK, ended));
+    let (status, body) = server
+        .post(
+            "/v1/processes/order-1/complete",
+            json!({"state": "failed", "output": null}),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::CONFLICT, "already_terminal")
+    );
+    let (status, body) = server
+        .post(
+            "/v1/processes/order-1/events",
+            json!({"event_type": "late"}),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::CONFLICT, "process_terminal")
+    );
+
+    let (status, terminal) = server
+        .get("/v1/processes/order-1/await?timeout_ms=1000")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (terminal["state"].clone(), terminal["seq"].clone()),
+        (json!("completed"), json!(4))
+    );
+    let (status, body) = server.post("/v1/processes/order-1/cancel", json!({})).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::CONFLICT, "process_terminal")
+    );
+
+    let (status, page) = server
+        .get("/v1/processes?status=completed&kind=steps")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["processes"].as_array().unwrap().len(), 1);
+    assert_eq!(page["next_cursor"], Value::Null);
+
+    let (status, pruned) = server
+        .post("/v1/prune", json!({"older_than_secs": 0}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{pruned}");
+    assert_eq!(pruned["pruned"], json!({"processes": 1, "events": 4}));
+    let (status, body) = server.get("/v1/processes/order-1").await;
+    assert_eq!((status, code(&body)), (StatusCode::NOT_FOUND, "not_found"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn listing_pages_with_a_cursor() {
+    let server = Server::start(&migrated_database_url().await, None).await;
+    for n in 0..5 {
+        let (status, _) = server
+            .post(
+                "/v1/processes",
+                json!({"id": format!("p{n}"), "kind": "k", "disposition": "external"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let mut seen = Vec::new();
+    let mut path = "/v1/processes?limit=2".to_owned();
+    loop {
+        let (status, page) = server.get(&path).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        seen.extend(
+            page["processes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(cursor) => {
+                path = format!("/v1/processes?limit=2&cursor={}", urlencode(cursor));
+            }
+            None => break,
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["p0", "p1", "p2", "p3", "p4"]);
+}
+
+fn urlencode(raw: &str) -> String {
+    raw.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_get_clear_errors_and_write_nothing() {
+    let server = Server::start(&migrated_database_url().await, None).await;
+    let (status, _) = server
+        .post(
+            "/v1/processes",
+            json!({"id": "p", "kind": "k", "disposition": "external"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let cases: Vec<(&str, Value, StatusCode, &str)> = vec![
+        (
+            "/v1/processes",
+            json!({"kind": "has space"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            "/v1/processes",
+            json!({"kind": 42}),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            "/v1/processes",
+            json!({"input": {}}),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            "/v1/processes",
+            json!({"id": "bad id!", "kind": "k"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            "/v1/processes",
+            json!({"kind": "k", "disposition": "sometimes"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            "/v1/processes",
+            json!({"kind": "k", "input": "x".repeat(2000)}),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            "/v1/processes/p/events",
+            json!({"event_type": "process.started"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            "/v1/processes/p/events",
+            json!({"event_type": 7}),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            "/v1/processes/p/events",
+            json!({"events": []}),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            "/v1/processes/p/events",
+            json!({"event_type": "x", "payload": "y".repeat(2000)}),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            "/v1/processes/missing/events",
+            json!({"event_type": "x"}),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "/v1/processes/bad%20id/events",
+            json!({"event_type": "x"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            "/v1/processes/p/complete",
+            json!({"state": "done"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            "/v1/processes/missing/complete",
+            json!({"state": "completed"}),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "/v1/processes/missing/cancel",
+            json!({}),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "/v1/prune",
+            json!({}),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            "/v1/prune",
+            json!({"older_than_secs": 1, "before": "2020-01-01T00:00:00Z"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+    ];
+    for (path, body, expected_status, expected_code) in cases {
+        let (status, answer) = server.post(path, body.clone()).await;
+        assert_eq!(
+            (status, code(&answer)),
+            (expected_status, expected_code),
+            "POST {path} {body}"
+        );
+    }
+    let gets = [
+        ("/v1/processes/missing", StatusCode::NOT_FOUND, "not_found"),
+        (
+            "/v1/processes/bad%20id",
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            "/v1/processes?status=sleeping",
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            "/v1/processes?limit=0",
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            "/v1/processes?cursor=garbage",
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            "/v1/processes/p/events?after=-1",
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            "/v1/processes/p/events?limit=abc",
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            "/v1/processes/missing/events",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "/v1/processes/missing/stream",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "/v1/processes/missing/await?timeout_ms=10",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "/v1/processes/p/await?timeout_ms=10",
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+        ),
+        (
+            "/v1/processes/p/await?timeout_ms=999999999",
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        ("/v2/nothing", StatusCode::NOT_FOUND, "no_route"),
+    ];
+    for (path, expected_status, expected_code) in gets {
+        let (status, answer) = server.get(path).await;
+        assert_eq!(
+            (status, code(&answer)),
+            (expected_status, expected_code),
+            "GET {path}"
+        );
+    }
+    let (status, answer) = server
+        .post_raw("/v1/processes", Some("application/json"), "{not json")
+        .await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::BAD_REQUEST, "invalid_json")
+    );
+    let (status, answer) = server
+        .post_raw("/v1/processes", None, r#"{"kind":"k"}"#)
+        .await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+    );
+    let (status, answer) = server
+        .post_raw("/v1/processes/p/cancel", Some("application/json"), "{oops")
+        .await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::BAD_REQUEST, "invalid_json")
+    );
+    // Over the body limit (64 KiB here): refused before being read whole.
+    let huge = format!(r#"{{"kind":"k","input":"{}"}}"#, "x".repeat(200 * 1024));
+    let (status, answer) = server
+        .post_raw("/v1/processes", Some("application/json"), huge)
+        .await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+
+    // Nothing was written by any refused request.
+    let (_, events) = server.get("/v1/processes/p/events").await;
+    assert_eq!(events["events"], json!([]));
+    let (_, page) = server.get("/v1/processes").await;
+    assert_eq!(page["processes"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_over_http_ends_a_process_nobody_runs() {
+    let server = Server::start(&migrated_database_url().await, None).await;
+    server
+        .post(
+            "/v1/processes",
+            json!({"id": "c", "kind": "k", "disposition": "external"}),
+        )
+        .await;
+    let (status, record) = server
+        .post(
+            "/v1/processes/c/cancel",
+            json!({"reason": "no longer needed"}),
+        )
+        .await;
+    assert_eq!(
+        (status, record["status"].clone()),
+        (StatusCode::OK, json!("cancelled"))
+    );
+    server
+        .post(
+            "/v1/processes",
+            json!({"id": "d", "kind": "k", "disposition": "external"}),
+        )
+        .await;
+    let (status, record) = server.post_raw("/v1/processes/d/cancel", None, "").await;
+    assert_eq!(
+        (status, record["status"].clone()),
+        (StatusCode::OK, json!("cancelled"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sse_stream_delivers_every_event_then_ends() {
+    let server = Server::start(&migrated_database_url().await, None).await;
+    server
+        .post(
+            "/v1/processes",
+            json!({"id": "s", "kind": "k", "disposition": "external"}),
+        )
+        .await;
+    server
+        .post("/v1/processes/s/events", json!({"event_type": "before"}))
+        .await;
+    let response = server
+        .client
+        .get(server.url("/v1/processes/s/stream"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let reader = tokio::spawn(response.text()); // completes only when the stream ends
+    for n in 0..20 {
+        let (status, _) = server
+            .post(
+                "/v1/processes/s/events",
+                json!({"event_type": "tick", "payload": n}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    server
+        .post(
+            "/v1/processes/s/complete",
+            json!({"state": "completed", "output": "fin"}),
+        )
+        .await;
+    let body = reader.await.unwrap().unwrap();
+    let ids: Vec<i64> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(ids, (1..=22).collect::<Vec<_>>());
+    let data: Vec<Value> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|v| serde_json::from_str(v).unwrap())
+        .collect();
+    assert_eq!(
+        data.last().unwrap()["event_type"],
+        json!("process.completed")
+    );
+    assert!(body.contains("event: tick"));
+
+    // Resuming with Last-Event-ID gives the rest only.
+    let rest = server
+        .client
+        .get(server.url("/v1/processes/s/stream"))
+        .header("Last-Event-ID", "20")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = rest
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
+    assert_eq!(ids, ["21", "22"]);
+    let bad = server
+        .client
+        .get(server.url("/v1/processes/s/stream"))
+        .header("Last-Event-ID", "x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bearer_token_guards_v1_only() {
+    let server = Server::start(&migrated_database_url().await, Some("s3cret")).await;
+    let (status, body) = server.get("/v1/processes").await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
+    let wrong = server
+        .client
+        .get(server.url("/v1/processes"))
+        .bearer_auth("guess")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(wrong.headers()["www-authenticate"], "Bearer");
+    let right = server
+        .client
+        .get(server.url("/v1/processes"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status(), StatusCode::OK);
+    let (status, _) = server.get("/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = server.get("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_readiness_and_metrics() {
+    let server = Server::start(&migrated_database_url().await, None).await;
+    server._services.listener_ready().await;
+    let (status, health) = server.get("/healthz").await;
+    assert_eq!((status, health), (StatusCode::OK, json!({"status": "ok"})));
+    let (status, ready) = server.get("/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    assert_eq!(ready["ready"], json!(true));
+    server
+        .post(
+            "/v1/processes",
+            json!({"id": "m", "kind": "k", "disposition": "external"}),
+        )
+        .await;
+    server
+        .post("/v1/processes/m/events", json!({"event_type": "x"}))
+        .await;
+    let metrics = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "proclog_appended_events_total 1",
+        "proclog_notices_sent_total",
+        "proclog_notices_dropped_total",
+        "proclog_listener_reconnects_total",
+        "proclog_listener_up 1",
+        "proclog_await_waiters 0",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreachable_database_is_503() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = Server::start(&format!("postgres://proclog@127.0.0.1:{port}/none"), None).await;
+    let (status, body) = server.get("/v1/processes/x").await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    );
+    let (status, body) = server.post("/v1/processes", json!({"kind": "k"})).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    );
+    let (status, ready) = server.get("/readyz").await;
+    assert_eq!(
+        (status, ready["ready"].clone()),
+        (StatusCode::SERVICE_UNAVAILABLE, json!(false))
+    );
+}
