@@ -9,3 +9,8 @@ COMMENT ON COLUMN proclog.processes.attempts IS 'runs started by pods (the attem
 -- FOR UPDATE SKIP LOCKED.
 CREATE INDEX processes_runnable ON proclog.processes (created_at, process_id)
     WHERE terminal_state IS NULL AND disposition <> 'external';
+
+-- Leases of runnable processes by expiry: pods sleep until the next one may lapse, so the work
+-- of a dead pod is taken over as soon as its leases expire.
+CREATE INDEX processes_lease_expiry ON proclog.processes (lease_expires_at)
+    WHERE terminal_state IS NULL AND disposition <> 'external' AND lease_expires_at IS NOT NULL;

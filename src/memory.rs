@@ -499,6 +499,21 @@ impl ProcessRegistry for InMemoryProcessRegistry {
             .collect())
     }
 
+    async fn next_lease_expiry(&self) -> ProcessResult<Option<Duration>> {
+        let at = now();
+        Ok(self
+            .lock()
+            .values()
+            .filter(|entry| {
+                entry.record.terminal.is_none()
+                    && entry.record.disposition != crate::Disposition::External
+                    && entry.lease_is_live(at)
+            })
+            .filter_map(|entry| entry.record.lease.as_ref().map(|lease| lease.expires_at))
+            .min()
+            .map(|expires_at| (expires_at - at).to_std().unwrap_or_default()))
+    }
+
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {
         let mut report = PruneReport::default();
         self.lock().retain(|_, entry| {

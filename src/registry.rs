@@ -122,6 +122,11 @@ pub trait ProcessRegistry: Send + Sync {
         limit: u32,
     ) -> ProcessResult<Vec<RunnableClaim>>;
 
+    /// How long until the earliest live lease of a runnable process (non-terminal, not
+    /// `external`) expires, on the database clock; `None` when no such lease exists. Pods
+    /// sleep until then, so the work of a dead pod is taken over as soon as it may be.
+    async fn next_lease_expiry(&self) -> ProcessResult<Option<Duration>>;
+
     /// Deletes terminal processes completed before `cutoff`, with their events and leases.
     /// Never touches a non-terminal process. Idempotent.
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport>;

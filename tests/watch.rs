@@ -572,6 +572,9 @@ impl ProcessRegistry for CountingRegistry {
     ) -> proclog::ProcessResult<Vec<proclog::RunnableClaim>> {
         self.inner.claim_runnable(owner, ttl, limit).await
     }
+    async fn next_lease_expiry(&self) -> proclog::ProcessResult<Option<Duration>> {
+        self.inner.next_lease_expiry().await
+    }
     async fn prune_terminal_processes(
         &self,
         cutoff: chrono::DateTime<chrono::Utc>,

@@ -477,6 +477,20 @@ impl ProcessRegistry for PgProcessRegistry {
         Ok(claims)
     }
 
+    async fn next_lease_expiry(&self) -> ProcessResult<Option<Duration>> {
+        let rows = self
+            .query(
+                "SELECT (extract(epoch FROM min(lease_expires_at) - now()) * 1000)::bigint
+                   FROM proclog.processes
+                  WHERE terminal_state IS NULL AND disposition <> 'external'
+                    AND lease_expires_at IS NOT NULL AND lease_expires_at > now()",
+                &[],
+            )
+            .await?;
+        let millis: Option<i64> = rows.first().and_then(|row| row.get(0));
+        Ok(millis.map(|ms| Duration::from_millis(ms.max(0) as u64)))
+    }
+
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {
         // Events go with their process (ON DELETE CASCADE); a log is dense from 1, so a
         // process's event count is its last_seq.

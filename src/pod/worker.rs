@@ -38,6 +38,9 @@ pub const CANCEL_REQUESTED: &str = "process.cancel_requested";
 /// The reserved type written when a run starts.
 pub const STARTED: &str = "process.started";
 
+/// Slack after a lease's expiry before claiming it, for clock granularity.
+const LEASE_EXPIRY_MARGIN: Duration = Duration::from_millis(20);
+
 /// Settings of a [`Worker`].
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -167,6 +170,9 @@ async fn claim_loop(shared: Arc<Shared>, work: Arc<Notify>, stop: CancellationTo
                     if claimed_all {
                         // There may be more; claim again as soon as a slot frees up.
                         pause = Duration::ZERO;
+                    } else if let Ok(Some(expiry)) = shared.registry.next_lease_expiry().await {
+                        // Wake when the next lease may lapse (its owner may be dead).
+                        pause = pause.min(expiry + LEASE_EXPIRY_MARGIN);
                     }
                 }
                 Err(err) => {

@@ -160,6 +160,10 @@ impl<R: ProcessRegistry> ProcessRegistry for WatchedProcessRegistry<R> {
         self.inner.claim_runnable(owner, ttl, limit).await
     }
 
+    async fn next_lease_expiry(&self) -> ProcessResult<Option<Duration>> {
+        self.inner.next_lease_expiry().await
+    }
+
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {
         self.inner.prune_terminal_processes(cutoff).await
     }

@@ -92,6 +92,7 @@ conformance! {
     runnable::concurrent_pods_claim_each_process_once,
     runnable::claim_runnable_refuses_bad_arguments,
     runnable::terminal_states_reads_many_processes_at_once,
+    runnable::next_lease_expiry_reports_the_earliest_live_lease,
     concurrency::three_pods_append_to_one_process_without_gaps,
     concurrency::three_pods_append_to_500_processes_without_gaps,
     concurrency::concurrent_retries_of_one_key_write_one_event,
