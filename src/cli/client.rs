@@ -1,5 +1,7 @@
 //! Client commands: talk to a pod's HTTP API and print JSON.
 
+use std::io::Write;
+
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -113,7 +115,7 @@ async fn send(request: reqwest::RequestBuilder) -> CliResult {
     let status = response.status();
     let body: Value = response.json().await.unwrap_or(Value::Null);
     if status.is_success() {
-        println!("{}", serde_json::to_string_pretty(&body)?);
+        print_line(&serde_json::to_string_pretty(&body)?);
         Ok(())
     } else {
         Err(format!("{status}: {body}").into())
@@ -200,9 +202,15 @@ pub async fn tail(args: TailArgs) -> CliResult {
         while let Some(end) = buffer.find('\n') {
             let line: String = buffer.drain(..=end).collect();
             if let Some(data) = line.trim_end().strip_prefix("data:") {
-                println!("{}", data.trim_start());
+                print_line(data.trim_start());
             }
         }
     }
     Ok(())
+}
+
+/// Prints a line; a closed pipe (`proclog tail ... | head`) is not an error.
+fn print_line(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }

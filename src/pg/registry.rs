@@ -32,6 +32,27 @@ pub struct PgProcessRegistry {
     config: RegistryConfig,
 }
 
+/// Appends unkeyed events in one statement: the per-process counter is bumped under the
+/// process row's lock (only if the process is not terminal and the fence, if any, is the live
+/// lease), and the events are inserted at the seqs it yields. Returns nothing when refused.
+const APPEND_UNKEYED: &str = "
+    WITH p AS (
+        UPDATE proclog.processes
+           SET last_seq = last_seq + cardinality($4::text[]),
+               status = CASE WHEN status = 'pending' THEN 'running' ELSE status END,
+               updated_at = now()
+         WHERE process_id = $1
+           AND terminal_state IS NULL
+           AND ($3::uuid IS NULL OR (lease_token = $3 AND lease_expires_at > now()))
+        RETURNING last_seq, lease_generation)
+    INSERT INTO proclog.events
+           (process_id, seq, event_type, payload, writer, lease_generation)
+    SELECT $1, p.last_seq - cardinality($4::text[]) + r.ord, r.t, r.p, $2,
+           CASE WHEN $3::uuid IS NULL THEN NULL ELSE p.lease_generation END
+      FROM p, unnest($4::text[], $5::jsonb[]) WITH ORDINALITY AS r(t, p, ord)
+    RETURNING seq, event_type, payload, replay_key, occurred_at, writer, lease_generation,
+              false";
+
 fn ttl_millis(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_millis()).expect("validated ttl fits")
 }
@@ -242,30 +263,61 @@ impl ProcessRegistry for PgProcessRegistry {
             .then(|| requests.iter().map(|r| r.replay_key.as_deref()).collect());
         let types: Vec<&str> = requests.iter().map(|r| r.event_type.as_str()).collect();
         let payloads: Vec<JsonText> = payloads.into_iter().map(JsonText).collect();
-        let rows = self
-            .run(
-                "SELECT seq, event_type, payload, replay_key, occurred_at, writer,
-                        lease_generation, replayed
-                   FROM proclog.append_events($1, $2, $3, $4, $5, $6)",
-                &[
-                    &id.as_str(),
-                    &self.config.writer,
-                    &token,
-                    &types,
-                    &payloads,
-                    &keys,
-                ],
-                |err| write_error(id, err),
-            )
-            .await?;
-        rows.iter()
+        let keyed = keys.is_some();
+        let rows = match keys {
+            // The common case: one plain SQL statement. When it writes nothing, a second,
+            // diagnostic round trip says why (not found, terminal, lease lost).
+            None => {
+                let rows = self
+                    .query(
+                        APPEND_UNKEYED,
+                        &[&id.as_str(), &self.config.writer, &token, &types, &payloads],
+                    )
+                    .await?;
+                if rows.is_empty() {
+                    self.run("SELECT proclog.refuse_write($1)", &[&id.as_str()], |err| {
+                        write_error(id, err)
+                    })
+                    .await?;
+                    return Err(ProcessError::Database(format!(
+                        "append to {id} wrote nothing and no reason was found"
+                    )));
+                }
+                rows
+            }
+            // Replay keys are decided under the process row lock by the schema's function.
+            Some(keys) => {
+                self.run(
+                    "SELECT seq, event_type, payload, replay_key, occurred_at, writer,
+                            lease_generation, replayed
+                       FROM proclog.append_events($1, $2, $3, $4, $5, $6)",
+                    &[
+                        &id.as_str(),
+                        &self.config.writer,
+                        &token,
+                        &types,
+                        &payloads,
+                        &keys,
+                    ],
+                    |err| write_error(id, err),
+                )
+                .await?
+            }
+        };
+        let mut outcomes = rows
+            .iter()
             .map(|row| {
                 Ok(AppendOutcome {
                     event: event_from_row(id, row)?,
                     replayed: row.try_get(7).map_err(db_error)?,
                 })
             })
-            .collect()
+            .collect::<ProcessResult<Vec<_>>>()?;
+        if !keyed {
+            // New events in seq order (replays come back in request order).
+            outcomes.sort_by_key(|outcome| outcome.event.seq);
+        }
+        Ok(outcomes)
     }
 
     async fn events_after(

@@ -3,9 +3,10 @@
 //!
 //! All waiters of one driver share one poller: each poll round is one `terminal_states` query
 //! for every pending id. Rounds follow a backoff (25 ms floor, doubling, 1 s cap) that local hub
-//! ticks of a pending process reset; a tick (a local completion, or a hint from another pod via
-//! the listener) triggers a read at once, but never more often than once per floor interval.
-//! A hint is never trusted: only the column decides.
+//! ticks of a pending process reset. A tick (a local completion, or a hint from another pod via
+//! the listener) or a new waiter triggers a round at once, but rounds are never closer than
+//! [`EARLY_ROUND_GAP`], so a storm of ticks costs at most 200 queries per second for all the
+//! driver's waiters together. A hint is never trusted: only the column decides.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,6 +25,8 @@ use crate::registry::ProcessRegistry;
 pub const POLL_FLOOR: Duration = Duration::from_millis(25);
 /// Longest interval between two poll rounds.
 pub const POLL_CAP: Duration = Duration::from_secs(1);
+/// Shortest interval between two rounds, for rounds brought forward by ticks or new waiters.
+pub const EARLY_ROUND_GAP: Duration = Duration::from_millis(5);
 
 /// Why `await_terminal` returned without a terminal state.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -149,7 +152,7 @@ impl Poller {
             }
             // Wait for the backoff delay, or less if something may have changed.
             let mut deadline = round_at + backoff.next_delay();
-            let soon = round_at + POLL_FLOOR;
+            let soon = round_at + EARLY_ROUND_GAP;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(deadline) => break,

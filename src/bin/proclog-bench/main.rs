@@ -1,0 +1,123 @@
+//! `proclog-bench`: proclog against the cheapest correct raw SQL for the same work, on the
+//! same Postgres, in one run. Prints one Markdown table; `--json FILE` writes the same rows.
+//!
+//! ```text
+//! cargo run --release --bin proclog-bench -- --quick
+//! cargo run --release --bin proclog-bench -- --full --json bench.json
+//! ```
+//!
+//! Speed is measured here, never asserted: every figure is a ratio to a baseline measured in
+//! the same run, since absolute numbers on a shared machine drift.
+
+mod baseline;
+mod report;
+mod workloads;
+
+use std::time::Duration;
+
+use clap::Parser;
+use proclog::local_pg::{LocalPostgres, LocalPostgresOptions};
+
+use report::Row;
+
+/// Benchmarks proclog against raw SQL on the same Postgres.
+#[derive(Parser, Debug)]
+#[command(name = "proclog-bench")]
+struct Args {
+    /// Short runs (a smoke check that every workload works).
+    #[arg(long, conflicts_with = "full")]
+    quick: bool,
+    /// Long runs, for BENCHMARKS.md.
+    #[arg(long)]
+    full: bool,
+    /// Also write the rows as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Use this database (it is migrated; bench tables are created in it) instead of a
+    /// throwaway cluster.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// Only run workloads whose name contains this.
+    #[arg(long)]
+    only: Option<String>,
+}
+
+/// How long each measurement runs, and the kill-recovery TTL.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub measure: Duration,
+    pub warmup: Duration,
+    pub waiters: usize,
+    pub lease_ttl: Duration,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let args = Args::parse();
+    let plan = if args.full {
+        Plan {
+            measure: Duration::from_secs(5),
+            warmup: Duration::from_secs(1),
+            waiters: 10_000,
+            lease_ttl: Duration::from_secs(15),
+        }
+    } else {
+        Plan {
+            measure: Duration::from_millis(600),
+            warmup: Duration::from_millis(200),
+            waiters: 1_000,
+            lease_ttl: Duration::from_secs(2),
+        }
+    };
+    let local;
+    let url = match &args.database_url {
+        Some(url) => url.clone(),
+        None => {
+            eprintln!("starting a throwaway Postgres (fsync on) ...");
+            local = tokio::task::spawn_blocking(|| {
+                LocalPostgres::start(&LocalPostgresOptions {
+                    durable: true,
+                    settings: vec![("max_connections".into(), "400".into())],
+                })
+            })
+            .await??;
+            local.url("postgres")
+        }
+    };
+    let pool = proclog::pg::connect_pool(&url, 1)?;
+    proclog::pg::migrate(&pool).await?;
+
+    let mut rows: Vec<Row> = Vec::new();
+    let selected = |name: &str| args.only.as_deref().is_none_or(|only| name.contains(only));
+    if selected("append") {
+        rows.extend(workloads::single_appends(&url, plan).await?);
+    }
+    if selected("hot") {
+        rows.extend(workloads::hot_process(&url, plan).await?);
+    }
+    if selected("batch") {
+        rows.extend(workloads::batches(&url, plan).await?);
+    }
+    if selected("events_after") {
+        rows.extend(workloads::reads(&url, plan).await?);
+    }
+    if selected("notice") {
+        rows.extend(workloads::notice_latency(&url, plan).await?);
+    }
+    if selected("await") {
+        rows.extend(workloads::await_wake(&url, plan).await?);
+    }
+    if selected("http") {
+        rows.extend(workloads::http_appends(&url, plan).await?);
+    }
+    if selected("kill") {
+        rows.extend(workloads::kill_recovery(&url, plan).await?);
+    }
+
+    println!("{}", report::markdown(&rows));
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
