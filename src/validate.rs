@@ -131,7 +131,23 @@ pub fn payload_bytes(value: &Value, limit: usize) -> Result<Vec<u8>, ProcessErro
             limit,
         });
     }
+    // Postgres jsonb cannot store U+0000; the escape only appears in the text if some string
+    // may hold one, so the walk is rare.
+    if bytes.windows(6).any(|w| w == b"\\u0000") && holds_nul(value) {
+        return Err(invalid(
+            "payload contains the character U+0000, which cannot be stored".into(),
+        ));
+    }
     Ok(bytes)
+}
+
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
 }
 
 /// A registration's kind and input size.

@@ -132,6 +132,16 @@ async fn send_batches(
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while pending.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // Let appenders that are about to emit do so, so that one round trip carries them too.
+        tokio::task::yield_now().await;
+        if batch.len() < MAX_BATCH {
+            while let Ok(more) = pending.try_recv() {
+                batch.push(more);
+                if batch.len() == MAX_BATCH {
+                    break;
+                }
+            }
+        }
         let channels: Vec<&str> = batch.iter().map(|o| o.channel).collect();
         let payloads: Vec<&str> = batch.iter().map(|o| o.payload.as_str()).collect();
         match send(&pool, &channels, &payloads).await {
@@ -157,8 +167,12 @@ async fn send(pool: &Pool, channels: &[&str], payloads: &[&str]) -> Result<(), S
     let client = pool.get().await.map_err(|e| e.to_string())?;
     let statement = client
         .prepare_cached(
-            "SELECT pg_notify(n.channel, n.payload)
-               FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS n(channel, payload, ord)
+            // A NOTIFY transaction writes a commit record; notices are hints, so it need not
+            // wait for the WAL flush (synchronous_commit off for this transaction only).
+            "WITH local AS (SELECT set_config('synchronous_commit', 'off', true))
+             SELECT pg_notify(n.channel, n.payload)
+               FROM local,
+                    unnest($1::text[], $2::text[]) WITH ORDINALITY AS n(channel, payload, ord)
               ORDER BY n.ord",
         )
         .await

@@ -50,8 +50,7 @@ const APPEND_UNKEYED: &str = "
     SELECT $1, p.last_seq - cardinality($4::text[]) + r.ord, r.t, r.p, $2,
            CASE WHEN $3::uuid IS NULL THEN NULL ELSE p.lease_generation END
       FROM p, unnest($4::text[], $5::jsonb[]) WITH ORDINALITY AS r(t, p, ord)
-    RETURNING seq, event_type, payload, replay_key, occurred_at, writer, lease_generation,
-              false";
+    RETURNING seq, occurred_at, lease_generation";
 
 fn ttl_millis(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_millis()).expect("validated ttl fits")
@@ -97,6 +96,93 @@ impl PgProcessRegistry {
         params: &[&(dyn ToSql + Sync)],
     ) -> ProcessResult<Vec<tokio_postgres::Row>> {
         self.run(sql, params, db_error).await
+    }
+
+    /// The common case: one plain SQL statement. It returns only what the database decided
+    /// (seq, time, generation); the events are rebuilt from the requests. When it writes
+    /// nothing, a second, diagnostic round trip says why (not found, terminal, lease lost).
+    async fn append_unkeyed(
+        &self,
+        id: &ProcessId,
+        requests: Vec<AppendRequest>,
+        payloads: &[JsonText],
+    ) -> ProcessResult<Vec<AppendOutcome>> {
+        let token = requests[0].fence.map(|fence| fence.token);
+        let types: Vec<&str> = requests.iter().map(|r| r.event_type.as_str()).collect();
+        let mut rows = self
+            .query(
+                APPEND_UNKEYED,
+                &[&id.as_str(), &self.config.writer, &token, &types, &payloads],
+            )
+            .await?;
+        if rows.len() != requests.len() {
+            self.run("SELECT proclog.refuse_write($1)", &[&id.as_str()], |err| {
+                write_error(id, err)
+            })
+            .await?;
+            return Err(ProcessError::Database(format!(
+                "append to {id} wrote {} of {} events and no reason was found",
+                rows.len(),
+                requests.len()
+            )));
+        }
+        rows.sort_by_key(|row| row.get::<_, i64>(0));
+        requests
+            .into_iter()
+            .zip(&rows)
+            .map(|(request, row)| {
+                Ok(AppendOutcome {
+                    event: ProcessEvent {
+                        process_id: id.clone(),
+                        seq: row.try_get(0).map_err(db_error)?,
+                        event_type: request.event_type,
+                        payload: request.payload,
+                        replay_key: None,
+                        occurred_at: row.try_get(1).map_err(db_error)?,
+                        writer: self.config.writer.clone(),
+                        lease_generation: row.try_get(2).map_err(db_error)?,
+                    },
+                    replayed: false,
+                })
+            })
+            .collect()
+    }
+
+    /// Batches with replay keys are decided under the process row lock by the schema's
+    /// `proclog.append_events` function; replays come back in request order.
+    async fn append_keyed(
+        &self,
+        id: &ProcessId,
+        requests: &[AppendRequest],
+        payloads: &[JsonText],
+    ) -> ProcessResult<Vec<AppendOutcome>> {
+        let token = requests[0].fence.map(|fence| fence.token);
+        let types: Vec<&str> = requests.iter().map(|r| r.event_type.as_str()).collect();
+        let keys: Vec<Option<&str>> = requests.iter().map(|r| r.replay_key.as_deref()).collect();
+        let rows = self
+            .run(
+                "SELECT seq, event_type, payload, replay_key, occurred_at, writer,
+                        lease_generation, replayed
+                   FROM proclog.append_events($1, $2, $3, $4, $5, $6)",
+                &[
+                    &id.as_str(),
+                    &self.config.writer,
+                    &token,
+                    &types,
+                    &payloads,
+                    &keys,
+                ],
+                |err| write_error(id, err),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AppendOutcome {
+                    event: event_from_row(id, row)?,
+                    replayed: row.try_get(7).map_err(db_error)?,
+                })
+            })
+            .collect()
     }
 
     async fn exists(&self, id: &ProcessId) -> ProcessResult<bool> {
@@ -256,68 +342,12 @@ impl ProcessRegistry for PgProcessRegistry {
         requests: Vec<AppendRequest>,
     ) -> ProcessResult<Vec<AppendOutcome>> {
         let payloads = validate::append_batch(&requests, self.config.max_payload_bytes)?;
-        let token = requests[0].fence.map(|fence| fence.token);
-        let keys: Option<Vec<Option<&str>>> = requests
-            .iter()
-            .any(|r| r.replay_key.is_some())
-            .then(|| requests.iter().map(|r| r.replay_key.as_deref()).collect());
-        let types: Vec<&str> = requests.iter().map(|r| r.event_type.as_str()).collect();
         let payloads: Vec<JsonText> = payloads.into_iter().map(JsonText).collect();
-        let keyed = keys.is_some();
-        let rows = match keys {
-            // The common case: one plain SQL statement. When it writes nothing, a second,
-            // diagnostic round trip says why (not found, terminal, lease lost).
-            None => {
-                let rows = self
-                    .query(
-                        APPEND_UNKEYED,
-                        &[&id.as_str(), &self.config.writer, &token, &types, &payloads],
-                    )
-                    .await?;
-                if rows.is_empty() {
-                    self.run("SELECT proclog.refuse_write($1)", &[&id.as_str()], |err| {
-                        write_error(id, err)
-                    })
-                    .await?;
-                    return Err(ProcessError::Database(format!(
-                        "append to {id} wrote nothing and no reason was found"
-                    )));
-                }
-                rows
-            }
-            // Replay keys are decided under the process row lock by the schema's function.
-            Some(keys) => {
-                self.run(
-                    "SELECT seq, event_type, payload, replay_key, occurred_at, writer,
-                            lease_generation, replayed
-                       FROM proclog.append_events($1, $2, $3, $4, $5, $6)",
-                    &[
-                        &id.as_str(),
-                        &self.config.writer,
-                        &token,
-                        &types,
-                        &payloads,
-                        &keys,
-                    ],
-                    |err| write_error(id, err),
-                )
-                .await?
-            }
-        };
-        let mut outcomes = rows
-            .iter()
-            .map(|row| {
-                Ok(AppendOutcome {
-                    event: event_from_row(id, row)?,
-                    replayed: row.try_get(7).map_err(db_error)?,
-                })
-            })
-            .collect::<ProcessResult<Vec<_>>>()?;
-        if !keyed {
-            // New events in seq order (replays come back in request order).
-            outcomes.sort_by_key(|outcome| outcome.event.seq);
+        if requests.iter().any(|r| r.replay_key.is_some()) {
+            self.append_keyed(id, &requests, &payloads).await
+        } else {
+            self.append_unkeyed(id, requests, &payloads).await
         }
-        Ok(outcomes)
     }
 
     async fn events_after(

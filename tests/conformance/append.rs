@@ -534,3 +534,47 @@ pub async fn stale_and_expired_leases_cannot_append(store: &dyn Store) {
     );
     assert_eq!(log(&*registry, &process.id).await.len(), 1);
 }
+
+pub async fn payloads_that_postgres_cannot_store_are_invalid(store: &dyn Store) {
+    let registry = store.pod("pod-a").await;
+    let process = new_process(&*registry).await;
+    for payload in [
+        json!("nul\u{0}inside"),
+        json!({"nested": ["ok", {"k": "\u{0}"}]}),
+        json!({"key\u{0}": 1}),
+    ] {
+        let result = registry
+            .append_event(&process.id, event("x", payload.clone()))
+            .await;
+        assert!(
+            matches!(result, Err(ProcessError::InvalidInput(_))),
+            "{payload}: {result:?}"
+        );
+    }
+    let result = registry
+        .register_process(proclog::ProcessRegistration::new("demo", json!("\u{0}")))
+        .await;
+    assert!(
+        matches!(result, Err(ProcessError::InvalidInput(_))),
+        "{result:?}"
+    );
+    let result = registry
+        .complete_process(
+            &process.id,
+            Completion::new(TerminalState::Completed, json!("\u{0}")),
+        )
+        .await;
+    assert!(
+        matches!(result, Err(ProcessError::InvalidInput(_))),
+        "{result:?}"
+    );
+    assert!(log(&*registry, &process.id).await.is_empty());
+    // A literal backslash followed by "u0000" is ordinary text.
+    let fine = json!("\\u0000 is just text");
+    let stored = registry
+        .append_event(&process.id, event("x", fine.clone()))
+        .await
+        .unwrap();
+    assert_eq!(log(&*registry, &process.id).await[0].payload, fine);
+    assert_eq!(stored.event.payload, fine);
+}

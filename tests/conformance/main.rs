@@ -61,6 +61,7 @@ conformance! {
     append::append_to_unknown_process_is_not_found,
     append::reserved_and_malformed_event_types_are_refused,
     append::oversized_payloads_are_refused_and_the_limit_is_inclusive,
+    append::payloads_that_postgres_cannot_store_are_invalid,
     append::batches_are_consecutive_and_all_or_nothing,
     append::malformed_batches_are_refused,
     append::first_append_marks_a_pending_process_running,

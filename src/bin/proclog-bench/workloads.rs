@@ -61,6 +61,15 @@ async fn closed_loop(concurrency: usize, plan: Plan, op: Op) -> BenchResult<(f64
     Ok((units as f64 / plan.measure.as_secs_f64(), latencies))
 }
 
+/// Opens `size` connections of `pool` at once, so that no measurement pays for connecting.
+async fn warm(pool: &deadpool_postgres::Pool, size: usize) -> BenchResult<()> {
+    let mut held = Vec::with_capacity(size);
+    for _ in 0..size {
+        held.push(pool.get().await?);
+    }
+    Ok(())
+}
+
 async fn register_many(
     registry: &dyn ProcessRegistry,
     prefix: &str,
@@ -136,14 +145,18 @@ pub async fn single_appends(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
         )
         .await?;
 
+        let plain_pool = connect_pool(url, concurrency)?;
+        warm(&plain_pool, concurrency).await?;
         let registry: Arc<dyn ProcessRegistry> = Arc::new(PgProcessRegistry::new(
-            connect_pool(url, concurrency)?,
+            plain_pool,
             RegistryConfig::new("bench"),
         ));
         let (plain, mut plain_latency) =
             closed_loop(concurrency, plan, registry_op(registry, Arc::clone(&ids))).await?;
 
         let pod = PodServices::start(url, "bench-a", pod_options(concurrency))?;
+        warm(&pod.pool, concurrency).await?;
+        pod.listener_ready().await;
         let (watched, mut watched_latency) = closed_loop(
             concurrency,
             plan,
