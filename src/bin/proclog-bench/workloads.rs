@@ -123,6 +123,45 @@ fn pod_options(pool_size: usize) -> PodServicesOptions {
     }
 }
 
+/// Measures `ops` in turns (three rounds of each, in order), so that drift during the run
+/// (table growth, autovacuum, a neighbour on the machine) falls on every variant alike.
+/// Returns each op's mean rate and all its latencies.
+async fn interleaved(
+    concurrency: usize,
+    plan: Plan,
+    ops: &[Op],
+) -> BenchResult<Vec<(f64, Vec<Duration>)>> {
+    const ROUNDS: u32 = 3;
+    let slice = Plan {
+        measure: plan.measure / ROUNDS,
+        warmup: plan.warmup / ROUNDS,
+        ..plan
+    };
+    let mut results: Vec<(f64, Vec<Duration>)> = vec![(0.0, Vec::new()); ops.len()];
+    for _ in 0..ROUNDS {
+        for (op, result) in ops.iter().zip(results.iter_mut()) {
+            let (rate, mut latencies) = closed_loop(concurrency, slice, Arc::clone(op)).await?;
+            result.0 += rate / f64::from(ROUNDS);
+            result.1.append(&mut latencies);
+        }
+    }
+    Ok(results)
+}
+
+/// A pool of `size` connections, all already open.
+async fn warm_pool(url: &str, size: usize) -> BenchResult<deadpool_postgres::Pool> {
+    let pool = connect_pool(url, size)?;
+    warm(&pool, size).await?;
+    Ok(pool)
+}
+
+async fn warm_registry(url: &str, size: usize) -> BenchResult<Arc<dyn ProcessRegistry>> {
+    Ok(Arc::new(PgProcessRegistry::new(
+        warm_pool(url, size).await?,
+        RegistryConfig::new("bench"),
+    )))
+}
+
 /// Workload 1: single-event appends on distinct processes.
 pub async fn single_appends(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
     let mut rows = Vec::new();
@@ -130,43 +169,26 @@ pub async fn single_appends(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
         eprintln!("append x{concurrency} ...");
         let setup = PgProcessRegistry::new(connect_pool(url, 4)?, RegistryConfig::new("setup"));
         let ids = Arc::new(register_many(&setup, "a", concurrency, Disposition::External).await?);
-
-        let raw_pool = connect_pool(url, concurrency)?;
-        let (raw, _) = closed_loop(
-            concurrency,
-            plan,
-            raw_op(raw_pool.clone(), baseline::APPEND, Arc::clone(&ids)),
-        )
-        .await?;
-        let (naive, naive_latency) = closed_loop(
-            concurrency,
-            plan,
-            raw_op(raw_pool, baseline::APPEND_NOTIFY_INLINE, Arc::clone(&ids)),
-        )
-        .await?;
-
-        let plain_pool = connect_pool(url, concurrency)?;
-        warm(&plain_pool, concurrency).await?;
-        let registry: Arc<dyn ProcessRegistry> = Arc::new(PgProcessRegistry::new(
-            plain_pool,
-            RegistryConfig::new("bench"),
-        ));
-        let (plain, mut plain_latency) =
-            closed_loop(concurrency, plan, registry_op(registry, Arc::clone(&ids))).await?;
-
+        let raw_pool = warm_pool(url, concurrency).await?;
+        let registry = warm_registry(url, concurrency).await?;
         let pod = PodServices::start(url, "bench-a", pod_options(concurrency))?;
         warm(&pod.pool, concurrency).await?;
         pod.listener_ready().await;
-        let (watched, mut watched_latency) = closed_loop(
-            concurrency,
-            plan,
+        let ops = [
+            raw_op(raw_pool.clone(), baseline::APPEND, Arc::clone(&ids)),
+            raw_op(raw_pool, baseline::APPEND_NOTIFY_INLINE, Arc::clone(&ids)),
+            registry_op(registry, Arc::clone(&ids)),
             registry_op(Arc::clone(&pod.registry), Arc::clone(&ids)),
-        )
-        .await?;
-        let dropped = pod.notifier.stats().dropped.load(Ordering::Relaxed);
-        let batches = pod.notifier.stats().batches.load(Ordering::Relaxed).max(1);
-        let sent = pod.notifier.stats().sent.load(Ordering::Relaxed);
-
+        ];
+        let mut results = interleaved(concurrency, plan, &ops).await?.into_iter();
+        let (raw, _) = results.next().expect("raw");
+        let (naive, mut naive_latency) = results.next().expect("naive");
+        let (plain, mut plain_latency) = results.next().expect("registry");
+        let (watched, mut watched_latency) = results.next().expect("watched");
+        let stats = pod.notifier.stats();
+        let dropped = stats.dropped.load(Ordering::Relaxed);
+        let batches = stats.batches.load(Ordering::Relaxed).max(1);
+        let sent = stats.sent.load(Ordering::Relaxed);
         rows.push(
             Row::new("append: registry vs raw SQL", concurrency)
                 .rates(Some(raw), plain)
@@ -184,7 +206,6 @@ pub async fn single_appends(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
         rows.push(
             Row::new("append: NOTIFY sink on vs off", concurrency).rates(Some(plain), watched),
         );
-        let mut naive_latency = naive_latency;
         rows.push(
             Row::new("append: NOTIFY sink vs naive pg_notify in txn", concurrency)
                 .rates(Some(naive), watched)
@@ -203,21 +224,17 @@ pub async fn hot_process(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
     let concurrency = 16;
     let setup = PgProcessRegistry::new(connect_pool(url, 2)?, RegistryConfig::new("setup"));
     let ids = Arc::new(register_many(&setup, "hot", 1, Disposition::External).await?);
-    let (raw, _) = closed_loop(
-        concurrency,
-        plan,
+    let ops = [
         raw_op(
-            connect_pool(url, concurrency)?,
+            warm_pool(url, concurrency).await?,
             baseline::APPEND,
             Arc::clone(&ids),
         ),
-    )
-    .await?;
-    let registry: Arc<dyn ProcessRegistry> = Arc::new(PgProcessRegistry::new(
-        connect_pool(url, concurrency)?,
-        RegistryConfig::new("bench"),
-    ));
-    let (ours, mut latency) = closed_loop(concurrency, plan, registry_op(registry, ids)).await?;
+        registry_op(warm_registry(url, concurrency).await?, ids),
+    ];
+    let mut results = interleaved(concurrency, plan, &ops).await?.into_iter();
+    let (raw, _) = results.next().expect("raw");
+    let (ours, mut latency) = results.next().expect("registry");
     Ok(vec![
         Row::new("hot process: registry vs raw SQL", concurrency)
             .rates(Some(raw), ours)
@@ -225,50 +242,43 @@ pub async fn hot_process(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
     ])
 }
 
-/// Workload 3: `append_events` batches.
+/// Workload 3: `append_events` batches, against raw batches and against single appends.
 pub async fn batches(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
     let concurrency = 4;
     let mut rows = Vec::new();
     let setup = PgProcessRegistry::new(connect_pool(url, 2)?, RegistryConfig::new("setup"));
     let ids = Arc::new(register_many(&setup, "batch", concurrency, Disposition::External).await?);
-    let registry: Arc<dyn ProcessRegistry> = Arc::new(PgProcessRegistry::new(
-        connect_pool(url, concurrency)?,
-        RegistryConfig::new("bench"),
-    ));
-    let raw_pool = connect_pool(url, concurrency)?;
-    let (single, _) = closed_loop(
-        concurrency,
-        plan,
-        registry_op(Arc::clone(&registry), Arc::clone(&ids)),
-    )
-    .await?;
-    for size in [10usize, 100] {
+    let registry = warm_registry(url, concurrency).await?;
+    let raw_pool = warm_pool(url, concurrency).await?;
+    for size in [10u64, 100] {
         eprintln!("batches of {size} ...");
-        let raw_ids = Arc::clone(&ids);
-        let pool = raw_pool.clone();
-        let raw_op: Op = Arc::new(move |worker, i| {
+        let (raw_ids, pool) = (Arc::clone(&ids), raw_pool.clone());
+        let raw_batch: Op = Arc::new(move |worker, i| {
             let pool = pool.clone();
             let id = raw_ids[worker].clone();
             Box::pin(async move {
-                let payloads: Vec<Value> =
-                    (0..size as u64).map(|k| payload(i * 1000 + k)).collect();
+                let payloads: Vec<Value> = (0..size).map(|k| payload(i * 1000 + k)).collect();
                 baseline::append_batch(&pool, id.as_str(), &payloads).await
             })
         });
-        let (raw, _) = closed_loop(concurrency, plan, raw_op).await?;
-        let our_ids = Arc::clone(&ids);
-        let our_registry = Arc::clone(&registry);
-        let our_op: Op = Arc::new(move |worker, i| {
+        let (our_ids, our_registry) = (Arc::clone(&ids), Arc::clone(&registry));
+        let our_batch: Op = Arc::new(move |worker, i| {
             let registry = Arc::clone(&our_registry);
             let id = our_ids[worker].clone();
             Box::pin(async move {
-                let requests = (0..size as u64)
+                let requests = (0..size)
                     .map(|k| AppendRequest::new("bench", payload(i * 1000 + k)))
                     .collect();
                 Ok(registry.append_events(&id, requests).await?.len() as u64)
             })
         });
-        let (ours, mut latency) = closed_loop(concurrency, plan, our_op).await?;
+        let single = registry_op(Arc::clone(&registry), Arc::clone(&ids));
+        let mut results = interleaved(concurrency, plan, &[raw_batch, our_batch, single])
+            .await?
+            .into_iter();
+        let (raw, _) = results.next().expect("raw");
+        let (ours, mut latency) = results.next().expect("ours");
+        let (singles, _) = results.next().expect("single");
         rows.push(
             Row::new(
                 format!("append_events x{size}: events/s vs raw SQL"),
@@ -277,8 +287,8 @@ pub async fn batches(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
             .rates(Some(raw), ours)
             .latency(&Latency::of(&mut latency))
             .note(format!(
-                "{:.1}x single appends ({single:.0}/s)",
-                ours / single
+                "{:.1}x single appends ({singles:.0}/s)",
+                ours / singles
             )),
         );
     }
@@ -288,10 +298,7 @@ pub async fn batches(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
 /// Workload 4: `events_after` pages.
 pub async fn reads(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
     let concurrency = 4;
-    let registry: Arc<dyn ProcessRegistry> = Arc::new(PgProcessRegistry::new(
-        connect_pool(url, concurrency)?,
-        RegistryConfig::new("bench"),
-    ));
+    let registry = warm_registry(url, concurrency).await?;
     let ids = register_many(&*registry, "read", 1, Disposition::External).await?;
     let id = ids[0].clone();
     for chunk in 0..10 {
@@ -300,26 +307,27 @@ pub async fn reads(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
             .collect();
         registry.append_events(&id, requests).await?;
     }
-    let raw_pool = connect_pool(url, concurrency)?;
+    let raw_pool = warm_pool(url, concurrency).await?;
     let mut rows = Vec::new();
     for limit in [100u32, 1000] {
         eprintln!("events_after {limit} ...");
-        let pool = raw_pool.clone();
-        let raw_id = id.clone();
-        let raw_op: Op = Arc::new(move |_, _| {
+        let (pool, raw_id) = (raw_pool.clone(), id.clone());
+        let raw_read: Op = Arc::new(move |_, _| {
             let pool = pool.clone();
             let id = raw_id.clone();
             Box::pin(async move { baseline::read(&pool, id.as_str(), i64::from(limit)).await })
         });
-        let (raw, _) = closed_loop(concurrency, plan, raw_op).await?;
-        let our_registry = Arc::clone(&registry);
-        let our_id = id.clone();
-        let our_op: Op = Arc::new(move |_, _| {
+        let (our_registry, our_id) = (Arc::clone(&registry), id.clone());
+        let our_read: Op = Arc::new(move |_, _| {
             let registry = Arc::clone(&our_registry);
             let id = our_id.clone();
             Box::pin(async move { Ok(registry.events_after(&id, 0, limit).await?.len() as u64) })
         });
-        let (ours, mut latency) = closed_loop(concurrency, plan, our_op).await?;
+        let mut results = interleaved(concurrency, plan, &[raw_read, our_read])
+            .await?
+            .into_iter();
+        let (raw, _) = results.next().expect("raw");
+        let (ours, mut latency) = results.next().expect("ours");
         rows.push(
             Row::new(
                 format!("events_after {limit}: events/s vs raw SELECT"),
@@ -496,52 +504,42 @@ pub async fn await_wake(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
 /// Workload 7: appends over HTTP through one pod and through three.
 pub async fn http_appends(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
     let concurrency = 16;
+    eprintln!("HTTP appends ...");
     let setup = PgProcessRegistry::new(connect_pool(url, 2)?, RegistryConfig::new("setup"));
     let ids = Arc::new(register_many(&setup, "http", concurrency, Disposition::External).await?);
-    let (raw, _) = closed_loop(
-        concurrency,
-        plan,
-        raw_op(
-            connect_pool(url, concurrency)?,
-            baseline::APPEND,
-            Arc::clone(&ids),
-        ),
-    )
-    .await?;
-    let mut rows = Vec::new();
-    for pods in [1usize, 3] {
-        eprintln!("HTTP appends through {pods} pod(s) ...");
-        let mut bases = Vec::new();
-        let mut keep = Vec::new();
-        for n in 0..pods {
-            let services = Arc::new(PodServices::start(
-                url,
-                &format!("http-pod-{n}"),
-                pod_options(concurrency),
-            )?);
-            let state = ApiState {
-                services: Arc::clone(&services),
-                worker: None,
-                token: None,
-            };
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            bases.push(format!("http://{}", listener.local_addr()?));
-            keep.push((
-                services,
-                tokio::spawn(axum::serve(listener, router(state, 1 << 20)).into_future()),
-            ));
-        }
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(concurrency)
-            .build()?;
-        let bases = Arc::new(bases);
-        let http_ids = Arc::clone(&ids);
-        let op: Op = Arc::new(move |worker, i| {
+    let mut servers = Vec::new();
+    let mut bases = Vec::new();
+    for n in 0..3 {
+        let services = Arc::new(PodServices::start(
+            url,
+            &format!("http-pod-{n}"),
+            pod_options(concurrency),
+        )?);
+        warm(&services.pool, concurrency).await?;
+        let state = ApiState {
+            services,
+            worker: None,
+            token: None,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        bases.push(format!("http://{}", listener.local_addr()?));
+        servers.push(tokio::spawn(
+            axum::serve(listener, router(state, 1 << 20)).into_future(),
+        ));
+    }
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()?;
+    let through = |pods: usize| -> Op {
+        let client = client.clone();
+        let bases = Arc::new(bases[..pods].to_vec());
+        let ids = Arc::clone(&ids);
+        Arc::new(move |worker, i| {
             let client = client.clone();
             let url = format!(
                 "{}/v1/processes/{}/events",
                 bases[worker % bases.len()],
-                http_ids[worker]
+                ids[worker]
             );
             Box::pin(async move {
                 let response = client
@@ -554,8 +552,22 @@ pub async fn http_appends(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
                 }
                 Ok(1)
             })
-        });
-        let (ours, mut latency) = closed_loop(concurrency, plan, op).await?;
+        })
+    };
+    let ops = [
+        raw_op(
+            warm_pool(url, concurrency).await?,
+            baseline::APPEND,
+            Arc::clone(&ids),
+        ),
+        through(1),
+        through(3),
+    ];
+    let mut results = interleaved(concurrency, plan, &ops).await?.into_iter();
+    let (raw, _) = results.next().expect("raw");
+    let mut rows = Vec::new();
+    for pods in [1, 3] {
+        let (ours, mut latency) = results.next().expect("http");
         rows.push(
             Row::new(
                 format!("HTTP appends through {pods} pod(s) vs raw SQL"),
@@ -564,9 +576,9 @@ pub async fn http_appends(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
             .rates(Some(raw), ours)
             .latency(&Latency::of(&mut latency)),
         );
-        for (_, server) in keep {
-            server.abort();
-        }
+    }
+    for server in servers {
+        server.abort();
     }
     Ok(rows)
 }
@@ -614,7 +626,11 @@ pub async fn kill_recovery(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
         .id;
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
+    let give_up = Instant::now() + Duration::from_secs(60) + plan.lease_ttl * 4;
     let owner = loop {
+        if Instant::now() > give_up {
+            return Err("the process never started".into());
+        }
         let row = client
             .query_one(
                 "SELECT lease_owner FROM proclog.processes WHERE process_id = $1 AND last_seq >= 3",
@@ -634,6 +650,9 @@ pub async fn kill_recovery(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
     victim.1.start_kill()?;
     let killed = Instant::now();
     loop {
+        if Instant::now() > give_up {
+            return Err("the process was never taken over".into());
+        }
         let taken: bool = client
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM proclog.events
