@@ -253,6 +253,19 @@ pub fn find_bin_dir() -> io::Result<PathBuf> {
     })
 }
 
+/// A command for `program` that runs as the account Postgres itself runs as here (an
+/// unprivileged user when we are root), dies with this process, and owns `dir` (chowned).
+/// For companions of the throwaway cluster that also refuse root, such as a connection pooler.
+pub fn server_user_command(program: &Path, dir: &Path) -> io::Result<Command> {
+    let account = server_account()?;
+    if let Some(account) = account {
+        std::os::unix::fs::chown(dir, Some(account.uid), Some(account.gid))?;
+    }
+    let mut command = as_account(Command::new(program), account, true);
+    command.current_dir(dir);
+    Ok(command)
+}
+
 /// The account to run the server as: `None` (ourselves) unless we are root.
 fn server_account() -> io::Result<Option<Account>> {
     // SAFETY: geteuid has no preconditions.

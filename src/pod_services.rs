@@ -39,6 +39,9 @@ pub struct PodServicesOptions {
     pub max_payload_bytes: usize,
     /// Listener tuning.
     pub listener: ListenerOptions,
+    /// A direct (unpooled) URL for the listener, when the main URL goes through a pooler in
+    /// transaction mode, where LISTEN cannot work. `None`: the main URL.
+    pub listener_database_url: Option<String>,
 }
 
 impl Default for PodServicesOptions {
@@ -48,6 +51,7 @@ impl Default for PodServicesOptions {
             notice_capacity: 65_536,
             max_payload_bytes: crate::validate::DEFAULT_MAX_PAYLOAD_BYTES,
             listener: ListenerOptions::default(),
+            listener_database_url: None,
         }
     }
 }
@@ -120,7 +124,12 @@ impl PodServices {
         let hub = Arc::new(ProcessChangeHub::new());
         let work = Arc::new(Notify::new());
         let appended_events = Arc::new(AtomicU64::new(0));
-        let mut listener_config = client_config(database_url)?;
+        let mut listener_config = client_config(
+            options
+                .listener_database_url
+                .as_deref()
+                .unwrap_or(database_url),
+        )?;
         listener_config.application_name(format!("proclog-listener-{pod_id}"));
         let listener = PgListener::spawn(
             listener_config,

@@ -20,6 +20,10 @@ pub struct PodArgs {
     /// Postgres URL of the shared database.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: String,
+    /// A direct (unpooled) Postgres URL for LISTEN, when DATABASE_URL goes through a
+    /// transaction-mode pooler.
+    #[arg(long, env = "PROCLOG_LISTENER_DATABASE_URL")]
+    pub listener_database_url: Option<String>,
     /// Address the HTTP API listens on.
     #[arg(long, env = "PROCLOG_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -75,6 +79,7 @@ pub async fn run(args: PodArgs) -> CliResult {
         PodServicesOptions {
             pool_size: args.pool_size,
             max_payload_bytes: args.max_payload_bytes,
+            listener_database_url: args.listener_database_url.clone(),
             ..PodServicesOptions::default()
         },
     )?);

@@ -3,9 +3,10 @@
 //!
 //! It pings its connection to detect loss, reconnects with backoff, and after every
 //! (re)connect tells every local watcher to resynchronise from the log, since notices sent
-//! while it was away are gone. At connect it sends itself a probe: if the probe does not come
-//! back (a pooler in transaction mode, where LISTEN cannot work) it says so and stops, leaving
-//! the pod in polling mode, where subscribers and waiters rely on their safety polls.
+//! while it was away are gone. At connect it sends a probe from a second connection: if the
+//! probe does not arrive (a pooler in transaction mode, where LISTEN cannot work) it says so
+//! and stops, leaving the pod in polling mode, where subscribers and waiters rely on their
+//! safety polls.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -224,11 +225,11 @@ async fn session(
     if let Err(err) = client.batch_execute(&listen).await {
         return SessionEnd::Lost(err.to_string());
     }
+    // The probe comes from another connection, as real notices do: behind a transaction-mode
+    // pooler the LISTEN was made on a server connection this client no longer holds, so the
+    // probe never reaches it.
     let probe = format!("probe {}", uuid::Uuid::new_v4());
-    if let Err(err) = client
-        .execute("SELECT pg_notify($1, $2)", &[&EVENTS_CHANNEL, &probe])
-        .await
-    {
+    if let Err(err) = send_probe(config, &probe).await {
         return SessionEnd::Lost(err.to_string());
     }
     let probe_deadline = tokio::time::sleep(options.probe_timeout);
@@ -271,6 +272,20 @@ async fn session(
             }
         }
     }
+}
+
+async fn send_probe(
+    config: &tokio_postgres::Config,
+    probe: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    let driver = tokio::spawn(connection);
+    client
+        .execute("SELECT pg_notify($1, $2)", &[&EVENTS_CHANNEL, &probe])
+        .await?;
+    drop(client);
+    let _ = driver.await;
+    Ok(())
 }
 
 /// Turns one notification into a hub tick, ignoring our own pod's notices (already ticked
