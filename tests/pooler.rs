@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ impl Drop for Bouncer {
     }
 }
 
-fn start_bouncer(program: &PathBuf, url: &str) -> Bouncer {
+fn start_bouncer(program: &Path, url: &str) -> Bouncer {
     let config: tokio_postgres::Config = url.parse().unwrap();
     let server_port = config.get_ports()[0];
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -60,7 +60,7 @@ fn start_bouncer(program: &PathBuf, url: &str) -> Bouncer {
         dir = dir.display()
     );
     std::fs::write(dir.join("pgbouncer.ini"), ini).unwrap();
-    let child = proclog::local_pg::server_user_command(program, &dir)
+    let mut child = proclog::local_pg::server_user_command(program, &dir)
         .unwrap()
         .arg(dir.join("pgbouncer.ini"))
         .stdin(Stdio::null())
@@ -75,6 +75,8 @@ fn start_bouncer(program: &PathBuf, url: &str) -> Bouncer {
         }
         std::thread::sleep(Duration::from_millis(25));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("pgbouncer did not start");
 }
 
