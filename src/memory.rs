@@ -276,15 +276,6 @@ impl ProcessRegistry for InMemoryProcessRegistry {
         })
     }
 
-    async fn append_event(
-        &self,
-        id: &ProcessId,
-        request: AppendRequest,
-    ) -> ProcessResult<AppendOutcome> {
-        let mut outcomes = self.append_events(id, vec![request]).await?;
-        Ok(outcomes.remove(0))
-    }
-
     async fn append_events(
         &self,
         id: &ProcessId,

@@ -51,12 +51,16 @@ pub trait ProcessRegistry: Send + Sync {
     /// Processes matching `filter`, in `(created_at, id)` order, one page at a time.
     async fn list_processes(&self, filter: ProcessFilter) -> ProcessResult<ProcessPage>;
 
-    /// Appends one event with the next seq. See [`ProcessRegistry::append_events`].
+    /// Appends one event with the next seq: a batch of one, see
+    /// [`ProcessRegistry::append_events`].
     async fn append_event(
         &self,
         id: &ProcessId,
         request: AppendRequest,
-    ) -> ProcessResult<AppendOutcome>;
+    ) -> ProcessResult<AppendOutcome> {
+        let mut outcomes = self.append_events(id, vec![request]).await?;
+        Ok(outcomes.remove(0))
+    }
 
     /// Appends events all or nothing, with consecutive seqs allocated in the append's
     /// transaction (dense from 1, never duplicated, under any concurrency).

@@ -71,6 +71,17 @@ impl Server {
         )
     }
 
+    /// Registers an `external` process of kind `k` (nobody runs it).
+    async fn external(&self, id: &str) {
+        let (status, body) = self
+            .post(
+                "/v1/processes",
+                json!({"id": id, "kind": "k", "disposition": "external"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+
     async fn get(&self, path: &str) -> (StatusCode, Value) {
         self.call(reqwest::Method::GET, path, None).await
     }
@@ -265,13 +276,7 @@ async fn process_lifecycle_over_http() {
 async fn listing_pages_with_a_cursor() {
     let server = Server::start(&migrated_database_url().await, None).await;
     for n in 0..5 {
-        let (status, _) = server
-            .post(
-                "/v1/processes",
-                json!({"id": format!("p{n}"), "kind": "k", "disposition": "external"}),
-            )
-            .await;
-        assert_eq!(status, StatusCode::CREATED);
+        server.external(&format!("p{n}")).await;
     }
     let mut seen = Vec::new();
     let mut path = "/v1/processes?limit=2".to_owned();
@@ -310,13 +315,7 @@ fn urlencode(raw: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_requests_get_clear_errors_and_write_nothing() {
     let server = Server::start(&migrated_database_url().await, None).await;
-    let (status, _) = server
-        .post(
-            "/v1/processes",
-            json!({"id": "p", "kind": "k", "disposition": "external"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED);
+    server.external("p").await;
     let cases: Vec<(&str, Value, StatusCode, &str)> = vec![
         (
             "/v1/processes",
@@ -537,12 +536,7 @@ async fn bad_requests_get_clear_errors_and_write_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancel_over_http_ends_a_process_nobody_runs() {
     let server = Server::start(&migrated_database_url().await, None).await;
-    server
-        .post(
-            "/v1/processes",
-            json!({"id": "c", "kind": "k", "disposition": "external"}),
-        )
-        .await;
+    server.external("c").await;
     let (status, record) = server
         .post(
             "/v1/processes/c/cancel",
@@ -553,12 +547,7 @@ async fn cancel_over_http_ends_a_process_nobody_runs() {
         (status, record["status"].clone()),
         (StatusCode::OK, json!("cancelled"))
     );
-    server
-        .post(
-            "/v1/processes",
-            json!({"id": "d", "kind": "k", "disposition": "external"}),
-        )
-        .await;
+    server.external("d").await;
     let (status, record) = server.post_raw("/v1/processes/d/cancel", None, "").await;
     assert_eq!(
         (status, record["status"].clone()),
@@ -569,12 +558,7 @@ async fn cancel_over_http_ends_a_process_nobody_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sse_stream_delivers_every_event_then_ends() {
     let server = Server::start(&migrated_database_url().await, None).await;
-    server
-        .post(
-            "/v1/processes",
-            json!({"id": "s", "kind": "k", "disposition": "external"}),
-        )
-        .await;
+    server.external("s").await;
     server
         .post("/v1/processes/s/events", json!({"event_type": "before"}))
         .await;
@@ -686,12 +670,7 @@ async fn health_readiness_and_metrics() {
     let (status, ready) = server.get("/readyz").await;
     assert_eq!(status, StatusCode::OK, "{ready}");
     assert_eq!(ready["ready"], json!(true));
-    server
-        .post(
-            "/v1/processes",
-            json!({"id": "m", "kind": "k", "disposition": "external"}),
-        )
-        .await;
+    server.external("m").await;
     server
         .post("/v1/processes/m/events", json!({"event_type": "x"}))
         .await;

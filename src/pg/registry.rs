@@ -327,15 +327,6 @@ impl ProcessRegistry for PgProcessRegistry {
         Ok(ProcessPage { processes, next })
     }
 
-    async fn append_event(
-        &self,
-        id: &ProcessId,
-        request: AppendRequest,
-    ) -> ProcessResult<AppendOutcome> {
-        let mut outcomes = self.append_events(id, vec![request]).await?;
-        Ok(outcomes.remove(0))
-    }
-
     async fn append_events(
         &self,
         id: &ProcessId,

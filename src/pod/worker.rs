@@ -167,11 +167,12 @@ async fn claim_loop(shared: Arc<Shared>, work: Arc<Notify>, stop: CancellationTo
                     for claim in claims {
                         runs.spawn(run(Arc::clone(&shared), claim, pod_stopping.clone()));
                     }
-                    if claimed_all {
-                        // There may be more; claim again as soon as a slot frees up.
-                        pause = Duration::ZERO;
-                    } else if let Ok(Some(expiry)) = shared.registry.next_lease_expiry().await {
-                        // Wake when the next lease may lapse (its owner may be dead).
+                    // When every slot was filled there may be more: the pod is full now and
+                    // claims again as soon as a run ends. Otherwise, wake when the next lease
+                    // may lapse (its owner may be dead).
+                    if !claimed_all
+                        && let Ok(Some(expiry)) = shared.registry.next_lease_expiry().await
+                    {
                         pause = pause.min(expiry + LEASE_EXPIRY_MARGIN);
                     }
                 }
@@ -185,8 +186,7 @@ async fn claim_loop(shared: Arc<Shared>, work: Arc<Notify>, stop: CancellationTo
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = work.notified(), if !full => {}
-            _ = tokio::time::sleep(pause), if !full && !pause.is_zero() => {}
-            _ = std::future::ready(()), if !full && pause.is_zero() => {}
+            _ = tokio::time::sleep(pause), if !full => {}
             Some(_) = runs.join_next(), if !runs.is_empty() => {}
         }
     }

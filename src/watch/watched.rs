@@ -94,16 +94,6 @@ impl<R: ProcessRegistry> ProcessRegistry for WatchedProcessRegistry<R> {
         self.inner.list_processes(filter).await
     }
 
-    async fn append_event(
-        &self,
-        id: &ProcessId,
-        request: AppendRequest,
-    ) -> ProcessResult<AppendOutcome> {
-        let outcome = self.inner.append_event(id, request).await?;
-        self.signal(id, std::slice::from_ref(&outcome)).await;
-        Ok(outcome)
-    }
-
     async fn append_events(
         &self,
         id: &ProcessId,
