@@ -81,14 +81,9 @@ impl PodProcess {
         );
     }
 
-    /// Waits for the pod to exit and returns its status.
+    /// Waits for the pod to exit and returns its status (needs the multi-threaded runtime).
     pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        tokio::task::block_in_place(|| self.child.wait().unwrap())
     }
 
     pub fn log_text(&self) -> String {
