@@ -263,3 +263,63 @@ async fn readme_sql_examples_work() {
         [("step".to_owned(), 2), ("process.completed".to_owned(), 1)]
     );
 }
+
+/// One round trip per append: counted on the server with `pg_stat_statements` (each
+/// statement of a warm, prepared connection is one round trip of the extended protocol).
+#[tokio::test]
+async fn an_append_is_one_statement_on_the_server() {
+    let url = migrated_database_url().await;
+    let client = sql_client(&url).await;
+    let available: bool = client
+        .query_one(
+            "SELECT current_setting('shared_preload_libraries') LIKE '%pg_stat_statements%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if !available {
+        eprintln!("skipped: the server does not preload pg_stat_statements");
+        return;
+    }
+    client
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .await
+        .unwrap();
+    let registry = PgProcessRegistry::new(connect_pool(&url, 1).unwrap(), RegistryConfig::new("p"));
+    let process = registry
+        .register_process(ProcessRegistration::new("demo", json!(null)))
+        .await
+        .unwrap();
+    // Warm the connection (the first use of a statement also prepares it).
+    registry
+        .append_event(&process.id, AppendRequest::new("warm", json!(0)))
+        .await
+        .unwrap();
+    let database: String = client
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let count_appends = "SELECT coalesce(sum(calls), 0)::bigint, count(*)
+           FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
+          WHERE d.datname = $1 AND s.query NOT LIKE '%pg_stat_statements%'
+            AND s.query NOT LIKE 'SELECT current_database()%'";
+    client
+        .execute("SELECT pg_stat_statements_reset()", &[])
+        .await
+        .unwrap();
+    for n in 1..=50 {
+        registry
+            .append_event(&process.id, AppendRequest::new("step", json!(n)))
+            .await
+            .unwrap();
+    }
+    let row = client.query_one(count_appends, &[&database]).await.unwrap();
+    let (calls, distinct): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(
+        (calls, distinct),
+        (50, 1),
+        "50 appends are 50 executions of one statement, nothing else"
+    );
+}

@@ -26,8 +26,15 @@ fn server() -> &'static Server {
     SERVER.get_or_init(|| match std::env::var("PROCLOG_TEST_DATABASE_URL") {
         Ok(url) if !url.is_empty() => Server::External(url),
         _ => Server::Local(
-            LocalPostgres::start(&LocalPostgresOptions::default())
-                .expect("start a throwaway Postgres (is postgresql installed?)"),
+            LocalPostgres::start(&LocalPostgresOptions {
+                // Lets tests count the statements proclog sends.
+                settings: vec![(
+                    "shared_preload_libraries".into(),
+                    "pg_stat_statements".into(),
+                )],
+                ..LocalPostgresOptions::default()
+            })
+            .expect("start a throwaway Postgres (is postgresql installed?)"),
         ),
     })
 }
