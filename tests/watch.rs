@@ -340,7 +340,8 @@ async fn lost_notices_and_a_killed_listener_lose_no_event() {
     let killed = admin
         .query(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-              WHERE application_name = 'proclog-listener-pod-b'",
+              WHERE application_name = 'proclog-listener-pod-b'
+                AND datname = current_database()",
             &[],
         )
         .await

@@ -278,6 +278,13 @@ async fn send_probe(
     config: &tokio_postgres::Config,
     probe: &str,
 ) -> Result<(), tokio_postgres::Error> {
+    // Named apart from the listener itself, so that operators can tell the two apart.
+    let mut config = config.clone();
+    let name = config
+        .get_application_name()
+        .unwrap_or("proclog")
+        .to_owned();
+    config.application_name(format!("{name}-probe"));
     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
     let driver = tokio::spawn(connection);
     client
