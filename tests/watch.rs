@@ -190,9 +190,7 @@ async fn a_full_notice_channel_drops_and_counts_while_appends_succeed() {
     );
     // Once the connection is free, what was queued is sent; every notice is accounted for.
     drop(held);
-    while stats.sent.load(Ordering::Relaxed) + stats.dropped.load(Ordering::Relaxed) < 100 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    notifier.flush(Duration::from_secs(60)).await;
     assert_eq!(
         stats.sent.load(Ordering::Relaxed) + stats.dropped.load(Ordering::Relaxed),
         100
@@ -592,7 +590,10 @@ async fn a_thousand_waiters_share_their_polls() {
         inner: PgProcessRegistry::new(connect_pool(&url, 4).unwrap(), RegistryConfig::new("pod-b")),
         terminal_reads: AtomicU64::new(0),
     });
-    let driver = ProcessWorkDriver::spawn(counting.clone(), Arc::new(ProcessChangeHub::new()));
+    let hub = Arc::new(ProcessChangeHub::new());
+    assert_eq!(hub.feeds(), 0);
+    let driver = ProcessWorkDriver::spawn(counting.clone(), Arc::clone(&hub));
+    assert_eq!(hub.feeds(), 0, "an idle driver holds no feed");
     let writer = WatchedProcessRegistry::new(
         PgProcessRegistry::new(connect_pool(&url, 4).unwrap(), RegistryConfig::new("pod-a")),
         Arc::new(ProcessChangeHub::new()),
@@ -618,6 +619,7 @@ async fn a_thousand_waiters_share_their_polls() {
     while driver.stats().waiters.load(Ordering::Relaxed) < WAITERS as u64 {
         tokio::task::yield_now().await;
     }
+    assert_eq!(hub.feeds(), 1, "waiters share one feed");
     // Complete them all in one statement, from "another pod", with no hint at all: only the
     // shared backoff polling can find out.
     let texts: Vec<&str> = ids.iter().map(ProcessId::as_str).collect();
@@ -636,6 +638,10 @@ async fn a_thousand_waiters_share_their_polls() {
             (terminal.state, terminal.seq),
             (TerminalState::Completed, 1)
         );
+    }
+    // With nobody waiting, the driver lets go of the hub's feed, so appends pay nothing for it.
+    while hub.feeds() != 0 {
+        tokio::task::yield_now().await;
     }
     let reads = counting.terminal_reads.load(Ordering::SeqCst);
     println!("{WAITERS} waiters resolved with {reads} terminal-state queries");

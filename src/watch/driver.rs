@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::hub::{FeedEvent, ProcessChangeHub};
+use super::hub::{ChangeFeed, FeedEvent, ProcessChangeHub};
 use crate::backoff::Backoff;
 use crate::model::{ProcessId, TerminalRecord};
 use crate::registry::ProcessRegistry;
@@ -76,8 +76,8 @@ impl ProcessWorkDriver {
         let stats = Arc::new(DriverStats::default());
         let poller = Poller {
             registry,
-            feed: hub.feed(),
-            _hub: hub,
+            hub,
+            feed: None,
             incoming,
             pending: HashMap::new(),
             stats: Arc::clone(&stats),
@@ -119,9 +119,10 @@ impl ProcessWorkDriver {
 
 struct Poller {
     registry: Arc<dyn ProcessRegistry>,
-    feed: super::hub::ChangeFeed,
-    /// Keeps the hub (and so the feed's senders) alive as long as the poller runs.
-    _hub: Arc<ProcessChangeHub>,
+    hub: Arc<ProcessChangeHub>,
+    /// The hub's tick feed, held only while someone waits: the hub pays for the feed on every
+    /// append while a receiver exists, so an idle driver holds none.
+    feed: Option<ChangeFeed>,
     incoming: mpsc::UnboundedReceiver<Waiter>,
     pending: HashMap<ProcessId, Vec<oneshot::Sender<Result<TerminalRecord, AwaitError>>>>,
     stats: Arc<DriverStats>,
@@ -132,11 +133,14 @@ impl Poller {
         let mut backoff = Backoff::new(POLL_FLOOR, POLL_CAP);
         loop {
             if self.pending.is_empty() {
+                self.feed = None;
                 match self.incoming.recv().await {
                     Some(waiter) => self.add(waiter),
                     None => return,
                 }
                 backoff.reset();
+                // Subscribed before the first read, so no tick after that read is missed.
+                self.feed = Some(self.hub.feed());
             }
             while let Ok(waiter) = self.incoming.try_recv() {
                 self.add(waiter);
@@ -151,12 +155,13 @@ impl Poller {
                 continue;
             }
             // Wait for the backoff delay, or less if something may have changed.
+            let mut feed = self.feed.take().unwrap_or_else(|| self.hub.feed());
             let mut deadline = round_at + backoff.next_delay();
             let soon = round_at + EARLY_ROUND_GAP;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(deadline) => break,
-                    event = self.feed.next() => {
+                    event = feed.next() => {
                         let relevant = match &event {
                             FeedEvent::Tick(id) => self.pending.contains_key(id),
                             FeedEvent::Resync => true,
@@ -176,6 +181,7 @@ impl Poller {
                     },
                 }
             }
+            self.feed = Some(feed);
         }
     }
 

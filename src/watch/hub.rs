@@ -86,6 +86,11 @@ impl ProcessChangeHub {
         }
     }
 
+    /// How many pod-wide feeds are open (each costs a little on every tick while it exists).
+    pub fn feeds(&self) -> usize {
+        self.feed.receiver_count()
+    }
+
     /// How many processes are watched right now.
     pub fn watched_processes(&self) -> usize {
         self.lock().len()
