@@ -41,6 +41,10 @@ pub const STARTED: &str = "process.started";
 /// Slack after a lease's expiry before claiming it, for clock granularity.
 const LEASE_EXPIRY_MARGIN: Duration = Duration::from_millis(20);
 
+/// Shortest interval between two reads of the cancel watcher (the most a cancellation
+/// request waits beyond its notice).
+const CANCEL_CHECK_GAP: Duration = Duration::from_millis(200);
+
 /// Settings of a [`Worker`].
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -429,10 +433,17 @@ async fn watch_for_cancel(
             Ok(_) => {}
             Err(err) => tracing::debug!(error = %err, "cancel watch read failed"),
         }
+        let caught_up = tokio::time::Instant::now();
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = watcher.changed() => {}
             _ = tokio::time::sleep(shared.config.poll_interval) => {}
+        }
+        // The engine's own appends tick the hub too: coalesce them, so that a run costs at
+        // most a few reads per second here however fast it writes.
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep_until(caught_up + CANCEL_CHECK_GAP) => {}
         }
     }
 }
