@@ -391,8 +391,7 @@ impl ProcessRegistry for InMemoryProcessRegistry {
         owner: &str,
         ttl: Duration,
     ) -> ProcessResult<ClaimOutcome> {
-        validate::owner(owner)?;
-        validate::lease_ttl(ttl)?;
+        validate::claim(owner, ttl)?;
         let mut processes = self.lock();
         let entry = processes
             .get_mut(id)
@@ -454,9 +453,7 @@ impl ProcessRegistry for InMemoryProcessRegistry {
         ttl: Duration,
         limit: u32,
     ) -> ProcessResult<Vec<RunnableClaim>> {
-        validate::owner(owner)?;
-        validate::lease_ttl(ttl)?;
-        validate::claim_limit(limit)?;
+        validate::claim_runnable(owner, ttl, limit)?;
         let at = now();
         let mut processes = self.lock();
         let mut runnable: Vec<&mut Entry> = processes

@@ -202,8 +202,15 @@ pub fn append_batch(
     Ok(payloads)
 }
 
-/// A `claim_runnable` batch size: 1 to [`MAX_LIST_LIMIT`].
-pub fn claim_limit(limit: u32) -> Result<(), ProcessError> {
+/// A lease claim: the owner and the TTL.
+pub fn claim(owner_id: &str, ttl: Duration) -> Result<(), ProcessError> {
+    owner(owner_id)?;
+    lease_ttl(ttl)
+}
+
+/// A `claim_runnable` call: the owner, the TTL, and a batch size of 1 to [`MAX_LIST_LIMIT`].
+pub fn claim_runnable(owner_id: &str, ttl: Duration, limit: u32) -> Result<(), ProcessError> {
+    claim(owner_id, ttl)?;
     if limit == 0 || limit > MAX_LIST_LIMIT {
         return Err(invalid(format!(
             "claim limit must be 1 to {MAX_LIST_LIMIT}, got {limit}"
@@ -234,4 +241,29 @@ pub fn events_after(after_seq: i64, limit: u32) -> Result<(), ProcessError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reserved_appends_take_only_non_terminal_proclog_types() {
+        let ok = AppendRequest::reserved("process.started", json!({}));
+        assert!(append_batch(&[ok], DEFAULT_MAX_PAYLOAD_BYTES).is_ok());
+        for bad in ["process.completed", "process.abandoned", "step", ""] {
+            let request = AppendRequest::reserved(bad, json!({}));
+            let result = append_batch(&[request], DEFAULT_MAX_PAYLOAD_BYTES);
+            assert!(
+                matches!(result, Err(ProcessError::InvalidInput(_))),
+                "{bad:?}"
+            );
+        }
+        // The wire cannot set the flag: it is skipped by serde.
+        let from_wire: AppendRequest =
+            serde_json::from_value(json!({"event_type": "process.started", "reserved": true}))
+                .unwrap();
+        assert!(!from_wire.is_reserved());
+    }
 }

@@ -51,14 +51,27 @@ impl ToSql for JsonText {
     to_sql_checked!();
 }
 
-/// The columns of `proclog.processes` that [`process_from_row`] reads, in order.
-pub(crate) const PROCESS_COLUMNS: &str = "process_id, kind, input, disposition, status, \
-     last_seq, created_at, updated_at, lease_owner, lease_generation, lease_expires_at, \
-     terminal_state, terminal_seq, output, completed_at, attempts";
+/// The columns of `proclog.processes` that [`process_from_row`] reads, in order (a macro, so
+/// that statements can be built with `concat!` at compile time).
+macro_rules! process_columns {
+    () => {
+        "process_id, kind, input, disposition, status, last_seq, created_at, updated_at, \
+         lease_owner, lease_generation, lease_expires_at, terminal_state, terminal_seq, output, \
+         completed_at, attempts"
+    };
+}
+pub(crate) use process_columns;
+
+/// [`process_columns!`] as a constant, for statements built at run time.
+pub(crate) const PROCESS_COLUMNS: &str = process_columns!();
 
 /// The columns of `proclog.events` (without `process_id`) that [`event_from_row`] reads.
-pub(crate) const EVENT_COLUMNS: &str =
-    "seq, event_type, payload, replay_key, occurred_at, writer, lease_generation";
+macro_rules! event_columns {
+    () => {
+        "seq, event_type, payload, replay_key, occurred_at, writer, lease_generation"
+    };
+}
+pub(crate) use event_columns;
 
 fn corrupt(what: &str, err: impl std::fmt::Display) -> ProcessError {
     ProcessError::Database(format!("unexpected {what} in the database: {err}"))

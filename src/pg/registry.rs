@@ -13,8 +13,8 @@ use deadpool_postgres::{Object, Pool};
 use tokio_postgres::types::ToSql;
 
 use super::convert::{
-    EVENT_COLUMNS, JsonText, PROCESS_COLUMNS, db_error, event_from_row, pool_error,
-    process_from_row, terminal_from_row, write_error,
+    JsonText, PROCESS_COLUMNS, db_error, event_columns, event_from_row, pool_error,
+    process_columns, process_from_row, terminal_from_row, write_error,
 };
 use crate::error::{ProcessError, ProcessResult};
 use crate::model::{
@@ -206,11 +206,12 @@ impl ProcessRegistry for PgProcessRegistry {
         let id = registration.id.clone().unwrap_or_else(ProcessId::generate);
         let inserted = self
             .query(
-                &format!(
+                concat!(
                     "INSERT INTO proclog.processes (process_id, kind, input, disposition)
                      VALUES ($1, $2, $3, $4)
                      ON CONFLICT (process_id) DO NOTHING
-                     RETURNING {PROCESS_COLUMNS}"
+                     RETURNING ",
+                    process_columns!()
                 ),
                 &[
                     &id.as_str(),
@@ -241,7 +242,11 @@ impl ProcessRegistry for PgProcessRegistry {
     async fn get_process(&self, id: &ProcessId) -> ProcessResult<Option<ProcessRecord>> {
         let rows = self
             .query(
-                &format!("SELECT {PROCESS_COLUMNS} FROM proclog.processes WHERE process_id = $1"),
+                concat!(
+                    "SELECT ",
+                    process_columns!(),
+                    " FROM proclog.processes WHERE process_id = $1"
+                ),
                 &[&id.as_str()],
             )
             .await?;
@@ -350,8 +355,10 @@ impl ProcessRegistry for PgProcessRegistry {
         validate::events_after(after_seq, limit)?;
         let rows = self
             .query(
-                &format!(
-                    "SELECT {EVENT_COLUMNS} FROM proclog.events
+                concat!(
+                    "SELECT ",
+                    event_columns!(),
+                    " FROM proclog.events
                       WHERE process_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
                 ),
                 &[&id.as_str(), &after_seq, &i64::from(limit)],
@@ -372,8 +379,10 @@ impl ProcessRegistry for PgProcessRegistry {
         let token = completion.fence.map(|fence| fence.token);
         let rows = self
             .run(
-                &format!(
-                    "SELECT {PROCESS_COLUMNS} FROM proclog.complete_process($1, $2, $3, $4, $5)"
+                concat!(
+                    "SELECT ",
+                    process_columns!(),
+                    " FROM proclog.complete_process($1, $2, $3, $4, $5)"
                 ),
                 &[
                     &id.as_str(),
@@ -397,8 +406,7 @@ impl ProcessRegistry for PgProcessRegistry {
         owner: &str,
         ttl: Duration,
     ) -> ProcessResult<ClaimOutcome> {
-        validate::owner(owner)?;
-        validate::lease_ttl(ttl)?;
+        validate::claim(owner, ttl)?;
         // The UPDATE grants the lease if none is live. When it matches nothing, the row says
         // why; if the lease was released in between, the claim is simply tried again.
         loop {
@@ -486,12 +494,10 @@ impl ProcessRegistry for PgProcessRegistry {
         ttl: Duration,
         limit: u32,
     ) -> ProcessResult<Vec<RunnableClaim>> {
-        validate::owner(owner)?;
-        validate::lease_ttl(ttl)?;
-        validate::claim_limit(limit)?;
+        validate::claim_runnable(owner, ttl, limit)?;
         let rows = self
             .query(
-                &format!(
+                concat!(
                     "WITH candidates AS (
                          SELECT process_id AS candidate_id, lease_owner AS old_owner,
                                 lease_generation AS old_generation,
@@ -512,7 +518,9 @@ impl ProcessRegistry for PgProcessRegistry {
                             updated_at = now()
                        FROM candidates
                       WHERE process_id = candidate_id
-                  RETURNING {PROCESS_COLUMNS}, lease_token, old_owner, old_generation,
+                  RETURNING ",
+                    process_columns!(),
+                    ", lease_token, old_owner, old_generation,
                             old_expires_at"
                 ),
                 &[&owner, &ttl_millis(ttl), &i64::from(limit)],
