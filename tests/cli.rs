@@ -26,6 +26,31 @@ fn json_of(output: &Output) -> Value {
     serde_json::from_slice(&output.stdout).expect("JSON on stdout")
 }
 
+#[tokio::test]
+async fn migrate_applies_the_schema_once_and_reports_bad_urls() {
+    let database = common::fresh_database_url().await;
+    let migrate = |url: String| {
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_proclog"))
+                .args(["migrate", "--database-url", &url])
+                .output()
+                .unwrap()
+        })
+    };
+    let first = migrate(database.clone()).await.unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(String::from_utf8_lossy(&first.stdout).contains("applied now: [1, 2]"));
+    let again = migrate(database).await.unwrap();
+    assert!(String::from_utf8_lossy(&again.stdout).contains("applied now: []"));
+    let bad = migrate("postgres://[nope".into()).await.unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bad database url"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_commands_drive_a_process_and_pod_logs_carry_ids() {
     let database = migrated_database_url().await;

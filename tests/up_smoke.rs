@@ -99,3 +99,14 @@ async fn up_starts_serves_and_stops_cleanly() {
     }
     assert!(!data_dir.exists(), "the throwaway database is removed");
 }
+
+#[test]
+fn up_refuses_zero_pods() {
+    let output = Command::new(env!("CARGO_BIN_EXE_proclog"))
+        .args(["up", "--pods", "0"])
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--pods must be at least 1"));
+}
