@@ -58,7 +58,10 @@ pub enum ProcessError {
     /// Malformed input: a bad id, type, kind, owner, key, limit or state.
     #[error("invalid input: {0}")]
     InvalidInput(String),
-    /// The database could not be reached (connection refused or lost, pool exhausted).
+    /// The database could not be reached or asked for a retry: connection refused or lost,
+    /// pool exhausted, a timeout, a server shutting down or recovering, a serialization
+    /// failure or deadlock. Nothing is known to have been written; a write may or may not
+    /// have committed when its answer was lost, so retry writes with replay keys.
     #[error("database unavailable: {0}")]
     Unavailable(String),
     /// The database answered with an error proclog did not expect.
@@ -67,6 +70,14 @@ pub enum ProcessError {
 }
 
 impl ProcessError {
+    /// True when the same call may succeed if tried again: only
+    /// [`ProcessError::Unavailable`]. Every other variant is a decision (not found, terminal,
+    /// lease lost, conflict, bad input) or an unexpected database answer, which a retry would
+    /// only repeat.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ProcessError::Unavailable(_))
+    }
+
     /// A short, stable, machine-readable code for the variant (used by the HTTP API).
     pub fn code(&self) -> &'static str {
         match self {

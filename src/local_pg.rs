@@ -36,10 +36,22 @@ pub struct LocalPostgresOptions {
 
 /// A running throwaway cluster. Dropping it stops the server and deletes its directory.
 pub struct LocalPostgres {
+    bin: PathBuf,
     dir: PathBuf,
+    data: PathBuf,
+    account: Option<Account>,
+    options: LocalPostgresOptions,
     port: u16,
+    /// The running server: its pid and the thread that spawned it and waits for it.
+    server: Option<Server>,
+    /// Set once the directory has been deleted (the cluster is gone for good).
+    removed: bool,
+}
+
+/// One run of the `postgres` server process.
+struct Server {
     pid: u32,
-    keeper: Option<JoinHandle<io::Result<ExitStatus>>>,
+    keeper: JoinHandle<io::Result<ExitStatus>>,
 }
 
 /// The OS account the server runs as.
@@ -80,31 +92,40 @@ impl LocalPostgres {
                 "initdb failed ({status}):\n{log}"
             )));
         }
+        let mut cluster = LocalPostgres {
+            bin,
+            dir,
+            data,
+            account,
+            options: options.clone(),
+            port: 0,
+            server: None,
+            removed: false,
+        };
+        // A free port may be taken by someone else before the server binds it: try others.
         let mut last_error = None;
         for _ in 0..5 {
-            match Self::launch(&bin, &dir, &data, account, options) {
-                Ok(server) => return Ok(server),
+            match free_port().and_then(|port| cluster.launch(port)) {
+                Ok(()) => return Ok(cluster),
                 Err(err) => last_error = Some(err),
             }
         }
-        let _ = fs::remove_dir_all(&dir);
         Err(last_error.expect("at least one attempt"))
     }
 
-    fn launch(
-        bin: &Path,
-        dir: &Path,
-        data: &Path,
-        account: Option<Account>,
-        options: &LocalPostgresOptions,
-    ) -> io::Result<Self> {
-        let port = free_port()?;
-        let log_path = dir.join("postgres.log");
-        let log = File::create(&log_path)?;
-        let mut command = as_account(Command::new(bin.join("postgres")), account, true);
+    /// Starts the server on `port` and returns once it accepts connections. On failure no
+    /// server is left running.
+    fn launch(&mut self, port: u16) -> io::Result<()> {
+        let log_path = self.dir.join("postgres.log");
+        // Appended to, so that the log of every run of the server (restarts) is kept.
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let mut command = as_account(Command::new(self.bin.join("postgres")), self.account, true);
         command
-            .current_dir(dir)
-            .args(["-D", path_str(data)?, "-p", &port.to_string()])
+            .current_dir(&self.dir)
+            .args(["-D", path_str(&self.data)?, "-p", &port.to_string()])
             .args([
                 "-c",
                 "listen_addresses=127.0.0.1",
@@ -115,10 +136,10 @@ impl LocalPostgres {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        if !options.durable {
+        if !self.options.durable {
             command.args(["-c", "fsync=off", "-c", "full_page_writes=off"]);
         }
-        for (name, value) in &options.settings {
+        for (name, value) in &self.options.settings {
             command.args(["-c", &format!("{name}={value}")]);
         }
         // The server is spawned by a thread that lives exactly as long as the server, so the
@@ -137,28 +158,32 @@ impl LocalPostgres {
                 let _ = pid_tx.send(Ok(child.id()));
                 child.wait()
             })?;
-        let pid = pid_rx
-            .recv()
-            .map_err(|_| io::Error::other("postgres keeper thread died"))??;
-        let server = LocalPostgres {
-            dir: dir.to_owned(),
-            port,
-            pid,
-            keeper: Some(keeper),
+        let pid = match pid_rx.recv() {
+            Ok(Ok(pid)) => pid,
+            Ok(Err(err)) => {
+                let _ = keeper.join();
+                return Err(err);
+            }
+            Err(_) => return Err(io::Error::other("postgres keeper thread died")),
         };
-        server.wait_ready(bin, &log_path)?;
-        Ok(server)
+        self.port = port;
+        self.server = Some(Server { pid, keeper });
+        if let Err(err) = self.wait_ready(&log_path) {
+            self.signal_and_wait(libc::SIGQUIT);
+            return Err(err);
+        }
+        Ok(())
     }
 
-    fn wait_ready(&self, bin: &Path, log_path: &Path) -> io::Result<()> {
+    fn wait_ready(&self, log_path: &Path) -> io::Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut pause = Duration::from_millis(10);
         loop {
-            if self.keeper.as_ref().is_some_and(|k| k.is_finished()) {
+            if self.server.as_ref().is_none_or(|s| s.keeper.is_finished()) {
                 let log = fs::read_to_string(log_path).unwrap_or_default();
                 return Err(io::Error::other(format!("postgres exited:\n{log}")));
             }
-            let ready = Command::new(bin.join("pg_isready"))
+            let ready = Command::new(self.bin.join("pg_isready"))
                 .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
                 .args(["-U", SUPERUSER, "-d", "postgres"])
                 .status()?;
@@ -171,6 +196,61 @@ impl LocalPostgres {
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(200));
         }
+    }
+
+    /// Sends `signal` to the server, if one runs, and waits until it has exited.
+    fn signal_and_wait(&mut self, signal: libc::c_int) {
+        let Some(server) = self.server.take() else {
+            return;
+        };
+        // A finished keeper has reaped the server: its pid may belong to someone else now.
+        if !server.keeper.is_finished() {
+            // SAFETY: plain syscall on a pid we spawned and the keeper has not yet reaped.
+            unsafe { libc::kill(server.pid as libc::pid_t, signal) };
+        }
+        let _ = server.keeper.join();
+    }
+
+    /// Stops the server with a fast shutdown (SIGINT: sessions are cut, a checkpoint is
+    /// written) and waits until it has exited, keeping the data directory and the port
+    /// number, so that [`LocalPostgres::start_server`] can bring the same cluster back. A
+    /// no-op when the server is not running.
+    pub fn stop_server(&mut self) {
+        self.signal_and_wait(libc::SIGINT);
+    }
+
+    /// Starts the server again on the same data directory and the same port (so every URL
+    /// from [`LocalPostgres::url`] keeps working) and returns once it accepts connections. A
+    /// no-op when it runs already. If the port is taken meanwhile, it retries for a few
+    /// seconds, then fails: the port is never changed.
+    pub fn start_server(&mut self) -> io::Result<()> {
+        if self.server.is_some() {
+            return Ok(());
+        }
+        if self.removed {
+            return Err(io::Error::other("the cluster was stopped and deleted"));
+        }
+        let mut last_error = None;
+        for attempt in 0..10 {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            match self.launch(self.port) {
+                Ok(()) => return Ok(()),
+                Err(err) => last_error = Some(err),
+            }
+        }
+        Err(last_error.expect("at least one attempt"))
+    }
+
+    /// Crashes and restarts the server: an immediate shutdown (SIGQUIT: every session is cut
+    /// at once, no checkpoint), then a start on the same data directory and port, which runs
+    /// crash recovery from the WAL. Returns once the server accepts connections again; every
+    /// URL from [`LocalPostgres::url`] stays valid, every committed transaction survives (the
+    /// machine does not crash, so even `fsync = off` loses nothing).
+    pub fn restart_immediate(&mut self) -> io::Result<()> {
+        self.signal_and_wait(libc::SIGQUIT);
+        self.start_server()
     }
 
     /// The loopback port the server listens on.
@@ -194,12 +274,10 @@ impl LocalPostgres {
     }
 
     fn shutdown(&mut self) -> io::Result<()> {
-        let Some(keeper) = self.keeper.take() else {
+        self.signal_and_wait(libc::SIGINT);
+        if std::mem::replace(&mut self.removed, true) {
             return Ok(());
-        };
-        // SAFETY: plain syscall on a pid we spawned and have not yet reaped.
-        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGINT) };
-        let _ = keeper.join();
+        }
         fs::remove_dir_all(&self.dir)
     }
 }

@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::Notify;
@@ -20,7 +21,8 @@ use deadpool_postgres::Pool;
 
 use crate::error::ProcessError;
 use crate::pg::{
-    ListenerOptions, PgListener, PgNotifier, PgProcessRegistry, client_config, connect_pool,
+    ListenerOptions, PgListener, PgNotifier, PgProcessRegistry, PoolOptions, client_config,
+    connect_pool_with,
 };
 use crate::registry::{ProcessRegistry, RegistryConfig};
 use crate::watch::{
@@ -42,16 +44,35 @@ pub struct PodServicesOptions {
     /// A direct (unpooled) URL for the listener, when the main URL goes through a pooler in
     /// transaction mode, where LISTEN cannot work. `None`: the main URL.
     pub listener_database_url: Option<String>,
+    /// Longest wait for a connection of the registry pool, and the server-side
+    /// `statement_timeout` of its connections. Keep it under the lease TTL.
+    pub statement_timeout: Duration,
+    /// Connections reserved for lease renewals and releases.
+    pub lease_pool_size: usize,
+    /// Bound on each renewal or release round trip (wait, statement and client-side): keep it
+    /// well under a third of the lease TTL, so a stalled attempt leaves time for another.
+    pub lease_call_timeout: Duration,
 }
 
 impl Default for PodServicesOptions {
     fn default() -> Self {
+        Self::for_lease_ttl(Duration::from_secs(15))
+    }
+}
+
+impl PodServicesOptions {
+    /// Defaults whose timeouts fit leases of `ttl`: statements and pool waits at most half the
+    /// TTL (5 s at most), lease calls a sixth of it (between 100 ms and 2 s).
+    pub fn for_lease_ttl(ttl: Duration) -> Self {
         Self {
             pool_size: 16,
             notice_capacity: 65_536,
             max_payload_bytes: crate::validate::DEFAULT_MAX_PAYLOAD_BYTES,
             listener: ListenerOptions::default(),
             listener_database_url: None,
+            statement_timeout: (ttl / 2).min(Duration::from_secs(5)),
+            lease_pool_size: 2,
+            lease_call_timeout: (ttl / 6).clamp(Duration::from_millis(100), Duration::from_secs(2)),
         }
     }
 }
@@ -64,6 +85,10 @@ pub struct PodServices {
     pub pool: Pool,
     /// The watched registry every write of this pod goes through.
     pub registry: Arc<dyn ProcessRegistry>,
+    /// The registry lease renewals and releases go through: its own small pool with short
+    /// timeouts (application name `proclog-leases-<pod>`), so a saturated request pool or a
+    /// stalled connection cannot starve lease keeping.
+    pub leases: Arc<dyn ProcessRegistry>,
     /// The pod's change hub.
     pub hub: Arc<ProcessChangeHub>,
     /// The NOTIFY-forwarding sink.
@@ -97,6 +122,9 @@ impl ProcessEventSink for CountingSink {
 impl PodServices {
     /// Connects to `database_url` (already migrated) as pod `pod_id` and starts the notifier,
     /// the listener and the work driver.
+    ///
+    /// Connections are named for `pg_stat_activity`: `proclog-<pod>` (registry pool),
+    /// `proclog-leases-<pod>`, `proclog-notify-<pod>` and `proclog-listener-<pod>`.
     pub fn start(
         database_url: &str,
         pod_id: &str,
@@ -115,9 +143,30 @@ impl PodServices {
         options: PodServicesOptions,
         sink: impl FnOnce(&PgNotifier) -> Arc<dyn ProcessEventSink>,
     ) -> Result<Self, ProcessError> {
-        let pool = connect_pool(database_url, options.pool_size)?;
+        let named = |name: String, size: usize, timeout: Duration| PoolOptions {
+            max_size: size,
+            wait_timeout: timeout,
+            statement_timeout: Some(timeout),
+            application_name: Some(name),
+        };
+        let statements = options.statement_timeout;
+        let pool = connect_pool_with(
+            database_url,
+            &named(format!("proclog-{pod_id}"), options.pool_size, statements),
+        )?;
+        let lease_pool = connect_pool_with(
+            database_url,
+            &named(
+                format!("proclog-leases-{pod_id}"),
+                options.lease_pool_size,
+                options.lease_call_timeout,
+            ),
+        )?;
         let notifier = PgNotifier::spawn(
-            connect_pool(database_url, 1)?,
+            connect_pool_with(
+                database_url,
+                &named(format!("proclog-notify-{pod_id}"), 1, statements),
+            )?,
             pod_id,
             options.notice_capacity,
         );
@@ -139,9 +188,16 @@ impl PodServices {
             options.listener.clone(),
         );
         let config = RegistryConfig::new(pod_id).with_max_payload_bytes(options.max_payload_bytes);
+        let leases: Arc<dyn ProcessRegistry> = Arc::new(
+            PgProcessRegistry::new(lease_pool, config.clone())
+                .with_call_timeout(options.lease_call_timeout),
+        );
+        // The client-side bound ends calls the server's statement_timeout cannot (a stalled
+        // network); it leaves the server its own timeout first.
         let registry: Arc<dyn ProcessRegistry> = Arc::new(
             WatchedProcessRegistry::new(
-                PgProcessRegistry::new(pool.clone(), config),
+                PgProcessRegistry::new(pool.clone(), config)
+                    .with_call_timeout(statements + statements / 2),
                 Arc::clone(&hub),
                 Arc::new(CountingSink {
                     count: Arc::clone(&appended_events),
@@ -156,6 +212,7 @@ impl PodServices {
             pod_id: pod_id.to_owned(),
             pool,
             registry,
+            leases,
             hub,
             notifier,
             listener,

@@ -1,6 +1,7 @@
 //! `proclog pod`: one pod, running processes and serving the API until SIGTERM or SIGINT.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,7 +9,9 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use super::{CliResult, LogFormat, init_logging};
 use crate::http::{ApiState, DEFAULT_MAX_BODY_BYTES, router};
-use crate::pod::{Worker, WorkerConfig, demo_engines};
+use crate::backoff::Backoff;
+use crate::pg::MigrationError;
+use crate::pod::{DemoJournal, Worker, WorkerConfig, demo_engines_with};
 use crate::pod_services::{PodServices, PodServicesOptions};
 
 /// How long the HTTP server may take to close its connections (open SSE streams included)
@@ -39,9 +42,19 @@ pub struct PodArgs {
     /// Safety poll for new work, in milliseconds (work hints usually arrive first).
     #[arg(long, env = "PROCLOG_POLL_MS", default_value_t = 2_000)]
     pub poll_ms: u64,
-    /// On SIGTERM, how long runs may finish before their leases are released, in ms.
+    /// On SIGTERM, how long runs may finish before their engines are stopped, in ms.
     #[arg(long, env = "PROCLOG_GRACE_MS", default_value_t = 10_000)]
     pub grace_ms: u64,
+    /// After the grace period, how long engines get to return before they are dropped, and
+    /// then runs to release their leases before they are aborted, in ms.
+    #[arg(long, env = "PROCLOG_HARD_STOP_MS", default_value_t = 3_000)]
+    pub hard_stop_ms: u64,
+    /// How long to keep trying to reach and migrate the database at start, in ms.
+    #[arg(long, env = "PROCLOG_STARTUP_TIMEOUT_MS", default_value_t = 60_000)]
+    pub startup_timeout_ms: u64,
+    /// Record the demo engines' effects in this file (JSON lines), for crash and chaos tests.
+    #[arg(long, env = "PROCLOG_DEMO_JOURNAL")]
+    pub demo_journal: Option<PathBuf>,
     /// Bearer token required on /v1 (none: open).
     #[arg(long, env = "PROCLOG_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
@@ -66,12 +79,43 @@ fn default_pod_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// Connects and migrates, retrying while the database is unreachable (not up yet, restarting)
+/// until `deadline`; each failed attempt is logged. A schema newer than this binary, a bad URL
+/// or any other refusal ends the start at once.
+async fn migrate_when_reachable(args: &PodArgs, pod_id: &str) -> CliResult {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(args.startup_timeout_ms);
+    let pool = crate::pg::connect_pool(&args.database_url, 1)?;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    for attempt in 1.. {
+        match crate::pg::migrate(&pool).await {
+            Ok(migrated) => {
+                tracing::info!(pod = %pod_id, schema = migrated.version, "database ready");
+                return Ok(());
+            }
+            Err(MigrationError::Database(err)) if err.is_transient() => {
+                let pause = backoff.next_delay();
+                if tokio::time::Instant::now() + pause >= deadline {
+                    return Err(format!(
+                        "database not reachable after {attempt} attempts in {} ms: {err}",
+                        args.startup_timeout_ms
+                    )
+                    .into());
+                }
+                tracing::warn!(pod = %pod_id, attempt, error = %err, retry_in = ?pause, "database not reachable yet");
+                tokio::time::sleep(pause).await;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    unreachable!("the attempts never run out")
+}
+
 pub async fn run(args: PodArgs) -> CliResult {
     init_logging(args.log_format);
     let pod_id = args.pod_id.clone().unwrap_or_else(default_pod_id);
-    let pool = crate::pg::connect_pool(&args.database_url, 1)?;
-    let migrated = crate::pg::migrate(&pool).await?;
-    tracing::info!(pod = %pod_id, schema = migrated.version, "database ready");
+    let lease_ttl = Duration::from_millis(args.lease_ttl_ms);
+    crate::validate::lease_ttl(lease_ttl)?;
+    migrate_when_reachable(&args, &pod_id).await?;
 
     let services = Arc::new(PodServices::start(
         &args.database_url,
@@ -80,21 +124,27 @@ pub async fn run(args: PodArgs) -> CliResult {
             pool_size: args.pool_size,
             max_payload_bytes: args.max_payload_bytes,
             listener_database_url: args.listener_database_url.clone(),
-            ..PodServicesOptions::default()
+            ..PodServicesOptions::for_lease_ttl(lease_ttl)
         },
     )?);
+    let journal = match &args.demo_journal {
+        Some(path) => Some(Arc::new(DemoJournal::open(path, &pod_id)?)),
+        None => None,
+    };
     let worker = (args.concurrency > 0).then(|| {
         let config = WorkerConfig {
             concurrency: args.concurrency,
-            lease_ttl: Duration::from_millis(args.lease_ttl_ms),
+            lease_ttl,
             poll_interval: Duration::from_millis(args.poll_ms),
             grace: Duration::from_millis(args.grace_ms),
+            hard_stop_margin: Duration::from_millis(args.hard_stop_ms),
             ..WorkerConfig::new(pod_id.clone())
         };
-        Worker::spawn(
+        Worker::spawn_with_leases(
             Arc::clone(&services.registry),
+            Arc::clone(&services.leases),
             Arc::clone(&services.hub),
-            demo_engines(),
+            demo_engines_with(journal),
             config,
             Arc::clone(&services.work),
         )

@@ -103,14 +103,29 @@ async fn no_route() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such endpoint")
 }
 
+/// How long `/readyz` waits for the database before answering 503.
+pub const READINESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Liveness: the process serves requests. Never touches the database, so an orchestrator
+/// never restarts a pod for the database's fault.
 async fn healthz() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
-/// Ready when the database answers, its schema is the one this binary knows, and the listener
-/// is listening (or has knowingly fallen back to polling).
+/// Ready when the database answers within [`READINESS_TIMEOUT`], its schema is the one this
+/// binary knows, and the listener is listening (or has knowingly fallen back to polling).
+/// Answers 503 within that bound whatever the database does (down, stalled, blackholed).
 async fn readyz(State(state): State<ApiState>) -> Response {
-    let schema = crate::pg::migrate::schema_version(&state.services.pool).await;
+    let schema = tokio::time::timeout(
+        READINESS_TIMEOUT,
+        crate::pg::migrate::schema_version(&state.services.pool),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(crate::ProcessError::Unavailable(format!(
+            "no answer from the database within {READINESS_TIMEOUT:?}"
+        )))
+    });
     let listener = state.services.listener.status();
     let latest = crate::pg::migrate::latest_version();
     let database_ok = matches!(schema, Ok(v) if v == latest);

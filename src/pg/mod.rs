@@ -10,5 +10,5 @@ mod registry;
 pub use listener::{ListenerOptions, ListenerStatus, PgListener};
 pub use migrate::{MigrationError, MigrationReport, migrate};
 pub use notify::PgNotifier;
-pub use pool::{client_config, connect_pool};
+pub use pool::{PoolOptions, client_config, connect_pool, connect_pool_with};
 pub use registry::PgProcessRegistry;

@@ -30,6 +30,7 @@ use crate::validate;
 pub struct PgProcessRegistry {
     pool: Pool,
     config: RegistryConfig,
+    call_timeout: Option<Duration>,
 }
 
 /// Appends unkeyed events in one statement: the per-process counter is bumped under the
@@ -59,7 +60,22 @@ fn ttl_millis(ttl: Duration) -> i64 {
 impl PgProcessRegistry {
     /// A registry over `pool` (whose database must be migrated, see [`crate::pg::migrate`]).
     pub fn new(pool: Pool, config: RegistryConfig) -> Self {
-        Self { pool, config }
+        Self {
+            pool,
+            config,
+            call_timeout: None,
+        }
+    }
+
+    /// The same registry with a client-side bound on every statement's round trip: past it
+    /// the call is `Unavailable` and its connection is discarded, not returned to the pool.
+    ///
+    /// The server's `statement_timeout` cannot end a call whose packets never reach the
+    /// server (a stalled network, a blackholed route); this bound can. A write cut by it may
+    /// or may not have committed, like any `Unavailable` write: retry it with its replay key.
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = Some(timeout);
+        self
     }
 
     /// The pool this registry uses.
@@ -85,8 +101,23 @@ impl PgProcessRegistry {
         on_error: impl FnOnce(tokio_postgres::Error) -> ProcessError,
     ) -> ProcessResult<Vec<tokio_postgres::Row>> {
         let client = self.client().await?;
-        let statement = client.prepare_cached(sql).await.map_err(db_error)?;
-        client.query(&statement, params).await.map_err(on_error)
+        let call = async {
+            let statement = client.prepare_cached(sql).await.map_err(db_error)?;
+            client.query(&statement, params).await.map_err(on_error)
+        };
+        let Some(limit) = self.call_timeout else {
+            return call.await;
+        };
+        match tokio::time::timeout(limit, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                // The connection may still carry the unanswered call: never reuse it.
+                drop(Object::take(client));
+                Err(ProcessError::Unavailable(format!(
+                    "no answer from the database within {limit:?}"
+                )))
+            }
+        }
     }
 
     /// [`Self::run`] for statements whose errors carry no process-specific meaning.

@@ -4,8 +4,16 @@
 //!   events `{i, of, attempt}` D ms apart, then completes with `{steps, attempt}`.
 //! - `sleep`: input `{"ms": D}` (default 1000): waits, then completes with `{slept_ms}`.
 //! - `fail`: input `{"message": M}`: fails at once with `{error: M}`.
+//!
+//! With a [`DemoJournal`] (`proclog pod --demo-journal FILE`), each engine records its effects
+//! (`start`, each `step`) and its return (`stop`) as JSON lines with wall-clock instants, so a
+//! test can check from outside that no two engines of one process ever acted at once.
 
-use std::time::Duration;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
@@ -16,20 +24,86 @@ fn number(input: &Value, key: &str, default: u64) -> u64 {
     input.get(key).and_then(Value::as_u64).unwrap_or(default)
 }
 
-/// Emits N `step` events with a delay, then completes.
-pub struct StepsEngine;
+/// An append-only file of engine effects, one JSON object per line:
+/// `{"process_id", "pod", "generation", "attempt", "what": "start"|"step"|"stop", "at_ns"}`,
+/// `at_ns` in nanoseconds since the Unix epoch (wall clock).
+pub struct DemoJournal {
+    pod: String,
+    file: Mutex<File>,
+}
+
+impl DemoJournal {
+    /// Opens (creates, appends to) the journal at `path` for pod `pod`.
+    pub fn open(path: &Path, pod: &str) -> io::Result<Self> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Self {
+            pod: pod.to_owned(),
+            file: Mutex::new(file),
+        })
+    }
+
+    fn record(&self, run: &RunContext, what: &str) {
+        let at_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos());
+        let line = json!({
+            "process_id": run.process.id,
+            "pod": self.pod,
+            "generation": run.events.lease().generation,
+            "attempt": run.attempt,
+            "what": what,
+            "at_ns": at_ns,
+        });
+        let mut file = self.file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Err(err) = writeln!(file, "{line}") {
+            tracing::warn!(error = %err, "could not write the demo journal");
+        }
+    }
+}
+
+/// Records an effect in the journal, if any.
+fn effect(journal: &Option<Arc<DemoJournal>>, run: &RunContext, what: &str) {
+    if let Some(journal) = journal {
+        journal.record(run, what);
+    }
+}
+
+/// Emits N `step` events with a delay, then completes. Each step is an "effect": it is taken
+/// only while the run surely owns the process ([`RunContext::is_owner`]).
+#[derive(Default)]
+pub struct StepsEngine {
+    journal: Option<Arc<DemoJournal>>,
+}
 
 #[async_trait]
 impl ProcessEngine for StepsEngine {
     async fn run(&self, run: RunContext) -> EngineResult {
+        let result = self.steps(&run).await;
+        effect(&self.journal, &run, "stop");
+        result
+    }
+}
+
+impl StepsEngine {
+    async fn steps(&self, run: &RunContext) -> EngineResult {
         let steps = number(&run.process.input, "steps", 5);
         let delay = Duration::from_millis(number(&run.process.input, "delay_ms", 500));
+        if !run.is_owner() {
+            return Err(json!({"error": "stopped before the first step"}));
+        }
+        effect(&self.journal, run, "start");
         for i in 1..=steps {
             tokio::select! {
                 _ = run.cancel.cancelled() => return Err(json!({"error": "cancelled"})),
                 _ = tokio::time::sleep(delay) => {}
             }
+            if !run.is_owner() {
+                return Err(json!({"error": "stopped"}));
+            }
+            effect(&self.journal, run, "step");
             let step = json!({"i": i, "of": steps, "attempt": run.attempt});
+            // Transient database errors were retried already: an error here means the run
+            // is being stopped (its answer is then ignored) or the store refused the step.
             if let Err(err) = run.events.append("step", step).await {
                 return Err(json!({"error": err.to_string()}));
             }
@@ -71,8 +145,13 @@ impl ProcessEngine for FailEngine {
 
 /// `steps`, `sleep` and `fail`.
 pub fn demo_engines() -> Engines {
+    demo_engines_with(None)
+}
+
+/// [`demo_engines`] whose `steps` engine records its effects in `journal`.
+pub fn demo_engines_with(journal: Option<Arc<DemoJournal>>) -> Engines {
     Engines::new()
-        .with("steps", StepsEngine)
+        .with("steps", StepsEngine { journal })
         .with("sleep", SleepEngine)
         .with("fail", FailEngine)
 }

@@ -3,9 +3,14 @@
 pub mod cancel;
 pub mod demo;
 pub mod engine;
+pub mod lease;
+mod retry;
+pub mod run;
 pub mod worker;
 
 pub use cancel::cancel_process;
-pub use demo::demo_engines;
+pub use demo::{DemoJournal, demo_engines, demo_engines_with};
 pub use engine::{EngineResult, Engines, ProcessEngine, RunContext, RunEvents};
+pub use lease::LeaseClock;
+pub use run::RunEnd;
 pub use worker::{Worker, WorkerConfig, WorkerStats};

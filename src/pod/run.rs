@@ -1,0 +1,650 @@
+//! One run of one claimed process, as an explicit state machine.
+//!
+//! ```text
+//!            Claimed ──(abandon, already started once)──────────────┐
+//!               │                                                   │
+//!               v                                                   v
+//!           Starting ──(pod stopping)──> Releasing ──> Done     Completing ──> Done
+//!               │                                                   ^
+//!               v                                                   │
+//!            Running ──(engine returned / cancel requested /────────┘
+//!               │        abandon process drained)
+//!               ├──(rerun process drained)──> Releasing
+//!               └──(lease lost or unconfirmable)──> Done(LeaseLost)
+//! ```
+//!
+//! Each phase makes at most one kind of write, and every write goes through
+//! [`super::retry::retry_write`]: transient failures are retried while the lease is surely
+//! live, and only `LeaseLost`, terminal and input errors end a retry. The lease is renewed by
+//! its own task ([`super::lease::keep_lease`]) from the claim until the run is done, so a
+//! completion that hits a blip is retried under a lease that stays live.
+//!
+//! | phase | write (idempotent by) | on `LeaseLost` / no time left | on terminal |
+//! |---|---|---|---|
+//! | Claimed | read of the log (abandon only) | Done(LeaseLost) | Done(AlreadyEnded) |
+//! | Starting | `process.started` (key `proclog:g<gen>:started`) | Done(LeaseLost) | Done(AlreadyEnded) |
+//! | Running | engine appends (key `proclog:g<gen>:<n>`) | Done(LeaseLost) | Completing, refused |
+//! | Completing | completion (identical repeat returns the record) | Done(LeaseLost) | Done(AlreadyEnded) |
+//! | Releasing | release (idempotent) | Done(Released) | Done(Released) |
+//!
+//! A run whose lease cannot be confirmed stops its engine at the write deadline and drops it at
+//! the hard deadline (see [`super::lease`]); it then writes nothing more, and the process is
+//! taken over after the TTL.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::engine::{EngineResult, RunContext, RunEvents};
+use super::lease::{LeaseClock, keep_lease};
+use super::retry::retry_write;
+use super::worker::{CANCEL_REQUESTED, STARTED, Shared};
+use crate::error::ProcessError;
+use crate::model::{AppendRequest, Completion, Disposition, RunnableClaim, TerminalState};
+
+/// Shortest interval between two reads of the cancel watcher (the most a cancellation
+/// request waits beyond its notice).
+const CANCEL_CHECK_GAP: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Where a run is.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Phase {
+    /// Claimed: decide whether to start it or, for an `abandon` process that already started
+    /// once, to end it as `abandoned`.
+    Claimed,
+    /// Writing `process.started`.
+    Starting,
+    /// The engine runs.
+    Running,
+    /// Writing the terminal state. `fallback` is set when this completion replaces one the
+    /// store refused as input (an oversized output), so it is never replaced twice.
+    Completing {
+        state: TerminalState,
+        output: Value,
+        fallback: bool,
+    },
+    /// Handing the lease back so that another pod continues at once.
+    Releasing,
+    /// The run is over.
+    Done(RunEnd),
+}
+
+impl Phase {
+    fn completing(state: TerminalState, output: Value) -> Self {
+        Phase::Completing {
+            state,
+            output,
+            fallback: false,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Claimed => "claimed",
+            Phase::Starting => "starting",
+            Phase::Running => "running",
+            Phase::Completing { .. } => "completing",
+            Phase::Releasing => "releasing",
+            Phase::Done(_) => "done",
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    /// This run wrote the process's terminal state.
+    Ended(TerminalState),
+    /// The lease was handed back for another pod to continue.
+    Released,
+    /// The lease was lost, or could not be confirmed in time: this run wrote nothing more.
+    LeaseLost,
+    /// The process had already ended (or was removed): nothing left to do.
+    AlreadyEnded,
+}
+
+/// Why a run was asked to stop before its engine returned.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Interrupt {
+    /// The lease was lost or could not be confirmed before its write deadline.
+    LeaseUnconfirmed,
+    /// `process.cancel_requested` was found in the log (its payload).
+    CancelRequested(Value),
+    /// The pod is stopping and the grace period is over.
+    PodStopping,
+}
+
+/// The pod-wide signals a run obeys.
+#[derive(Clone, Default)]
+pub(crate) struct PodStop {
+    /// The grace period of a drain is over: stop engines, release (or abandon) their runs.
+    pub(crate) stopping: CancellationToken,
+    /// Engines that ignored `stopping` are dropped.
+    pub(crate) hard_stop: CancellationToken,
+}
+
+/// The replay key of a run's `process.started`.
+pub(crate) fn started_replay_key(generation: i64) -> String {
+    format!("proclog:g{generation}:started")
+}
+
+/// The decision after the engine returned or was stopped. `lease_live`: whether the lease is
+/// still surely live now.
+pub(crate) fn after_engine(
+    interrupt: Option<Interrupt>,
+    outcome: Option<EngineResult>,
+    disposition: Disposition,
+    lease_live: bool,
+    drained_evidence: impl FnOnce() -> Value,
+) -> Phase {
+    if !lease_live {
+        return Phase::Done(RunEnd::LeaseLost);
+    }
+    match interrupt {
+        None => match outcome {
+            Some(Ok(output)) => Phase::completing(TerminalState::Completed, output),
+            Some(Err(output)) => Phase::completing(TerminalState::Failed, output),
+            // Dropped without a reason: only a hard stop does that, which implies stopping.
+            None => Phase::Releasing,
+        },
+        Some(Interrupt::CancelRequested(request)) => {
+            Phase::completing(TerminalState::Cancelled, json!({ "request": request }))
+        }
+        Some(Interrupt::PodStopping) if disposition == Disposition::Abandon => {
+            Phase::completing(TerminalState::Abandoned, drained_evidence())
+        }
+        Some(Interrupt::PodStopping) => Phase::Releasing,
+        Some(Interrupt::LeaseUnconfirmed) => Phase::Done(RunEnd::LeaseLost),
+    }
+}
+
+/// The decision after a write of `phase` was refused with `err` (retries already spent).
+pub(crate) fn after_refusal(phase: &Phase, err: &ProcessError) -> Phase {
+    match err {
+        ProcessError::LeaseLost { .. } => Phase::Done(RunEnd::LeaseLost),
+        ProcessError::ProcessTerminal { .. }
+        | ProcessError::AlreadyTerminal { .. }
+        | ProcessError::NotFound(_) => Phase::Done(RunEnd::AlreadyEnded),
+        err if err.is_transient() => Phase::Done(RunEnd::LeaseLost),
+        // Input refused, or an unexpected database answer: the same write would be refused
+        // again, so do not hand the process to another pod to fail the same way.
+        err => match phase {
+            Phase::Completing {
+                fallback: false, ..
+            }
+            | Phase::Starting
+            | Phase::Claimed => Phase::Completing {
+                state: TerminalState::Failed,
+                output: json!({
+                    "error": format!("the pod could not record the run's {}: {err}", phase.name()),
+                }),
+                fallback: true,
+            },
+            _ => Phase::Done(RunEnd::LeaseLost),
+        },
+    }
+}
+
+/// One attempt of one claimed process.
+pub(crate) struct Run {
+    shared: Arc<Shared>,
+    claim: RunnableClaim,
+    clock: LeaseClock,
+    pod: PodStop,
+}
+
+impl Run {
+    /// A run of `claim`, whose claim statement was sent at `sent_at`.
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        claim: RunnableClaim,
+        sent_at: Instant,
+        pod: PodStop,
+    ) -> Self {
+        let clock = LeaseClock::new(shared.config.lease_ttl, sent_at);
+        Self {
+            shared,
+            claim,
+            clock,
+            pod,
+        }
+    }
+
+    /// Drives the run from `Claimed` to `Done`, keeping the lease all along.
+    pub(crate) async fn drive(self) -> RunEnd {
+        let keeper = tokio::spawn(keep_lease(
+            Arc::clone(&self.shared.leases),
+            self.claim.lease.clone(),
+            self.clock.clone(),
+            Arc::clone(&self.shared.stats.write_retries),
+        ));
+        let _stop_keeper = AbortOnDrop(keeper);
+        let mut phase = Phase::Claimed;
+        loop {
+            tracing::debug!(phase = phase.name(), "run phase");
+            phase = match phase {
+                Phase::Claimed => self.decide_start().await,
+                Phase::Starting => self.write_started().await,
+                Phase::Running => self.run_engine().await,
+                Phase::Completing {
+                    state,
+                    output,
+                    fallback,
+                } => self.complete(state, output, fallback).await,
+                Phase::Releasing => self.release().await,
+                Phase::Done(end) => {
+                    self.count(end);
+                    return end;
+                }
+            };
+        }
+    }
+
+    fn count(&self, end: RunEnd) {
+        let stats = &self.shared.stats;
+        match end {
+            RunEnd::Ended(state) => {
+                stats.completed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%state, "process ended");
+            }
+            RunEnd::Released => {
+                stats.released.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("pod stopping: lease released for another pod to continue");
+            }
+            RunEnd::LeaseLost => {
+                stats.leases_lost.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    "lease lost or unconfirmable: the run stopped and wrote nothing more"
+                );
+            }
+            RunEnd::AlreadyEnded => tracing::info!("the process had already ended"),
+        }
+    }
+
+    /// `Claimed`: an `abandon` process runs at most once. If a `process.started` is already in
+    /// its log (an earlier run began: its owner was lost, drained or failed after starting),
+    /// it ends as `abandoned` with the evidence; otherwise it starts.
+    async fn decide_start(&self) -> Phase {
+        let process = &self.claim.process;
+        let lost = &self.claim.lost_owner;
+        if let Some(lost) = lost {
+            self.shared.stats.recoveries.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                lost_owner = %lost.owner,
+                lost_generation = lost.generation,
+                disposition = %process.disposition,
+                "recovering a process whose owner was lost"
+            );
+        }
+        if process.disposition != Disposition::Abandon || process.attempts <= 1 {
+            return Phase::Starting;
+        }
+        let started = retry_write(
+            &self.clock,
+            &self.shared.stats.write_retries,
+            "reading the log",
+            || self.started_before(),
+        )
+        .await;
+        match started {
+            Ok(false) => Phase::Starting,
+            Ok(true) => {
+                let evidence = match lost {
+                    Some(lost) => json!({
+                        "reason": "owner lost",
+                        "lost_owner": lost.owner,
+                        "lost_generation": lost.generation,
+                        "lease_expired_at": lost.expired_at,
+                        "detected_by": self.shared.config.pod_id,
+                    }),
+                    None => json!({
+                        "reason": "interrupted",
+                        "detail": "an earlier run started and handed the process back",
+                        "previous_attempts": process.attempts - 1,
+                        "detected_by": self.shared.config.pod_id,
+                    }),
+                };
+                Phase::completing(TerminalState::Abandoned, evidence)
+            }
+            Err(err) => after_refusal(&Phase::Claimed, &err),
+        }
+    }
+
+    /// Whether the log holds a `process.started` (read page by page).
+    async fn started_before(&self) -> crate::ProcessResult<bool> {
+        let id = &self.claim.process.id;
+        let mut after = 0;
+        loop {
+            let events = self.shared.registry.events_after(id, after, 1000).await?;
+            if events.iter().any(|event| event.event_type == STARTED) {
+                return Ok(true);
+            }
+            match events.last() {
+                Some(last) => after = last.seq,
+                None => return Ok(false),
+            }
+        }
+    }
+
+    fn events(&self) -> RunEvents {
+        RunEvents::new(
+            Arc::clone(&self.shared.registry),
+            self.claim.lease.clone(),
+            self.clock.clone(),
+            Arc::clone(&self.shared.stats.write_retries),
+        )
+    }
+
+    /// `Starting`: `process.started {attempt, pod, generation, recovered_from}`.
+    async fn write_started(&self) -> Phase {
+        if self.pod.stopping.is_cancelled() {
+            return Phase::Releasing;
+        }
+        let lease = &self.claim.lease;
+        let started = json!({
+            "attempt": self.claim.process.attempts,
+            "pod": self.shared.config.pod_id,
+            "generation": lease.generation,
+            "recovered_from": self.claim.lost_owner.as_ref().map(|lost| json!({
+                "owner": lost.owner, "generation": lost.generation,
+            })),
+        });
+        let request = AppendRequest::reserved(STARTED, started)
+            .with_replay_key(started_replay_key(lease.generation));
+        match self.events().append_request(request).await {
+            Ok(_) => {
+                self.shared.stats.started.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(kind = %self.claim.process.kind, "run started");
+                Phase::Running
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "could not record the start");
+                after_refusal(&Phase::Starting, &err)
+            }
+        }
+    }
+
+    /// `Running`: the engine runs until it returns, or until it is stopped (cancellation
+    /// requested, lease unconfirmable, pod stopping) and returns or is dropped.
+    async fn run_engine(&self) -> Phase {
+        let process = &self.claim.process;
+        let Some(engine) = self.shared.engines.get(&process.kind) else {
+            return Phase::completing(
+                TerminalState::Failed,
+                json!({
+                    "error": format!("no engine for kind {:?} on pod {}", process.kind, self.shared.config.pod_id),
+                    "known_kinds": self.shared.engines.kinds(),
+                }),
+            );
+        };
+        let stop = CancellationToken::new();
+        let context = RunContext {
+            process: process.clone(),
+            attempt: process.attempts,
+            events: self.events(),
+            cancel: stop.clone(),
+        };
+        let engine_run = engine.run(context);
+        let cancel_watch = self.watch_for_cancel();
+        tokio::pin!(engine_run, cancel_watch);
+        let mut interrupt = None;
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                outcome = &mut engine_run => break Some(outcome),
+                _ = self.clock.hard_deadline_passed() => break None,
+                _ = self.pod.hard_stop.cancelled() => {
+                    interrupt.get_or_insert(Interrupt::PodStopping);
+                    break None;
+                }
+                _ = self.clock.write_deadline_passed(), if interrupt.is_none() => {
+                    interrupt = Some(Interrupt::LeaseUnconfirmed);
+                }
+                request = &mut cancel_watch, if interrupt.is_none() => {
+                    interrupt = Some(Interrupt::CancelRequested(request));
+                }
+                _ = self.pod.stopping.cancelled(), if interrupt.is_none() => {
+                    interrupt = Some(Interrupt::PodStopping);
+                }
+            }
+            tracing::info!(?interrupt, "stopping the engine");
+            stop.cancel();
+        };
+        if outcome.is_none() {
+            tracing::warn!("the engine did not return in time: dropped");
+        }
+        let lease = &self.claim.lease;
+        after_engine(
+            interrupt,
+            outcome,
+            process.disposition,
+            self.clock.is_live(),
+            || {
+                json!({
+                    "reason": "pod stopping",
+                    "pod": self.shared.config.pod_id,
+                    "generation": lease.generation,
+                    "attempt": process.attempts,
+                })
+            },
+        )
+    }
+
+    /// Resolves with the payload of the first `process.cancel_requested` in the log
+    /// (including one written before this run started), woken by hub ticks, with a slow poll
+    /// as the safety net. Read failures are only logged: the next tick or poll reads again.
+    async fn watch_for_cancel(&self) -> Value {
+        let id = &self.claim.process.id;
+        let mut watcher = self.shared.hub.watch(id);
+        let mut after = 0;
+        loop {
+            match self.shared.registry.events_after(id, after, 1000).await {
+                Ok(events) if !events.is_empty() => {
+                    if let Some(request) = events.iter().find(|e| e.event_type == CANCEL_REQUESTED)
+                    {
+                        return request.payload.clone();
+                    }
+                    after = events.last().map_or(after, |e| e.seq);
+                    continue;
+                }
+                Ok(_) => {}
+                Err(err) => tracing::debug!(error = %err, "cancel watch read failed"),
+            }
+            let caught_up = Instant::now();
+            tokio::select! {
+                _ = watcher.changed() => {}
+                _ = tokio::time::sleep(self.shared.config.poll_interval) => {}
+            }
+            // The engine's own appends tick the hub too: coalesce them, so that a run costs
+            // at most a few reads per second here however fast it writes.
+            tokio::time::sleep_until(caught_up + CANCEL_CHECK_GAP).await;
+        }
+    }
+
+    /// `Completing`: retried until stored, refused, or the lease is provably lost.
+    async fn complete(&self, state: TerminalState, output: Value, fallback: bool) -> Phase {
+        let lease = &self.claim.lease;
+        let completion = Completion::new(state, output.clone()).fenced(lease);
+        let result = retry_write(
+            &self.clock,
+            &self.shared.stats.write_retries,
+            "completion",
+            || {
+                self.shared
+                    .registry
+                    .complete_process(&lease.process_id, completion.clone())
+            },
+        )
+        .await;
+        match result {
+            Ok(_) => Phase::Done(RunEnd::Ended(state)),
+            Err(err) => {
+                tracing::warn!(error = %err, %state, "could not complete the process");
+                after_refusal(
+                    &Phase::Completing {
+                        state,
+                        output,
+                        fallback,
+                    },
+                    &err,
+                )
+            }
+        }
+    }
+
+    /// `Releasing`: hands the lease back (idempotent); if that cannot be done in time, the
+    /// lease simply expires.
+    async fn release(&self) -> Phase {
+        let lease = &self.claim.lease;
+        let released = retry_write(
+            &self.clock,
+            &self.shared.stats.write_retries,
+            "release",
+            || self.shared.leases.release(lease),
+        )
+        .await;
+        if let Err(err) = released {
+            tracing::warn!(error = %err, "could not release the lease; it will expire");
+        }
+        Phase::Done(RunEnd::Released)
+    }
+}
+
+/// Aborts a helper task when the run that owns it ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ProcessId;
+
+    fn evidence() -> Value {
+        json!({"reason": "pod stopping"})
+    }
+
+    #[test]
+    fn an_engine_decides_completed_or_failed() {
+        let done = after_engine(None, Some(Ok(json!(1))), Disposition::Rerun, true, evidence);
+        assert_eq!(done, Phase::completing(TerminalState::Completed, json!(1)));
+        let failed = after_engine(
+            None,
+            Some(Err(json!(2))),
+            Disposition::Abandon,
+            true,
+            evidence,
+        );
+        assert_eq!(failed, Phase::completing(TerminalState::Failed, json!(2)));
+    }
+
+    #[test]
+    fn a_lease_not_surely_live_writes_nothing_whatever_the_engine_said() {
+        for interrupt in [
+            None,
+            Some(Interrupt::PodStopping),
+            Some(Interrupt::CancelRequested(json!({}))),
+            Some(Interrupt::LeaseUnconfirmed),
+        ] {
+            let phase = after_engine(
+                interrupt,
+                Some(Ok(json!(1))),
+                Disposition::Rerun,
+                false,
+                evidence,
+            );
+            assert_eq!(phase, Phase::Done(RunEnd::LeaseLost));
+        }
+        let unconfirmed = after_engine(
+            Some(Interrupt::LeaseUnconfirmed),
+            Some(Err(json!("database unavailable"))),
+            Disposition::Rerun,
+            true,
+            evidence,
+        );
+        assert_eq!(unconfirmed, Phase::Done(RunEnd::LeaseLost));
+    }
+
+    #[test]
+    fn a_cancel_request_wins_over_the_engines_answer() {
+        let phase = after_engine(
+            Some(Interrupt::CancelRequested(json!({"by": "x"}))),
+            Some(Err(json!({"error": "cancelled"}))),
+            Disposition::Rerun,
+            true,
+            evidence,
+        );
+        assert_eq!(
+            phase,
+            Phase::completing(TerminalState::Cancelled, json!({"request": {"by": "x"}}))
+        );
+    }
+
+    #[test]
+    fn a_drain_releases_rerun_processes_and_abandons_abandon_processes() {
+        let rerun = after_engine(
+            Some(Interrupt::PodStopping),
+            None,
+            Disposition::Rerun,
+            true,
+            evidence,
+        );
+        assert_eq!(rerun, Phase::Releasing);
+        let abandon = after_engine(
+            Some(Interrupt::PodStopping),
+            Some(Err(json!("cancelled"))),
+            Disposition::Abandon,
+            true,
+            evidence,
+        );
+        assert_eq!(
+            abandon,
+            Phase::completing(TerminalState::Abandoned, evidence())
+        );
+    }
+
+    #[test]
+    fn refusals_end_the_run_without_handing_a_failure_around() {
+        let id = ProcessId::new("p").unwrap();
+        let completing = Phase::completing(TerminalState::Completed, json!(1));
+        assert_eq!(
+            after_refusal(&completing, &ProcessError::LeaseLost { id: id.clone() }),
+            Phase::Done(RunEnd::LeaseLost)
+        );
+        assert_eq!(
+            after_refusal(&completing, &ProcessError::Unavailable("down".into())),
+            Phase::Done(RunEnd::LeaseLost)
+        );
+        assert_eq!(
+            after_refusal(
+                &Phase::Starting,
+                &ProcessError::ProcessTerminal {
+                    id: id.clone(),
+                    state: TerminalState::Cancelled
+                }
+            ),
+            Phase::Done(RunEnd::AlreadyEnded)
+        );
+        let too_large = ProcessError::PayloadTooLarge { size: 10, limit: 1 };
+        let fallback = after_refusal(&completing, &too_large);
+        assert!(matches!(
+            fallback,
+            Phase::Completing {
+                state: TerminalState::Failed,
+                fallback: true,
+                ..
+            }
+        ));
+        assert_eq!(
+            after_refusal(&fallback, &too_large),
+            Phase::Done(RunEnd::LeaseLost)
+        );
+    }
+}
