@@ -8,8 +8,8 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{CliResult, LogFormat, init_logging};
-use crate::http::{ApiState, DEFAULT_MAX_BODY_BYTES, router};
 use crate::backoff::Backoff;
+use crate::http::{ApiState, DEFAULT_MAX_BODY_BYTES, router};
 use crate::pg::MigrationError;
 use crate::pod::{DemoJournal, Worker, WorkerConfig, demo_engines_with};
 use crate::pod_services::{PodServices, PodServicesOptions};

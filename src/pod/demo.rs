@@ -54,7 +54,10 @@ impl DemoJournal {
             "what": what,
             "at_ns": at_ns,
         });
-        let mut file = self.file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Err(err) = writeln!(file, "{line}") {
             tracing::warn!(error = %err, "could not write the demo journal");
         }
