@@ -121,7 +121,7 @@ pub(super) async fn render(State(state): State<ApiState>) -> impl IntoResponse {
             &mut out,
             "proclog_leases_lost_total",
             "counter",
-            "Runs stopped because their lease was lost.",
+            "Runs stopped because their lease was lost or could not be confirmed in time.",
             load(&worker.leases_lost),
         );
         metric(
@@ -130,6 +130,13 @@ pub(super) async fn render(State(state): State<ApiState>) -> impl IntoResponse {
             "counter",
             "Runs handed back on shutdown.",
             load(&worker.released),
+        );
+        metric(
+            &mut out,
+            "proclog_write_retries_total",
+            "counter",
+            "Run writes (start, appends, completion, renewal, release) retried after a transient failure.",
+            load(&worker.write_retries),
         );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
