@@ -16,7 +16,7 @@ use crate::error::{ProcessError, ProcessResult};
 use crate::model::{
     AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, LeaseFence, LeaseInfo,
     LostOwner, ProcessEvent, ProcessFilter, ProcessId, ProcessPage, ProcessRecord,
-    ProcessRegistration, ProcessStatus, PruneReport, RunnableClaim, TerminalRecord,
+    ProcessRegistration, ProcessStatus, PruneReport, RunnableClaim, TerminalRecord, json_equal,
 };
 use crate::registry::{ProcessRegistry, RegistryConfig};
 use crate::{ListCursor, validate};
@@ -87,7 +87,8 @@ impl Entry {
         let first_stored = stored.iter().position(Option::is_some)?;
         let conflict = requests.iter().zip(&stored).find(|(request, event)| {
             !event.is_some_and(|event| {
-                event.event_type == request.event_type && event.payload == request.payload
+                event.event_type == request.event_type
+                    && json_equal(&event.payload, &request.payload)
             })
         });
         Some(match conflict {
@@ -197,7 +198,7 @@ impl ProcessRegistry for InMemoryProcessRegistry {
         if let Some(existing) = processes.get(&id) {
             let record = &existing.record;
             return if record.kind == registration.kind
-                && record.input == registration.input
+                && json_equal(&record.input, &registration.input)
                 && record.disposition == registration.disposition
             {
                 Ok(record.clone())
@@ -237,10 +238,7 @@ impl ProcessRegistry for InMemoryProcessRegistry {
     }
 
     async fn list_processes(&self, filter: ProcessFilter) -> ProcessResult<ProcessPage> {
-        let limit = validate::list_limit(filter.limit)? as usize;
-        if let Some(kind) = &filter.kind {
-            validate::kind(kind)?;
-        }
+        let limit = validate::list_filter(&filter)? as usize;
         let mut matching: Vec<ProcessRecord> = self
             .lock()
             .values()
@@ -281,7 +279,11 @@ impl ProcessRegistry for InMemoryProcessRegistry {
         id: &ProcessId,
         requests: Vec<AppendRequest>,
     ) -> ProcessResult<Vec<AppendOutcome>> {
-        validate::append_batch(&requests, self.config.max_payload_bytes)?;
+        validate::append_batch(
+            &self.config.writer,
+            &requests,
+            self.config.max_payload_bytes,
+        )?;
         let mut processes = self.lock();
         let entry = processes
             .get_mut(id)
@@ -344,13 +346,19 @@ impl ProcessRegistry for InMemoryProcessRegistry {
         id: &ProcessId,
         completion: Completion,
     ) -> ProcessResult<ProcessRecord> {
-        validate::payload_bytes(&completion.output, self.config.max_payload_bytes)?;
+        validate::completion(
+            &self.config.writer,
+            &completion,
+            self.config.max_payload_bytes,
+        )?;
         let mut processes = self.lock();
         let entry = processes
             .get_mut(id)
             .ok_or_else(|| ProcessError::NotFound(id.clone()))?;
         if let Some(terminal) = &entry.record.terminal {
-            return if terminal.state == completion.state && terminal.output == completion.output {
+            return if terminal.state == completion.state
+                && json_equal(&terminal.output, &completion.output)
+            {
                 Ok(entry.record.clone())
             } else {
                 Err(ProcessError::AlreadyTerminal {
@@ -503,6 +511,7 @@ impl ProcessRegistry for InMemoryProcessRegistry {
     }
 
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {
+        validate::timestamp("prune cutoff", cutoff)?;
         let mut report = PruneReport::default();
         self.lock().retain(|_, entry| {
             let prune = entry

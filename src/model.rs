@@ -71,6 +71,42 @@ impl<'de> Deserialize<'de> for ProcessId {
     }
 }
 
+/// Whether two JSON values are the same content, by the rule of Postgres `jsonb` equality,
+/// which every registry applies to replays, re-registrations and repeated completions:
+/// numbers compare by value (`1`, `1.0` and `1e0` are equal), object keys in any order, arrays
+/// in order, strings exactly.
+///
+/// ```
+/// use proclog::json_equal;
+/// use serde_json::json;
+///
+/// assert!(json_equal(&json!({"x": 1, "y": [2]}), &json!({"y": [2.0], "x": 1.0})));
+/// assert!(!json_equal(&json!({"x": 1}), &json!({"x": "1"})));
+/// assert!(!json_equal(&json!([1, 2]), &json!([2, 1])));
+/// ```
+pub fn json_equal(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            match (x.as_i64(), y.as_i64(), x.as_u64(), y.as_u64()) {
+                (Some(x), Some(y), _, _) => x == y,
+                (_, _, Some(x), Some(y)) => x == y,
+                _ if x.is_f64() || y.is_f64() => x.as_f64() == y.as_f64(),
+                // One is above i64::MAX, the other negative.
+                _ => false,
+            }
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| json_equal(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(key, value)| y.get(key).is_some_and(|other| json_equal(value, other)))
+        }
+        _ => a == b,
+    }
+}
+
 /// Declares a text-backed enum with its canonical lower-case names, used both in the
 /// database (`text` columns with `CHECK` constraints) and on the wire.
 macro_rules! text_enum {

@@ -143,6 +143,7 @@ impl PodServices {
         options: PodServicesOptions,
         sink: impl FnOnce(&PgNotifier) -> Arc<dyn ProcessEventSink>,
     ) -> Result<Self, ProcessError> {
+        crate::validate::pod_id(pod_id)?;
         let named = |name: String, size: usize, timeout: Duration| PoolOptions {
             max_size: size,
             wait_timeout: timeout,

@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use chrono::{DateTime, Utc};
+
 use crate::error::ProcessError;
-use crate::model::{AppendRequest, ProcessRegistration};
+use crate::model::{AppendRequest, Completion, ProcessFilter, ProcessRegistration};
 
 /// Longest process id, kind, event type and lease owner, in characters.
 pub const MAX_NAME_CHARS: usize = 128;
@@ -26,6 +28,14 @@ pub const MAX_LEASE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 pub const MAX_LIST_LIMIT: u32 = 1_000;
 /// Page size of `list_processes` when none is given.
 pub const DEFAULT_LIST_LIMIT: u32 = 100;
+/// Most payload bytes, summed, in one `append_events` call (each payload is also held to the
+/// per-payload limit).
+pub const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+/// Earliest instant accepted in a filter or cutoff: 0001-01-01T00:00:00Z.
+pub const MIN_TIMESTAMP: &str = "0001-01-01T00:00:00Z";
+/// Latest instant accepted in a filter or cutoff: 9999-12-31T23:59:59Z. Postgres stores a far
+/// wider range; this bound keeps every instant from outside well inside it and inside chrono's.
+pub const MAX_TIMESTAMP: &str = "9999-12-31T23:59:59Z";
 
 fn invalid(message: String) -> ProcessError {
     ProcessError::InvalidInput(message)
@@ -105,6 +115,54 @@ pub fn owner(owner: &str) -> Result<(), ProcessError> {
     printable("lease owner", owner, MAX_NAME_CHARS)
 }
 
+/// Longest pod id: a pod also claims as `canceller:<pod id>`, which must fit an owner.
+pub const MAX_POD_ID_CHARS: usize = MAX_NAME_CHARS - "canceller:".len();
+/// Most processes one pod runs at once (also the largest claim batch).
+pub const MAX_CONCURRENCY: usize = MAX_LIST_LIMIT as usize;
+
+/// A pod id: 1 to [`MAX_POD_ID_CHARS`] printable characters.
+pub fn pod_id(id: &str) -> Result<(), ProcessError> {
+    printable("pod id", id, MAX_POD_ID_CHARS)
+}
+
+/// The writer recorded on events (a pod id): same rule as a lease owner.
+pub fn writer(writer: &str) -> Result<(), ProcessError> {
+    printable("writer", writer, MAX_NAME_CHARS)
+}
+
+/// An instant from outside (a filter bound, a prune cutoff): between [`MIN_TIMESTAMP`] and
+/// [`MAX_TIMESTAMP`].
+pub fn timestamp(what: &str, at: DateTime<Utc>) -> Result<(), ProcessError> {
+    let bound = |text: &str| {
+        DateTime::parse_from_rfc3339(text)
+            .expect("valid constant")
+            .with_timezone(&Utc)
+    };
+    if at < bound(MIN_TIMESTAMP) || at > bound(MAX_TIMESTAMP) {
+        return Err(invalid(format!(
+            "{what} must be between {MIN_TIMESTAMP} and {MAX_TIMESTAMP}, got {at}"
+        )));
+    }
+    Ok(())
+}
+
+/// A listing filter: page size (returned, defaulted), kind, creation bounds.
+pub fn list_filter(filter: &ProcessFilter) -> Result<u32, ProcessError> {
+    if let Some(kind) = &filter.kind {
+        self::kind(kind)?;
+    }
+    if let Some(at) = filter.created_after {
+        timestamp("created_after", at)?;
+    }
+    if let Some(at) = filter.created_before {
+        timestamp("created_before", at)?;
+    }
+    if let Some(cursor) = &filter.after {
+        timestamp("cursor", cursor.created_at)?;
+    }
+    list_limit(filter.limit)
+}
+
 /// A replay key: 1 to 256 printable characters.
 pub fn replay_key(key: &str) -> Result<(), ProcessError> {
     printable("replay key", key, MAX_REPLAY_KEY_CHARS)
@@ -159,13 +217,15 @@ pub fn registration(
     payload_bytes(&registration.input, payload_limit)
 }
 
-/// A batch of appends: non-empty, at most [`MAX_BATCH_EVENTS`], every type and key valid,
-/// keys distinct within the batch, every request carrying the same fence. Returns each
-/// payload serialized.
+/// A batch of appends by `writer`: non-empty, at most [`MAX_BATCH_EVENTS`] events and
+/// [`MAX_BATCH_BYTES`] of payloads, every type and key valid, keys distinct within the batch,
+/// every request carrying the same fence. Returns each payload serialized.
 pub fn append_batch(
+    writer_id: &str,
     requests: &[AppendRequest],
     payload_limit: usize,
 ) -> Result<Vec<Vec<u8>>, ProcessError> {
+    writer(writer_id)?;
     if requests.is_empty() {
         return Err(invalid("append_events needs at least one event".into()));
     }
@@ -199,7 +259,24 @@ pub fn append_batch(
         }
         payloads.push(payload_bytes(&request.payload, payload_limit)?);
     }
+    let total: usize = payloads.iter().map(Vec::len).sum();
+    if total > MAX_BATCH_BYTES {
+        return Err(ProcessError::PayloadTooLarge {
+            size: total,
+            limit: MAX_BATCH_BYTES,
+        });
+    }
     Ok(payloads)
+}
+
+/// A completion by `writer`: the writer and the output's size. Returns the output serialized.
+pub fn completion(
+    writer_id: &str,
+    completion: &Completion,
+    payload_limit: usize,
+) -> Result<Vec<u8>, ProcessError> {
+    writer(writer_id)?;
+    payload_bytes(&completion.output, payload_limit)
 }
 
 /// A lease claim: the owner and the TTL.
@@ -251,10 +328,10 @@ mod tests {
     #[test]
     fn reserved_appends_take_only_non_terminal_proclog_types() {
         let ok = AppendRequest::reserved("process.started", json!({}));
-        assert!(append_batch(&[ok], DEFAULT_MAX_PAYLOAD_BYTES).is_ok());
+        assert!(append_batch("w", &[ok], DEFAULT_MAX_PAYLOAD_BYTES).is_ok());
         for bad in ["process.completed", "process.abandoned", "step", ""] {
             let request = AppendRequest::reserved(bad, json!({}));
-            let result = append_batch(&[request], DEFAULT_MAX_PAYLOAD_BYTES);
+            let result = append_batch("w", &[request], DEFAULT_MAX_PAYLOAD_BYTES);
             assert!(
                 matches!(result, Err(ProcessError::InvalidInput(_))),
                 "{bad:?}"
@@ -265,5 +342,39 @@ mod tests {
             serde_json::from_value(json!({"event_type": "process.started", "reserved": true}))
                 .unwrap();
         assert!(!from_wire.is_reserved());
+    }
+
+    #[test]
+    fn writers_and_instants_from_outside_are_bounded() {
+        let ok = AppendRequest::new("step", json!({}));
+        for bad in ["", "pod\0a", &"w".repeat(129)] {
+            let result = append_batch(bad, std::slice::from_ref(&ok), DEFAULT_MAX_PAYLOAD_BYTES);
+            assert!(
+                matches!(result, Err(ProcessError::InvalidInput(_))),
+                "{bad:?}"
+            );
+        }
+        let far: DateTime<Utc> = "-5000-01-01T00:00:00Z".parse().unwrap();
+        assert!(timestamp("t", far).is_err());
+        let edge: DateTime<Utc> = MAX_TIMESTAMP.parse().unwrap();
+        assert!(timestamp("t", edge).is_ok());
+    }
+
+    #[test]
+    fn a_batch_is_held_to_a_total_size() {
+        let big = AppendRequest::new("step", json!("x".repeat(DEFAULT_MAX_PAYLOAD_BYTES - 10)));
+        let count = MAX_BATCH_BYTES / DEFAULT_MAX_PAYLOAD_BYTES + 1;
+        let batch = vec![big; count];
+        let result = append_batch("w", &batch, DEFAULT_MAX_PAYLOAD_BYTES);
+        assert!(
+            matches!(
+                result,
+                Err(ProcessError::PayloadTooLarge {
+                    limit: MAX_BATCH_BYTES,
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
     }
 }

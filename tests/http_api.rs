@@ -719,3 +719,246 @@ async fn an_unreachable_database_is_503() {
         (StatusCode::SERVICE_UNAVAILABLE, json!(false))
     );
 }
+
+/// Rows and a digest of both tables: equal before and after means nothing was written.
+async fn table_checksum(url: &str) -> (i64, i64, String) {
+    common::sql_client(url)
+        .await
+        .query_one(
+            "SELECT (SELECT count(*) FROM proclog.processes),
+                    (SELECT count(*) FROM proclog.events),
+                    md5(coalesce((SELECT string_agg(p::text, ',' ORDER BY process_id)
+                                    FROM proclog.processes p), '')
+                        || coalesce((SELECT string_agg(e::text, ',' ORDER BY process_id, seq)
+                                       FROM proclog.events e), ''))",
+            &[],
+        )
+        .await
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_numbers_and_dates_are_refused_and_write_nothing() {
+    let url = migrated_database_url().await;
+    let server = Server::start(&url, None).await;
+    server.external("ended").await;
+    let (status, _) = server
+        .post(
+            "/v1/processes/ended/complete",
+            json!({"state": "completed", "output": 1}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let before = table_checksum(&url).await;
+    let prunes = [
+        json!({"older_than_secs": u64::MAX}),
+        json!({"older_than_secs": 10_000_000_000_000u64}),
+        json!({"older_than_secs": 1_000_000_000_000u64}),
+        json!({"older_than_secs": -1}),
+        json!({"older_than_secs": 1e30}),
+        json!({"before": "-5000-01-01T00:00:00Z"}),
+        json!({"before": "+20000-01-01T00:00:00Z"}),
+        json!({"before": "2020-01-01T00:00:00Z", "older_than_secs": 1}),
+    ];
+    for body in prunes {
+        let (status, answer) = server.post("/v1/prune", body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body} -> {answer}");
+        assert!(answer["error"]["code"].is_string(), "{answer}");
+    }
+    for query in [
+        "created_after=-5000-01-01T00:00:00Z",
+        "created_before=%2B20000-01-01T00:00:00Z",
+        "limit=4294967296",
+        "cursor=-5000-01-01T00:00:00Z%7Cx",
+    ] {
+        let (status, answer) = server.get(&format!("/v1/processes?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query} -> {answer}");
+    }
+    for path in [
+        "/v1/processes/ended/events?after=-1",
+        "/v1/processes/ended/events?after=99999999999999999999",
+        "/v1/processes/ended/events?limit=0",
+        "/v1/processes/ended/await?timeout_ms=18446744073709551615",
+    ] {
+        let (status, answer) = server.get(path).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path} -> {answer}");
+    }
+    assert_eq!(table_checksum(&url).await, before, "nothing was written");
+    // A sane prune still works and removes the ended process.
+    let (status, answer) = server
+        .post("/v1/prune", json!({"older_than_secs": 0}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["pruned"]["processes"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_error_answer_is_json_whatever_produced_it() {
+    let url = migrated_database_url().await;
+    let server = Server::start_with(&url, None, 4096).await;
+    server.external("p").await;
+    let before = table_checksum(&url).await;
+    let client = &server.client;
+    // Wrong method: 405 in the JSON format, with Allow kept.
+    let response = client
+        .delete(server.url("/v1/processes/p"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert!(response.headers().contains_key("allow"));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(code(&body), "method_not_allowed");
+    // A path that is not UTF-8.
+    let (status, body) = server.get("/v1/processes/%FF").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"]["code"].is_string(), "{body}");
+    // A body over the limit on an endpoint that reads raw bytes.
+    let (status, body) = server
+        .post_raw(
+            "/v1/processes/p/cancel",
+            Some("application/json"),
+            format!(r#"{{"reason":"{}"}}"#, "x".repeat(10_000)),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+    // Unknown fields of a cancel request are refused, not ignored.
+    let (status, body) = server
+        .post("/v1/processes/p/cancel", json!({"reasons": "typo"}))
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::BAD_REQUEST, "invalid_input")
+    );
+    assert_eq!(table_checksum(&url).await, before, "nothing was written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let server = Server::start(&migrated_database_url().await, Some("s3cret")).await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let response = server
+            .client
+            .get(server.url("/v1/processes"))
+            .header("authorization", format!("{scheme} s3cret"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{scheme}");
+    }
+    let response = server
+        .client
+        .get(server.url("/v1/processes"))
+        .header("authorization", "Basic s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_of_ended_processes_end_instead_of_reconnecting_forever() {
+    let server = Server::start(&migrated_database_url().await, None).await;
+    server.external("done").await;
+    server
+        .post("/v1/processes/done/events", json!({"event_type": "x"}))
+        .await;
+    server
+        .post(
+            "/v1/processes/done/complete",
+            json!({"state": "completed", "output": null}),
+        )
+        .await;
+    // The terminal event is seq 2: from 2 on, nothing will ever come.
+    for (after, header) in [
+        (Some(2), None),
+        (Some(5), None),
+        (None, Some("2")),
+        (None, Some("40")),
+    ] {
+        let mut request = server.client.get(match after {
+            Some(after) => server.url(&format!("/v1/processes/done/stream?after={after}")),
+            None => server.url("/v1/processes/done/stream"),
+        });
+        if let Some(id) = header {
+            request = request.header("last-event-id", id);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::NO_CONTENT,
+            "{after:?} {header:?}"
+        );
+    }
+    // Before the end, the stream delivers the rest and ends.
+    let text = server
+        .client
+        .get(server.url("/v1/processes/done/stream?after=1"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("process.completed"), "{text}");
+    // A running process cannot be resumed past its last event.
+    server.external("running").await;
+    let (status, body) = server.get("/v1/processes/running/stream?after=3").await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::BAD_REQUEST, "invalid_input")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retried_cancel_with_a_replay_key_is_written_once() {
+    let url = migrated_database_url().await;
+    let server = Server::start(&url, None).await;
+    server.external("c").await;
+    for _ in 0..3 {
+        let (status, body) = server
+            .post(
+                "/v1/processes/c/cancel",
+                json!({"reason": "stop", "replay_key": "cancel-1"}),
+            )
+            .await;
+        assert!(
+            status == StatusCode::OK || code(&body) == "process_terminal",
+            "{status} {body}"
+        );
+    }
+    let requests: i64 = common::sql_client(&url)
+        .await
+        .query_one(
+            "SELECT count(*) FROM proclog.events
+              WHERE process_id = 'c' AND event_type = 'process.cancel_requested'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(requests, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn await_during_a_database_outage_is_503_not_a_timeout() {
+    let url = migrated_database_url().await;
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let port = config.get_ports()[0];
+    let proxy = common::proxy::TcpProxy::start(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    let through = url.replacen(&format!(":{port}/"), &format!(":{}/", proxy.port()), 1);
+    let server = Server::start(&through, None).await;
+    server.external("w").await;
+    proxy.set_mode(common::proxy::Mode::Drop);
+    let (status, body) = server.get("/v1/processes/w/await?timeout_ms=1500").await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        "{body}"
+    );
+    proxy.set_mode(common::proxy::Mode::Pass);
+}

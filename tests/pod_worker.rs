@@ -162,6 +162,7 @@ async fn cancelling_a_running_process_from_another_pod_stops_its_owner() {
         &id,
         "pod-api",
         json!("changed my mind"),
+        None,
     )
     .await
     .unwrap();
@@ -193,9 +194,15 @@ async fn cancelling_a_process_nobody_runs_ends_it_at_once() {
     let api = pod(&url, "pod-api", false).await;
     for disposition in [Disposition::Rerun, Disposition::External] {
         let id = start(&api, "steps", json!({}), disposition).await;
-        let record = cancel_process(api.services.registry.as_ref(), &id, "pod-api", json!(null))
-            .await
-            .unwrap();
+        let record = cancel_process(
+            api.services.registry.as_ref(),
+            &id,
+            "pod-api",
+            json!(null),
+            None,
+        )
+        .await
+        .unwrap();
         assert_eq!(record.status, ProcessStatus::Cancelled);
         let log = api
             .services
@@ -206,8 +213,14 @@ async fn cancelling_a_process_nobody_runs_ends_it_at_once() {
         let types: Vec<&str> = log.iter().map(|e| e.event_type.as_str()).collect();
         assert_eq!(types, ["process.cancel_requested", "process.cancelled"]);
         // Nothing left to cancel now.
-        let again =
-            cancel_process(api.services.registry.as_ref(), &id, "pod-api", json!(null)).await;
+        let again = cancel_process(
+            api.services.registry.as_ref(),
+            &id,
+            "pod-api",
+            json!(null),
+            None,
+        )
+        .await;
         assert!(
             matches!(again, Err(ProcessError::ProcessTerminal { .. })),
             "{again:?}"
@@ -218,6 +231,7 @@ async fn cancelling_a_process_nobody_runs_ends_it_at_once() {
         &ProcessId::new("missing").unwrap(),
         "pod-api",
         json!(null),
+        None,
     )
     .await;
     assert!(

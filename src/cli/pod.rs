@@ -110,11 +110,62 @@ async fn migrate_when_reachable(args: &PodArgs, pod_id: &str) -> CliResult {
     unreachable!("the attempts never run out")
 }
 
+/// Longest duration a pod setting in milliseconds may name (one day).
+const MAX_SETTING_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Checks every setting before anything starts, so a pod never runs (and reports ready) with a
+/// setting that makes its work fail.
+fn check_settings(args: &PodArgs, pod_id: &str) -> Result<(), String> {
+    use crate::validate;
+    validate::pod_id(pod_id).map_err(|err| err.to_string())?;
+    validate::lease_ttl(Duration::from_millis(args.lease_ttl_ms)).map_err(|err| err.to_string())?;
+    if args.concurrency > validate::MAX_CONCURRENCY {
+        return Err(format!(
+            "--concurrency must be 0 to {}, got {}",
+            validate::MAX_CONCURRENCY,
+            args.concurrency
+        ));
+    }
+    for (flag, ms, min) in [
+        ("--poll-ms", args.poll_ms, 1),
+        ("--grace-ms", args.grace_ms, 0),
+        ("--hard-stop-ms", args.hard_stop_ms, 0),
+        ("--startup-timeout-ms", args.startup_timeout_ms, 0),
+    ] {
+        if !(min..=MAX_SETTING_MS).contains(&ms) {
+            return Err(format!(
+                "{flag} must be {min} to {MAX_SETTING_MS}, got {ms}"
+            ));
+        }
+    }
+    if !(1..=validate::MAX_BATCH_BYTES).contains(&args.max_payload_bytes) {
+        return Err(format!(
+            "--max-payload-bytes must be 1 to {}, got {}",
+            validate::MAX_BATCH_BYTES,
+            args.max_payload_bytes
+        ));
+    }
+    if !(1024..=1 << 30).contains(&args.max_body_bytes) {
+        return Err(format!(
+            "--max-body-bytes must be 1024 to {}, got {}",
+            1u64 << 30,
+            args.max_body_bytes
+        ));
+    }
+    if !(1..=1000).contains(&args.pool_size) {
+        return Err(format!(
+            "--pool-size must be 1 to 1000, got {}",
+            args.pool_size
+        ));
+    }
+    Ok(())
+}
+
 pub async fn run(args: PodArgs) -> CliResult {
     init_logging(args.log_format);
     let pod_id = args.pod_id.clone().unwrap_or_else(default_pod_id);
+    check_settings(&args, &pod_id).map_err(|err| format!("bad setting: {err}"))?;
     let lease_ttl = Duration::from_millis(args.lease_ttl_ms);
-    crate::validate::lease_ttl(lease_ttl)?;
     migrate_when_reachable(&args, &pod_id).await?;
 
     let services = Arc::new(PodServices::start(

@@ -42,6 +42,9 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, code = self.code, message = %self.message, "answering a server error");
+        }
         let body = json!({"error": {"code": self.code, "message": self.message}});
         (self.status, axum::Json(body)).into_response()
     }
@@ -72,6 +75,11 @@ impl From<AwaitError> for ApiError {
             AwaitError::Timeout { .. } => {
                 Self::new(StatusCode::REQUEST_TIMEOUT, "timeout", err.to_string())
             }
+            AwaitError::Unavailable { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                err.to_string(),
+            ),
             AwaitError::Stopped => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

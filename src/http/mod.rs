@@ -9,6 +9,7 @@ mod error;
 mod metrics;
 mod routes;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use axum::Router;
@@ -17,6 +18,7 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::FutureExt;
 use serde_json::json;
 
 pub use error::ApiError;
@@ -61,7 +63,77 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/metrics", get(metrics::render))
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::map_response(json_errors))
+        .layer(middleware::from_fn(catch_panic))
         .with_state(state)
+}
+
+/// A handler that panics answers a logged 500 in the JSON error format instead of dropping the
+/// connection. (Handlers are written not to panic; this is the net under them.)
+async fn catch_panic(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    match AssertUnwindSafe(next.run(request)).catch_unwind().await {
+        Ok(response) => response,
+        Err(panic) => {
+            let cause = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown".into());
+            tracing::error!(%method, %path, %cause, "a handler panicked");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the request failed inside the pod; it is logged",
+            )
+            .into_response()
+        }
+    }
+}
+
+/// Every non-2xx answer is `{"error": {"code", "message"}}`: answers made by the framework
+/// (a wrong method, a malformed path, a body over the limit) are rewritten into that format,
+/// keeping their status and headers (`Allow` on 405).
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let detail = axum::body::to_bytes(body, 4096)
+        .await
+        .ok()
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned())
+        .filter(|text| !text.is_empty());
+    let (code, default) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            ("method_not_allowed", "method not allowed on this endpoint")
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "request body exceeds the limit"),
+        StatusCode::NOT_FOUND => ("no_route", "no such endpoint"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            ("unsupported_media_type", "unsupported content type")
+        }
+        s if s.is_server_error() => ("internal_error", "the request failed inside the pod"),
+        _ => ("bad_request", "malformed request"),
+    };
+    let message = detail.unwrap_or_else(|| default.to_owned());
+    if status.is_server_error() {
+        tracing::error!(%status, %message, "answering a server error");
+    }
+    let rewritten = ApiError::new(status, code, message).into_response();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    let (_, body) = rewritten.into_parts();
+    Response::from_parts(parts, body)
 }
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
@@ -76,11 +148,14 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
 
 async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     if let Some(expected) = &state.token {
+        // The scheme is case-insensitive (RFC 9110 §11.1).
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "));
+            .and_then(|value| value.trim().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim_start());
         let authorized =
             given.is_some_and(|given| same_secret(given.as_bytes(), expected.as_bytes()));
         if !authorized {

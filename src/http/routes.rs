@@ -182,7 +182,7 @@ pub(super) async fn stream(
     Path(id): Path<String>,
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<StreamQuery>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = path_id(&id)?;
     let resume = headers
         .get("last-event-id")
@@ -198,9 +198,32 @@ pub(super) async fn stream(
     if after < 0 {
         return Err(ApiError::invalid("after must be >= 0"));
     }
-    if state.services.registry.get_process(&id).await?.is_none() {
+    let Some(record) = state.services.registry.get_process(&id).await? else {
         return Err(crate::ProcessError::NotFound(id).into());
+    };
+    match &record.terminal {
+        // Nothing will ever follow: 204 tells an EventSource to stop reconnecting.
+        Some(terminal) if after >= terminal.seq => {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        None if after > record.last_seq => {
+            return Err(ApiError::invalid(format!(
+                "after {after} is beyond the last event of {id} ({})",
+                record.last_seq
+            )));
+        }
+        _ => {}
     }
+    Ok(event_stream(&state, id, after).into_response())
+}
+
+/// The SSE stream of `id` after `after`: each event with its seq as the SSE id and its type as
+/// the SSE event name; it ends after the terminal event.
+fn event_stream(
+    state: &ApiState,
+    id: ProcessId,
+    after: i64,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<>> {
     let events = state
         .services
         .subscriptions
@@ -217,7 +240,7 @@ pub(super) async fn stream(
                     .data(json!({"code": err.code(), "message": err.to_string()}).to_string()),
             })
         });
-    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+    Sse::new(events).keep_alive(KeepAlive::default())
 }
 
 pub(super) async fn complete(
@@ -235,9 +258,13 @@ pub(super) async fn complete(
 }
 
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub(super) struct CancelBody {
     #[serde(default)]
     reason: Value,
+    /// Makes a retried request idempotent: the first stored request is found, not repeated.
+    #[serde(default)]
+    replay_key: Option<String>,
 }
 
 pub(super) async fn cancel(
@@ -246,18 +273,24 @@ pub(super) async fn cancel(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let id = path_id(&id)?;
-    let reason = if body.is_empty() {
-        Value::Null
+    let body = if body.is_empty() {
+        CancelBody::default()
     } else {
-        serde_json::from_slice::<CancelBody>(&body)
-            .map_err(|err| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", err.to_string()))?
-            .reason
+        serde_json::from_slice::<CancelBody>(&body).map_err(|err| {
+            let code = if err.is_data() {
+                "invalid_input"
+            } else {
+                "invalid_json"
+            };
+            ApiError::new(StatusCode::BAD_REQUEST, code, err.to_string())
+        })?
     };
     let record = cancel_process(
         state.services.registry.as_ref(),
         &id,
         &state.services.pod_id,
-        reason,
+        body.reason,
+        body.replay_key.as_deref(),
     )
     .await?;
     Ok(axum::Json(record).into_response())
@@ -296,17 +329,31 @@ pub(super) struct PruneBody {
     older_than_secs: Option<u64>,
 }
 
+/// The cutoff `secs` seconds before now, refused (never wrapped or clamped) when it would fall
+/// outside the instants proclog accepts.
+fn older_than(secs: u64) -> Result<DateTime<Utc>, ApiError> {
+    let too_large = || {
+        ApiError::invalid(format!(
+            "older_than_secs {secs} reaches before {}",
+            crate::validate::MIN_TIMESTAMP
+        ))
+    };
+    let age = i64::try_from(secs)
+        .ok()
+        .and_then(chrono::TimeDelta::try_seconds)
+        .ok_or_else(too_large)?;
+    let cutoff = Utc::now().checked_sub_signed(age).ok_or_else(too_large)?;
+    crate::validate::timestamp("the cutoff", cutoff).map_err(|_| too_large())?;
+    Ok(cutoff)
+}
+
 pub(super) async fn prune(
     State(state): State<ApiState>,
     ApiJson(body): ApiJson<PruneBody>,
 ) -> Result<Response, ApiError> {
     let cutoff = match (body.before, body.older_than_secs) {
         (Some(before), None) => before,
-        (None, Some(secs)) => {
-            let age = chrono::TimeDelta::try_seconds(secs as i64)
-                .ok_or_else(|| ApiError::invalid("older_than_secs is too large"))?;
-            Utc::now() - age
-        }
+        (None, Some(secs)) => older_than(secs)?,
         _ => {
             return Err(ApiError::invalid(
                 "give exactly one of \"before\" (RFC 3339) or \"older_than_secs\"",

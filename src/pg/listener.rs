@@ -59,6 +59,9 @@ pub struct ListenerOptions {
     pub reconnect_floor: Duration,
     /// Reconnect backoff cap.
     pub reconnect_cap: Duration,
+    /// After LISTEN was found not to work (a transaction-mode pooler), how long the listener
+    /// polls before it tries LISTEN again (the pooler may have been reconfigured or removed).
+    pub relisten_interval: Duration,
 }
 
 impl Default for ListenerOptions {
@@ -68,6 +71,7 @@ impl Default for ListenerOptions {
             probe_timeout: Duration::from_secs(3),
             reconnect_floor: Duration::from_millis(50),
             reconnect_cap: Duration::from_secs(5),
+            relisten_interval: Duration::from_secs(60),
         }
     }
 }
@@ -172,7 +176,8 @@ async fn run(
                      safety-poll interval"
                 );
                 let _ = status.send(ListenerStatus::Polling { reason });
-                return;
+                tokio::time::sleep(options.relisten_interval).await;
+                tracing::info!("trying LISTEN again");
             }
             SessionEnd::Lost(reason) => {
                 if *status.borrow() == ListenerStatus::Listening {

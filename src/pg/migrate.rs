@@ -33,6 +33,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_pods.sql",
         sql: include_str!("../../migrations/0002_pods.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_readers.sql",
+        sql: include_str!("../../migrations/0003_readers.sql"),
+    },
 ];
 
 /// The schema version this binary expects.
@@ -116,6 +121,9 @@ pub async fn migrate(pool: &Pool) -> Result<MigrationReport, MigrationError> {
             "applied migration"
         );
         applied.push(migration.version);
+    }
+    if !applied.is_empty() {
+        super::reader::regrant_readers(&tx).await?;
     }
     tx.commit().await.map_err(db_error)?;
     Ok(MigrationReport {

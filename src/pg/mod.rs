@@ -5,10 +5,12 @@ pub mod listener;
 pub mod migrate;
 pub mod notify;
 pub mod pool;
+pub mod reader;
 mod registry;
 
 pub use listener::{ListenerOptions, ListenerStatus, PgListener};
 pub use migrate::{MigrationError, MigrationReport, migrate};
 pub use notify::PgNotifier;
 pub use pool::{PoolOptions, client_config, connect_pool, connect_pool_with};
+pub use reader::grant_reader;
 pub use registry::PgProcessRegistry;

@@ -155,6 +155,10 @@ async fn send_batches(
                 stats
                     .dropped
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                // Settled too: flush waits for these no longer.
+                stats
+                    .failed
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 tracing::warn!(error = %err, dropped = batch.len(), "could not send notices");
                 tokio::time::sleep(backoff.next_delay()).await;
             }

@@ -261,7 +261,7 @@ impl ProcessRegistry for PgProcessRegistry {
             ProcessError::Database(format!("process {id} vanished during registration"))
         })?;
         if existing.kind == registration.kind
-            && existing.input == registration.input
+            && crate::model::json_equal(&existing.input, &registration.input)
             && existing.disposition == registration.disposition
         {
             Ok(existing)
@@ -300,10 +300,7 @@ impl ProcessRegistry for PgProcessRegistry {
     }
 
     async fn list_processes(&self, filter: ProcessFilter) -> ProcessResult<ProcessPage> {
-        let limit = validate::list_limit(filter.limit)?;
-        if let Some(kind) = &filter.kind {
-            validate::kind(kind)?;
-        }
+        let limit = validate::list_filter(&filter)?;
         let status = filter.status.map(|s| s.as_str());
         let cursor_id = filter.after.as_ref().map(|c| c.id.as_str().to_owned());
         let cursor_at = filter.after.as_ref().map(|c| c.created_at);
@@ -368,7 +365,11 @@ impl ProcessRegistry for PgProcessRegistry {
         id: &ProcessId,
         requests: Vec<AppendRequest>,
     ) -> ProcessResult<Vec<AppendOutcome>> {
-        let payloads = validate::append_batch(&requests, self.config.max_payload_bytes)?;
+        let payloads = validate::append_batch(
+            &self.config.writer,
+            &requests,
+            self.config.max_payload_bytes,
+        )?;
         let payloads: Vec<JsonText> = payloads.into_iter().map(JsonText).collect();
         if requests.iter().any(|r| r.replay_key.is_some()) {
             self.append_keyed(id, &requests, &payloads).await
@@ -406,7 +407,11 @@ impl ProcessRegistry for PgProcessRegistry {
         id: &ProcessId,
         completion: Completion,
     ) -> ProcessResult<ProcessRecord> {
-        let output = validate::payload_bytes(&completion.output, self.config.max_payload_bytes)?;
+        let output = validate::completion(
+            &self.config.writer,
+            &completion,
+            self.config.max_payload_bytes,
+        )?;
         let token = completion.fence.map(|fence| fence.token);
         let rows = self
             .run(
@@ -604,6 +609,7 @@ impl ProcessRegistry for PgProcessRegistry {
     }
 
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {
+        validate::timestamp("prune cutoff", cutoff)?;
         // Events go with their process (ON DELETE CASCADE); a log is dense from 1, so a
         // process's event count is its last_seq.
         let rows = self

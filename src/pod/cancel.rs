@@ -20,23 +20,28 @@ const CANCELLER_TTL: Duration = Duration::from_secs(30);
 /// owner was lost), claims it and completes it as `cancelled` at once. Otherwise the owning
 /// pod sees the request, stops the run and completes it as `cancelled`. Returns the process
 /// as it is after the request. A terminal process is `ProcessTerminal` (nothing to cancel).
+///
+/// With a `replay_key`, a retried request (after a lost answer) finds its stored request
+/// instead of writing a second one, and finishes the work the first try may have left. Every
+/// input is checked before anything is written: a refused request writes nothing.
 pub async fn cancel_process(
     registry: &dyn ProcessRegistry,
     id: &ProcessId,
     pod: &str,
     reason: Value,
+    replay_key: Option<&str>,
 ) -> ProcessResult<ProcessRecord> {
+    let canceller = format!("canceller:{pod}");
+    crate::validate::owner(&canceller)?;
     let request = json!({"reason": reason, "by": pod});
-    registry
-        .append_event(
-            id,
-            AppendRequest::reserved(CANCEL_REQUESTED, request.clone()),
-        )
-        .await?;
-    match registry
-        .claim(id, &format!("canceller:{pod}"), CANCELLER_TTL)
-        .await
-    {
+    let mut append = AppendRequest::reserved(CANCEL_REQUESTED, request.clone());
+    if let Some(key) = replay_key {
+        append = append.with_replay_key(key);
+    }
+    let stored = registry.append_event(id, append).await?;
+    // A replay carries the first try's request: complete with exactly that content.
+    let request = stored.event.payload;
+    match registry.claim(id, &canceller, CANCELLER_TTL).await {
         Ok(ClaimOutcome::Acquired(lease)) => {
             let completion = Completion::new(TerminalState::Cancelled, json!({"request": request}))
                 .fenced(&lease);

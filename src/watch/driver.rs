@@ -9,8 +9,8 @@
 //! driver's waiters together. A hint is never trusted: only the column decides.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -42,6 +42,15 @@ pub enum AwaitError {
         /// How long the caller waited.
         waited: Duration,
     },
+    /// The process did not end within the timeout while the database could not be read (its
+    /// last poll failed): the outcome is unknown, not late.
+    #[error("database unavailable while waiting for process {id}: {cause}")]
+    Unavailable {
+        /// The process.
+        id: ProcessId,
+        /// The last poll's error.
+        cause: String,
+    },
     /// The driver was shut down.
     #[error("the work driver stopped")]
     Stopped,
@@ -67,6 +76,7 @@ struct Waiter {
 pub struct ProcessWorkDriver {
     waiters: mpsc::UnboundedSender<Waiter>,
     stats: Arc<DriverStats>,
+    last_failure: Arc<Mutex<Option<String>>>,
 }
 
 impl ProcessWorkDriver {
@@ -74,6 +84,7 @@ impl ProcessWorkDriver {
     pub fn spawn(registry: Arc<dyn ProcessRegistry>, hub: Arc<ProcessChangeHub>) -> Self {
         let (waiters, incoming) = mpsc::unbounded_channel();
         let stats = Arc::new(DriverStats::default());
+        let last_failure = Arc::new(Mutex::new(None));
         let poller = Poller {
             registry,
             hub,
@@ -81,9 +92,14 @@ impl ProcessWorkDriver {
             incoming,
             pending: HashMap::new(),
             stats: Arc::clone(&stats),
+            last_failure: Arc::clone(&last_failure),
         };
         tokio::spawn(poller.run());
-        Self { waiters, stats }
+        Self {
+            waiters,
+            stats,
+            last_failure,
+        }
     }
 
     /// The driver's counters.
@@ -93,7 +109,8 @@ impl ProcessWorkDriver {
 
     /// The terminal column of `id` as soon as it is set: state, output, `terminal_seq` and
     /// completion time. `NotFound` if no such process exists, `Timeout` if it has not ended
-    /// within `timeout`.
+    /// within `timeout`, `Unavailable` if the timeout passed while the database could not be
+    /// read.
     pub async fn await_terminal(
         &self,
         id: &ProcessId,
@@ -109,9 +126,15 @@ impl ProcessWorkDriver {
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(AwaitError::Stopped),
-            Err(_) => Err(AwaitError::Timeout {
-                id: id.clone(),
-                waited: timeout,
+            Err(_) => Err(match self.last_failure.lock().map(|f| f.clone()) {
+                Ok(Some(cause)) => AwaitError::Unavailable {
+                    id: id.clone(),
+                    cause,
+                },
+                _ => AwaitError::Timeout {
+                    id: id.clone(),
+                    waited: timeout,
+                },
             }),
         }
     }
@@ -126,6 +149,8 @@ struct Poller {
     incoming: mpsc::UnboundedReceiver<Waiter>,
     pending: HashMap<ProcessId, Vec<oneshot::Sender<Result<TerminalRecord, AwaitError>>>>,
     stats: Arc<DriverStats>,
+    /// The error of the last round, while the last round failed.
+    last_failure: Arc<Mutex<Option<String>>>,
 }
 
 impl Poller {
@@ -210,7 +235,11 @@ impl Poller {
     async fn round(&mut self) {
         let ids: Vec<ProcessId> = self.pending.keys().cloned().collect();
         self.stats.polls.fetch_add(1, Ordering::Relaxed);
-        let states = match self.registry.terminal_states(&ids).await {
+        let result = self.registry.terminal_states(&ids).await;
+        if let Ok(mut last) = self.last_failure.lock() {
+            *last = result.as_ref().err().map(ToString::to_string);
+        }
+        let states = match result {
             Ok(states) => states,
             Err(err) => {
                 tracing::warn!(error = %err, waiting = ids.len(), "terminal poll failed; will retry");

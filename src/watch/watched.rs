@@ -1,11 +1,14 @@
 //! `WatchedProcessRegistry`: a decorator that signals committed appends and completions.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::FutureExt;
 
 use super::hub::ProcessChangeHub;
 use super::sink::{CompletionHint, NoopSink, ProcessEventSink};
@@ -23,11 +26,15 @@ use crate::registry::ProcessRegistry;
 /// nothing, so they neither tick nor emit (the original write did). `complete_process` goes
 /// straight to the inner registry (its terminal event never reaches the sink), then ticks the
 /// hub and gives the completion hint.
+///
+/// The sink cannot fail a write: a sink that panics in `emit` is contained (logged, counted
+/// in [`WatchedProcessRegistry::sink_panics`]) and the caller still gets its outcome.
 pub struct WatchedProcessRegistry<R> {
     inner: R,
     hub: Arc<ProcessChangeHub>,
     sink: Arc<dyn ProcessEventSink>,
     hint: Arc<dyn CompletionHint>,
+    sink_panics: AtomicU64,
 }
 
 impl<R: ProcessRegistry> WatchedProcessRegistry<R> {
@@ -38,7 +45,13 @@ impl<R: ProcessRegistry> WatchedProcessRegistry<R> {
             hub,
             sink,
             hint: Arc::new(NoopSink),
+            sink_panics: AtomicU64::new(0),
         }
+    }
+
+    /// How many `emit` calls panicked (and were contained).
+    pub fn sink_panics(&self) -> u64 {
+        self.sink_panics.load(Ordering::Relaxed)
     }
 
     /// The same decorator, giving `hint` on every completion.
@@ -64,7 +77,17 @@ impl<R: ProcessRegistry> WatchedProcessRegistry<R> {
         self.hub.tick(id);
         for outcome in outcomes {
             if !outcome.replayed {
-                self.sink.emit(&outcome.event).await;
+                let emitted = AssertUnwindSafe(self.sink.emit(&outcome.event))
+                    .catch_unwind()
+                    .await;
+                if emitted.is_err() {
+                    self.sink_panics.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        process_id = %id,
+                        seq = outcome.event.seq,
+                        "the event sink panicked; the append stands"
+                    );
+                }
             }
         }
     }
@@ -120,7 +143,10 @@ impl<R: ProcessRegistry> ProcessRegistry for WatchedProcessRegistry<R> {
     ) -> ProcessResult<ProcessRecord> {
         let record = self.inner.complete_process(id, completion).await?;
         self.hub.tick(id);
-        self.hint.completed(id);
+        if std::panic::catch_unwind(AssertUnwindSafe(|| self.hint.completed(id))).is_err() {
+            self.sink_panics.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(process_id = %id, "the completion hint panicked; the completion stands");
+        }
         Ok(record)
     }
 

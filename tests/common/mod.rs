@@ -9,6 +9,7 @@
 use std::sync::{Arc, OnceLock};
 
 pub mod pods;
+pub mod proxy;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};

@@ -1,7 +1,7 @@
 //! Real `proclog pod` processes for crash tests: spawned from the built binary, killed with
 //! real signals.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -11,6 +11,33 @@ pub struct PodProcess {
     pub url: String,
     pub child: Child,
     pub log: PathBuf,
+    /// The HTTP port (kept across [`PodProcess::restart`]).
+    pub port: u16,
+    /// The `DATABASE_URL` it was started with.
+    pub database_url: String,
+    /// The extra `proclog pod` flags it was started with.
+    pub flags: Vec<String>,
+}
+
+/// Spawns `proclog pod` with its output appended to `log`.
+fn spawn_pod(database_url: &str, name: &str, port: u16, flags: &[String], log: &Path) -> Child {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_proclog"))
+        .arg("pod")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--pod-id", name])
+        .args(flags)
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn proclog pod")
 }
 
 fn free_port() -> u16 {
@@ -25,32 +52,81 @@ impl PodProcess {
     /// Starts pod `name` on `database_url` with extra `proclog pod` flags, and waits until it
     /// is ready.
     pub async fn start(database_url: &str, name: &str, flags: &[&str]) -> Self {
-        let port = free_port();
+        Self::start_on_port(database_url, name, free_port(), flags).await
+    }
+
+    /// [`PodProcess::start`] with the HTTP API on `port` of 127.0.0.1.
+    pub async fn start_on_port(database_url: &str, name: &str, port: u16, flags: &[&str]) -> Self {
         let log = std::env::temp_dir().join(format!(
             "proclog-test-{}-{name}-{port}.log",
             std::process::id()
         ));
-        let log_file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_proclog"))
-            .arg("pod")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--pod-id", name])
-            .args(flags)
-            .env("DATABASE_URL", database_url)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn proclog pod");
+        std::fs::File::create(&log).unwrap();
+        let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+        let child = spawn_pod(database_url, name, port, &flags, &log);
         let pod = Self {
             name: name.to_owned(),
             url: format!("http://127.0.0.1:{port}"),
             child,
             log,
+            port,
+            database_url: database_url.to_owned(),
+            flags,
         };
         pod.wait_ready().await;
         pod
+    }
+
+    /// Starts the same pod again (same id, port, database and flags; the log is appended to)
+    /// and waits until it is ready. A pod still running is killed (SIGKILL) first.
+    pub async fn restart(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        tokio::task::block_in_place(|| self.child.wait().unwrap());
+        self.child = spawn_pod(
+            &self.database_url,
+            &self.name,
+            self.port,
+            &self.flags,
+            &self.log,
+        );
+        self.wait_ready().await;
+    }
+
+    /// Pauses the pod (SIGSTOP).
+    pub fn stop(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Resumes a paused pod (SIGCONT).
+    pub fn cont(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// True while the child process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// One `GET /readyz`: true when it answers 2xx within `timeout`.
+    pub async fn is_ready(&self, client: &reqwest::Client, timeout: Duration) -> bool {
+        let request = client.get(format!("{}/readyz", self.url)).timeout(timeout);
+        matches!(request.send().await, Ok(response) if response.status().is_success())
+    }
+
+    /// Waits up to `limit` for the pod to exit (polling, so it needs no blocking thread).
+    pub async fn wait_exit_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn wait_ready(&self) {
