@@ -84,29 +84,45 @@ impl Entry {
                     .map(|index| &self.events[*index])
             })
             .collect();
-        let first_stored = stored.iter().position(Option::is_some)?;
-        let conflict = requests.iter().zip(&stored).find(|(request, event)| {
-            !event.is_some_and(|event| {
-                event.event_type == request.event_type
-                    && json_equal(&event.payload, &request.payload)
+        stored.iter().position(Option::is_some)?;
+        let mismatched: Vec<&AppendRequest> = requests
+            .iter()
+            .zip(&stored)
+            .filter(|(request, event)| {
+                !event.is_some_and(|event| {
+                    event.event_type == request.event_type
+                        && json_equal(&event.payload, &request.payload)
+                })
             })
-        });
-        Some(match conflict {
-            Some((request, _)) => Err(ProcessError::ReplayConflict {
-                id: self.record.id.clone(),
-                replay_key: request
-                    .replay_key
-                    .clone()
-                    .or_else(|| requests[first_stored].replay_key.clone())
-                    .unwrap_or_default(),
-            }),
-            None => Ok(stored
+            .map(|(request, _)| request)
+            .collect();
+        // The key named is the smallest mismatched key, else the smallest stored key of the
+        // batch: the same rule as Postgres's `proclog.append_events`.
+        let named = mismatched
+            .iter()
+            .filter_map(|request| request.replay_key.as_ref())
+            .min()
+            .or_else(|| {
+                requests
+                    .iter()
+                    .zip(&stored)
+                    .filter(|(_, event)| event.is_some())
+                    .filter_map(|(request, _)| request.replay_key.as_ref())
+                    .min()
+            });
+        Some(if mismatched.is_empty() {
+            Ok(stored
                 .into_iter()
                 .map(|event| AppendOutcome {
                     event: event.expect("checked above").clone(),
                     replayed: true,
                 })
-                .collect()),
+                .collect())
+        } else {
+            Err(ProcessError::ReplayConflict {
+                id: self.record.id.clone(),
+                replay_key: named.cloned().unwrap_or_default(),
+            })
         })
     }
 

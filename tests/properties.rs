@@ -87,12 +87,12 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let key = proptest::option::weighted(0.5, 0u8..4);
     prop_oneof![
-        4 => (0u8..3, 0u8..3, key.clone()).prop_map(|(ty, payload, key)| Op::Append { ty, payload, key }),
-        2 => proptest::collection::vec((0u8..3, 0u8..3, key), 1..4).prop_map(Op::Batch),
-        2 => (0u8..3).prop_map(|payload| Op::FencedAppend { payload }),
+        4 => (0u8..3, 0u8..6, key.clone()).prop_map(|(ty, payload, key)| Op::Append { ty, payload, key }),
+        2 => proptest::collection::vec((0u8..3, 0u8..6, key), 1..4).prop_map(Op::Batch),
+        2 => (0u8..6).prop_map(|payload| Op::FencedAppend { payload }),
         1 => (0u8..2).prop_map(|owner| Op::Claim { owner }),
         1 => Just(Op::Release),
-        1 => (0u8..4, 0u8..2, any::<bool>()).prop_map(|(state, output, fenced)| Op::Complete { state, output, fenced }),
+        1 => (0u8..4, 0u8..4, any::<bool>()).prop_map(|(state, output, fenced)| Op::Complete { state, output, fenced }),
         1 => (0u8..6, 1u8..4).prop_map(|(after, limit)| Op::EventsAfter { after, limit }),
     ]
 }
@@ -115,7 +115,8 @@ enum Answer {
     Busy(String),
     Done,
     Ended(String, i64, serde_json::Value),
-    Refused(&'static str),
+    /// The whole error, not only its code.
+    Refused(String),
 }
 
 fn events(outcomes: Vec<AppendOutcome>) -> Answer {
@@ -138,11 +139,21 @@ fn events(outcomes: Vec<AppendOutcome>) -> Answer {
 }
 
 fn refused(err: ProcessError) -> Answer {
-    Answer::Refused(err.code())
+    Answer::Refused(format!("{}: {err}", err.code()))
+}
+
+/// 0, 1 and 2 as JSON integers for `n < 3`, and as the same values written as floats
+/// (`0.0`, `1.0`, `2.0`) above: equal content under jsonb equality.
+fn number(n: u8) -> serde_json::Value {
+    if n < 3 {
+        json!(n)
+    } else {
+        json!(f64::from(n - 3))
+    }
 }
 
 fn request(ty: u8, payload: u8, key: Option<u8>) -> AppendRequest {
-    let request = AppendRequest::new(format!("type-{ty}"), json!({"p": payload}));
+    let request = AppendRequest::new(format!("type-{ty}"), json!({"p": number(payload)}));
     match key {
         Some(key) => request.with_replay_key(format!("key-{key}")),
         None => request,
@@ -169,7 +180,7 @@ async fn apply(
             .map(events),
         Op::FencedAppend { payload } => {
             let Some(held) = lease.as_ref() else {
-                return Answer::Refused("no lease held");
+                return Answer::Refused("no lease held".into());
             };
             registry
                 .append_event(id, request(9, *payload, None).fenced(held))
@@ -189,7 +200,7 @@ async fn apply(
             }),
         Op::Release => match lease.take() {
             Some(held) => registry.release(&held).await.map(|()| Answer::Done),
-            None => return Answer::Refused("no lease held"),
+            None => return Answer::Refused("no lease held".into()),
         },
         Op::Complete {
             state,
@@ -197,10 +208,10 @@ async fn apply(
             fenced,
         } => {
             let state = TerminalState::ALL[*state as usize];
-            let mut completion = Completion::new(state, json!(output));
+            let mut completion = Completion::new(state, json!({"o": number(*output)}));
             if *fenced {
                 let Some(held) = lease.as_ref() else {
-                    return Answer::Refused("no lease held");
+                    return Answer::Refused("no lease held".into());
                 };
                 completion = completion.fenced(held);
             }

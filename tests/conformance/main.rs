@@ -8,6 +8,7 @@ mod common;
 mod append;
 mod complete;
 mod concurrency;
+mod hostile;
 mod leases;
 mod list_prune;
 mod register;
@@ -99,4 +100,8 @@ conformance! {
     concurrency::concurrent_retries_of_one_key_write_one_event,
     concurrency::concurrent_claims_grant_one_lease,
     concurrency::concurrent_completions_end_a_process_once,
+    hostile::numbers_compare_by_value_everywhere,
+    hostile::bad_writers_are_refused_before_anything_is_written,
+    hostile::a_batch_is_held_to_its_total_size,
+    hostile::instants_out_of_range_are_invalid_input,
 }
