@@ -323,3 +323,85 @@ async fn an_append_is_one_statement_on_the_server() {
         "50 appends are 50 executions of one statement, nothing else"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reader_role_can_read_every_table_and_write_none() {
+    let url = migrated_database_url().await;
+    let admin = sql_client(&url).await;
+    let role = format!("reader_{}", uuid::Uuid::new_v4().simple());
+    let pool = connect_pool(&url, 1).unwrap();
+    let missing = proclog::pg::grant_reader(&pool, &role).await;
+    assert!(
+        matches!(missing, Err(ProcessError::InvalidInput(_))),
+        "{missing:?}"
+    );
+    let bad_name = proclog::pg::grant_reader(&pool, "x\"; DROP TABLE proclog.events; --").await;
+    assert!(
+        matches!(bad_name, Err(ProcessError::InvalidInput(_))),
+        "{bad_name:?}"
+    );
+    admin
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN"))
+        .await
+        .unwrap();
+    proclog::pg::grant_reader(&pool, &role).await.unwrap();
+    proclog::pg::grant_reader(&pool, &role).await.unwrap(); // idempotent
+    let registry = PgProcessRegistry::new(pool.clone(), RegistryConfig::new("w"));
+    let id = ProcessId::new("read-me").unwrap();
+    registry
+        .register_process(ProcessRegistration::new("k", json!({})).with_id(id.clone()))
+        .await
+        .unwrap();
+    registry
+        .append_event(&id, AppendRequest::new("t", json!(1)))
+        .await
+        .unwrap();
+    let mut reader_config: tokio_postgres::Config = url.parse().unwrap();
+    reader_config.user(&role);
+    let (reader, connection) = reader_config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("the reader logs in");
+    tokio::spawn(connection);
+    let events: i64 = reader
+        .query_one("SELECT count(*) FROM proclog.events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(events, 1);
+    for table in ["processes", "events", "schema_migrations", "readers"] {
+        reader
+            .query(&format!("SELECT * FROM proclog.{table} LIMIT 1"), &[])
+            .await
+            .unwrap_or_else(|err| panic!("{table}: {err}"));
+    }
+    for write in [
+        "DELETE FROM proclog.events",
+        "UPDATE proclog.processes SET status = 'failed'",
+        "INSERT INTO proclog.readers VALUES ('x')",
+        "SELECT * FROM proclog.append_events('read-me', 'r', NULL, ARRAY['t'], ARRAY['1'::jsonb], NULL)",
+    ] {
+        let refused = reader.batch_execute(write).await;
+        assert!(refused.is_err(), "{write} was allowed");
+    }
+    let after: i64 = admin
+        .query_one("SELECT count(*) FROM proclog.events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(after, 1);
+    // A table added later (by the role that granted, which is the one that migrates) is
+    // readable at once.
+    admin
+        .batch_execute("CREATE TABLE proclog.later (x int)")
+        .await
+        .unwrap();
+    reader
+        .query("SELECT * FROM proclog.later", &[])
+        .await
+        .expect("a table added later is readable");
+    let refused = reader
+        .batch_execute("INSERT INTO proclog.later VALUES (1)")
+        .await;
+    assert!(refused.is_err());
+}

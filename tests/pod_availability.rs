@@ -151,3 +151,36 @@ async fn probes_answer_while_the_database_is_stalled_and_readiness_comes_back() 
     proxy.set_mode(Mode::Pass);
     wait_for_status(&client, &format!("{}/readyz", pod.url), StatusCode::OK).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_pod_settings_are_refused_at_start() {
+    let long_id = "p".repeat(119);
+    let cases: [(&[&str], &str); 6] = [
+        (&["--concurrency", "5000"], "--concurrency"),
+        (&["--pod-id", &long_id], "pod id"),
+        (&["--poll-ms", "0"], "--poll-ms"),
+        (&["--lease-ttl-ms", "0"], "lease ttl"),
+        (&["--grace-ms", "18446744073709551615"], "--grace-ms"),
+        (&["--max-payload-bytes", "0"], "--max-payload-bytes"),
+    ];
+    for (flags, expected) in cases {
+        let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+        let output = tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_proclog"))
+                .args(["pod", "--listen", "127.0.0.1:0"])
+                .args(&flags)
+                .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{expected}: {stderr}");
+        assert!(
+            stderr.contains("bad setting") && stderr.contains(expected),
+            "{expected}: {stderr}"
+        );
+    }
+}

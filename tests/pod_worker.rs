@@ -338,3 +338,34 @@ async fn shutdown_releases_unfinished_runs_after_the_grace_period() {
         "not ended: another pod continues it"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_that_would_be_refused_writes_nothing() {
+    let url = migrated_database_url().await;
+    let api = pod(&url, "pod-api", false).await;
+    let id = start(&api, "steps", json!({}), Disposition::Rerun).await;
+    // A pod id whose canceller name ("canceller:<pod>") would exceed an owner's 128
+    // characters: refused before the request is appended.
+    let long_pod = "p".repeat(120);
+    let refused = cancel_process(
+        api.services.registry.as_ref(),
+        &id,
+        &long_pod,
+        json!(null),
+        None,
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(ProcessError::InvalidInput(_))),
+        "{refused:?}"
+    );
+    let record = api
+        .services
+        .registry
+        .get_process(&id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.last_seq, 0, "nothing was appended");
+    assert_eq!(record.status, ProcessStatus::Pending);
+}

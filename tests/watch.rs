@@ -160,6 +160,80 @@ async fn a_slow_sink_never_fails_an_append() {
     assert_eq!(sink.emitted.load(Ordering::SeqCst), 5);
 }
 
+/// Panics on every event.
+struct PanickingSink;
+
+#[async_trait]
+impl ProcessEventSink for PanickingSink {
+    async fn emit(&self, _event: &ProcessEvent) {
+        panic!("a sink bug");
+    }
+}
+
+impl CompletionHint for PanickingSink {
+    fn completed(&self, _id: &ProcessId) {
+        panic!("a hint bug");
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_sink_cannot_take_a_committed_write_from_its_caller() {
+    let registry = WatchedProcessRegistry::new(
+        memory_registry("pod-a"),
+        Arc::new(ProcessChangeHub::new()),
+        Arc::new(PanickingSink),
+    )
+    .with_completion_hint(Arc::new(PanickingSink));
+    let id = register(&registry).await;
+    let outcome = registry.append_event(&id, event(1)).await.unwrap();
+    assert_eq!(outcome.event.seq, 1, "the caller learns its seq");
+    let batch = registry
+        .append_events(&id, vec![event(2), event(3)])
+        .await
+        .unwrap();
+    assert_eq!(batch.len(), 2);
+    let record = registry
+        .complete_process(&id, Completion::new(TerminalState::Completed, json!(1)))
+        .await
+        .unwrap();
+    assert_eq!(record.last_seq, 4);
+    assert_eq!(
+        registry.sink_panics(),
+        4,
+        "three emits and one hint, contained and counted"
+    );
+}
+
+#[tokio::test]
+async fn a_notifier_that_cannot_send_settles_its_flush() {
+    // Nothing listens on this port: every send fails.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let pool = connect_pool(&format!("postgres://nobody@127.0.0.1:{port}/none"), 1).unwrap();
+    let notifier = PgNotifier::spawn(pool, "pod-a", 16);
+    let registry = WatchedProcessRegistry::new(
+        memory_registry("pod-a"),
+        Arc::new(ProcessChangeHub::new()),
+        Arc::new(notifier.clone()),
+    );
+    let id = register(&registry).await;
+    for n in 1..=3 {
+        registry.append_event(&id, event(n)).await.unwrap();
+    }
+    // Failed notices count as settled: with a day's timeout this returns as soon as the
+    // sends have failed (the cap only guards the test).
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        notifier.flush(Duration::from_secs(24 * 3600)),
+    )
+    .await
+    .expect("flush settles failed notices");
+    assert_eq!(notifier.stats().failed.load(Ordering::Relaxed), 3);
+}
+
 #[tokio::test]
 async fn a_full_notice_channel_drops_and_counts_while_appends_succeed() {
     let url = migrated_database_url().await;

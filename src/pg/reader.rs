@@ -27,15 +27,18 @@ pub fn check_role_name(role: &str) -> Result<(), ProcessError> {
     }
 }
 
-/// Grants `role` (which must exist) read-only access to the proclog schema, records it so that
-/// every later migration grants it the new tables too, and returns. Idempotent.
+/// Grants `role` (which must exist) read-only access to the proclog schema and returns.
+/// Idempotent. Tables added later are readable too: by default privileges when they are
+/// created by the role that ran this (run it as the role that migrates), and in any case
+/// because the role is recorded and every migration grants it the schema's tables again.
 pub async fn grant_reader(pool: &Pool, role: &str) -> Result<(), ProcessError> {
     check_role_name(role)?;
     let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(db_error)?;
     let grants = format!(
         "GRANT USAGE ON SCHEMA proclog TO \"{role}\";
-         GRANT SELECT ON ALL TABLES IN SCHEMA proclog TO \"{role}\";"
+         GRANT SELECT ON ALL TABLES IN SCHEMA proclog TO \"{role}\";
+         ALTER DEFAULT PRIVILEGES IN SCHEMA proclog GRANT SELECT ON TABLES TO \"{role}\";"
     );
     if let Err(err) = tx.batch_execute(&grants).await {
         if err.code().map(|c| c.code()) == Some(UNDEFINED_OBJECT) {
