@@ -6,6 +6,11 @@
 //! refuses to run as root. The server is tied to this process: it receives SIGINT (fast
 //! shutdown) when this process dies, even by `kill -9`, and leftover directories of dead
 //! processes are removed by the next start.
+//!
+//! For fault tests the server can be stopped and started again in place, on the same port and
+//! data directory ([`LocalPostgres::stop_server`], [`LocalPostgres::start_server`]), or crashed
+//! and restarted with crash recovery ([`LocalPostgres::restart_immediate`]); connection URLs
+//! stay valid throughout.
 
 use std::ffi::CString;
 use std::fs::{self, File};

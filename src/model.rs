@@ -28,8 +28,9 @@ use crate::validate;
 /// assert!(ProcessId::new("x".repeat(129)).is_err());
 /// assert_eq!(ProcessId::generate().as_str().len(), 36);
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
 #[serde(transparent)]
+#[schema(value_type = String, pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "order-42")]
 pub struct ProcessId(String);
 
 impl ProcessId {
@@ -112,7 +113,7 @@ pub fn json_equal(a: &Value, b: &Value) -> bool {
 macro_rules! text_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
         $(#[$meta])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
         #[serde(rename_all = "snake_case")]
         pub enum $name { $($(#[$vmeta])* $variant),+ }
 
@@ -223,7 +224,7 @@ impl ProcessStatus {
 }
 
 /// What a caller supplies to create a process.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProcessRegistration {
     /// The id to use; a UUIDv7 is generated when absent.
     #[serde(default)]
@@ -263,7 +264,7 @@ impl ProcessRegistration {
 }
 
 /// The durable terminal column of a process: set once, in the completing transaction.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TerminalRecord {
     /// How the process ended.
     pub state: TerminalState,
@@ -276,7 +277,7 @@ pub struct TerminalRecord {
 }
 
 /// The lease currently recorded on a process (live or expired, see [`LeaseInfo::expires_at`]).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseInfo {
     /// Who holds or last held it.
     pub owner: String,
@@ -287,7 +288,7 @@ pub struct LeaseInfo {
 }
 
 /// A process as stored.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProcessRecord {
     /// Its id.
     pub id: ProcessId,
@@ -316,7 +317,7 @@ pub struct ProcessRecord {
 }
 
 /// One event of a process log, as stored.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProcessEvent {
     /// The process it belongs to.
     pub process_id: ProcessId,
@@ -347,7 +348,7 @@ impl ProcessEvent {
 
 /// Proof of a lease, carried by fenced writes: the write is refused unless this token is the
 /// process's current, live lease.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseFence {
     /// The token of the acquisition (unique per acquisition).
     pub token: Uuid,
@@ -356,7 +357,7 @@ pub struct LeaseFence {
 }
 
 /// One event to append.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AppendRequest {
     /// Its type: 1 to 128 printable characters, not starting with `process.`.
     pub event_type: String,
@@ -414,7 +415,7 @@ impl AppendRequest {
 }
 
 /// The answer to an append: the stored event, and whether it was already stored (a replay).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AppendOutcome {
     /// The event as stored.
     pub event: ProcessEvent,
@@ -423,7 +424,7 @@ pub struct AppendOutcome {
 }
 
 /// How a process ends.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Completion {
     /// The terminal state to enter.
     pub state: TerminalState,
@@ -453,7 +454,7 @@ impl Completion {
 }
 
 /// A granted lease on a process.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Lease {
     /// The process it covers.
     pub process_id: ProcessId,
@@ -492,7 +493,7 @@ pub enum ClaimOutcome {
 }
 
 /// Which processes [`crate::ProcessRegistry::list_processes`] returns, and from where.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProcessFilter {
     /// Only processes in this status.
     #[serde(default)]
@@ -515,7 +516,7 @@ pub struct ProcessFilter {
 }
 
 /// A keyset position in the listing order `(created_at, id)`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ListCursor {
     /// `created_at` of the last process of the previous page.
     pub created_at: DateTime<Utc>,
@@ -524,7 +525,7 @@ pub struct ListCursor {
 }
 
 /// One page of a listing, in `(created_at, id)` order.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProcessPage {
     /// The processes of this page.
     pub processes: Vec<ProcessRecord>,
@@ -533,7 +534,7 @@ pub struct ProcessPage {
 }
 
 /// A process claimed by a pod to run, from [`crate::ProcessRegistry::claim_runnable`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunnableClaim {
     /// The lease granted to the pod.
     pub lease: Lease,
@@ -544,7 +545,7 @@ pub struct RunnableClaim {
 }
 
 /// The owner a process lost: evidence for recovery.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LostOwner {
     /// Who held the lease.
     pub owner: String,
@@ -555,7 +556,7 @@ pub struct LostOwner {
 }
 
 /// What a prune removed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PruneReport {
     /// Terminal processes deleted.
     pub processes: u64,

@@ -962,3 +962,38 @@ async fn await_during_a_database_outage_is_503_not_a_timeout() {
     );
     proxy.set_mode(common::proxy::Mode::Pass);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_openapi_document_describes_every_route_and_is_public() {
+    let server = Server::start(&migrated_database_url().await, Some("s3cret")).await;
+    let (status, doc) = server.get("/v1/openapi.json").await;
+    assert_eq!(status, StatusCode::OK, "served without the token");
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, methods) in [
+        ("/v1/processes", &["get", "post"][..]),
+        ("/v1/processes/{id}", &["get"]),
+        ("/v1/processes/{id}/events", &["get", "post"]),
+        ("/v1/processes/{id}/stream", &["get"]),
+        ("/v1/processes/{id}/complete", &["post"]),
+        ("/v1/processes/{id}/cancel", &["post"]),
+        ("/v1/processes/{id}/await", &["get"]),
+        ("/v1/prune", &["post"]),
+        ("/healthz", &["get"]),
+        ("/readyz", &["get"]),
+    ] {
+        for method in methods {
+            let operation = &paths[path][*method];
+            assert!(operation.is_object(), "{method} {path} is described");
+            if path.starts_with("/v1") {
+                assert!(
+                    operation["responses"]["400"].is_object(),
+                    "{method} {path} documents its errors"
+                );
+            }
+        }
+    }
+    if let Ok(out) = std::env::var("PROCLOG_OPENAPI_OUT") {
+        std::fs::write(out, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+    }
+}

@@ -7,6 +7,7 @@
 
 mod error;
 mod metrics;
+pub mod openapi;
 mod routes;
 
 use std::panic::AssertUnwindSafe;
@@ -55,7 +56,9 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/processes/{id}/cancel", post(routes::cancel))
         .route("/processes/{id}/await", get(routes::await_terminal))
         .route("/prune", post(routes::prune))
-        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        // The description of the API is public, also when a token guards the API itself.
+        .route("/openapi.json", get(openapi_json));
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(healthz))
@@ -178,11 +181,19 @@ async fn no_route() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such endpoint")
 }
 
+async fn openapi_json() -> impl IntoResponse {
+    axum::Json(openapi::document())
+}
+
 /// How long `/readyz` waits for the database before answering 503.
 pub const READINESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Liveness: the process serves requests. Never touches the database, so an orchestrator
 /// never restarts a pod for the database's fault.
+#[utoipa::path(
+    get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The pod serves requests", body = Object, example = json!({"status": "ok"})))
+)]
 async fn healthz() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
@@ -190,6 +201,13 @@ async fn healthz() -> impl IntoResponse {
 /// Ready when the database answers within [`READINESS_TIMEOUT`], its schema is the one this
 /// binary knows, and the listener is listening (or has knowingly fallen back to polling).
 /// Answers 503 within that bound whatever the database does (down, stalled, blackholed).
+#[utoipa::path(
+    get, path = "/readyz", tag = "health",
+    responses(
+        (status = 200, description = "Ready", body = openapi::Readiness),
+        (status = 503, description = "Not ready: the body says why", body = openapi::Readiness)
+    )
+)]
 async fn readyz(State(state): State<ApiState>) -> Response {
     let schema = tokio::time::timeout(
         READINESS_TIMEOUT,

@@ -12,11 +12,14 @@ use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use utoipa::{IntoParams, ToSchema};
+
 use super::ApiState;
 use super::error::{ApiError, ApiJson, ApiQuery, path_id};
+use super::openapi::{AppendAnswer, ErrorBody, EventPage, ProcessList, PruneAnswer};
 use crate::model::{
     AppendOutcome, AppendRequest, Completion, Disposition, ListCursor, ProcessFilter, ProcessId,
-    ProcessRegistration, ProcessStatus,
+    ProcessRecord, ProcessRegistration, ProcessStatus, TerminalRecord,
 };
 use crate::pod::cancel_process;
 
@@ -25,6 +28,20 @@ const MAX_AWAIT: Duration = Duration::from_secs(600);
 /// `await` timeout when none is given.
 const DEFAULT_AWAIT: Duration = Duration::from_secs(30);
 
+#[utoipa::path(
+    post, path = "/v1/processes", tag = "processes",
+    request_body = ProcessRegistration,
+    responses(
+        (status = 201, description = "Registered (or the identical registration, existing)", body = ProcessRecord),
+        (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
+        (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
+        (status = 409, description = "Refused by the process's state (`conflict`, `replay_conflict`, `process_terminal`, `already_terminal`, `lease_lost`)", body = ErrorBody),
+        (status = 413, description = "Payload or body too large (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "Not JSON (`unsupported_media_type`)", body = ErrorBody),
+        (status = 500, description = "Unexpected failure, logged (`database_error`, `internal_error`)", body = ErrorBody),
+        (status = 503, description = "Database unavailable (`unavailable`)", body = ErrorBody)
+    )
+)]
 pub(super) async fn register(
     State(state): State<ApiState>,
     ApiJson(registration): ApiJson<ProcessRegistration>,
@@ -41,6 +58,18 @@ pub(super) async fn register(
     Ok((StatusCode::CREATED, axum::Json(record)).into_response())
 }
 
+#[utoipa::path(
+    get, path = "/v1/processes/{id}", tag = "processes",
+    params(("id" = String, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]")),
+    responses(
+        (status = 200, description = "The process", body = ProcessRecord),
+        (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
+        (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "Unknown process (`not_found`)", body = ErrorBody),
+        (status = 500, description = "Unexpected failure, logged (`database_error`, `internal_error`)", body = ErrorBody),
+        (status = 503, description = "Database unavailable (`unavailable`)", body = ErrorBody)
+    )
+)]
 pub(super) async fn get(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -52,14 +81,21 @@ pub(super) async fn get(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ListQuery {
+    /// Only processes in this status.
     status: Option<ProcessStatus>,
+    /// Only processes of this kind.
     kind: Option<String>,
+    /// Only processes created at or after this instant (RFC 3339, years 1 to 9999).
     created_after: Option<DateTime<Utc>>,
+    /// Only processes created before this instant (RFC 3339, years 1 to 9999).
     created_before: Option<DateTime<Utc>>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// Page size: 1 to 1,000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
@@ -84,6 +120,17 @@ fn format_cursor(cursor: &ListCursor) -> String {
     )
 }
 
+#[utoipa::path(
+    get, path = "/v1/processes", tag = "processes",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page, in (created_at, id) order", body = ProcessList),
+        (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
+        (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
+        (status = 500, description = "Unexpected failure, logged (`database_error`, `internal_error`)", body = ErrorBody),
+        (status = 503, description = "Database unavailable (`unavailable`)", body = ErrorBody)
+    )
+)]
 pub(super) async fn list(
     State(state): State<ApiState>,
     ApiQuery(query): ApiQuery<ListQuery>,
@@ -105,7 +152,7 @@ pub(super) async fn list(
 }
 
 /// One event (`{"event_type": ...}`) or a batch (`{"events": [...]}`).
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(untagged)]
 pub(super) enum AppendBody {
     Batch { events: Vec<AppendRequest> },
@@ -116,6 +163,23 @@ fn appended(outcome: AppendOutcome) -> Value {
     json!({"event": outcome.event, "replayed": outcome.replayed})
 }
 
+#[utoipa::path(
+    post, path = "/v1/processes/{id}/events", tag = "events",
+    params(("id" = String, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]")),
+    request_body = AppendBody,
+    responses(
+        (status = 201, description = "Appended (`events` for a batch)", body = AppendAnswer),
+        (status = 200, description = "Replayed: already stored under these replay keys", body = AppendAnswer),
+        (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
+        (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "Unknown process (`not_found`)", body = ErrorBody),
+        (status = 409, description = "Refused by the process's state (`conflict`, `replay_conflict`, `process_terminal`, `already_terminal`, `lease_lost`)", body = ErrorBody),
+        (status = 413, description = "Payload or body too large (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "Not JSON (`unsupported_media_type`)", body = ErrorBody),
+        (status = 500, description = "Unexpected failure, logged (`database_error`, `internal_error`)", body = ErrorBody),
+        (status = 503, description = "Database unavailable (`unavailable`)", body = ErrorBody)
+    )
+)]
 pub(super) async fn append(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -151,13 +215,30 @@ pub(super) async fn append(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct EventsQuery {
+    /// Events with a seq above this (default 0).
     #[serde(default)]
+    #[param(minimum = 0)]
     after: i64,
+    /// Most events returned: 1 to 10,000 (default 100).
+    #[param(minimum = 1, maximum = 10000)]
     limit: Option<u32>,
 }
 
+#[utoipa::path(
+    get, path = "/v1/processes/{id}/events", tag = "events",
+    params(("id" = String, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]"), EventsQuery),
+    responses(
+        (status = 200, description = "Events after `after`, ascending", body = EventPage),
+        (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
+        (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "Unknown process (`not_found`)", body = ErrorBody),
+        (status = 500, description = "Unexpected failure, logged (`database_error`, `internal_error`)", body = ErrorBody),
+        (status = 503, description = "Database unavailable (`unavailable`)", body = ErrorBody)
+    )
+)]
 pub(super) async fn events(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -172,11 +253,28 @@ pub(super) async fn events(
     Ok(axum::Json(json!({"events": events})).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct StreamQuery {
+    /// Stream events with a seq above this (default 0).
+    #[param(minimum = 0)]
     after: Option<i64>,
 }
 
+#[utoipa::path(
+    get, path = "/v1/processes/{id}/stream", tag = "events",
+    params(("id" = String, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]"), StreamQuery,
+        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this seq (wins over `after`)")),
+    responses(
+        (status = 200, description = "Server-Sent Events: one per log event (SSE id = seq, event = type, data = the event as JSON), ending after the terminal event", content_type = "text/event-stream", body = String),
+        (status = 204, description = "The process ended at or before the requested seq: nothing will follow"),
+        (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
+        (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "Unknown process (`not_found`)", body = ErrorBody),
+        (status = 500, description = "Unexpected failure, logged (`database_error`, `internal_error`)", body = ErrorBody),
+        (status = 503, description = "Database unavailable (`unavailable`)", body = ErrorBody)
+    )
+)]
 pub(super) async fn stream(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -243,6 +341,22 @@ fn event_stream(
     Sse::new(events).keep_alive(KeepAlive::default())
 }
 
+#[utoipa::path(
+    post, path = "/v1/processes/{id}/complete", tag = "processes",
+    params(("id" = String, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]")),
+    request_body = Completion,
+    responses(
+        (status = 200, description = "Ended (or the identical completion, existing)", body = ProcessRecord),
+        (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
+        (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "Unknown process (`not_found`)", body = ErrorBody),
+        (status = 409, description = "Refused by the process's state (`conflict`, `replay_conflict`, `process_terminal`, `already_terminal`, `lease_lost`)", body = ErrorBody),
+        (status = 413, description = "Payload or body too large (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "Not JSON (`unsupported_media_type`)", body = ErrorBody),
+        (status = 500, description = "Unexpected failure, logged (`database_error`, `internal_error`)", body = ErrorBody),
+        (status = 503, description = "Database unavailable (`unavailable`)", body = ErrorBody)
+    )
+)]
 pub(super) async fn complete(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -257,7 +371,7 @@ pub(super) async fn complete(
     Ok(axum::Json(record).into_response())
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CancelBody {
     #[serde(default)]
@@ -267,6 +381,21 @@ pub(super) struct CancelBody {
     replay_key: Option<String>,
 }
 
+#[utoipa::path(
+    post, path = "/v1/processes/{id}/cancel", tag = "processes",
+    params(("id" = String, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]")),
+    request_body(content = Option<CancelBody>, description = "Optional: a reason and a replay key"),
+    responses(
+        (status = 200, description = "Requested; the process as it is now (cancelled at once when nobody runs it)", body = ProcessRecord),
+        (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
+        (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "Unknown process (`not_found`)", body = ErrorBody),
+        (status = 409, description = "Refused by the process's state (`conflict`, `replay_conflict`, `process_terminal`, `already_terminal`, `lease_lost`)", body = ErrorBody),
+        (status = 413, description = "Payload or body too large (`payload_too_large`)", body = ErrorBody),
+        (status = 500, description = "Unexpected failure, logged (`database_error`, `internal_error`)", body = ErrorBody),
+        (status = 503, description = "Database unavailable (`unavailable`)", body = ErrorBody)
+    )
+)]
 pub(super) async fn cancel(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -296,11 +425,27 @@ pub(super) async fn cancel(
     Ok(axum::Json(record).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct AwaitQuery {
+    /// How long to wait: 0 to 600,000 ms (default 30,000).
+    #[param(minimum = 0, maximum = 600000)]
     timeout_ms: Option<u64>,
 }
 
+#[utoipa::path(
+    get, path = "/v1/processes/{id}/await", tag = "processes",
+    params(("id" = String, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]"), AwaitQuery),
+    responses(
+        (status = 200, description = "The terminal column, once set", body = TerminalRecord),
+        (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
+        (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "Unknown process (`not_found`)", body = ErrorBody),
+        (status = 408, description = "The process did not end in time (`timeout`)", body = ErrorBody),
+        (status = 500, description = "Unexpected failure, logged (`database_error`, `internal_error`)", body = ErrorBody),
+        (status = 503, description = "Database unavailable (`unavailable`)", body = ErrorBody)
+    )
+)]
 pub(super) async fn await_terminal(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -320,7 +465,8 @@ pub(super) async fn await_terminal(
     Ok(axum::Json(terminal).into_response())
 }
 
-#[derive(Deserialize)]
+/// Exactly one of the two.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct PruneBody {
     /// Prune processes completed before this instant...
@@ -347,6 +493,18 @@ fn older_than(secs: u64) -> Result<DateTime<Utc>, ApiError> {
     Ok(cutoff)
 }
 
+#[utoipa::path(
+    post, path = "/v1/prune", tag = "processes",
+    request_body = PruneBody,
+    responses(
+        (status = 200, description = "What was deleted", body = PruneAnswer),
+        (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
+        (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
+        (status = 415, description = "Not JSON (`unsupported_media_type`)", body = ErrorBody),
+        (status = 500, description = "Unexpected failure, logged (`database_error`, `internal_error`)", body = ErrorBody),
+        (status = 503, description = "Database unavailable (`unavailable`)", body = ErrorBody)
+    )
+)]
 pub(super) async fn prune(
     State(state): State<ApiState>,
     ApiJson(body): ApiJson<PruneBody>,

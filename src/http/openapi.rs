@@ -1,0 +1,155 @@
+//! The OpenAPI 3.1 description of the HTTP API, generated from the handlers' annotations and
+//! the model's types, served at `/v1/openapi.json`.
+
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::{OpenApi, ToSchema};
+
+use super::routes;
+use crate::model::{
+    AppendOutcome, AppendRequest, Completion, Disposition, LeaseFence, LeaseInfo, ProcessEvent,
+    ProcessId, ProcessRecord, ProcessRegistration, ProcessStatus, PruneReport, TerminalRecord,
+    TerminalState,
+};
+
+/// Every non-2xx answer: `{"error": {"code", "message"}}`.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// A stable code and a human explanation.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: see the README's table of codes.
+    pub code: String,
+    /// For people.
+    pub message: String,
+}
+
+/// One page of a listing.
+#[derive(Serialize, ToSchema)]
+pub struct ProcessList {
+    /// The processes of this page.
+    pub processes: Vec<ProcessRecord>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Events of a log, ascending.
+#[derive(Serialize, ToSchema)]
+pub struct EventPage {
+    /// The events.
+    pub events: Vec<ProcessEvent>,
+}
+
+/// The answer to one append.
+#[derive(Serialize, ToSchema)]
+pub struct Appended {
+    /// The event as stored.
+    pub event: ProcessEvent,
+    /// True when it was already stored under its replay key (nothing new was written).
+    pub replayed: bool,
+}
+
+/// The answer to a batch.
+#[derive(Serialize, ToSchema)]
+pub struct AppendedBatch {
+    /// One answer per event, in seq order.
+    pub events: Vec<Appended>,
+}
+
+/// One event's answer, or a batch's.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum AppendAnswer {
+    /// `{"event": ..., "replayed": ...}`.
+    One(Appended),
+    /// `{"events": [...]}`.
+    Batch(AppendedBatch),
+}
+
+/// What a prune deleted.
+#[derive(Serialize, ToSchema)]
+pub struct PruneAnswer {
+    /// Processes that ended before this instant were deleted.
+    pub cutoff: chrono::DateTime<chrono::Utc>,
+    /// How many.
+    pub pruned: PruneReport,
+}
+
+/// `/readyz`'s body.
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    /// Whether the pod is ready.
+    pub ready: bool,
+    /// The pod id.
+    pub pod: String,
+    /// The database check: `{ok, schema_version}` or `{ok: false, error}`.
+    pub database: Value,
+    /// The listener's state.
+    pub listener: String,
+}
+
+/// proclog's HTTP API.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "proclog",
+        description = "Durable process-event logs on Postgres: register processes, append events \
+                       with dense per-process seqs, stream them, and wait for terminal states. \
+                       Every non-2xx answer is `{\"error\": {\"code\", \"message\"}}`. With a \
+                       token configured, `/v1` requires `Authorization: Bearer <token>`."
+    ),
+    paths(
+        routes::register,
+        routes::list,
+        routes::get,
+        routes::append,
+        routes::events,
+        routes::stream,
+        routes::complete,
+        routes::cancel,
+        routes::await_terminal,
+        routes::prune,
+        super::healthz,
+        super::readyz,
+    ),
+    components(schemas(
+        ErrorBody,
+        ErrorDetail,
+        ProcessList,
+        EventPage,
+        Appended,
+        AppendedBatch,
+        AppendAnswer,
+        PruneAnswer,
+        Readiness,
+        ProcessId,
+        ProcessRecord,
+        ProcessEvent,
+        ProcessRegistration,
+        ProcessStatus,
+        TerminalState,
+        TerminalRecord,
+        Disposition,
+        LeaseInfo,
+        LeaseFence,
+        AppendRequest,
+        AppendOutcome,
+        Completion,
+        PruneReport,
+    )),
+    tags(
+        (name = "processes", description = "Register, read, end and wait for processes"),
+        (name = "events", description = "Append to and read a process's log"),
+        (name = "health", description = "Liveness and readiness"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The document, as served.
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
