@@ -17,16 +17,25 @@ pub struct PodProcess {
     pub database_url: String,
     /// The extra `proclog pod` flags it was started with.
     pub flags: Vec<String>,
+    /// The `proclog` executable it runs (kept across [`PodProcess::restart`]).
+    pub binary: PathBuf,
 }
 
-/// Spawns `proclog pod` with its output appended to `log`.
-fn spawn_pod(database_url: &str, name: &str, port: u16, flags: &[String], log: &Path) -> Child {
+/// Spawns `binary pod` with its output appended to `log`.
+fn spawn_pod(
+    binary: &Path,
+    database_url: &str,
+    name: &str,
+    port: u16,
+    flags: &[String],
+    log: &Path,
+) -> Child {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_proclog"))
+    Command::new(binary)
         .arg("pod")
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--pod-id", name])
@@ -40,7 +49,8 @@ fn spawn_pod(database_url: &str, name: &str, port: u16, flags: &[String], log: &
         .expect("spawn proclog pod")
 }
 
-fn free_port() -> u16 {
+/// A port of 127.0.0.1 free at the time of the call.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -57,13 +67,26 @@ impl PodProcess {
 
     /// [`PodProcess::start`] with the HTTP API on `port` of 127.0.0.1.
     pub async fn start_on_port(database_url: &str, name: &str, port: u16, flags: &[&str]) -> Self {
+        let binary = Path::new(env!("CARGO_BIN_EXE_proclog"));
+        Self::start_binary(binary, database_url, name, port, flags).await
+    }
+
+    /// [`PodProcess::start_on_port`] running the `proclog` executable at `binary` (e.g. a
+    /// copy taken at the start of a long test, which a concurrent rebuild cannot replace).
+    pub async fn start_binary(
+        binary: &Path,
+        database_url: &str,
+        name: &str,
+        port: u16,
+        flags: &[&str],
+    ) -> Self {
         let log = std::env::temp_dir().join(format!(
             "proclog-test-{}-{name}-{port}.log",
             std::process::id()
         ));
         std::fs::File::create(&log).unwrap();
         let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
-        let child = spawn_pod(database_url, name, port, &flags, &log);
+        let child = spawn_pod(binary, database_url, name, port, &flags, &log);
         let pod = Self {
             name: name.to_owned(),
             url: format!("http://127.0.0.1:{port}"),
@@ -72,6 +95,7 @@ impl PodProcess {
             port,
             database_url: database_url.to_owned(),
             flags,
+            binary: binary.to_owned(),
         };
         pod.wait_ready().await;
         pod
@@ -85,6 +109,7 @@ impl PodProcess {
         }
         tokio::task::block_in_place(|| self.child.wait().unwrap());
         self.child = spawn_pod(
+            &self.binary,
             &self.database_url,
             &self.name,
             self.port,
@@ -107,12 +132,6 @@ impl PodProcess {
     /// True while the child process has not exited.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// One `GET /readyz`: true when it answers 2xx within `timeout`.
-    pub async fn is_ready(&self, client: &reqwest::Client, timeout: Duration) -> bool {
-        let request = client.get(format!("{}/readyz", self.url)).timeout(timeout);
-        matches!(request.send().await, Ok(response) if response.status().is_success())
     }
 
     /// Waits up to `limit` for the pod to exit (polling, so it needs no blocking thread).
