@@ -2,19 +2,67 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use common::migrated_database_url;
 use common::pods::PodProcess;
-use serde_json::Value;
+use common::proxy::TcpProxy;
+use serde_json::{Value, json};
 
-fn proclog(url: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_proclog"))
+/// Longest a `proclog` client command may run in these tests (a hang fails instead of
+/// blocking the suite).
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// `proclog` with `args` talking to `url`, without the caller's token or timeout.
+fn client_command(url: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_proclog"));
+    command
         .args(args)
         .env("PROCLOG_URL", url)
         .env_remove("PROCLOG_API_TOKEN")
-        .output()
-        .expect("run proclog")
+        .env_remove("PROCLOG_CLIENT_TIMEOUT_MS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Runs `command` to its end, killing it and failing after [`LIMIT`].
+fn output_within_limit(mut command: Command) -> Output {
+    let child = command.spawn().expect("run proclog");
+    let pid = child.id() as i32;
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(child.wait_with_output());
+    });
+    match done_rx.recv_timeout(LIMIT) {
+        Ok(output) => output.expect("wait for proclog"),
+        Err(_) => {
+            // SAFETY: kill(2) of our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("{command:?} did not end within {LIMIT:?}");
+        }
+    }
+}
+
+fn proclog(url: &str, args: &[&str]) -> Output {
+    output_within_limit(client_command(url, args))
+}
+
+fn stderr_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Asserts that `output` failed with exit code `code` and one line on stderr, and returns it.
+fn failure(output: &Output, code: i32) -> String {
+    let stderr = stderr_of(output);
+    assert_eq!(output.status.code(), Some(code), "stderr: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.starts_with("proclog: "), "{stderr}");
+    stderr
 }
 
 fn json_of(output: &Output) -> Value {
@@ -43,7 +91,15 @@ async fn migrate_applies_the_schema_once_and_reports_bad_urls() {
         "{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    assert!(String::from_utf8_lossy(&first.stdout).contains("applied now: [1, 2]"));
+    let versions: Vec<i32> = proclog::pg::migrate::MIGRATIONS
+        .iter()
+        .map(|m| m.version)
+        .collect();
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        stdout.contains(&format!("applied now: {versions:?}")),
+        "{stdout}"
+    );
     let again = migrate(database).await.unwrap();
     assert!(String::from_utf8_lossy(&again.stdout).contains("applied now: []"));
     let bad = migrate("postgres://[nope".into()).await.unwrap();
@@ -133,7 +189,8 @@ async fn client_commands_drive_a_process_and_pod_logs_carry_ids() {
     assert!(!bad_input.status.success());
     assert!(String::from_utf8_lossy(&bad_input.stderr).contains("--input is not JSON"));
     let unreachable = proclog("http://127.0.0.1:9", &["get", "x"]);
-    assert!(!unreachable.status.success());
+    let stderr = failure(&unreachable, 3);
+    assert!(stderr.contains("could not reach the pod at http://127.0.0.1:9/v1/processes/x"));
 
     // Every log line about the process run carries its id and the pod.
     let log = pod.log_text();
@@ -144,4 +201,222 @@ async fn client_commands_drive_a_process_and_pod_logs_carry_ids() {
         .collect();
     assert!(!run_lines.is_empty(), "JSON log lines of the run:\n{log}");
     assert!(run_lines.iter().all(|l| l["span"]["pod"] == "pod-cli"));
+}
+
+#[test]
+fn client_requests_time_out_when_the_pod_never_answers() {
+    // Accepts TCP connections (the kernel completes the handshake) but never reads or answers:
+    // a stopped pod.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://127.0.0.1:{}", silent.local_addr().unwrap().port());
+
+    let get = proclog(&url, &["get", "x", "--request-timeout-ms", "300"]);
+    let stderr = failure(&get, 3);
+    assert!(stderr.contains("timed out"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{url}/v1/processes/x ")),
+        "{stderr}"
+    );
+
+    // The environment sets it too; `tail` bounds connecting and the pod's first answer.
+    let mut tail = client_command(&url, &["tail", "x"]);
+    tail.env("PROCLOG_CLIENT_TIMEOUT_MS", "300");
+    let stderr = failure(&output_within_limit(tail), 3);
+    assert!(stderr.contains("timed out"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{url}/v1/processes/x/stream")),
+        "{stderr}"
+    );
+
+    // `await` allows its own timeout plus the request timeout.
+    let args = [
+        "await",
+        "x",
+        "--timeout-ms",
+        "200",
+        "--request-timeout-ms",
+        "300",
+    ];
+    let stderr = failure(&proclog(&url, &args), 3);
+    assert!(stderr.contains("timed out after 500 ms"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{url}/v1/processes/x/await")),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_errors_exit_with_documented_codes() {
+    let database = migrated_database_url().await;
+    let pod = PodProcess::start(&database, "pod-codes", &[]).await;
+    let url = pod.url.clone();
+    let run = |args: &[&str]| {
+        let url = url.clone();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            proclog(&url, &args)
+        })
+    };
+
+    // 1: the pod's JSON error, as `<status> <code>: <message>`.
+    let missing = run(&["get", "nobody"]).await.unwrap();
+    let stderr = failure(&missing, 1);
+    assert!(stderr.starts_with("proclog: 404 not_found: "), "{stderr}");
+
+    // Ids are percent-encoded: ':' reaches the pod as part of the id.
+    let started = run(&[
+        "start",
+        "steps",
+        "--id",
+        "a:b.c-d_e",
+        "--disposition",
+        "external",
+    ]);
+    let started = started.await.unwrap();
+    assert!(started.status.success(), "{}", stderr_of(&started));
+    let record = run(&["get", "a:b.c-d_e"]).await.unwrap();
+    assert_eq!(json_of(&record)["id"], "a:b.c-d_e");
+
+    // 2: invalid input refused before any request; `..` never becomes `404 no_route`.
+    for id in ["..", ".", "a/b", "a?b"] {
+        let refused = run(&["get", id]).await.unwrap();
+        let stderr = failure(&refused, 2);
+        assert!(!stderr.contains("no_route"), "{stderr}");
+        assert!(stderr.contains(&format!("{id:?}")), "{stderr}");
+    }
+    let bad_id = run(&["start", "steps", "--id", "has space"]).await.unwrap();
+    failure(&bad_id, 2);
+    let bad_input = run(&["start", "steps", "--input", "{not json"])
+        .await
+        .unwrap();
+    assert!(failure(&bad_input, 2).contains("--input is not JSON"));
+
+    // 4: `await` whose process does not end in time.
+    let waited = run(&["await", "a:b.c-d_e", "--timeout-ms", "100"])
+        .await
+        .unwrap();
+    let stderr = failure(&waited, 4);
+    assert!(stderr.starts_with("proclog: 408 timeout: "), "{stderr}");
+
+    // The table is in `proclog --help`.
+    let help = run(&["--help"]).await.unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    for line in [
+        "Exit codes:",
+        "  2  usage",
+        "  3  the pod could not be reached",
+        "  4  `await`",
+    ] {
+        assert!(help.contains(line), "{line:?} in:\n{help}");
+    }
+}
+
+/// Registers an external process `id` (nobody runs it) and appends `events` through the API.
+async fn external_process(url: &str, id: &str, events: &[Value]) {
+    let client = reqwest::Client::new();
+    let registered = client
+        .post(format!("{url}/v1/processes"))
+        .json(&json!({"kind": "steps", "id": id, "disposition": "external"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 201);
+    let appended = client
+        .post(format!("{url}/v1/processes/{id}/events"))
+        .json(&json!({"events": events}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(appended.status(), 201, "{}", appended.text().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_keeps_multibyte_text_whole_across_reads() {
+    let database = migrated_database_url().await;
+    let pod = PodProcess::start(&database, "pod-utf8", &[]).await;
+    // Large events of 3-byte characters: the network reads split them at arbitrary bytes.
+    let texts: Vec<String> = (0..31)
+        .map(|i| format!("{i}行目：{}", "日本語のテキストは壊れない。".repeat(1500)))
+        .collect();
+    let events: Vec<Value> = texts
+        .iter()
+        .map(|text| json!({"event_type": "note", "payload": {"text": text}}))
+        .collect();
+    external_process(&pod.url, "utf8-1", &events).await;
+    let completed = reqwest::Client::new()
+        .post(format!("{}/v1/processes/utf8-1/complete", pod.url))
+        .json(&json!({"state": "completed", "output": {"lines": 31}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(completed.status(), 200);
+
+    let url = pod.url.clone();
+    let tail = tokio::task::spawn_blocking(move || proclog(&url, &["tail", "utf8-1"]))
+        .await
+        .unwrap();
+    assert!(tail.status.success(), "{}", stderr_of(&tail));
+    let stdout = String::from_utf8(tail.stdout).expect("UTF-8 output");
+    assert!(!stdout.contains('\u{fffd}'), "no replacement characters");
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let notes: Vec<&str> = lines
+        .iter()
+        .filter(|event| event["event_type"] == "note")
+        .map(|event| event["payload"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(notes, texts);
+    assert_eq!(lines.last().unwrap()["event_type"], "process.completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_reports_a_dropped_stream() {
+    let database = migrated_database_url().await;
+    let pod = PodProcess::start(&database, "pod-drop", &[]).await;
+    external_process(&pod.url, "drop-1", &[json!({"event_type": "note"})]).await;
+    let proxy = TcpProxy::start(([127, 0, 0, 1], pod.port).into()).await;
+    let url = format!("http://127.0.0.1:{}", proxy.port());
+
+    let mut tail = client_command(&url, &["tail", "drop-1"])
+        .spawn()
+        .expect("run proclog tail");
+    let pid = tail.id() as i32;
+    let stdout = tail.stdout.take().unwrap();
+    let (line_tx, line_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = line_tx.send(line);
+        }
+    });
+    // The stream is open once the first event is printed; then the connection is cut.
+    let first = tokio::task::spawn_blocking(move || line_rx.recv_timeout(LIMIT))
+        .await
+        .unwrap();
+    if first.is_err() {
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        panic!("tail printed nothing");
+    }
+    proxy.drop_connections();
+
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(tail.wait_with_output());
+    });
+    let output = tokio::task::spawn_blocking(move || done_rx.recv_timeout(LIMIT))
+        .await
+        .unwrap();
+    let Ok(output) = output else {
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        panic!("tail did not notice the cut");
+    };
+    let stderr = failure(&output.unwrap(), 3);
+    let expected = format!(
+        "proclog: the stream from {url}/v1/processes/drop-1/stream?after=0 ended before the process did: "
+    );
+    assert!(stderr.starts_with(&expected), "{stderr}");
 }

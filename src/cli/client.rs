@@ -1,12 +1,25 @@
 //! Client commands: talk to a pod's HTTP API and print JSON.
+//!
+//! Every request has a deadline (`--request-timeout-ms`, `PROCLOG_CLIENT_TIMEOUT_MS`), process
+//! ids are checked and percent-encoded before they go into a URL, and failures are
+//! [`CliError`]s carrying the exit codes of [`super::exit_code`].
 
+use std::fmt::Write as _;
 use std::io::Write;
+use std::time::Duration;
 
 use futures::StreamExt;
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use super::CliResult;
+use super::exit_code::{AWAIT_TIMEOUT, FAILURE, UNREACHABLE};
+use super::{CliError, CliResult};
+use crate::model::{ProcessId, TerminalState};
 
+/// Default of `--request-timeout-ms`.
+const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
+
+/// How to reach a pod; flattened into every client command.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Connection {
     /// Base URL of a pod.
@@ -15,17 +28,200 @@ pub struct Connection {
     /// Bearer token, when the pod requires one.
     #[arg(long, env = "PROCLOG_API_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Give up when the pod has not answered within this many milliseconds (exit code 3).
+    /// `await` allows this on top of its own --timeout-ms; `tail` applies it to connecting and
+    /// to the pod's first answer only, never to the stream itself.
+    #[arg(
+        long,
+        env = "PROCLOG_CLIENT_TIMEOUT_MS",
+        default_value_t = DEFAULT_REQUEST_TIMEOUT_MS,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    request_timeout_ms: u64,
+}
+
+/// What a request's deadline covers.
+#[derive(Clone, Copy)]
+enum Deadline {
+    /// The whole exchange, the answer's body included.
+    Whole(Duration),
+    /// Connecting and the answer's status and headers; the body (a stream) is unbounded.
+    Head(Duration),
 }
 
 impl Connection {
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let url = format!("{}/v1{path}", self.url.trim_end_matches('/'));
-        let request = reqwest::Client::new().request(method, url);
-        match &self.token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
+    fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/v1{path}", self.url.trim_end_matches('/'))
+    }
+
+    /// Sends a request to `/v1{path}` and returns its URL and the pod's answer (any status).
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        deadline: Deadline,
+    ) -> Result<(String, reqwest::Response), CliError> {
+        let url = self.url(path);
+        let client = reqwest::Client::builder()
+            .connect_timeout(self.request_timeout())
+            .build()
+            .map_err(|err| CliError::new(FAILURE, format!("no HTTP client: {err}")))?;
+        let mut request = client.request(method, &url);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let limit = match deadline {
+            Deadline::Whole(limit) => {
+                request = request.timeout(limit);
+                limit
+            }
+            Deadline::Head(limit) => limit,
+        };
+        match tokio::time::timeout(limit, request.send()).await {
+            Err(_) => Err(timed_out(&url, limit)),
+            Ok(Err(err)) => Err(transport_error(&url, &err, limit)),
+            Ok(Ok(response)) => Ok((url, response)),
         }
     }
+
+    /// Sends a request, prints the JSON answer; a non-2xx answer is the pod's error.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        limit: Duration,
+    ) -> CliResult {
+        let (url, response) = self
+            .send(method, path, body, Deadline::Whole(limit))
+            .await?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|err| transport_error(&url, &err, limit))?;
+        if !status.is_success() {
+            return Err(api_error(status, &bytes).into());
+        }
+        let answer: Value = serde_json::from_slice(&bytes).map_err(|err| {
+            CliError::new(FAILURE, format!("the answer from {url} is not JSON: {err}"))
+        })?;
+        print_line(&serde_json::to_string_pretty(&answer)?);
+        Ok(())
+    }
+}
+
+/// A request that got no answer in time (exit code 3).
+fn timed_out(url: &str, limit: Duration) -> CliError {
+    CliError::new(
+        UNREACHABLE,
+        format!(
+            "timed out after {} ms waiting for {url} (--request-timeout-ms, PROCLOG_CLIENT_TIMEOUT_MS)",
+            limit.as_millis()
+        ),
+    )
+}
+
+/// A request that failed below HTTP: a bad URL (exit code 2), a timeout, a refused or broken
+/// connection (exit code 3).
+fn transport_error(url: &str, err: &reqwest::Error, limit: Duration) -> CliError {
+    if err.is_timeout() {
+        timed_out(url, limit)
+    } else if err.is_builder() {
+        CliError::usage(format!("bad pod URL {url}: {}", causes(err)))
+    } else {
+        CliError::new(
+            UNREACHABLE,
+            format!("could not reach the pod at {url}: {}", causes(err)),
+        )
+    }
+}
+
+/// The causes of a reqwest error on one line, without the URL it repeats.
+fn causes(err: &reqwest::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !parts.contains(&text) {
+            parts.push(text);
+        }
+        source = cause.source();
+    }
+    if parts.is_empty() {
+        parts.push(err.to_string());
+    }
+    one_line(&parts.join(": "))
+}
+
+/// The pod's error answer `{"error": {"code", "message"}}` as `<status> <code>: <message>`
+/// (exit code 1; 4 for the 408 of an `await` that timed out).
+fn api_error(status: StatusCode, body: &[u8]) -> CliError {
+    let parsed = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|value| {
+            let error = value.get("error")?;
+            let code = error.get("code")?.as_str()?.to_owned();
+            let message = error.get("message")?.as_str()?.to_owned();
+            Some((code, message))
+        });
+    let text = match parsed {
+        Some((code, message)) => format!("{} {code}: {message}", status.as_u16()),
+        None => {
+            let body = String::from_utf8_lossy(body);
+            let body: String = body.trim().chars().take(500).collect();
+            format!("{status}: {body}")
+        }
+    };
+    // The API answers 408 only to an `await` whose process did not end in time.
+    let code = if status == StatusCode::REQUEST_TIMEOUT {
+        AWAIT_TIMEOUT
+    } else {
+        FAILURE
+    };
+    CliError::new(code, one_line(&text))
+}
+
+fn one_line(text: &str) -> String {
+    text.replace(['\r', '\n'], " ")
+}
+
+/// `/processes/<id><rest>`, with `id` checked locally (exit code 2) and percent-encoded.
+fn process_path(id: &str, rest: &str) -> Result<String, CliError> {
+    ProcessId::new(id).map_err(|err| CliError::usage(err.to_string()))?;
+    if id == "." || id == ".." {
+        // URL parsers (WHATWG, which reqwest follows) remove dot segments even when they are
+        // percent-encoded, so no request can name this process in its path.
+        return Err(CliError::usage(format!(
+            "process id {id:?} cannot be sent in a URL path: HTTP clients remove \".\" and \"..\" segments, even encoded"
+        )));
+    }
+    Ok(format!("/processes/{}{rest}", path_segment(id)))
+}
+
+/// `segment` percent-encoded for a URL path: every byte outside the unreserved set
+/// `[A-Za-z0-9._~-]` as `%XX`, and the dot segments `.` and `..` entirely.
+fn path_segment(segment: &str) -> String {
+    if segment == "." || segment == ".." {
+        return "%2E".repeat(segment.len());
+    }
+    let mut encoded = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'~' | b'-') {
+            encoded.push(char::from(byte));
+        } else {
+            let _ = write!(encoded, "%{byte:02X}");
+        }
+    }
+    encoded
 }
 
 #[derive(clap::Args, Debug)]
@@ -84,7 +280,7 @@ pub struct AwaitArgs {
     connection: Connection,
     /// The process id.
     id: String,
-    /// Give up after this many milliseconds.
+    /// Give up after this many milliseconds (exit code 4).
     #[arg(long, default_value_t = 30_000)]
     timeout_ms: u64,
 }
@@ -109,108 +305,399 @@ pub struct PruneArgs {
     older_than_secs: u64,
 }
 
-/// Sends, prints the JSON answer, fails with the API error on a non-2xx status.
-async fn send(request: reqwest::RequestBuilder) -> CliResult {
-    let response = request.send().await?;
-    let status = response.status();
-    let body: Value = response.json().await.unwrap_or(Value::Null);
-    if status.is_success() {
-        print_line(&serde_json::to_string_pretty(&body)?);
-        Ok(())
-    } else {
-        Err(format!("{status}: {body}").into())
-    }
-}
-
 pub async fn start(args: StartArgs) -> CliResult {
-    let input: Value =
-        serde_json::from_str(&args.input).map_err(|err| format!("--input is not JSON: {err}"))?;
+    let input: Value = serde_json::from_str(&args.input)
+        .map_err(|err| CliError::usage(format!("--input is not JSON: {err}")))?;
     let mut body = json!({"kind": args.kind, "input": input, "disposition": args.disposition});
     if let Some(id) = args.id {
+        ProcessId::new(id.as_str()).map_err(|err| CliError::usage(err.to_string()))?;
         body["id"] = json!(id);
     }
-    send(
-        args.connection
-            .request(reqwest::Method::POST, "/processes")
-            .json(&body),
-    )
-    .await
+    let connection = &args.connection;
+    connection
+        .call(
+            Method::POST,
+            "/processes",
+            Some(&body),
+            connection.request_timeout(),
+        )
+        .await
 }
 
 pub async fn get(args: IdArgs) -> CliResult {
-    send(
-        args.connection
-            .request(reqwest::Method::GET, &format!("/processes/{}", args.id)),
-    )
-    .await
+    let path = process_path(&args.id, "")?;
+    let connection = &args.connection;
+    connection
+        .call(Method::GET, &path, None, connection.request_timeout())
+        .await
 }
 
 pub async fn events(args: EventsArgs) -> CliResult {
-    let path = format!(
-        "/processes/{}/events?after={}&limit={}",
-        args.id, args.after, args.limit
-    );
-    send(args.connection.request(reqwest::Method::GET, &path)).await
+    let rest = format!("/events?after={}&limit={}", args.after, args.limit);
+    let path = process_path(&args.id, &rest)?;
+    let connection = &args.connection;
+    connection
+        .call(Method::GET, &path, None, connection.request_timeout())
+        .await
 }
 
 pub async fn await_terminal(args: AwaitArgs) -> CliResult {
-    let path = format!(
-        "/processes/{}/await?timeout_ms={}",
-        args.id, args.timeout_ms
-    );
-    send(args.connection.request(reqwest::Method::GET, &path)).await
+    let path = process_path(&args.id, &format!("/await?timeout_ms={}", args.timeout_ms))?;
+    let connection = &args.connection;
+    // The pod answers by the await's own deadline; the request gets the usual allowance on top.
+    let limit = Duration::from_millis(args.timeout_ms).saturating_add(connection.request_timeout());
+    connection.call(Method::GET, &path, None, limit).await
 }
 
 pub async fn cancel(args: CancelArgs) -> CliResult {
+    let path = process_path(&args.id, "/cancel")?;
     let body = json!({"reason": args.reason});
-    let path = format!("/processes/{}/cancel", args.id);
-    send(
-        args.connection
-            .request(reqwest::Method::POST, &path)
-            .json(&body),
-    )
-    .await
+    let connection = &args.connection;
+    connection
+        .call(
+            Method::POST,
+            &path,
+            Some(&body),
+            connection.request_timeout(),
+        )
+        .await
 }
 
 pub async fn prune(args: PruneArgs) -> CliResult {
     let body = json!({"older_than_secs": args.older_than_secs});
-    send(
-        args.connection
-            .request(reqwest::Method::POST, "/prune")
-            .json(&body),
-    )
-    .await
+    let connection = &args.connection;
+    connection
+        .call(
+            Method::POST,
+            "/prune",
+            Some(&body),
+            connection.request_timeout(),
+        )
+        .await
 }
 
-/// Follows the SSE stream, printing one JSON event per line, until the process ends.
+/// Follows the SSE stream, printing one JSON event per line, until the process ends. A stream
+/// that stops before the terminal event is an error (exit code 3).
 pub async fn tail(args: TailArgs) -> CliResult {
-    let path = format!("/processes/{}/stream?after={}", args.id, args.after);
-    let response = args
-        .connection
-        .request(reqwest::Method::GET, &path)
-        .send()
-        .await?;
-    if !response.status().is_success() {
-        let status = response.status();
-        let body = response.text().await.unwrap_or_default();
-        return Err(format!("{status}: {body}").into());
+    let path = process_path(&args.id, &format!("/stream?after={}", args.after))?;
+    let connection = &args.connection;
+    let deadline = Deadline::Head(connection.request_timeout());
+    let (url, response) = connection.send(Method::GET, &path, None, deadline).await?;
+    let status = response.status();
+    if status == StatusCode::NO_CONTENT {
+        // The process ended at or before `--after`: nothing follows.
+        return Ok(());
+    }
+    if !status.is_success() {
+        let body = response.bytes().await.unwrap_or_default();
+        return Err(api_error(status, &body).into());
     }
     let mut body = response.bytes_stream();
-    let mut buffer = String::new();
-    while let Some(chunk) = body.next().await {
-        buffer.push_str(&String::from_utf8_lossy(&chunk?));
-        while let Some(end) = buffer.find('\n') {
-            let line: String = buffer.drain(..=end).collect();
-            if let Some(data) = line.trim_end().strip_prefix("data:") {
-                print_line(data.trim_start());
+    let mut parser = sse::SseParser::default();
+    loop {
+        let chunk = match body.next().await {
+            Some(Ok(chunk)) => chunk,
+            Some(Err(err)) => return Err(stream_ended(&url, &causes(&err)).into()),
+            None => return Err(stream_ended(&url, "the pod closed it").into()),
+        };
+        for event in parser.feed(&chunk) {
+            let value: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+            let Some(event_type) = value.get("event_type").and_then(Value::as_str) else {
+                // Not a process event: the pod's `error` event (`{"code", "message"}`).
+                return Err(stream_error(&url, &event).into());
+            };
+            let terminal = TerminalState::ALL
+                .iter()
+                .any(|state| state.event_type() == event_type);
+            if !print_line(&event.data) || terminal {
+                // The process ended, or nobody reads our output any more.
+                return Ok(());
             }
         }
     }
-    Ok(())
 }
 
-/// Prints a line; a closed pipe (`proclog tail ... | head`) is not an error.
-fn print_line(line: &str) {
+fn stream_ended(url: &str, cause: &str) -> CliError {
+    CliError::new(
+        UNREACHABLE,
+        format!("the stream from {url} ended before the process did: {cause}"),
+    )
+}
+
+fn stream_error(url: &str, event: &sse::SseEvent) -> CliError {
+    let value: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+    let text = match (
+        value.get("code").and_then(Value::as_str),
+        value.get("message").and_then(Value::as_str),
+    ) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        _ => format!("unexpected {:?} event: {}", event.event, event.data),
+    };
+    CliError::new(
+        FAILURE,
+        one_line(&format!("the stream from {url} failed: {text}")),
+    )
+}
+
+/// Prints a line; false when stdout is closed (`proclog tail ... | head`), which is not an
+/// error.
+fn print_line(line: &str) -> bool {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+    writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+}
+
+/// An incremental parser of the server-sent events format (`text/event-stream`, WHATWG HTML
+/// §9.2): bytes are buffered until a line is complete, so text is decoded as UTF-8 only per
+/// whole line, whatever the boundaries of the chunks read from the network.
+mod sse {
+    /// One dispatched event.
+    #[derive(Debug, PartialEq, Eq)]
+    pub struct SseEvent {
+        /// The `event:` field; `message` when absent.
+        pub event: String,
+        /// The `data:` lines joined with `\n`.
+        pub data: String,
+        /// The last `id:` of the stream so far, if any.
+        pub last_event_id: Option<String>,
+    }
+
+    /// Parser state between chunks.
+    #[derive(Debug, Default)]
+    pub struct SseParser {
+        /// The bytes of the line being read.
+        line: Vec<u8>,
+        /// The last line ended with `\r`: a `\n` right after it belongs to that line end.
+        after_cr: bool,
+        /// A line was completed already (a byte order mark is stripped from the first only).
+        started: bool,
+        event: String,
+        /// Each `data:` value followed by `\n`.
+        data: String,
+        last_event_id: Option<String>,
+    }
+
+    impl SseParser {
+        /// Consumes the next chunk of the stream and returns the events it completes. Lines
+        /// end with `\n`, `\r\n` or `\r`; a blank line dispatches the event.
+        pub fn feed(&mut self, mut bytes: &[u8]) -> Vec<SseEvent> {
+            let mut events = Vec::new();
+            while let Some(&first) = bytes.first() {
+                if std::mem::take(&mut self.after_cr) && first == b'\n' {
+                    bytes = &bytes[1..];
+                    continue;
+                }
+                let Some(end) = bytes.iter().position(|b| matches!(b, b'\n' | b'\r')) else {
+                    self.line.extend_from_slice(bytes);
+                    break;
+                };
+                self.line.extend_from_slice(&bytes[..end]);
+                self.after_cr = bytes[end] == b'\r';
+                bytes = &bytes[end + 1..];
+                let line = std::mem::take(&mut self.line);
+                events.extend(self.on_line(&line));
+            }
+            events
+        }
+
+        fn on_line(&mut self, mut raw: &[u8]) -> Option<SseEvent> {
+            if !std::mem::replace(&mut self.started, true) {
+                raw = raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw);
+            }
+            let line = String::from_utf8_lossy(raw);
+            if line.is_empty() {
+                return self.dispatch();
+            }
+            if line.starts_with(':') {
+                return None; // a comment (the pod's keep-alives)
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+                None => (&*line, ""),
+            };
+            match field {
+                "event" => self.event = value.to_owned(),
+                "data" => {
+                    self.data.push_str(value);
+                    self.data.push('\n');
+                }
+                "id" if !value.contains('\0') => self.last_event_id = Some(value.to_owned()),
+                // `retry` only matters to clients that reconnect; unknown fields are ignored.
+                _ => {}
+            }
+            None
+        }
+
+        fn dispatch(&mut self) -> Option<SseEvent> {
+            let event = std::mem::take(&mut self.event);
+            let mut data = std::mem::take(&mut self.data);
+            if data.is_empty() {
+                return None;
+            }
+            data.pop();
+            Some(SseEvent {
+                event: if event.is_empty() {
+                    "message".to_owned()
+                } else {
+                    event
+                },
+                data,
+                last_event_id: self.last_event_id.clone(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sse::{SseEvent, SseParser};
+    use super::*;
+
+    fn event(name: &str, data: &str, id: Option<&str>) -> SseEvent {
+        SseEvent {
+            event: name.to_owned(),
+            data: data.to_owned(),
+            last_event_id: id.map(str::to_owned),
+        }
+    }
+
+    fn parse_chunks(chunks: &[&[u8]]) -> Vec<SseEvent> {
+        let mut parser = SseParser::default();
+        chunks.iter().flat_map(|chunk| parser.feed(chunk)).collect()
+    }
+
+    /// Two events of Japanese text, with `line_end` between lines.
+    fn japanese_stream(line_end: &str) -> (Vec<u8>, Vec<SseEvent>) {
+        let first = r#"{"text":"日本語のテキスト、途中で切れても壊れない"}"#;
+        let second = "二行目\n三行目";
+        let text = [
+            ": keep-alive".to_owned(),
+            "id: 1".to_owned(),
+            "event: note".to_owned(),
+            format!("data: {first}"),
+            String::new(),
+            "id: 2".to_owned(),
+            "data:二行目".to_owned(),
+            "data: 三行目".to_owned(),
+            String::new(),
+        ]
+        .map(|line| line + line_end)
+        .concat();
+        let expected = vec![
+            event("note", first, Some("1")),
+            event("message", second, Some("2")),
+        ];
+        (text.into_bytes(), expected)
+    }
+
+    #[test]
+    fn sse_events_survive_any_chunk_boundary() {
+        for line_end in ["\n", "\r\n", "\r"] {
+            let (stream, expected) = japanese_stream(line_end);
+            assert_eq!(parse_chunks(&[&stream]), expected, "{line_end:?}");
+            // Every split point, inside multi-byte characters and inside "\r\n" included.
+            for split in 0..=stream.len() {
+                let (a, b) = stream.split_at(split);
+                assert_eq!(
+                    parse_chunks(&[a, b]),
+                    expected,
+                    "{line_end:?} split at {split}"
+                );
+            }
+            let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+            assert_eq!(parse_chunks(&bytes), expected, "{line_end:?} byte by byte");
+        }
+    }
+
+    #[test]
+    fn sse_crlf_split_across_chunks_is_one_line_end() {
+        // Were the "\n" taken for a blank line, "a" would be dispatched alone.
+        let events = parse_chunks(&[b"data: a\r", b"\ndata: b\r", b"\n\r", b"\n"]);
+        assert_eq!(events, vec![event("message", "a\nb", None)]);
+    }
+
+    #[test]
+    fn sse_fields_follow_the_format() {
+        let stream = concat!(
+            "\u{feff}data\n",           // BOM stripped; no colon: an empty value
+            "data:  two spaces\n",      // only one leading space is removed
+            "retry: 10\n",              // ignored
+            "unknown: field\n",         // ignored
+            ":comment: data: no\n",     // comment
+            "\n",                       // dispatch
+            "event: ignored\n",         // an event without data is not dispatched...
+            "\n",                       // ...and its name does not carry over
+            "id: 7\ndata: x\n\n",       // id remembered
+            "data: y\n\n",              // ...for the next events too
+            "id: a\0b\ndata: z\n\n",    // an id with NUL is ignored
+            "data: never dispatched\n", // the stream ends without a blank line
+        );
+        assert_eq!(
+            parse_chunks(&[stream.as_bytes()]),
+            vec![
+                event("message", "\n two spaces", None),
+                event("message", "x", Some("7")),
+                event("message", "y", Some("7")),
+                event("message", "z", Some("7")),
+            ]
+        );
+    }
+
+    #[test]
+    fn sse_invalid_utf8_is_replaced_in_its_line_only() {
+        let events = parse_chunks(&[b"data: \xff\xfe ok\ndata: \xe6\x97", b"\xa5\n\n"]);
+        assert_eq!(
+            events,
+            vec![event("message", "\u{fffd}\u{fffd} ok\n日", None)]
+        );
+    }
+
+    #[test]
+    fn ids_are_percent_encoded_in_paths() {
+        assert_eq!(path_segment("order:42.v1_x-y~"), "order%3A42.v1_x-y~");
+        assert_eq!(path_segment("."), "%2E");
+        assert_eq!(path_segment(".."), "%2E%2E");
+        assert_eq!(path_segment("a/b é?#%"), "a%2Fb%20%C3%A9%3F%23%25");
+        assert_eq!(
+            process_path("a:b", "/events").unwrap(),
+            "/processes/a%3Ab/events"
+        );
+        for bad in ["", "a/b", "x?y", "has space", "ü"] {
+            let err = process_path(bad, "").unwrap_err();
+            assert_eq!(err.code, super::super::exit_code::USAGE, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn dot_ids_are_refused_because_url_parsers_drop_them() {
+        // Why: even encoded, a dot segment is removed by the URL parser reqwest uses.
+        let url = reqwest::Url::parse("http://h/v1/processes/%2E%2E").unwrap();
+        assert_eq!(url.path(), "/v1/");
+        for id in [".", ".."] {
+            let err = process_path(id, "").unwrap_err();
+            assert_eq!(err.code, super::super::exit_code::USAGE);
+            assert!(
+                err.message.contains("cannot be sent in a URL path"),
+                "{err}"
+            );
+        }
+        assert!(process_path("...", "").is_ok());
+    }
+
+    #[test]
+    fn api_errors_read_the_json_error_body() {
+        let err = api_error(
+            StatusCode::NOT_FOUND,
+            br#"{"error": {"code": "not_found", "message": "process x not found"}}"#,
+        );
+        assert_eq!(err.message, "404 not_found: process x not found");
+        assert_eq!(err.code, FAILURE);
+        let err = api_error(
+            StatusCode::REQUEST_TIMEOUT,
+            br#"{"error": {"code": "timeout", "message": "not ended\nin time"}}"#,
+        );
+        assert_eq!(err.message, "408 timeout: not ended in time");
+        assert_eq!(err.code, AWAIT_TIMEOUT);
+        let err = api_error(StatusCode::BAD_GATEWAY, b"<html>\nproxy\n</html>");
+        assert_eq!(err.message, "502 Bad Gateway: <html> proxy </html>");
+    }
 }

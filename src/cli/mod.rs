@@ -11,9 +11,37 @@ use clap::{Parser, Subcommand};
 
 pub use logging::{LogFormat, init_logging};
 
+/// Exit codes and error output, shown after `proclog --help` (and in the README).
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success
+  1  failure: the pod answered with an error, printed as `proclog: <status> <code>: <message>`
+     (e.g. `proclog: 404 not_found: ...`), a stream reported an error, or `pod`, `up` or
+     `migrate` failed
+  2  usage or invalid input, refused before any request: a bad flag, a malformed process id,
+     --input that is not JSON
+  3  the pod could not be reached, did not answer within --request-timeout-ms
+     (PROCLOG_CLIENT_TIMEOUT_MS, default 30000), or the connection broke, e.g. a `tail` stream
+     that ended before the process did
+  4  `await`: the process did not end within its --timeout-ms
+
+Errors are one line on stderr starting with `proclog: `; results are JSON on stdout.";
+
+/// Exit codes of `proclog` (see `proclog --help`); 0 is success.
+pub mod exit_code {
+    /// The command failed: the pod answered with an error, or `pod`, `up` or `migrate` failed.
+    pub const FAILURE: u8 = 1;
+    /// Usage or invalid input, refused before any request.
+    pub const USAGE: u8 = 2;
+    /// The pod could not be reached, did not answer in time, or the connection broke.
+    pub const UNREACHABLE: u8 = 3;
+    /// `await`: the process did not end within its timeout.
+    pub const AWAIT_TIMEOUT: u8 = 4;
+}
+
 /// Durable process-event logs on Postgres.
 #[derive(Parser)]
-#[command(name = "proclog", version, about)]
+#[command(name = "proclog", version, about, after_help = EXIT_CODES_HELP)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -65,13 +93,49 @@ pub async fn run(cli: Cli) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("proclog: {err}");
-            ExitCode::FAILURE
+            let code = err
+                .downcast_ref::<CliError>()
+                .map_or(exit_code::FAILURE, |err| err.code);
+            ExitCode::from(code)
         }
     }
 }
 
-/// Errors of the command line, printed as one line.
+/// Errors of the command line, printed as one line after `proclog: `. A [`CliError`] sets
+/// the exit code; any other error exits with [`exit_code::FAILURE`].
 pub type CliResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// An error with its exit code (one of [`exit_code`]).
+#[derive(Debug)]
+pub struct CliError {
+    /// The exit code.
+    pub code: u8,
+    /// What went wrong, one line.
+    pub message: String,
+}
+
+impl CliError {
+    /// An error exiting with `code`.
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A usage or input error ([`exit_code::USAGE`]).
+    pub fn usage(message: impl Into<String>) -> Self {
+        Self::new(exit_code::USAGE, message)
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CliError {}
 
 async fn migrate(database_url: &str) -> CliResult {
     let pool = crate::pg::connect_pool(database_url, 1)?;

@@ -6,16 +6,19 @@ use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::time::Duration;
 
+use serde_json::Value;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::CliResult;
+use super::{CliError, CliResult};
 use crate::local_pg::{LocalPostgres, LocalPostgresOptions};
 
 /// Database created in the throwaway cluster.
 const DATABASE: &str = "proclog";
 /// How long stopping pods may take before they are killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a pod may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct UpArgs {
@@ -38,13 +41,24 @@ pub struct UpArgs {
 
 struct Pod {
     name: String,
+    port: u16,
     url: String,
     child: Child,
 }
 
 pub async fn run(args: UpArgs) -> CliResult {
     if args.pods == 0 {
-        return Err("--pods must be at least 1".into());
+        return Err(CliError::usage("--pods must be at least 1").into());
+    }
+    let last_port = u16::try_from(args.pods - 1)
+        .ok()
+        .and_then(|extra| args.base_port.checked_add(extra));
+    if last_port.is_none() {
+        return Err(CliError::usage(format!(
+            "--base-port {} leaves no room for {} pods",
+            args.base_port, args.pods
+        ))
+        .into());
     }
     let (database_url, local) = match &args.database_url {
         Some(url) => (url.clone(), None),
@@ -65,38 +79,13 @@ pub async fn run(args: UpArgs) -> CliResult {
     crate::pg::migrate(&pool).await?;
     drop(pool);
 
-    let exe = std::env::current_exe()?;
     let mut pods = Vec::with_capacity(args.pods);
-    for n in 1..=args.pods {
-        let name = format!("pod-{n}");
-        let port = args.base_port + (n as u16 - 1);
-        let mut command = Command::new(&exe);
-        command
-            .arg("pod")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--pod-id", &name])
-            .args(["--lease-ttl-ms", &args.lease_ttl_ms.to_string()])
-            .args(["--concurrency", &args.concurrency.to_string()])
-            .env("DATABASE_URL", &database_url)
-            .stdin(Stdio::null());
-        // SAFETY: prctl is async-signal-safe; the pods die with `up`, even on kill -9.
-        unsafe {
-            command.as_std_mut().pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = command.spawn()?;
-        pods.push(Pod {
-            name,
-            url: format!("http://127.0.0.1:{port}"),
-            child,
+    if let Err(err) = start_pods(&args, &database_url, &mut pods).await {
+        // Leave nothing behind: the pods that did start, the throwaway database.
+        return Err(match stop(&mut pods, local).await {
+            Ok(()) => err,
+            Err(stop_err) => format!("{err} (and stopping what started failed: {stop_err})").into(),
         });
-    }
-    for pod in &pods {
-        wait_ready(&pod.url).await?;
     }
 
     println!();
@@ -159,13 +148,61 @@ pub async fn run(args: UpArgs) -> CliResult {
     }
 
     println!("stopping ...");
-    for pod in &pods {
+    stop(&mut pods, local).await?;
+    println!("stopped");
+    Ok(())
+}
+
+/// Spawns the pods (each pushed to `pods` at once, so a failure can stop it) and waits until
+/// every one is ready.
+async fn start_pods(args: &UpArgs, database_url: &str, pods: &mut Vec<Pod>) -> CliResult {
+    let exe = std::env::current_exe()?;
+    for n in 1..=args.pods {
+        let name = format!("pod-{n}");
+        // Cannot overflow: checked in `run`.
+        let port = args.base_port + (n - 1) as u16;
+        let mut command = Command::new(&exe);
+        command
+            .arg("pod")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--pod-id", &name])
+            .args(["--lease-ttl-ms", &args.lease_ttl_ms.to_string()])
+            .args(["--concurrency", &args.concurrency.to_string()])
+            .env("DATABASE_URL", database_url)
+            .stdin(Stdio::null());
+        // SAFETY: prctl is async-signal-safe; the pods die with `up`, even on kill -9.
+        unsafe {
+            command.as_std_mut().pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn()?;
+        pods.push(Pod {
+            name,
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            child,
+        });
+    }
+    for pod in pods.iter_mut() {
+        wait_ready(pod).await?;
+    }
+    Ok(())
+}
+
+/// Stops the pods (SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]), then the throwaway database.
+async fn stop(pods: &mut [Pod], local: Option<LocalPostgres>) -> CliResult {
+    for pod in pods.iter() {
+        // `None` once the child was reaped: its pid may belong to another process by now.
         if let Some(pid) = pod.child.id() {
             // SAFETY: plain kill(2) of our own child.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
         }
     }
-    for pod in &mut pods {
+    for pod in pods.iter_mut() {
         if tokio::time::timeout(STOP_TIMEOUT, pod.child.wait())
             .await
             .is_err()
@@ -176,7 +213,6 @@ pub async fn run(args: UpArgs) -> CliResult {
     if let Some(local) = local {
         tokio::task::spawn_blocking(move || local.stop()).await??;
     }
-    println!("stopped");
     Ok(())
 }
 
@@ -191,20 +227,107 @@ async fn create_database(admin_url: &str) -> CliResult {
     Ok(())
 }
 
-async fn wait_ready(url: &str) -> CliResult {
-    let client = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+/// What one `/readyz` answer says about a pod.
+#[derive(Debug, PartialEq, Eq)]
+enum Readiness {
+    Ready,
+    /// The pod answers but is not ready yet (its database, its listener).
+    NotYet,
+    /// Something else answers on the pod's port: what it calls itself, if anything.
+    Foreign(Option<String>),
+}
+
+/// Reads a `/readyz` answer (`{"ready": .., "pod": "<pod id>", ..}`) of the pod `name`.
+fn readiness(name: &str, status: reqwest::StatusCode, body: &[u8]) -> Readiness {
+    let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    match body.get("pod").and_then(Value::as_str) {
+        Some(pod) if pod == name => {
+            if status.is_success() && body["ready"] == true {
+                Readiness::Ready
+            } else {
+                Readiness::NotYet
+            }
+        }
+        other => Readiness::Foreign(other.map(str::to_owned)),
+    }
+}
+
+/// Waits until `pod` answers `/readyz` as itself and ready. Fails as soon as its process exits
+/// or another program answers on its port (a pod that cannot bind its port exits, and the
+/// other program's answers must not be taken for its own).
+async fn wait_ready(pod: &mut Pod) -> CliResult {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     let mut pause =
         crate::backoff::Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
     loop {
-        if let Ok(response) = client.get(format!("{url}/readyz")).send().await
-            && response.status().is_success()
-        {
+        let mut ready = false;
+        if let Ok(response) = client.get(format!("{}/readyz", pod.url)).send().await {
+            let status = response.status();
+            let body = response.bytes().await.unwrap_or_default();
+            match readiness(&pod.name, status, &body) {
+                Readiness::Ready => ready = true,
+                Readiness::NotYet => {}
+                Readiness::Foreign(other) => {
+                    let other = other.map_or_else(
+                        || "it is not a proclog pod".to_owned(),
+                        |other| format!("it is pod {other:?}"),
+                    );
+                    return Err(format!(
+                        "{} cannot serve on port {}: another program answers there ({other})",
+                        pod.name, pod.port
+                    )
+                    .into());
+                }
+            }
+        }
+        // Also after a ready answer: it must come from the pod that is still running.
+        if let Some(status) = pod.child.try_wait()? {
+            return Err(format!(
+                "{} exited before it was ready ({status}); is port {} in use? (its log is above)",
+                pod.name, pod.port
+            )
+            .into());
+        }
+        if ready {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!("{url} did not become ready").into());
+            return Err(format!(
+                "{} on port {} did not become ready within {} s",
+                pod.name,
+                pod.port,
+                READY_TIMEOUT.as_secs()
+            )
+            .into());
         }
         tokio::time::sleep(pause.next_delay()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::StatusCode;
+
+    #[test]
+    fn readiness_needs_the_pods_own_name() {
+        let ready = br#"{"ready": true, "pod": "pod-1", "database": {"ok": true}}"#;
+        assert_eq!(readiness("pod-1", StatusCode::OK, ready), Readiness::Ready);
+        let starting = br#"{"ready": false, "pod": "pod-1"}"#;
+        assert_eq!(
+            readiness("pod-1", StatusCode::SERVICE_UNAVAILABLE, starting),
+            Readiness::NotYet
+        );
+        assert_eq!(
+            readiness("pod-2", StatusCode::OK, ready),
+            Readiness::Foreign(Some("pod-1".into()))
+        );
+        assert_eq!(
+            readiness("pod-1", StatusCode::OK, b"<html>hello</html>"),
+            Readiness::Foreign(None)
+        );
     }
 }
