@@ -107,6 +107,42 @@ async fn migrate_applies_the_schema_once_and_reports_bad_urls() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("bad database url"));
 }
 
+#[tokio::test]
+async fn grant_reader_gives_an_existing_role_read_access_and_refuses_bad_names() {
+    let url = common::migrated_database_url().await;
+    let role = format!("analyst_{}", uuid::Uuid::new_v4().simple());
+    let grant = |role: String, url: String| {
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_proclog"))
+                .args(["grant-reader", &role, "--database-url", &url])
+                .output()
+                .unwrap()
+        })
+    };
+    let missing = grant(role.clone(), url.clone()).await.unwrap();
+    assert!(failure(&missing, 1).contains("does not exist"));
+    let bad = grant("robert'); drop".into(), url.clone()).await.unwrap();
+    assert!(failure(&bad, 2).contains("role name"));
+    common::sql_client(&url)
+        .await
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN"))
+        .await
+        .unwrap();
+    let granted = grant(role.clone(), url.clone()).await.unwrap();
+    assert!(granted.status.success(), "{}", stderr_of(&granted));
+    let can_read: bool = common::sql_client(&url)
+        .await
+        .query_one(
+            "SELECT has_table_privilege($1, 'proclog.events', 'SELECT')
+                AND NOT has_table_privilege($1, 'proclog.events', 'INSERT')",
+            &[&role],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(can_read);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_commands_drive_a_process_and_pod_logs_carry_ids() {
     let database = migrated_database_url().await;

@@ -59,6 +59,15 @@ enum Command {
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
     },
+    /// Give an existing database role read-only access to the proclog schema (SELECT on every
+    /// table, also on tables later migrations add). Run it as the role that migrates.
+    GrantReader {
+        /// Postgres URL of the database.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        /// The role (it must exist: CREATE ROLE analyst LOGIN PASSWORD '...').
+        role: String,
+    },
     /// Register a process.
     Start(client::StartArgs),
     /// Show a process.
@@ -81,6 +90,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Pod(args) => pod::run(args).await,
         Command::Up(args) => up::run(args).await,
         Command::Migrate { database_url } => migrate(&database_url).await,
+        Command::GrantReader { database_url, role } => grant_reader(&database_url, &role).await,
         Command::Start(args) => client::start(args).await,
         Command::Get(args) => client::get(args).await,
         Command::Events(args) => client::events(args).await,
@@ -136,6 +146,14 @@ impl std::fmt::Display for CliError {
 }
 
 impl std::error::Error for CliError {}
+
+async fn grant_reader(database_url: &str, role: &str) -> CliResult {
+    crate::pg::reader::check_role_name(role).map_err(|err| CliError::usage(err.to_string()))?;
+    let pool = crate::pg::connect_pool(database_url, 1)?;
+    crate::pg::grant_reader(&pool, role).await?;
+    println!("role {role} can now read the proclog schema (and nothing else of it)");
+    Ok(())
+}
 
 async fn migrate(database_url: &str) -> CliResult {
     let pool = crate::pg::connect_pool(database_url, 1)?;
