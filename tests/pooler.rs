@@ -104,6 +104,7 @@ async fn a_listener_behind_a_transaction_pooler_falls_back_to_polling() {
             listener_database_url: Some(pooled),
             listener: ListenerOptions {
                 probe_timeout: Duration::from_millis(1500),
+                relisten_interval: Duration::from_millis(200),
                 ..ListenerOptions::default()
             },
             ..PodServicesOptions::default()
@@ -158,4 +159,25 @@ async fn a_listener_behind_a_transaction_pooler_falls_back_to_polling() {
             .load(std::sync::atomic::Ordering::Relaxed),
         0
     );
+    // A listener that fell back to polling keeps trying LISTEN (the pooler may go away),
+    // and stays in the polling state meanwhile.
+    let sessions = || {
+        pooled_pod
+            .listener
+            .stats()
+            .sessions
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while sessions() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "LISTEN was never tried again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(
+        pooled_pod.listener.status(),
+        ListenerStatus::Polling { .. }
+    ));
 }

@@ -46,6 +46,9 @@ pub struct ListenerStats {
     pub notices: AtomicU64,
     /// Reconnects after a lost connection.
     pub reconnects: AtomicU64,
+    /// Sessions started (connect, LISTEN, probe): the first, reconnects, and the periodic
+    /// retries after LISTEN was found not to work.
+    pub sessions: AtomicU64,
 }
 
 /// Tuning of a [`PgListener`].
@@ -200,6 +203,7 @@ async fn session(
     stats: &ListenerStats,
     backoff: &mut Backoff,
 ) -> SessionEnd {
+    stats.sessions.fetch_add(1, Ordering::Relaxed);
     let (client, mut connection) = match config.connect(tokio_postgres::NoTls).await {
         Ok(pair) => pair,
         Err(err) => return SessionEnd::Lost(err.to_string()),
