@@ -243,3 +243,64 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     };
     (status, axum::Json(body)).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Serves `router` on a free loopback port; returns its base URL.
+    async fn serve(router: Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(axum::serve(listener, router).into_future());
+        base
+    }
+
+    async fn boom() -> &'static str {
+        let bug: Option<&'static str> = None;
+        bug.expect("a handler bug")
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_a_json_500_and_the_server_lives_on() {
+        let router = Router::new()
+            .route("/boom", get(boom))
+            .route("/fine", get(|| async { "ok" }))
+            .layer(middleware::map_response(json_errors))
+            .layer(middleware::from_fn(catch_panic));
+        let base = serve(router).await;
+        let client = reqwest::Client::new();
+        let response = client.get(format!("{base}/boom")).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "internal_error");
+        let fine = client.get(format!("{base}/fine")).send().await.unwrap();
+        assert_eq!(fine.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn framework_answers_are_rewritten_into_the_error_format() {
+        let router = Router::new()
+            .route("/only-get", get(|| async { "ok" }))
+            .route(
+                "/plain",
+                get(|| async { (StatusCode::BAD_REQUEST, "plain text refusal") }),
+            )
+            .layer(middleware::map_response(json_errors));
+        let base = serve(router).await;
+        let client = reqwest::Client::new();
+        let response = client
+            .post(format!("{base}/only-get"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(response.headers()["allow"], "GET,HEAD");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "method_not_allowed");
+        let response = client.get(format!("{base}/plain")).send().await.unwrap();
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "bad_request");
+        assert_eq!(body["error"]["message"], "plain text refusal");
+    }
+}
