@@ -5,7 +5,7 @@ use crate::model::{ProcessId, TerminalState};
 /// Why a registry operation did not happen. Every refusal writes nothing.
 ///
 /// Callers match on the variant; the HTTP layer maps each to a stable code and status.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ProcessError {
     /// No process has this id.
     #[error("process {0} not found")]

@@ -17,14 +17,19 @@ pub mod pg;
 pub mod pod;
 pub mod pod_services;
 pub mod registry;
+pub mod stack;
 pub mod validate;
 pub mod watch;
 
+pub use async_trait::async_trait;
+pub use deadpool_postgres::Pool;
 pub use error::{ProcessError, ProcessResult};
 pub use memory::InMemoryProcessRegistry;
 pub use model::*;
 pub use pg::PgProcessRegistry;
+pub use pod::{Pod, ProcessEngine};
 pub use registry::{ProcessRegistry, RegistryConfig};
+pub use stack::{Proclog, ProclogBuilder};
 pub use watch::{
     AwaitError, ProcessChangeHub, ProcessEventSink, ProcessSubscriptions, ProcessWorkDriver,
     WatchedProcessRegistry,

@@ -230,6 +230,7 @@ pub struct ProcessRegistration {
     #[serde(default)]
     pub id: Option<ProcessId>,
     /// Which engine runs it: 1 to 128 characters from `[A-Za-z0-9._:-]`.
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     pub kind: String,
     /// Free-form JSON input for the engine (subject to the payload limit).
     #[serde(default)]
@@ -360,12 +361,15 @@ pub struct LeaseFence {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AppendRequest {
     /// Its type: 1 to 128 printable characters, not starting with `process.`.
+    #[schema(min_length = 1, max_length = 128)]
     pub event_type: String,
     /// Its JSON payload (subject to the payload limit).
     #[serde(default)]
     pub payload: Value,
     /// An idempotency key: a retry with the same key and content returns the stored event.
+    /// 1 to 256 printable characters.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 256)]
     pub replay_key: Option<String>,
     /// When set, the append is fenced by this lease (refused with `LeaseLost` otherwise).
     #[serde(default)]

@@ -8,15 +8,9 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{CliResult, LogFormat, init_logging};
-use crate::backoff::Backoff;
-use crate::http::{ApiState, DEFAULT_MAX_BODY_BYTES, router};
-use crate::pg::MigrationError;
-use crate::pod::{DemoJournal, Worker, WorkerConfig, demo_engines_with};
-use crate::pod_services::{PodServices, PodServicesOptions};
-
-/// How long the HTTP server may take to close its connections (open SSE streams included)
-/// after the worker has drained.
-const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(2);
+use crate::http::DEFAULT_MAX_BODY_BYTES;
+use crate::pod::{DemoJournal, Pod, demo_engines_with};
+use crate::stack::Proclog;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct PodArgs {
@@ -72,44 +66,6 @@ pub struct PodArgs {
     pub log_format: LogFormat,
 }
 
-fn default_pod_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "pod".into());
-    format!("{host}-{}", std::process::id())
-}
-
-/// Connects and migrates, retrying while the database is unreachable (not up yet, restarting)
-/// until `deadline`; each failed attempt is logged. A schema newer than this binary, a bad URL
-/// or any other refusal ends the start at once.
-async fn migrate_when_reachable(args: &PodArgs, pod_id: &str) -> CliResult {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(args.startup_timeout_ms);
-    let pool = crate::pg::connect_pool(&args.database_url, 1)?;
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    for attempt in 1.. {
-        match crate::pg::migrate(&pool).await {
-            Ok(migrated) => {
-                tracing::info!(pod = %pod_id, schema = migrated.version, "database ready");
-                return Ok(());
-            }
-            Err(MigrationError::Database(err)) if err.is_transient() => {
-                let pause = backoff.next_delay();
-                if tokio::time::Instant::now() + pause >= deadline {
-                    return Err(format!(
-                        "database not reachable after {attempt} attempts in {} ms: {err}",
-                        args.startup_timeout_ms
-                    )
-                    .into());
-                }
-                tracing::warn!(pod = %pod_id, attempt, error = %err, retry_in = ?pause, "database not reachable yet");
-                tokio::time::sleep(pause).await;
-            }
-            Err(err) => return Err(err.into()),
-        }
-    }
-    unreachable!("the attempts never run out")
-}
-
 /// Longest duration a pod setting in milliseconds may name (one day).
 const MAX_SETTING_MS: u64 = 24 * 60 * 60 * 1000;
 
@@ -163,60 +119,37 @@ fn check_settings(args: &PodArgs, pod_id: &str) -> Result<(), String> {
 
 pub async fn run(args: PodArgs) -> CliResult {
     init_logging(args.log_format);
-    let pod_id = args.pod_id.clone().unwrap_or_else(default_pod_id);
+    let pod_id = args
+        .pod_id
+        .clone()
+        .unwrap_or_else(crate::stack::default_pod_id);
     check_settings(&args, &pod_id).map_err(|err| format!("bad setting: {err}"))?;
-    let lease_ttl = Duration::from_millis(args.lease_ttl_ms);
-    migrate_when_reachable(&args, &pod_id).await?;
-
-    let services = Arc::new(PodServices::start(
-        &args.database_url,
-        &pod_id,
-        PodServicesOptions {
-            pool_size: args.pool_size,
-            max_payload_bytes: args.max_payload_bytes,
-            listener_database_url: args.listener_database_url.clone(),
-            ..PodServicesOptions::for_lease_ttl(lease_ttl)
-        },
-    )?);
+    let mut stack = Proclog::builder(&args.database_url)
+        .pod_id(&pod_id)
+        .lease_ttl(Duration::from_millis(args.lease_ttl_ms))
+        .pool_size(args.pool_size)
+        .max_payload_bytes(args.max_payload_bytes)
+        .startup_timeout(Duration::from_millis(args.startup_timeout_ms));
+    if let Some(url) = &args.listener_database_url {
+        stack = stack.listener_database_url(url);
+    }
+    let stack = stack.start().await?;
     let journal = match &args.demo_journal {
         Some(path) => Some(Arc::new(DemoJournal::open(path, &pod_id)?)),
         None => None,
     };
-    let worker = (args.concurrency > 0).then(|| {
-        let config = WorkerConfig {
-            concurrency: args.concurrency,
-            lease_ttl,
-            poll_interval: Duration::from_millis(args.poll_ms),
-            grace: Duration::from_millis(args.grace_ms),
-            hard_stop_margin: Duration::from_millis(args.hard_stop_ms),
-            ..WorkerConfig::new(pod_id.clone())
-        };
-        Worker::spawn_with_leases(
-            Arc::clone(&services.registry),
-            Arc::clone(&services.leases),
-            Arc::clone(&services.hub),
-            demo_engines_with(journal),
-            config,
-            Arc::clone(&services.work),
-        )
-    });
-    let state = ApiState {
-        services: Arc::clone(&services),
-        worker: worker.as_ref().map(|w| Arc::clone(w.stats())),
-        token: args.api_token.as_deref().map(Arc::from),
-    };
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    let address = listener.local_addr()?;
-    tracing::info!(pod = %pod_id, %address, "serving the API");
-
-    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        axum::serve(listener, router(state, args.max_body_bytes))
-            .with_graceful_shutdown(async {
-                let _ = http_stopped.await;
-            })
-            .into_future(),
-    );
+    let mut pod = Pod::builder(&stack)
+        .engines(demo_engines_with(journal))
+        .concurrency(args.concurrency)
+        .poll_interval(Duration::from_millis(args.poll_ms))
+        .grace(Duration::from_millis(args.grace_ms))
+        .hard_stop_margin(Duration::from_millis(args.hard_stop_ms))
+        .serve_http(args.listen)
+        .max_body_bytes(args.max_body_bytes);
+    if let Some(token) = &args.api_token {
+        pod = pod.api_token(token);
+    }
+    let pod = pod.start().await?;
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -224,14 +157,8 @@ pub async fn run(args: PodArgs) -> CliResult {
         _ = terminate.recv() => tracing::info!(pod = %pod_id, "SIGTERM: draining"),
         _ = interrupt.recv() => tracing::info!(pod = %pod_id, "SIGINT: draining"),
     }
-    if let Some(worker) = worker {
-        worker.shutdown().await;
-        // Released processes can be taken over at once: tell the other pods.
-        services.notifier.work_available();
-        services.notifier.flush(Duration::from_secs(2)).await;
-    }
-    let _ = stop_http.send(());
-    let _ = tokio::time::timeout(HTTP_CLOSE_GRACE, server).await;
+    pod.shutdown().await;
+    stack.shutdown().await;
     tracing::info!(pod = %pod_id, "stopped");
     Ok(())
 }

@@ -70,6 +70,17 @@ pub enum AppendAnswer {
     Batch(AppendedBatch),
 }
 
+/// One Server-Sent Event of `/v1/processes/{id}/stream`.
+#[derive(Serialize, ToSchema)]
+pub struct SseEvent {
+    /// The event's seq (resume with `Last-Event-ID`).
+    pub id: String,
+    /// The event's type (`step`, `process.started`, `process.completed`, ...), or `error`.
+    pub event: String,
+    /// The event as JSON (a `ProcessEvent`), or for `error` an `ErrorDetail`.
+    pub data: String,
+}
+
 /// What a prune deleted.
 #[derive(Serialize, ToSchema)]
 pub struct PruneAnswer {
@@ -125,6 +136,7 @@ pub struct Readiness {
         AppendedBatch,
         AppendAnswer,
         PruneAnswer,
+        SseEvent,
         Readiness,
         ProcessId,
         ProcessRecord,

@@ -16,7 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::ApiState;
 use super::error::{ApiError, ApiJson, ApiQuery, path_id};
-use super::openapi::{AppendAnswer, ErrorBody, EventPage, ProcessList, PruneAnswer};
+use super::openapi::{AppendAnswer, ErrorBody, EventPage, ProcessList, PruneAnswer, SseEvent};
 use crate::model::{
     AppendOutcome, AppendRequest, Completion, Disposition, ListCursor, ProcessFilter, ProcessId,
     ProcessRecord, ProcessRegistration, ProcessStatus, TerminalRecord,
@@ -60,7 +60,7 @@ pub(super) async fn register(
 
 #[utoipa::path(
     get, path = "/v1/processes/{id}", tag = "processes",
-    params(("id" = String, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]")),
+    params(("id" = ProcessId, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]")),
     responses(
         (status = 200, description = "The process", body = ProcessRecord),
         (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
@@ -165,7 +165,7 @@ fn appended(outcome: AppendOutcome) -> Value {
 
 #[utoipa::path(
     post, path = "/v1/processes/{id}/events", tag = "events",
-    params(("id" = String, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]")),
+    params(("id" = ProcessId, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]")),
     request_body = AppendBody,
     responses(
         (status = 201, description = "Appended (`events` for a batch)", body = AppendAnswer),
@@ -229,7 +229,7 @@ pub(super) struct EventsQuery {
 
 #[utoipa::path(
     get, path = "/v1/processes/{id}/events", tag = "events",
-    params(("id" = String, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]"), EventsQuery),
+    params(("id" = ProcessId, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]"), EventsQuery),
     responses(
         (status = 200, description = "Events after `after`, ascending", body = EventPage),
         (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
@@ -263,10 +263,10 @@ pub(super) struct StreamQuery {
 
 #[utoipa::path(
     get, path = "/v1/processes/{id}/stream", tag = "events",
-    params(("id" = String, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]"), StreamQuery,
+    params(("id" = ProcessId, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]"), StreamQuery,
         ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this seq (wins over `after`)")),
     responses(
-        (status = 200, description = "Server-Sent Events: one per log event (SSE id = seq, event = type, data = the event as JSON), ending after the terminal event", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-Sent Events: one per log event (SSE id = seq, event = type, data = the event as JSON), ending after the terminal event", content_type = "text/event-stream", body = SseEvent),
         (status = 204, description = "The process ended at or before the requested seq: nothing will follow"),
         (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
         (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
@@ -343,7 +343,7 @@ fn event_stream(
 
 #[utoipa::path(
     post, path = "/v1/processes/{id}/complete", tag = "processes",
-    params(("id" = String, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]")),
+    params(("id" = ProcessId, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]")),
     request_body = Completion,
     responses(
         (status = 200, description = "Ended (or the identical completion, existing)", body = ProcessRecord),
@@ -383,7 +383,7 @@ pub(super) struct CancelBody {
 
 #[utoipa::path(
     post, path = "/v1/processes/{id}/cancel", tag = "processes",
-    params(("id" = String, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]")),
+    params(("id" = ProcessId, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]")),
     request_body(content = Option<CancelBody>, description = "Optional: a reason and a replay key"),
     responses(
         (status = 200, description = "Requested; the process as it is now (cancelled at once when nobody runs it)", body = ProcessRecord),
@@ -435,7 +435,7 @@ pub(super) struct AwaitQuery {
 
 #[utoipa::path(
     get, path = "/v1/processes/{id}/await", tag = "processes",
-    params(("id" = String, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]"), AwaitQuery),
+    params(("id" = ProcessId, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]"), AwaitQuery),
     responses(
         (status = 200, description = "The terminal column, once set", body = TerminalRecord),
         (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),

@@ -93,6 +93,11 @@ impl Drop for PgListener {
 }
 
 impl PgListener {
+    /// Stops listening now (also done on drop). Subscriptions fall back to their safety polls.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+
     /// Starts listening with `config` (a dedicated connection, never from a pool), ticking
     /// `hub` for notices written by pods other than `own_pod`, and notifying `work` for work
     /// hints from other pods (and after every reconnect).

@@ -182,6 +182,12 @@ impl Engines {
         self
     }
 
+    /// These engines and those of `other` (which win on a shared kind).
+    pub fn merged(mut self, other: Engines) -> Self {
+        self.by_kind.extend(other.by_kind);
+        self
+    }
+
     /// The engine of `kind`, if any.
     pub fn get(&self, kind: &str) -> Option<Arc<dyn ProcessEngine>> {
         self.by_kind.get(kind).cloned()

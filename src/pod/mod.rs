@@ -3,6 +3,7 @@
 pub mod cancel;
 pub mod demo;
 pub mod engine;
+pub mod host;
 pub mod lease;
 mod retry;
 pub mod run;
@@ -11,6 +12,7 @@ pub mod worker;
 pub use cancel::cancel_process;
 pub use demo::{DemoJournal, demo_engines, demo_engines_with};
 pub use engine::{EngineResult, Engines, ProcessEngine, RunContext, RunEvents};
+pub use host::{Pod, PodBuilder};
 pub use lease::LeaseClock;
 pub use run::RunEnd;
 pub use worker::{Worker, WorkerConfig, WorkerStats};
