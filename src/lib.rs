@@ -18,6 +18,7 @@ pub mod pod;
 pub mod pod_services;
 pub mod registry;
 pub mod stack;
+pub mod testing;
 pub mod validate;
 pub mod watch;
 

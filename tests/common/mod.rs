@@ -2,88 +2,31 @@
 //!
 //! `PROCLOG_TEST_DATABASE_URL` (a `postgres://` URL with rights to create databases) names a
 //! server to use; otherwise one throwaway cluster is started per test binary with
-//! [`proclog::local_pg::LocalPostgres`] and dies with it.
+//! `proclog::testing` (the same helpers hosts use) and dies with it.
 
 #![allow(dead_code)]
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 pub mod pods;
 pub mod proxy;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use proclog::local_pg::{LocalPostgres, LocalPostgresOptions};
 use proclog::{InMemoryProcessRegistry, PgProcessRegistry, ProcessRegistry, RegistryConfig};
-
-enum Server {
-    External(String),
-    Local(LocalPostgres),
-}
-
-static SERVER: OnceLock<Server> = OnceLock::new();
-
-fn server() -> &'static Server {
-    SERVER.get_or_init(|| match std::env::var("PROCLOG_TEST_DATABASE_URL") {
-        Ok(url) if !url.is_empty() => Server::External(url),
-        _ => Server::Local(
-            LocalPostgres::start(&LocalPostgresOptions {
-                // Lets tests count the statements proclog sends.
-                settings: vec![(
-                    "shared_preload_libraries".into(),
-                    "pg_stat_statements".into(),
-                )],
-                ..LocalPostgresOptions::default()
-            })
-            .expect("start a throwaway Postgres (is postgresql installed?)"),
-        ),
-    })
-}
-
-/// `url` with its database replaced by `database`.
-fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, format!("?{query}")),
-        None => (url, String::new()),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[scheme_end..].find('/') {
-        Some(slash) => &base[..scheme_end + slash],
-        None => base,
-    };
-    format!("{base}/{database}{query}")
-}
-
-fn admin_url() -> String {
-    match server() {
-        Server::External(url) => url.clone(),
-        Server::Local(pg) => pg.url("postgres"),
-    }
-}
 
 /// Creates an empty database and returns its URL.
 pub async fn fresh_database_url() -> String {
-    let name = format!("proclog_test_{}", uuid::Uuid::new_v4().simple());
-    let admin = admin_url();
-    let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+    proclog::testing::fresh_database_url()
         .await
-        .expect("connect to the test server");
-    let driver = tokio::spawn(connection);
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .expect("create a test database");
-    drop(client);
-    let _ = driver.await;
-    with_database(&admin, &name)
+        .expect("a fresh test database (is postgresql installed?)")
 }
 
 /// A fresh, migrated database and its URL.
 pub async fn migrated_database_url() -> String {
-    let url = fresh_database_url().await;
-    let pool = proclog::pg::connect_pool(&url, 1).expect("pool");
-    proclog::pg::migrate(&pool).await.expect("migrate");
-    url
+    proclog::testing::migrated_database_url()
+        .await
+        .expect("a migrated test database (is postgresql installed?)")
 }
 
 /// A plain connection for checks over SQL, driven in the background.
