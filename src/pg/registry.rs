@@ -58,7 +58,7 @@ fn ttl_millis(ttl: Duration) -> i64 {
 }
 
 impl PgProcessRegistry {
-    /// A registry over `pool` (whose database must be migrated, see [`crate::pg::migrate`]).
+    /// A registry over `pool` (whose database must be migrated, see [`crate::pg::migrate()`]).
     pub fn new(pool: Pool, config: RegistryConfig) -> Self {
         Self {
             pool,

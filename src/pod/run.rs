@@ -14,9 +14,9 @@
 //! ```
 //!
 //! Each phase makes at most one kind of write, and every write goes through
-//! [`super::retry::retry_write`]: transient failures are retried while the lease is surely
+//! `retry::retry_write`: transient failures are retried while the lease is surely
 //! live, and only `LeaseLost`, terminal and input errors end a retry. The lease is renewed by
-//! its own task ([`super::lease::keep_lease`]) from the claim until the run is done, so a
+//! its own task (`lease::keep_lease`) from the claim until the run is done, so a
 //! completion that hits a blip is retried under a lease that stays live.
 //!
 //! | phase | write (idempotent by) | on `LeaseLost` / no time left | on terminal |

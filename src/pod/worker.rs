@@ -2,7 +2,7 @@
 //!
 //! One loop claims up to the free concurrency with `claim_runnable` (`FOR UPDATE SKIP
 //! LOCKED`), woken by work hints (local registrations, hints from other pods), by the next
-//! lease expiry and by a slow poll. Each claimed process is one [`super::run::Run`], a state
+//! lease expiry and by a slow poll. Each claimed process is one `run::Run`, a state
 //! machine that starts it, runs its engine under a lease kept by a task of its own, and ends
 //! it (see that module for the phases and the retry rule of each write).
 //!
