@@ -30,7 +30,7 @@ pub struct PodArgs {
     /// Most processes run at once by this pod (0: serve the API only, run nothing).
     #[arg(long, env = "PROCLOG_CONCURRENCY", default_value_t = 8)]
     pub concurrency: usize,
-    /// Lease TTL in milliseconds; leases are renewed every third of it.
+    /// Lease TTL in milliseconds; leases are renewed every tenth of it.
     #[arg(long, env = "PROCLOG_LEASE_TTL_MS", default_value_t = 15_000)]
     pub lease_ttl_ms: u64,
     /// Safety poll for new work, in milliseconds (work hints usually arrive first).

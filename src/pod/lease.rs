@@ -15,6 +15,19 @@
 //!
 //! The margin is a fifth of the TTL: it absorbs clock-rate drift between the pod and the
 //! database and the time an engine takes to notice its cancellation.
+//!
+//! The lease is renewed every tenth of the TTL, so a run survives any fault shorter than
+//! [`FAULT_TOLERANCE`] of the TTL (the write deadline, 0.8 TTL, less one renewal interval):
+//! at the default 15 s TTL, an outage of up to 10.5 s delays a run and changes nothing. A
+//! longer fault may stop the run (it then writes nothing more, and another pod takes the
+//! process over once the lease has expired on the database); no design can do better without
+//! trusting a lease it cannot confirm.
+//!
+//! Assumptions, stated: the database clock does not step forward by more than a tenth of the
+//! TTL (a failover to a host whose clock is ahead, an NTP step); the pod's monotonic clock
+//! keeps running while the host is suspended (a paused process is fine, a suspended VM is
+//! not); and claims and renewals are single autocommit statements, so the database reads
+//! `now()` after the statement left the pod.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -135,12 +148,29 @@ impl LeaseClock {
     }
 }
 
+/// The share of the TTL a fault may last without changing a run's outcome (0.7).
+pub const FAULT_TOLERANCE: f64 = 0.7;
+
+/// How often the lease is renewed, as a fraction of the TTL (every tenth).
+const RENEW_DIVISOR: u32 = 10;
+
+/// How long to pause before the next try: the backoff's delay, cut so that one more try
+/// happens right before `deadline`; `None` once the deadline has passed.
+pub(crate) fn pause_before(deadline: Instant, backoff: &mut Backoff) -> Option<Duration> {
+    const SLACK: Duration = Duration::from_millis(5);
+    let left = deadline.checked_duration_since(Instant::now())?;
+    if left <= SLACK * 2 {
+        return None;
+    }
+    Some(backoff.next_delay().min(left - SLACK))
+}
+
 /// Retry pacing of a run's writes: 20 ms doubling to 1 s.
 pub(crate) fn write_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(20), Duration::from_secs(1))
 }
 
-/// Renews `lease` every third of the TTL on `leases` (a path of its own, so that a saturated
+/// Renews `lease` every tenth of the TTL on `leases` (a path of its own, so that a saturated
 /// request pool cannot starve it), retrying transient failures until the write deadline.
 /// Returns when the lease is lost, refused, or no longer confirmable in time; the clock says
 /// which. Aborted by its run when the run ends.
@@ -151,7 +181,7 @@ pub(crate) async fn keep_lease(
     retries: Arc<AtomicU64>,
 ) {
     let ttl = clock.ttl();
-    let every = ttl / 3;
+    let every = ttl / RENEW_DIVISOR;
     let Some(mut last_sent) = clock.valid_until().map(|until| until - ttl) else {
         return;
     };
@@ -175,12 +205,11 @@ pub(crate) async fn keep_lease(
                     let Some(deadline) = clock.write_deadline() else {
                         return;
                     };
-                    let pause = backoff.next_delay();
-                    if Instant::now() + pause >= deadline {
+                    let Some(pause) = pause_before(deadline, &mut backoff) else {
                         tracing::warn!(error = %err, "lease could not be renewed in time: the run stops");
                         clock.lose();
                         return;
-                    }
+                    };
                     tracing::info!(error = %err, "lease renewal failed; retrying");
                     tokio::time::sleep(pause).await;
                 }

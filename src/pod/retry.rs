@@ -15,13 +15,12 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::time::Instant;
-
-use super::lease::{LeaseClock, write_backoff};
+use super::lease::{LeaseClock, pause_before, write_backoff};
 use crate::error::{ProcessError, ProcessResult};
 
 /// Runs `write` until it succeeds, fails for a non-transient reason, or the lease's write
-/// deadline leaves no time for another try (then the last transient error is returned and the
+/// deadline has passed (the last pause is cut short so that one more try happens right before
+/// it) (then the last transient error is returned and the
 /// lease is marked lost: the run can no longer prove it owns the process). Counts every retry.
 pub(crate) async fn retry_write<T, F, Fut>(
     clock: &LeaseClock,
@@ -43,15 +42,14 @@ where
         }
         match write().await {
             Err(err) if err.is_transient() => {
-                let pause = backoff.next_delay();
-                let in_time = clock
+                let pause = clock
                     .write_deadline()
-                    .is_some_and(|deadline| Instant::now() + pause < deadline);
-                if !in_time {
+                    .and_then(|deadline| pause_before(deadline, &mut backoff));
+                let Some(pause) = pause else {
                     tracing::warn!(error = %err, "{what} failed and the lease runs out: giving up");
                     clock.lose();
                     return Err(err);
-                }
+                };
                 retries.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(error = %err, retry_in = ?pause, "{what} failed; retrying");
                 tokio::time::sleep(pause).await;
@@ -69,6 +67,8 @@ where
 mod tests {
     use std::sync::atomic::AtomicU32;
     use std::time::Duration;
+
+    use tokio::time::Instant;
 
     use super::*;
     use crate::model::ProcessId;
@@ -124,7 +124,9 @@ mod tests {
         })
         .await;
         assert!(matches!(result, Err(ProcessError::Unavailable(_))));
-        assert!(Instant::now() < start + Duration::from_secs(8));
+        // Tried until the write deadline itself, never past it.
+        assert!(Instant::now() <= start + Duration::from_secs(8));
+        assert!(Instant::now() + Duration::from_millis(50) >= start + Duration::from_secs(8));
         assert!(!clock.is_live());
         assert!(retries.load(Ordering::Relaxed) > 5);
     }

@@ -44,7 +44,7 @@ pub struct WorkerConfig {
     pub pod_id: String,
     /// Most processes run at once.
     pub concurrency: usize,
-    /// Lease TTL; renewed every third of it.
+    /// Lease TTL; renewed every tenth of it.
     pub lease_ttl: Duration,
     /// Safety poll for new work when no hint arrives.
     pub poll_interval: Duration,

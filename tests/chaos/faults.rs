@@ -52,8 +52,9 @@ impl Cluster {
         if kind == FaultKind::PgRestart {
             let outage = record.end_ns - record.start_ns;
             record.note = format!("outage {} ms", outage / 1_000_000);
-            // A database outage as long as the TTL may legitimately cost every lease.
-            if outage >= nanos(TTL) {
+            // An outage within the documented tolerance (0.7 TTL) must change nothing; past it,
+            // a run may legitimately lose its lease.
+            if outage as f64 >= nanos(TTL) as f64 * proclog::pod::lease::FAULT_TOLERANCE {
                 record.note.push_str(", longer than the TTL");
                 record.disrupted = POD_NAMES.iter().map(|n| n.to_string()).collect();
             }
