@@ -22,24 +22,6 @@ use common::pods::PodProcess;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-/// Rows and a digest of both tables: equal before and after means nothing was written.
-async fn table_checksum(url: &str) -> (i64, i64, String) {
-    common::sql_client(url)
-        .await
-        .query_one(
-            "SELECT (SELECT count(*) FROM proclog.processes),
-                    (SELECT count(*) FROM proclog.events),
-                    md5(coalesce((SELECT string_agg(p::text, ',' ORDER BY process_id)
-                                    FROM proclog.processes p), '')
-                        || coalesce((SELECT string_agg(e::text, ',' ORDER BY process_id, seq)
-                                       FROM proclog.events e), ''))",
-            &[],
-        )
-        .await
-        .map(|row| (row.get(0), row.get(1), row.get(2)))
-        .unwrap()
-}
-
 /// A pod that runs nothing (so the tables change only through the API), with some history:
 /// an ended process, a running external one with events, a pending one.
 async fn pod_with_history() -> (String, PodProcess, reqwest::Client) {
@@ -332,7 +314,7 @@ fn corpus() -> Vec<Hostile> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_corpus_gets_json_refusals_and_writes_nothing() {
     let (url, pod, client) = pod_with_history().await;
-    let before = table_checksum(&url).await;
+    let before = common::table_checksum(&url).await;
     for request in corpus() {
         let mut builder = client.request(
             request.method.clone(),
@@ -385,7 +367,7 @@ async fn a_hostile_corpus_gets_json_refusals_and_writes_nothing() {
         }
     }
     assert_eq!(
-        table_checksum(&url).await,
+        common::table_checksum(&url).await,
         before,
         "the corpus wrote nothing"
     );

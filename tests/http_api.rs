@@ -720,24 +720,6 @@ async fn an_unreachable_database_is_503() {
     );
 }
 
-/// Rows and a digest of both tables: equal before and after means nothing was written.
-async fn table_checksum(url: &str) -> (i64, i64, String) {
-    common::sql_client(url)
-        .await
-        .query_one(
-            "SELECT (SELECT count(*) FROM proclog.processes),
-                    (SELECT count(*) FROM proclog.events),
-                    md5(coalesce((SELECT string_agg(p::text, ',' ORDER BY process_id)
-                                    FROM proclog.processes p), '')
-                        || coalesce((SELECT string_agg(e::text, ',' ORDER BY process_id, seq)
-                                       FROM proclog.events e), ''))",
-            &[],
-        )
-        .await
-        .map(|row| (row.get(0), row.get(1), row.get(2)))
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_numbers_and_dates_are_refused_and_write_nothing() {
     let url = migrated_database_url().await;
@@ -750,7 +732,7 @@ async fn hostile_numbers_and_dates_are_refused_and_write_nothing() {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
-    let before = table_checksum(&url).await;
+    let before = common::table_checksum(&url).await;
     let prunes = [
         json!({"older_than_secs": u64::MAX}),
         json!({"older_than_secs": 10_000_000_000_000u64}),
@@ -784,7 +766,11 @@ async fn hostile_numbers_and_dates_are_refused_and_write_nothing() {
         let (status, answer) = server.get(path).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{path} -> {answer}");
     }
-    assert_eq!(table_checksum(&url).await, before, "nothing was written");
+    assert_eq!(
+        common::table_checksum(&url).await,
+        before,
+        "nothing was written"
+    );
     // A sane prune still works and removes the ended process.
     let (status, answer) = server
         .post("/v1/prune", json!({"older_than_secs": 0}))
@@ -798,7 +784,7 @@ async fn every_error_answer_is_json_whatever_produced_it() {
     let url = migrated_database_url().await;
     let server = Server::start_with(&url, None, 4096).await;
     server.external("p").await;
-    let before = table_checksum(&url).await;
+    let before = common::table_checksum(&url).await;
     let client = &server.client;
     // Wrong method: 405 in the JSON format, with Allow kept.
     let response = client
@@ -834,7 +820,11 @@ async fn every_error_answer_is_json_whatever_produced_it() {
         (status, code(&body)),
         (StatusCode::BAD_REQUEST, "invalid_input")
     );
-    assert_eq!(table_checksum(&url).await, before, "nothing was written");
+    assert_eq!(
+        common::table_checksum(&url).await,
+        before,
+        "nothing was written"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -29,6 +29,24 @@ pub async fn migrated_database_url() -> String {
         .expect("a migrated test database (is postgresql installed?)")
 }
 
+/// Rows and a digest of both tables: equal before and after means nothing was written.
+pub async fn table_checksum(url: &str) -> (i64, i64, String) {
+    sql_client(url)
+        .await
+        .query_one(
+            "SELECT (SELECT count(*) FROM proclog.processes),
+                    (SELECT count(*) FROM proclog.events),
+                    md5(coalesce((SELECT string_agg(p::text, ',' ORDER BY process_id)
+                                    FROM proclog.processes p), '')
+                        || coalesce((SELECT string_agg(e::text, ',' ORDER BY process_id, seq)
+                                       FROM proclog.events e), ''))",
+            &[],
+        )
+        .await
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .unwrap()
+}
+
 /// A plain connection for checks over SQL, driven in the background.
 pub async fn sql_client(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
