@@ -236,3 +236,43 @@ fn a_killed_host_s_work_is_taken_over_and_its_keyed_effects_happen_once() {
     });
     b.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_host_settings_are_refused_before_anything_runs() {
+    let url = testing::migrated_database_url().await.unwrap();
+    let bad_id = Proclog::builder(&url).pod_id("").start().await;
+    assert!(matches!(
+        bad_id,
+        Err(proclog::ProcessError::InvalidInput(_))
+    ));
+    let bad_ttl = Proclog::builder(&url)
+        .lease_ttl(Duration::ZERO)
+        .start()
+        .await;
+    assert!(matches!(
+        bad_ttl,
+        Err(proclog::ProcessError::InvalidInput(_))
+    ));
+    let stack = Proclog::builder(&url)
+        .pod_id("host-x")
+        .start()
+        .await
+        .unwrap();
+    let too_many = Pod::builder(&stack).concurrency(5000).start().await;
+    assert!(matches!(
+        too_many,
+        Err(proclog::ProcessError::InvalidInput(_))
+    ));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port_in_use = Pod::builder(&stack)
+        .concurrency(0)
+        .serve_http(taken.local_addr().unwrap())
+        .start()
+        .await;
+    assert!(
+        matches!(&port_in_use, Err(proclog::ProcessError::InvalidInput(msg)) if msg.contains("cannot listen")),
+        "{:?}",
+        port_in_use.err()
+    );
+    stack.shutdown().await;
+}
