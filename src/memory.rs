@@ -450,8 +450,9 @@ impl ProcessRegistry for InMemoryProcessRegistry {
                 id: lease.process_id.clone(),
             });
         }
-        let expires_at = at + ttl_delta(ttl);
+        let mut expires_at = at + ttl_delta(ttl);
         if let Some(recorded) = entry.record.lease.as_mut() {
+            expires_at = expires_at.max(recorded.expires_at);
             recorded.expires_at = expires_at;
         }
         Ok(Lease {

@@ -108,7 +108,9 @@ pub trait ProcessRegistry: Send + Sync {
         ttl: Duration,
     ) -> ProcessResult<ClaimOutcome>;
 
-    /// Extends a live lease to now + `ttl`. Expired, released or superseded: `LeaseLost`.
+    /// Extends a live lease to now + `ttl` (database clock), never moving its expiry earlier:
+    /// a delayed renewal that commits after a later one cannot shorten the lease. Expired,
+    /// released or superseded: `LeaseLost`.
     async fn renew(&self, lease: &Lease, ttl: Duration) -> ProcessResult<Lease>;
 
     /// Releases the lease if it is still the recorded one; otherwise does nothing. Idempotent.

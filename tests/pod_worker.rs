@@ -369,3 +369,34 @@ async fn a_cancel_that_would_be_refused_writes_nothing() {
     assert_eq!(record.last_seq, 0, "nothing was appended");
     assert_eq!(record.status, ProcessStatus::Pending);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_oversized_cancel_reason_is_refused_and_writes_nothing() {
+    let url = migrated_database_url().await;
+    let api = pod(&url, "pod-api", false).await;
+    let id = start(&api, "steps", json!({}), Disposition::Rerun).await;
+    let reason = json!("r".repeat(proclog::pod::cancel::MAX_CANCEL_REASON_BYTES));
+    let refused =
+        cancel_process(api.services.registry.as_ref(), &id, "pod-api", reason, None).await;
+    match refused {
+        Err(ProcessError::InvalidInput(message)) => {
+            assert!(message.contains("cancellation reason"), "{message}")
+        }
+        other => panic!("an oversized reason must be refused, got {other:?}"),
+    }
+    let record = api
+        .services
+        .registry
+        .get_process(&id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.last_seq, 0, "nothing was appended");
+    assert_eq!(record.status, ProcessStatus::Pending);
+    // A reason at the limit is accepted and the process ends cancelled.
+    let reason = json!("r".repeat(proclog::pod::cancel::MAX_CANCEL_REASON_BYTES - 2));
+    let cancelled = cancel_process(api.services.registry.as_ref(), &id, "pod-api", reason, None)
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status, ProcessStatus::Cancelled);
+}

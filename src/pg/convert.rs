@@ -213,12 +213,13 @@ fn is_io(err: &(dyn StdError + 'static)) -> bool {
 
 /// Connection exceptions (08), insufficient resources (53), operator intervention (57:
 /// shutdown, crash recovery, terminated backends, statement timeouts), system errors (58),
-/// serialization failures (40001) and deadlocks (40P01) mean "try again".
+/// serialization failures (40001), deadlocks (40P01) and a read-only server (25006: a
+/// primary being demoted, or a failover not yet finished) mean "try again".
 fn is_unavailable_state(code: &str) -> bool {
     ["08", "53", "57", "58"]
         .iter()
         .any(|class| code.starts_with(class))
-        || matches!(code, "40001" | "40P01")
+        || matches!(code, "40001" | "40P01" | "25006")
 }
 
 /// Maps a pool checkout failure.

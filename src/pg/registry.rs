@@ -495,7 +495,8 @@ impl ProcessRegistry for PgProcessRegistry {
         let rows = self
             .query(
                 "UPDATE proclog.processes
-                    SET lease_expires_at = now() + $3::bigint * interval '1 millisecond'
+                    SET lease_expires_at = greatest(lease_expires_at,
+                            now() + $3::bigint * interval '1 millisecond')
                   WHERE process_id = $1 AND lease_token = $2 AND lease_expires_at > now()
               RETURNING lease_expires_at",
                 &[&lease.process_id.as_str(), &lease.token, &ttl_millis(ttl)],

@@ -15,6 +15,10 @@ use crate::registry::ProcessRegistry;
 /// Lease TTL of the short claim a canceller takes to complete an unowned process.
 const CANCELLER_TTL: Duration = Duration::from_secs(30);
 
+/// Largest cancellation `reason`, as serialized JSON. The reason is copied into the
+/// terminal event's output, so it is kept small enough that the completion always fits.
+pub const MAX_CANCEL_REASON_BYTES: usize = 4096;
+
 /// Requests cancellation of `id` on behalf of `pod`: appends `process.cancel_requested
 /// {reason, by}`, then, if no live lease is held (nobody runs it: pending, `external`, or its
 /// owner was lost), claims it and completes it as `cancelled` at once. Otherwise the owning
@@ -23,7 +27,8 @@ const CANCELLER_TTL: Duration = Duration::from_secs(30);
 ///
 /// With a `replay_key`, a retried request (after a lost answer) finds its stored request
 /// instead of writing a second one, and finishes the work the first try may have left. Every
-/// input is checked before anything is written: a refused request writes nothing.
+/// input is checked before anything is written: a refused request writes nothing. A `reason`
+/// larger than [`MAX_CANCEL_REASON_BYTES`] is `InvalidInput`.
 pub async fn cancel_process(
     registry: &dyn ProcessRegistry,
     id: &ProcessId,
@@ -33,6 +38,13 @@ pub async fn cancel_process(
 ) -> ProcessResult<ProcessRecord> {
     let canceller = format!("canceller:{pod}");
     crate::validate::owner(&canceller)?;
+    let reason_bytes = serde_json::to_vec(&reason).map_or(usize::MAX, |bytes| bytes.len());
+    if reason_bytes > MAX_CANCEL_REASON_BYTES {
+        return Err(crate::ProcessError::InvalidInput(format!(
+            "the cancellation reason is {reason_bytes} bytes of JSON; at most \
+             {MAX_CANCEL_REASON_BYTES} are accepted"
+        )));
+    }
     let request = json!({"reason": reason, "by": pod});
     let mut append = AppendRequest::reserved(CANCEL_REQUESTED, request.clone());
     if let Some(key) = replay_key {
@@ -45,7 +57,13 @@ pub async fn cancel_process(
         Ok(ClaimOutcome::Acquired(lease)) => {
             let completion = Completion::new(TerminalState::Cancelled, json!({"request": request}))
                 .fenced(&lease);
-            return registry.complete_process(id, completion).await;
+            let completed = registry.complete_process(id, completion).await;
+            if completed.is_err() {
+                // Hand the process back at once rather than holding it for the canceller's
+                // TTL; the request stays in the log, so the next owner cancels it.
+                let _ = registry.release(&lease).await;
+            }
+            return completed;
         }
         // Owned: the owner acts on the request. Ended meanwhile: nothing left to do.
         Ok(ClaimOutcome::Busy { .. }) | Err(crate::ProcessError::ProcessTerminal { .. }) => {}

@@ -394,8 +394,10 @@ impl Run {
         let outcome = loop {
             tokio::select! {
                 biased;
-                outcome = &mut engine_run => break Some(outcome),
+                // The hard deadline is checked first: an engine that is always ready must
+                // not keep a run alive past the point where its lease may have expired.
                 _ = self.clock.hard_deadline_passed() => break None,
+                outcome = &mut engine_run => break Some(outcome),
                 _ = self.pod.hard_stop.cancelled() => {
                     interrupt.get_or_insert(Interrupt::PodStopping);
                     break None;

@@ -86,10 +86,14 @@ pub async fn renew_extends_a_live_lease_only(store: &dyn Store) {
     let record = registry.get_process(&process.id).await.unwrap().unwrap();
     assert_eq!(record.lease.unwrap().expires_at, renewed.expires_at);
     // The old copy of the lease (same token) is still the current lease.
-    registry
+    let shorter = registry
         .renew(&lease, MINUTE)
         .await
         .expect("same token renews");
+    // A renewal never moves the expiry earlier (a delayed renewal cannot shorten a lease).
+    assert_eq!(shorter.expires_at, renewed.expires_at);
+    let record = registry.get_process(&process.id).await.unwrap().unwrap();
+    assert_eq!(record.lease.unwrap().expires_at, renewed.expires_at);
     let bad_ttl = registry.renew(&lease, Duration::ZERO).await;
     assert!(
         matches!(bad_ttl, Err(ProcessError::InvalidInput(_))),
