@@ -21,7 +21,7 @@ use deadpool_postgres::Pool;
 
 use crate::error::ProcessError;
 use crate::pg::{
-    ListenerOptions, PgListener, PgNotifier, PgProcessRegistry, PoolOptions, client_config,
+    DatabaseTarget, ListenerOptions, PgListener, PgNotifier, PgProcessRegistry, PoolOptions,
     connect_pool_with,
 };
 use crate::registry::{ProcessRegistry, RegistryConfig};
@@ -174,15 +174,17 @@ impl PodServices {
         let hub = Arc::new(ProcessChangeHub::new());
         let work = Arc::new(Notify::new());
         let appended_events = Arc::new(AtomicU64::new(0));
-        let mut listener_config = client_config(
+        let mut listener_target = DatabaseTarget::parse(
             options
                 .listener_database_url
                 .as_deref()
                 .unwrap_or(database_url),
         )?;
-        listener_config.application_name(format!("proclog-listener-{pod_id}"));
+        listener_target
+            .config_mut()
+            .application_name(format!("proclog-listener-{pod_id}"));
         let listener = PgListener::spawn(
-            listener_config,
+            listener_target,
             Arc::clone(&hub),
             Arc::clone(&work),
             pod_id,

@@ -1,4 +1,5 @@
-//! Log output: human-readable text or JSON lines, filtered by `RUST_LOG` (default `info`).
+//! Log output: human-readable text or JSON lines, filtered by `RUST_LOG` (default `info`),
+//! coloured only on a terminal without `NO_COLOR`.
 
 use tracing_subscriber::EnvFilter;
 
@@ -15,8 +16,13 @@ pub enum LogFormat {
 /// Installs the global subscriber (once; later calls are ignored).
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal, and never with NO_COLOR set (https://no-color.org): logs
+    // collected by `docker logs` or a log shipper stay plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -58,6 +58,9 @@ enum Command {
         /// Postgres URL of the database.
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
+        /// A PEM file of the CA(s) of the database's certificate (as `sslrootcert=`).
+        #[arg(long, env = "PROCLOG_DATABASE_CA_FILE")]
+        database_ca_file: Option<std::path::PathBuf>,
     },
     /// Give an existing database role read-only access to the proclog schema (SELECT on every
     /// table, also on tables later migrations add). Run it as the role that migrates.
@@ -65,8 +68,21 @@ enum Command {
         /// Postgres URL of the database.
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
+        /// A PEM file of the CA(s) of the database's certificate (as `sslrootcert=`).
+        #[arg(long, env = "PROCLOG_DATABASE_CA_FILE")]
+        database_ca_file: Option<std::path::PathBuf>,
         /// The role (it must exist: CREATE ROLE analyst LOGIN PASSWORD '...').
         role: String,
+    },
+    /// Ask a pod's probe endpoint (by default this host's /readyz): exit 0 on 200, 1
+    /// otherwise. The container image's health check.
+    Probe {
+        /// The URL to ask.
+        #[arg(long, default_value = "http://127.0.0.1:8080/readyz")]
+        url: String,
+        /// Longest wait for the answer, in milliseconds (1 to 60000).
+        #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+        timeout_ms: u64,
     },
     /// Register a process.
     Start(client::StartArgs),
@@ -89,8 +105,16 @@ pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Pod(args) => pod::run(args).await,
         Command::Up(args) => up::run(args).await,
-        Command::Migrate { database_url } => migrate(&database_url).await,
-        Command::GrantReader { database_url, role } => grant_reader(&database_url, &role).await,
+        Command::Migrate {
+            database_url,
+            database_ca_file,
+        } => migrate(&database_url, database_ca_file.as_deref()).await,
+        Command::GrantReader {
+            database_url,
+            database_ca_file,
+            role,
+        } => grant_reader(&database_url, database_ca_file.as_deref(), &role).await,
+        Command::Probe { url, timeout_ms } => probe(&url, timeout_ms).await,
         Command::Start(args) => client::start(args).await,
         Command::Get(args) => client::get(args).await,
         Command::Events(args) => client::events(args).await,
@@ -147,16 +171,52 @@ impl std::fmt::Display for CliError {
 
 impl std::error::Error for CliError {}
 
-async fn grant_reader(database_url: &str, role: &str) -> CliResult {
+/// `url` with `sslrootcert=<ca_file>` added when a CA file is given (and the URL names none).
+pub(crate) fn with_ca_file(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<String, CliError> {
+    match ca_file {
+        Some(path) => crate::pg::with_root_cert(url, path)
+            .map_err(|err| CliError::usage(format!("bad setting: {err}"))),
+        None => Ok(url.to_owned()),
+    }
+}
+
+async fn probe(url: &str, timeout_ms: u64) -> CliResult {
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(timeout_ms))
+        .build()?;
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|err| CliError::new(exit_code::FAILURE, format!("{url}: {err}")))?;
+    let status = response.status();
+    if status == reqwest::StatusCode::OK {
+        println!("{url}: {status}");
+        Ok(())
+    } else {
+        Err(CliError::new(exit_code::FAILURE, format!("{url}: {status}")).into())
+    }
+}
+
+async fn grant_reader(
+    database_url: &str,
+    ca_file: Option<&std::path::Path>,
+    role: &str,
+) -> CliResult {
     crate::pg::reader::check_role_name(role).map_err(|err| CliError::usage(err.to_string()))?;
-    let pool = crate::pg::connect_pool(database_url, 1)?;
+    let database_url = with_ca_file(database_url, ca_file)?;
+    let pool = crate::pg::connect_pool(&database_url, 1)?;
     crate::pg::grant_reader(&pool, role).await?;
     println!("role {role} can now read the proclog schema (and nothing else of it)");
     Ok(())
 }
 
-async fn migrate(database_url: &str) -> CliResult {
-    let pool = crate::pg::connect_pool(database_url, 1)?;
+async fn migrate(database_url: &str, ca_file: Option<&std::path::Path>) -> CliResult {
+    let database_url = with_ca_file(database_url, ca_file)?;
+    let pool = crate::pg::connect_pool(&database_url, 1)?;
     let report = crate::pg::migrate(&pool).await?;
     println!(
         "schema at version {} (applied now: {:?})",

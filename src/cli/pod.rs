@@ -21,6 +21,14 @@ pub struct PodArgs {
     /// transaction-mode pooler.
     #[arg(long, env = "PROCLOG_LISTENER_DATABASE_URL")]
     pub listener_database_url: Option<String>,
+    /// A PEM file of the CA(s) that signed the database's certificate, for
+    /// sslmode=verify-ca / verify-full (same as `sslrootcert=` in the URL, which wins).
+    #[arg(long, env = "PROCLOG_DATABASE_CA_FILE")]
+    pub database_ca_file: Option<PathBuf>,
+    /// After migrating, give this existing role read-only access to the proclog schema (as
+    /// `proclog grant-reader` does).
+    #[arg(long, env = "PROCLOG_READER_ROLE")]
+    pub reader_role: Option<String>,
     /// Address the HTTP API listens on.
     #[arg(long, env = "PROCLOG_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -119,21 +127,28 @@ fn check_settings(args: &PodArgs, pod_id: &str) -> Result<(), String> {
 
 pub async fn run(args: PodArgs) -> CliResult {
     init_logging(args.log_format);
-    let pod_id = args
-        .pod_id
-        .clone()
-        .unwrap_or_else(crate::stack::default_pod_id);
+    // An empty variable (`PROCLOG_POD_ID=` in a compose file) means "not set".
+    let pod_id = non_empty(&args.pod_id).unwrap_or_else(crate::stack::default_pod_id);
     check_settings(&args, &pod_id).map_err(|err| format!("bad setting: {err}"))?;
-    let mut stack = Proclog::builder(&args.database_url)
+    if let Some(role) = non_empty(&args.reader_role) {
+        crate::pg::reader::check_role_name(&role).map_err(|err| format!("bad setting: {err}"))?;
+    }
+    let database_url = super::with_ca_file(&args.database_url, args.database_ca_file.as_deref())?;
+    let mut stack = Proclog::builder(&database_url)
         .pod_id(&pod_id)
         .lease_ttl(Duration::from_millis(args.lease_ttl_ms))
         .pool_size(args.pool_size)
         .max_payload_bytes(args.max_payload_bytes)
         .startup_timeout(Duration::from_millis(args.startup_timeout_ms));
-    if let Some(url) = &args.listener_database_url {
-        stack = stack.listener_database_url(url);
+    if let Some(url) = non_empty(&args.listener_database_url) {
+        stack = stack
+            .listener_database_url(super::with_ca_file(&url, args.database_ca_file.as_deref())?);
     }
     let stack = stack.start().await?;
+    if let Some(role) = non_empty(&args.reader_role) {
+        crate::pg::grant_reader(stack.pool(), &role).await?;
+        tracing::info!(%role, "reader role can read the proclog schema");
+    }
     let journal = match &args.demo_journal {
         Some(path) => Some(Arc::new(DemoJournal::open(path, &pod_id)?)),
         None => None,
@@ -146,7 +161,7 @@ pub async fn run(args: PodArgs) -> CliResult {
         .hard_stop_margin(Duration::from_millis(args.hard_stop_ms))
         .serve_http(args.listen)
         .max_body_bytes(args.max_body_bytes);
-    if let Some(token) = &args.api_token {
+    if let Some(token) = non_empty(&args.api_token) {
         pod = pod.api_token(token);
     }
     let pod = pod.start().await?;
@@ -161,4 +176,9 @@ pub async fn run(args: PodArgs) -> CliResult {
     stack.shutdown().await;
     tracing::info!(pod = %pod_id, "stopped");
     Ok(())
+}
+
+/// `Some` non-empty value, else `None`.
+fn non_empty(value: &Option<String>) -> Option<String> {
+    value.as_ref().filter(|value| !value.is_empty()).cloned()
 }

@@ -16,6 +16,7 @@ use futures::StreamExt;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_postgres::{AsyncMessage, Notification};
 
+use super::tls::DatabaseTarget;
 use crate::backoff::Backoff;
 use crate::watch::hub::ProcessChangeHub;
 use crate::watch::notice::{
@@ -98,11 +99,11 @@ impl PgListener {
         self.task.abort();
     }
 
-    /// Starts listening with `config` (a dedicated connection, never from a pool), ticking
+    /// Starts listening on `target` (a dedicated connection, never from a pool), ticking
     /// `hub` for notices written by pods other than `own_pod`, and notifying `work` for work
     /// hints from other pods (and after every reconnect).
     pub fn spawn(
-        config: tokio_postgres::Config,
+        target: DatabaseTarget,
         hub: Arc<ProcessChangeHub>,
         work: Arc<Notify>,
         own_pod: impl Into<String>,
@@ -111,7 +112,7 @@ impl PgListener {
         let (status_tx, status) = watch::channel(ListenerStatus::Connecting);
         let stats = Arc::new(ListenerStats::default());
         let task = tokio::spawn(run(
-            config,
+            target,
             Targets { hub, work },
             own_pod.into(),
             options,
@@ -156,7 +157,7 @@ enum SessionEnd {
 }
 
 async fn run(
-    config: tokio_postgres::Config,
+    target: DatabaseTarget,
     targets: Targets,
     own_pod: String,
     options: ListenerOptions,
@@ -166,7 +167,7 @@ async fn run(
     let mut backoff = Backoff::new(options.reconnect_floor, options.reconnect_cap);
     loop {
         match session(
-            &config,
+            &target,
             &targets,
             &own_pod,
             &options,
@@ -200,7 +201,7 @@ async fn run(
 }
 
 async fn session(
-    config: &tokio_postgres::Config,
+    target: &DatabaseTarget,
     targets: &Targets,
     own_pod: &str,
     options: &ListenerOptions,
@@ -209,7 +210,7 @@ async fn session(
     backoff: &mut Backoff,
 ) -> SessionEnd {
     stats.sessions.fetch_add(1, Ordering::Relaxed);
-    let (client, mut connection) = match config.connect(tokio_postgres::NoTls).await {
+    let (client, mut connection) = match target.connect().await {
         Ok(pair) => pair,
         Err(err) => return SessionEnd::Lost(err.to_string()),
     };
@@ -243,7 +244,7 @@ async fn session(
     // pooler the LISTEN was made on a server connection this client no longer holds, so the
     // probe never reaches it.
     let probe = format!("probe {}", uuid::Uuid::new_v4());
-    if let Err(err) = send_probe(config, &probe).await {
+    if let Err(err) = send_probe(target, &probe).await {
         return SessionEnd::Lost(err.to_string());
     }
     let probe_deadline = tokio::time::sleep(options.probe_timeout);
@@ -288,18 +289,18 @@ async fn session(
     }
 }
 
-async fn send_probe(
-    config: &tokio_postgres::Config,
-    probe: &str,
-) -> Result<(), tokio_postgres::Error> {
+async fn send_probe(target: &DatabaseTarget, probe: &str) -> Result<(), tokio_postgres::Error> {
     // Named apart from the listener itself, so that operators can tell the two apart.
-    let mut config = config.clone();
-    let name = config
+    let mut target = target.clone();
+    let name = target
+        .config()
         .get_application_name()
         .unwrap_or("proclog")
         .to_owned();
-    config.application_name(format!("{name}-probe"));
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    target
+        .config_mut()
+        .application_name(format!("{name}-probe"));
+    let (client, connection) = target.connect().await?;
     let driver = tokio::spawn(connection);
     client
         .execute("SELECT pg_notify($1, $2)", &[&EVENTS_CHANNEL, &probe])

@@ -46,7 +46,7 @@ pub fn latest_version() -> i32 {
 }
 
 /// Key of the advisory lock that serialises migrators (any fixed 64-bit number).
-const MIGRATION_LOCK_KEY: i64 = 0x7072_6f63_6c6f_6701; // "proclog\x01"
+pub(crate) const MIGRATION_LOCK_KEY: i64 = 0x7072_6f63_6c6f_6701; // "proclog\x01"
 
 /// Why migrating failed.
 #[derive(Debug, thiserror::Error)]

@@ -1,4 +1,5 @@
-//! The Postgres implementation: pools, the schema migrator and `PgProcessRegistry`.
+//! The Postgres implementation: connection targets (TLS), pools, the schema migrator and
+//! `PgProcessRegistry`.
 
 mod convert;
 pub mod listener;
@@ -7,6 +8,7 @@ pub mod notify;
 pub mod pool;
 pub mod reader;
 mod registry;
+pub mod tls;
 
 pub use listener::{ListenerOptions, ListenerStatus, PgListener};
 pub use migrate::{MigrationError, MigrationReport, migrate};
@@ -14,3 +16,4 @@ pub use notify::PgNotifier;
 pub use pool::{PoolOptions, client_config, connect_pool, connect_pool_with};
 pub use reader::grant_reader;
 pub use registry::PgProcessRegistry;
+pub use tls::{DatabaseTarget, TlsMode, with_root_cert};

@@ -1,27 +1,18 @@
 //! Connection pools for proclog's Postgres access.
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 
+use super::tls::DatabaseTarget;
 use crate::error::ProcessError;
 
 /// Parses a Postgres URL (or key=value string) into a client config with proclog's defaults:
 /// application name `proclog` unless one is given, TCP keepalives, a 10 s connect timeout.
+/// The TLS settings (`sslmode`, `sslrootcert`) are checked and left out of the config: see
+/// [`DatabaseTarget`], which carries them.
 pub fn client_config(url: &str) -> Result<tokio_postgres::Config, ProcessError> {
-    let mut config = tokio_postgres::Config::from_str(url)
-        .map_err(|err| ProcessError::InvalidInput(format!("bad database url: {err}")))?;
-    if config.get_application_name().is_none() {
-        config.application_name("proclog");
-    }
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(10));
-    }
-    config.keepalives(true);
-    config.keepalives_idle(Duration::from_secs(30));
-    Ok(config)
+    Ok(DatabaseTarget::parse(url)?.config().clone())
 }
 
 /// How a pool waits and how long its statements may run.
@@ -65,7 +56,9 @@ pub fn connect_pool(url: &str, max_size: usize) -> Result<Pool, ProcessError> {
 
 /// A pool to `url` with explicit [`PoolOptions`].
 pub fn connect_pool_with(url: &str, options: &PoolOptions) -> Result<Pool, ProcessError> {
-    let mut config = client_config(url)?;
+    let target = DatabaseTarget::parse(url)?;
+    let tls = target.tls();
+    let mut config = target.config().clone();
     if let Some(name) = &options.application_name {
         config.application_name(name);
     }
@@ -79,7 +72,7 @@ pub fn connect_pool_with(url: &str, options: &PoolOptions) -> Result<Pool, Proce
     }
     let manager = Manager::from_config(
         config,
-        NoTls,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

@@ -35,6 +35,14 @@ pub async fn grant_reader(pool: &Pool, role: &str) -> Result<(), ProcessError> {
     check_role_name(role)?;
     let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(db_error)?;
+    // Concurrent GRANTs on one object fail ("tuple concurrently updated"): pods starting
+    // together take turns, with each other and with migrations (which grant again).
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&super::migrate::MIGRATION_LOCK_KEY],
+    )
+    .await
+    .map_err(db_error)?;
     let grants = format!(
         "GRANT USAGE ON SCHEMA proclog TO \"{role}\";
          GRANT SELECT ON ALL TABLES IN SCHEMA proclog TO \"{role}\";
