@@ -248,7 +248,10 @@ async fn apply(
 
 struct Witnesses {
     runtime: tokio::runtime::Runtime,
+    /// Group commit off: every append a statement of its own.
     pg: Arc<PgProcessRegistry>,
+    /// Group commit's statement for every append.
+    pg_group: Arc<PgProcessRegistry>,
     memory: Arc<InMemoryProcessRegistry>,
 }
 
@@ -260,14 +263,23 @@ fn witnesses() -> &'static Witnesses {
             .enable_all()
             .build()
             .unwrap();
-        let pg = runtime.block_on(async {
+        let (pg, pg_group) = runtime.block_on(async {
             let url = common::migrated_database_url().await;
             let pool = proclog::pg::connect_pool(&url, 4).unwrap();
-            PgProcessRegistry::new(pool, RegistryConfig::new("witness"))
+            let single = PgProcessRegistry::new(pool.clone(), RegistryConfig::new("witness"))
+                .with_group_commit(None);
+            // Every append through the group commit statement, even alone.
+            let grouped = PgProcessRegistry::new(pool, RegistryConfig::new("witness"))
+                .with_group_commit(Some(proclog::pg::GroupCommitOptions {
+                    group_single_appends: true,
+                    ..Default::default()
+                }));
+            (single, grouped)
         });
         Witnesses {
             runtime,
             pg: Arc::new(pg),
+            pg_group: Arc::new(pg_group),
             memory: Arc::new(InMemoryProcessRegistry::new(RegistryConfig::new("witness"))),
         }
     })
@@ -279,18 +291,20 @@ proptest! {
     #[test]
     fn postgres_and_the_model_answer_every_interleaving_alike(ops in proptest::collection::vec(op(), 1..25)) {
         let w = witnesses();
+        // The same interleaving against Postgres without and with group commit.
+        for pg in [&w.pg, &w.pg_group] {
         w.runtime.block_on(async {
             let id = ProcessId::generate();
             let registration = ProcessRegistration::new("prop", json!(null)).with_id(id.clone());
-            w.pg.register_process(registration.clone()).await.unwrap();
+            pg.register_process(registration.clone()).await.unwrap();
             w.memory.register_process(registration).await.unwrap();
             let (mut pg_lease, mut mem_lease) = (None, None);
             for (step, op) in ops.iter().enumerate() {
-                let from_pg = apply(&*w.pg, &id, &mut pg_lease, op).await;
+                let from_pg = apply(&**pg, &id, &mut pg_lease, op).await;
                 let from_model = apply(&*w.memory, &id, &mut mem_lease, op).await;
                 prop_assert_eq!(&from_pg, &from_model, "step {} {:?}", step, op);
             }
-            let pg_log = w.pg.events_after(&id, 0, 1000).await.unwrap();
+            let pg_log = pg.events_after(&id, 0, 1000).await.unwrap();
             let model_log = w.memory.events_after(&id, 0, 1000).await.unwrap();
             let strip = |log: Vec<proclog::ProcessEvent>| {
                 log.into_iter()
@@ -304,7 +318,7 @@ proptest! {
             if let Some(terminal_at) = pg_log.iter().position(|e| e.1.starts_with("process.")) {
                 prop_assert_eq!(terminal_at, pg_log.len() - 1, "the terminal event is last");
             }
-            let pg_record = w.pg.get_process(&id).await.unwrap().unwrap();
+            let pg_record = pg.get_process(&id).await.unwrap().unwrap();
             let model_record = w.memory.get_process(&id).await.unwrap().unwrap();
             prop_assert_eq!(pg_record.status, model_record.status);
             prop_assert_eq!(pg_record.last_seq, model_record.last_seq);
@@ -315,5 +329,6 @@ proptest! {
             );
             Ok(())
         })?;
+        }
     }
 }

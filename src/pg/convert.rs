@@ -156,7 +156,12 @@ pub(crate) fn event_from_row(
 }
 
 fn terminal_detail(db: &DbError) -> Result<TerminalState, ProcessError> {
-    db.detail()
+    terminal_state_detail(db.detail())
+}
+
+/// The terminal state named by a refusal's detail.
+pub(crate) fn terminal_state_detail(detail: Option<&str>) -> Result<TerminalState, ProcessError> {
+    detail
         .unwrap_or_default()
         .parse()
         .map_err(|err| corrupt("terminal state", err))

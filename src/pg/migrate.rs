@@ -38,6 +38,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_readers.sql",
         sql: include_str!("../../migrations/0003_readers.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_group_commit.sql",
+        sql: include_str!("../../migrations/0004_group_commit.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

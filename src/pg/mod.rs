@@ -2,6 +2,7 @@
 //! `PgProcessRegistry`.
 
 mod convert;
+pub mod group;
 pub mod listener;
 pub mod migrate;
 pub mod notify;
@@ -10,6 +11,7 @@ pub mod reader;
 mod registry;
 pub mod tls;
 
+pub use group::{GroupCommitOptions, GroupCommitStats};
 pub use listener::{ListenerOptions, ListenerStatus, PgListener};
 pub use migrate::{MigrationError, MigrationReport, migrate};
 pub use notify::PgNotifier;

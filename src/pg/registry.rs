@@ -5,6 +5,7 @@
 //! statement. Error paths may take a second, diagnostic query.
 
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,6 +17,7 @@ use super::convert::{
     JsonText, PROCESS_COLUMNS, db_error, event_columns, event_from_row, pool_error,
     process_columns, process_from_row, terminal_from_row, write_error,
 };
+use super::group::{GroupCommit, GroupCommitOptions, GroupCommitStats, Pending};
 use crate::error::{ProcessError, ProcessResult};
 use crate::model::{
     AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, ListCursor, LostOwner,
@@ -25,12 +27,22 @@ use crate::model::{
 use crate::registry::{ProcessRegistry, RegistryConfig};
 use crate::validate;
 
-/// The Postgres process registry. Cheap to clone: clones share the pool.
+/// The Postgres process registry. Cheap to clone: clones share the pool (and the group
+/// commit flushers).
 #[derive(Clone)]
 pub struct PgProcessRegistry {
     pool: Pool,
     config: RegistryConfig,
     call_timeout: Option<Duration>,
+    /// `None`: every append is its own statement.
+    group: Option<Arc<GroupSlot>>,
+}
+
+/// Group commit of a registry and its clones, started at the first append (so that a
+/// registry can be built outside a Tokio runtime).
+struct GroupSlot {
+    options: GroupCommitOptions,
+    running: OnceLock<GroupCommit>,
 }
 
 /// Appends unkeyed events in one statement: the per-process counter is bumped under the
@@ -59,12 +71,71 @@ fn ttl_millis(ttl: Duration) -> i64 {
 
 impl PgProcessRegistry {
     /// A registry over `pool` (whose database must be migrated, see [`crate::pg::migrate()`]).
+    ///
+    /// Group commit is on, with [`GroupCommitOptions::default`]: see
+    /// [`Self::with_group_commit`].
     pub fn new(pool: Pool, config: RegistryConfig) -> Self {
         Self {
             pool,
             config,
             call_timeout: None,
+            group: Some(Arc::new(GroupSlot {
+                options: GroupCommitOptions::default(),
+                running: OnceLock::new(),
+            })),
         }
+    }
+
+    /// The same registry with group commit set by `options`, or off (`None`): then every
+    /// append is a statement of its own. With it on, appends that arrive while a statement
+    /// is in flight are sent together as one (see [`crate::pg::group`]); every guarantee of
+    /// the registry contract holds either way.
+    pub fn with_group_commit(mut self, options: Option<GroupCommitOptions>) -> Self {
+        self.group = options.map(|options| {
+            Arc::new(GroupSlot {
+                options,
+                running: OnceLock::new(),
+            })
+        });
+        self
+    }
+
+    /// Counters of group commit (`None` when it is off or no append was made yet).
+    pub fn group_commit_stats(&self) -> Option<Arc<GroupCommitStats>> {
+        let slot = self.group.as_ref()?;
+        slot.running.get().map(|group| Arc::clone(group.stats()))
+    }
+
+    /// The registry without group commit: what the flushers use for batches of one.
+    fn single(&self) -> Self {
+        Self {
+            group: None,
+            ..self.clone()
+        }
+    }
+
+    /// One append as a statement of its own.
+    pub(crate) async fn append_single(
+        &self,
+        id: &ProcessId,
+        requests: Vec<AppendRequest>,
+        payloads: &[JsonText],
+    ) -> ProcessResult<Vec<AppendOutcome>> {
+        if requests.iter().any(|r| r.replay_key.is_some()) {
+            self.append_keyed(id, &requests, payloads).await
+        } else {
+            self.append_unkeyed(id, requests, payloads).await
+        }
+    }
+
+    /// [`Self::run`], for the group commit flushers.
+    pub(crate) async fn run_statement(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        on_error: impl FnOnce(tokio_postgres::Error) -> ProcessError,
+    ) -> ProcessResult<Vec<tokio_postgres::Row>> {
+        self.run(sql, params, on_error).await
     }
 
     /// The same registry with a client-side bound on every statement's round trip: past it
@@ -371,10 +442,33 @@ impl ProcessRegistry for PgProcessRegistry {
             self.config.max_payload_bytes,
         )?;
         let payloads: Vec<JsonText> = payloads.into_iter().map(JsonText).collect();
-        if requests.iter().any(|r| r.replay_key.is_some()) {
-            self.append_keyed(id, &requests, &payloads).await
-        } else {
-            self.append_unkeyed(id, requests, &payloads).await
+        let Some(slot) = &self.group else {
+            return self.append_single(id, requests, &payloads).await;
+        };
+        let group = slot
+            .running
+            .get_or_init(|| GroupCommit::start(&slot.options, self.single()));
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let pending = Pending {
+            id: id.clone(),
+            token: requests[0].fence.map(|fence| fence.token),
+            requests,
+            payloads,
+            reply,
+        };
+        let appended = group.append(pending, answer);
+        match self.call_timeout {
+            // The flusher's statement has the same bound; this one also covers the wait in
+            // the queue. Past it the append may still commit: retry it with its replay key.
+            Some(limit) => tokio::time::timeout(limit * 2, appended)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ProcessError::Unavailable(format!(
+                        "no answer from the database within {:?}",
+                        limit * 2
+                    )))
+                }),
+            None => appended.await,
         }
     }
 

@@ -13,6 +13,7 @@ pub mod proxy;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use proclog::pg::GroupCommitOptions;
 use proclog::{InMemoryProcessRegistry, PgProcessRegistry, ProcessRegistry, RegistryConfig};
 
 /// Creates an empty database and returns its URL.
@@ -84,9 +85,16 @@ impl PgStore {
 
 #[async_trait]
 impl Store for PgStore {
+    /// Group commit on, every append through the group statement (even alone), so that
+    /// every clause of the contract holds `proclog.append_group` to the rules.
     async fn pod_with(&self, config: RegistryConfig) -> Arc<dyn ProcessRegistry> {
         let pool = proclog::pg::connect_pool(&self.url, 8).expect("pool");
-        Arc::new(PgProcessRegistry::new(pool, config))
+        Arc::new(
+            PgProcessRegistry::new(pool, config).with_group_commit(Some(GroupCommitOptions {
+                group_single_appends: true,
+                ..GroupCommitOptions::default()
+            })),
+        )
     }
 
     async fn now(&self) -> DateTime<Utc> {
@@ -96,6 +104,32 @@ impl Store for PgStore {
             .await
             .expect("read the clock")
             .get(0)
+    }
+}
+
+/// A migrated Postgres database, registries with group commit off (every append a statement
+/// of its own); each pod gets a pool of 8.
+pub struct UngroupedPgStore {
+    inner: PgStore,
+}
+
+impl UngroupedPgStore {
+    pub async fn new() -> Self {
+        Self {
+            inner: PgStore::new().await,
+        }
+    }
+}
+
+#[async_trait]
+impl Store for UngroupedPgStore {
+    async fn pod_with(&self, config: RegistryConfig) -> Arc<dyn ProcessRegistry> {
+        let pool = proclog::pg::connect_pool(&self.inner.url, 8).expect("pool");
+        Arc::new(PgProcessRegistry::new(pool, config).with_group_commit(None))
+    }
+
+    async fn now(&self) -> DateTime<Utc> {
+        self.inner.now().await
     }
 }
 

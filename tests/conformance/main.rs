@@ -15,9 +15,10 @@ mod register;
 mod runnable;
 mod support;
 
-/// Generates one `#[tokio::test]` per case and backend: `pg::<case>`, `memory::<case>` and
-/// `watched::<case>` (Postgres behind `WatchedProcessRegistry` with the NOTIFY sink, which
-/// must change no result).
+/// Generates one `#[tokio::test]` per case and backend: `pg::<case>` (every append through the
+/// group commit statement), `ungrouped::<case>` (group commit off), `memory::<case>` and `watched::<case>`
+/// (Postgres behind `WatchedProcessRegistry` with the NOTIFY sink, which must change no
+/// result).
 macro_rules! conformance {
     ($($module:ident :: $case:ident),+ $(,)?) => {
         mod pg {
@@ -25,6 +26,15 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $case() {
                     let store = crate::common::PgStore::new().await;
+                    crate::$module::$case(&store).await;
+                }
+            )+
+        }
+        mod ungrouped {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let store = crate::common::UngroupedPgStore::new().await;
                     crate::$module::$case(&store).await;
                 }
             )+

@@ -1,0 +1,156 @@
+-- proclog schema version 4: group commit.
+--
+-- proclog.append_group runs the appends of several callers (any mix of processes) in one
+-- statement, hence one transaction and one WAL flush. Each caller's append follows exactly
+-- the rules of proclog.append_events (dense seqs under the process row's lock, fencing,
+-- sealing, replay keys), but a refusal is returned as that caller's answer instead of raised,
+-- so one caller's refusal leaves the others' appends in place.
+--
+-- Callers are given in ascending process id order (the client sorts them), so every batch
+-- locks process rows in the same global order and two batches can never deadlock.
+
+-- Why a write to a process that an UPDATE did not match was refused, without raising:
+-- 'not_found', 'terminal' (detail: the state) or 'lease_lost'. The raising twin is
+-- proclog.refuse_write.
+CREATE FUNCTION proclog.write_refusal(p_process_id text, OUT reason text, OUT detail text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_state text;
+BEGIN
+    SELECT p.terminal_state INTO v_state FROM proclog.processes p
+     WHERE p.process_id = p_process_id;
+    IF NOT FOUND THEN
+        reason := 'not_found';
+    ELSIF v_state IS NOT NULL THEN
+        reason := 'terminal';
+        detail := v_state;
+    ELSE
+        reason := 'lease_lost';
+    END IF;
+END $$;
+
+-- p_process_ids, p_tokens, p_starts, p_counts: one entry per caller (p_tokens NULL: an
+-- unfenced write; p_starts: 1-based index of the caller's first event; p_counts: how many).
+-- p_types, p_payloads, p_keys: one entry per event, each caller's events contiguous.
+-- p_keys is NULL when no event of the group carries a replay key.
+-- Rows: per stored or replayed event (refusal NULL), or one row per refused caller
+-- (refusal: 'not_found', 'terminal', 'lease_lost', 'replay_conflict'; detail: the state or
+-- the conflicting key). payload is returned for replayed events only (the caller has the
+-- others).
+CREATE FUNCTION proclog.append_group(
+    p_writer      text,
+    p_process_ids text[],
+    p_tokens      uuid[],
+    p_starts      int[],
+    p_counts      int[],
+    p_types       text[],
+    p_payloads    jsonb[],
+    p_keys        text[]
+) RETURNS TABLE (caller int, refusal text, detail text, seq bigint, event_type text,
+                 payload jsonb, replay_key text, occurred_at timestamptz,
+                 lease_generation bigint, replayed boolean, writer text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_caller     int;
+    v_id         text;
+    v_token      uuid;
+    v_from       int;
+    v_to         int;
+    v_count      int;
+    v_types      text[];
+    v_payloads   jsonb[];
+    v_keys       text[];
+    v_last       bigint;
+    v_generation bigint;
+    v_stored     int;
+    v_matched    int;
+    v_key        text;
+    v_reason     text;
+    v_detail     text;
+BEGIN
+    FOR v_caller IN 1 .. cardinality(p_process_ids) LOOP
+        v_id := p_process_ids[v_caller];
+        v_token := p_tokens[v_caller];
+        v_from := p_starts[v_caller];
+        v_count := p_counts[v_caller];
+        v_to := v_from + v_count - 1;
+        v_types := p_types[v_from:v_to];
+        v_payloads := p_payloads[v_from:v_to];
+        v_keys := p_keys[v_from:v_to];
+        -- A caller without any key takes the lock-free path, as in append_events.
+        IF cardinality(array_remove(v_keys, NULL)) = 0 THEN
+            v_keys := NULL;
+        END IF;
+
+        IF v_keys IS NOT NULL THEN
+            -- As in append_events: keys are decided one retry at a time under the row lock.
+            PERFORM 1 FROM proclog.processes p WHERE p.process_id = v_id FOR NO KEY UPDATE;
+            IF NOT FOUND THEN
+                RETURN QUERY SELECT v_caller, 'not_found'::text, NULL::text, NULL::bigint,
+                    NULL::text, NULL::jsonb, NULL::text, NULL::timestamptz, NULL::bigint,
+                    NULL::boolean, NULL::text;
+                CONTINUE;
+            END IF;
+            SELECT count(e.seq),
+                   count(e.seq) FILTER (WHERE e.event_type = r.t AND e.payload = r.p),
+                   min(r.k) FILTER (WHERE e.seq IS NULL OR e.event_type <> r.t
+                                       OR e.payload <> r.p)
+              INTO v_stored, v_matched, v_key
+              FROM unnest(v_types, v_payloads, v_keys) AS r(t, p, k)
+              LEFT JOIN proclog.events e
+                ON e.process_id = v_id AND e.replay_key = r.k;
+            IF v_stored > 0 THEN
+                IF v_matched = v_count THEN
+                    RETURN QUERY
+                        SELECT v_caller, NULL::text, NULL::text, e.seq, e.event_type,
+                               e.payload, e.replay_key, e.occurred_at, e.lease_generation,
+                               true, e.writer
+                          FROM unnest(v_keys) WITH ORDINALITY AS r(k, ord)
+                          JOIN proclog.events e
+                            ON e.process_id = v_id AND e.replay_key = r.k
+                         ORDER BY r.ord;
+                ELSE
+                    SELECT coalesce(v_key, min(e.replay_key)) INTO v_key
+                      FROM proclog.events e
+                     WHERE e.process_id = v_id AND e.replay_key = ANY (v_keys);
+                    RETURN QUERY SELECT v_caller, 'replay_conflict'::text, v_key,
+                        NULL::bigint, NULL::text, NULL::jsonb, NULL::text,
+                        NULL::timestamptz, NULL::bigint, NULL::boolean, NULL::text;
+                END IF;
+                CONTINUE;
+            END IF;
+        END IF;
+
+        UPDATE proclog.processes p
+           SET last_seq = p.last_seq + v_count,
+               status = CASE WHEN p.status = 'pending' THEN 'running' ELSE p.status END,
+               updated_at = now()
+         WHERE p.process_id = v_id
+           AND p.terminal_state IS NULL
+           AND (v_token IS NULL
+                OR (p.lease_token = v_token AND p.lease_expires_at > now()))
+        RETURNING p.last_seq, p.lease_generation INTO v_last, v_generation;
+        IF NOT FOUND THEN
+            SELECT w.reason, w.detail INTO v_reason, v_detail
+              FROM proclog.write_refusal(v_id) w;
+            RETURN QUERY SELECT v_caller, v_reason, v_detail, NULL::bigint, NULL::text,
+                NULL::jsonb, NULL::text, NULL::timestamptz, NULL::bigint, NULL::boolean,
+                NULL::text;
+            CONTINUE;
+        END IF;
+
+        RETURN QUERY
+            WITH inserted AS (
+                INSERT INTO proclog.events AS e
+                       (process_id, seq, event_type, payload, replay_key, writer,
+                        lease_generation)
+                SELECT v_id, v_last - v_count + r.ord, r.t, r.p, r.k, p_writer,
+                       CASE WHEN v_token IS NULL THEN NULL ELSE v_generation END
+                  FROM unnest(v_types, v_payloads, v_keys) WITH ORDINALITY AS r(t, p, k, ord)
+                RETURNING e.seq, e.replay_key, e.occurred_at, e.lease_generation)
+            SELECT v_caller, NULL::text, NULL::text, i.seq, NULL::text, NULL::jsonb,
+                   i.replay_key, i.occurred_at, i.lease_generation, false, p_writer
+              FROM inserted i ORDER BY i.seq;
+    END LOOP;
+END $$;

@@ -1,0 +1,357 @@
+//! Group commit: appends that arrive while a flusher's statement is in flight are queued and
+//! sent together as one statement (`proclog.append_group`), so one commit and one WAL flush
+//! carry many appends.
+//!
+//! - **Routing.** Each process id maps to one of a few flushers (`hash(id) % flushers`), so
+//!   one process's appends keep their arrival order and are never in two batches at once.
+//! - **No timer.** A flusher takes what is queued when its previous statement has finished:
+//!   at low load every batch has one append and goes through the single-append statement, so
+//!   latency stays that of a single append.
+//! - **Per-caller answers.** Callers are sorted by process id (every batch locks rows in the
+//!   same global order: batches cannot deadlock) and each gets its own outcome: its events,
+//!   its replayed events, or its own refusal. One caller's refusal never fails the others.
+//! - **Errors.** A database error answer means nothing of the batch committed: each caller is
+//!   then run alone, to get its own answer. A lost connection or a timeout is ambiguous (the
+//!   batch may have committed): every caller gets `Unavailable`, which its replay key
+//!   resolves on retry, exactly as for a single append.
+//! - **Bounds.** A bounded queue per flusher (callers wait for room) and a maximum batch in
+//!   events and bytes.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::convert::{JsonText, db_error, terminal_state_detail};
+use super::registry::PgProcessRegistry;
+use crate::error::{ProcessError, ProcessResult};
+use crate::model::{AppendOutcome, AppendRequest, ProcessEvent, ProcessId};
+
+/// How group commit batches appends. The defaults suit most pods; see `BENCHMARKS.md`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupCommitOptions {
+    /// Flushing tasks, each sending one batch at a time on a pooled connection (default 2:
+    /// more flushers mean smaller batches and more commits).
+    pub flushers: usize,
+    /// Most events in one batch (default 1000).
+    pub max_batch_events: usize,
+    /// Most payload bytes in one batch (default 8 MiB). A single append larger than this
+    /// still goes through, alone.
+    pub max_batch_bytes: usize,
+    /// Appends queued per flusher before callers wait for room (default 4096).
+    pub queue_capacity: usize,
+    /// Send a batch of one through the group statement too, instead of the single-append
+    /// statement (default false: slower at low load; for tests that hold the group path to
+    /// every rule of the registry contract).
+    pub group_single_appends: bool,
+}
+
+impl Default for GroupCommitOptions {
+    fn default() -> Self {
+        Self {
+            flushers: 2,
+            max_batch_events: 1000,
+            max_batch_bytes: 8 << 20,
+            queue_capacity: 4096,
+            group_single_appends: false,
+        }
+    }
+}
+
+/// Counters of a registry's group commit.
+#[derive(Debug, Default)]
+pub struct GroupCommitStats {
+    /// Appends (calls) accepted into a flusher's queue.
+    pub enqueued: AtomicU64,
+    /// Statements sent by the flushers (batches of one included).
+    pub batches: AtomicU64,
+    /// Appends (calls, not events) that went out in a batch of more than one.
+    pub grouped_appends: AtomicU64,
+    /// The most appends one batch carried.
+    pub largest_batch: AtomicU64,
+    /// Batches refused by the database as a whole, whose callers were then run alone.
+    pub split_batches: AtomicU64,
+}
+
+/// One caller's append, waiting for its batch.
+pub(crate) struct Pending {
+    pub(crate) id: ProcessId,
+    pub(crate) token: Option<Uuid>,
+    pub(crate) requests: Vec<AppendRequest>,
+    pub(crate) payloads: Vec<JsonText>,
+    pub(crate) reply: oneshot::Sender<ProcessResult<Vec<AppendOutcome>>>,
+}
+
+impl Pending {
+    fn bytes(&self) -> usize {
+        self.payloads.iter().map(|p| p.0.len()).sum()
+    }
+
+    fn answer(self, result: ProcessResult<Vec<AppendOutcome>>) {
+        // A caller that gave up (dropped its future) no longer listens: nothing to do.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// The running flushers of one registry (and its clones).
+pub(crate) struct GroupCommit {
+    queues: Vec<mpsc::Sender<Pending>>,
+    stats: Arc<GroupCommitStats>,
+}
+
+impl GroupCommit {
+    /// Starts the flushers; `single` is the registry without group commit, which runs
+    /// batches of one and the callers of a refused batch.
+    pub(crate) fn start(options: &GroupCommitOptions, single: PgProcessRegistry) -> Self {
+        let stats = Arc::new(GroupCommitStats::default());
+        let queues = (0..options.flushers.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
+                tokio::spawn(flusher(
+                    rx,
+                    single.clone(),
+                    options.clone(),
+                    Arc::clone(&stats),
+                ));
+                tx
+            })
+            .collect();
+        Self { queues, stats }
+    }
+
+    pub(crate) fn stats(&self) -> &Arc<GroupCommitStats> {
+        &self.stats
+    }
+
+    /// Queues an append and waits for its outcome.
+    pub(crate) async fn append(
+        &self,
+        pending: Pending,
+        receiver: oneshot::Receiver<ProcessResult<Vec<AppendOutcome>>>,
+    ) -> ProcessResult<Vec<AppendOutcome>> {
+        let mut hasher = DefaultHasher::new();
+        pending.id.as_str().hash(&mut hasher);
+        let queue = &self.queues[(hasher.finish() % self.queues.len() as u64) as usize];
+        if queue.send(pending).await.is_err() {
+            return Err(ProcessError::Unavailable(
+                "the group commit flusher has stopped".into(),
+            ));
+        }
+        self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+        receiver.await.unwrap_or_else(|_| {
+            Err(ProcessError::Unavailable(
+                "the group commit flusher stopped before answering".into(),
+            ))
+        })
+    }
+}
+
+async fn flusher(
+    mut queue: mpsc::Receiver<Pending>,
+    single: PgProcessRegistry,
+    options: GroupCommitOptions,
+    stats: Arc<GroupCommitStats>,
+) {
+    let mut held: Option<Pending> = None;
+    loop {
+        let first = match held.take() {
+            Some(pending) => pending,
+            None => match queue.recv().await {
+                Some(pending) => pending,
+                None => return,
+            },
+        };
+        let mut events = first.requests.len();
+        let mut bytes = first.bytes();
+        let mut batch = vec![first];
+        // Everything queued meanwhile, up to the bounds; no waiting for more.
+        while events < options.max_batch_events && bytes < options.max_batch_bytes {
+            let Ok(next) = queue.try_recv() else { break };
+            let (next_events, next_bytes) = (next.requests.len(), next.bytes());
+            if events + next_events > options.max_batch_events
+                || bytes + next_bytes > options.max_batch_bytes
+            {
+                held = Some(next);
+                break;
+            }
+            events += next_events;
+            bytes += next_bytes;
+            batch.push(next);
+        }
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats
+            .largest_batch
+            .fetch_max(batch.len() as u64, Ordering::Relaxed);
+        if batch.len() == 1 && !options.group_single_appends {
+            let pending = batch.pop().expect("one pending append");
+            let result = single
+                .append_single(&pending.id, pending.requests.clone(), &pending.payloads)
+                .await;
+            pending.answer(result);
+            continue;
+        }
+        if batch.len() > 1 {
+            stats
+                .grouped_appends
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        }
+        flush(&single, batch, &stats).await;
+    }
+}
+
+/// Sends a batch of several appends as one statement and answers each caller.
+async fn flush(single: &PgProcessRegistry, mut batch: Vec<Pending>, stats: &GroupCommitStats) {
+    // One global lock order (process id), stable so one process's appends keep their order.
+    batch.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+    let ids: Vec<&str> = batch.iter().map(|p| p.id.as_str()).collect();
+    let tokens: Vec<Option<Uuid>> = batch.iter().map(|p| p.token).collect();
+    let mut starts = Vec::with_capacity(batch.len());
+    let mut counts = Vec::with_capacity(batch.len());
+    let mut types = Vec::new();
+    let mut payloads = Vec::new();
+    let mut keys = Vec::new();
+    let mut next = 1i32;
+    for pending in &batch {
+        let count = i32::try_from(pending.requests.len()).unwrap_or(i32::MAX);
+        starts.push(next);
+        counts.push(count);
+        next = next.saturating_add(count);
+        for (request, payload) in pending.requests.iter().zip(&pending.payloads) {
+            types.push(request.event_type.as_str());
+            payloads.push(payload);
+            keys.push(request.replay_key.as_deref());
+        }
+    }
+    let keys = keys.iter().any(Option::is_some).then_some(keys);
+    let mut answered_by_server = false;
+    let rows = single
+        .run_statement(
+            "SELECT caller, refusal, detail, seq, event_type, payload, replay_key, occurred_at,
+                    lease_generation, replayed, writer
+               FROM proclog.append_group($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &single.config().writer,
+                &ids,
+                &tokens,
+                &starts,
+                &counts,
+                &types,
+                &payloads,
+                &keys,
+            ],
+            |err| {
+                answered_by_server = err.as_db_error().is_some();
+                db_error(err)
+            },
+        )
+        .await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(_) if answered_by_server => {
+            // The database refused the statement: nothing of it committed. Each caller gets
+            // its own answer from a statement of its own.
+            stats.split_batches.fetch_add(1, Ordering::Relaxed);
+            for pending in batch {
+                let result = single
+                    .append_single(&pending.id, pending.requests.clone(), &pending.payloads)
+                    .await;
+                pending.answer(result);
+            }
+            return;
+        }
+        Err(err) => {
+            // The batch may or may not have committed: like any ambiguous write, retry it
+            // with its replay key.
+            for pending in batch {
+                pending.answer(Err(err.clone()));
+            }
+            return;
+        }
+    };
+    let mut by_caller: Vec<Vec<&tokio_postgres::Row>> = vec![Vec::new(); batch.len()];
+    for row in &rows {
+        let caller: i32 = row.get(0);
+        if let Some(slot) = usize::try_from(caller - 1)
+            .ok()
+            .and_then(|index| by_caller.get_mut(index))
+        {
+            slot.push(row);
+        }
+    }
+    let writer = single.config().writer.clone();
+    for (pending, rows) in batch.into_iter().zip(by_caller) {
+        let result = outcome(&pending, &rows, &writer);
+        pending.answer(result);
+    }
+}
+
+/// One caller's answer from its rows of `proclog.append_group`.
+fn outcome(
+    pending: &Pending,
+    rows: &[&tokio_postgres::Row],
+    writer: &str,
+) -> ProcessResult<Vec<AppendOutcome>> {
+    let id = &pending.id;
+    if let Some(row) = rows.first() {
+        let refusal: Option<String> = row.get(1);
+        if let Some(refusal) = refusal {
+            let detail: Option<String> = row.get(2);
+            return Err(match refusal.as_str() {
+                "not_found" => ProcessError::NotFound(id.clone()),
+                "terminal" => ProcessError::ProcessTerminal {
+                    id: id.clone(),
+                    state: terminal_state_detail(detail.as_deref())?,
+                },
+                "lease_lost" => ProcessError::LeaseLost { id: id.clone() },
+                "replay_conflict" => ProcessError::ReplayConflict {
+                    id: id.clone(),
+                    replay_key: detail.unwrap_or_default(),
+                },
+                other => {
+                    ProcessError::Database(format!("append to {id}: unknown refusal {other:?}"))
+                }
+            });
+        }
+    }
+    if rows.len() != pending.requests.len() {
+        return Err(ProcessError::Database(format!(
+            "append to {id} answered {} of {} events",
+            rows.len(),
+            pending.requests.len()
+        )));
+    }
+    rows.iter()
+        .zip(&pending.requests)
+        .map(|(row, request)| {
+            let replayed: bool = row.try_get(9).map_err(db_error)?;
+            let seq: i64 = row.try_get(3).map_err(db_error)?;
+            let event = if replayed {
+                ProcessEvent {
+                    process_id: id.clone(),
+                    seq,
+                    event_type: row.try_get(4).map_err(db_error)?,
+                    payload: row.try_get(5).map_err(db_error)?,
+                    replay_key: row.try_get(6).map_err(db_error)?,
+                    occurred_at: row.try_get(7).map_err(db_error)?,
+                    writer: row.try_get(10).map_err(db_error)?,
+                    lease_generation: row.try_get(8).map_err(db_error)?,
+                }
+            } else {
+                ProcessEvent {
+                    process_id: id.clone(),
+                    seq,
+                    event_type: request.event_type.clone(),
+                    payload: request.payload.clone(),
+                    replay_key: request.replay_key.clone(),
+                    occurred_at: row.try_get(7).map_err(db_error)?,
+                    writer: writer.to_owned(),
+                    lease_generation: row.try_get(8).map_err(db_error)?,
+                }
+            };
+            Ok(AppendOutcome { event, replayed })
+        })
+        .collect()
+}
