@@ -92,6 +92,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     if selected("append") {
         rows.extend(workloads::single_appends(&url, plan).await?);
     }
+    if selected("group") {
+        rows.extend(workloads::group_commit(&url, plan).await?);
+    }
     if selected("hot") {
         rows.extend(workloads::hot_process(&url, plan).await?);
     }

@@ -162,6 +162,109 @@ async fn warm_registry(url: &str, size: usize) -> BenchResult<Arc<dyn ProcessReg
     )))
 }
 
+/// A registry with group commit off: every append a statement of its own.
+async fn warm_single_registry(url: &str, size: usize) -> BenchResult<Arc<dyn ProcessRegistry>> {
+    Ok(Arc::new(
+        PgProcessRegistry::new(warm_pool(url, size).await?, RegistryConfig::new("bench"))
+            .with_group_commit(None),
+    ))
+}
+
+/// Appends with a replay key each (unique per worker and iteration).
+fn keyed_registry_op(registry: Arc<dyn ProcessRegistry>, ids: Arc<Vec<ProcessId>>) -> Op {
+    Arc::new(move |worker, i| {
+        let registry = Arc::clone(&registry);
+        let id = ids[worker % ids.len()].clone();
+        Box::pin(async move {
+            registry
+                .append_event(
+                    &id,
+                    AppendRequest::new("bench", payload(i))
+                        .with_replay_key(format!("w{worker}-{i}")),
+                )
+                .await?;
+            Ok(1)
+        })
+    })
+}
+
+/// Workload: group commit on against off (and raw SQL), on own processes, one hot process,
+/// and with replay keys.
+pub async fn group_commit(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
+    let mut rows = Vec::new();
+    let setup = PgProcessRegistry::new(connect_pool(url, 4)?, RegistryConfig::new("setup"));
+    for concurrency in [1usize, 16, 64, 256] {
+        eprintln!("group commit x{concurrency} ...");
+        let ids = Arc::new(register_many(&setup, "g", concurrency, Disposition::External).await?);
+        // One connection per closed loop where every append is its own statement (at most
+        // 64: the server's connections, not the client, bound the single path); the group
+        // path needs only its flushers'.
+        let connections = concurrency.min(64);
+        let ops = [
+            raw_op(
+                warm_pool(url, connections).await?,
+                baseline::APPEND,
+                Arc::clone(&ids),
+            ),
+            registry_op(
+                warm_single_registry(url, connections).await?,
+                Arc::clone(&ids),
+            ),
+            registry_op(warm_registry(url, 4).await?, Arc::clone(&ids)),
+        ];
+        let mut results = interleaved(concurrency, plan, &ops).await?.into_iter();
+        let (raw, _) = results.next().expect("raw");
+        let (single, mut single_latency) = results.next().expect("single");
+        let (grouped, mut grouped_latency) = results.next().expect("grouped");
+        let single_latency = Latency::of(&mut single_latency);
+        rows.push(
+            Row::new("group commit: on vs off, own processes", concurrency)
+                .rates(Some(single), grouped)
+                .latency(&Latency::of(&mut grouped_latency))
+                .note(format!(
+                    "off: p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms; on / raw SQL {:.2}",
+                    single_latency.p50,
+                    single_latency.p99,
+                    single_latency.max,
+                    grouped / raw
+                )),
+        );
+    }
+    for (name, keyed, processes) in [
+        ("group commit: on vs off, one hot process", false, 1usize),
+        ("group commit: on vs off, replay keys", true, 64),
+    ] {
+        let concurrency = 64;
+        eprintln!("{name} ...");
+        let ids = Arc::new(register_many(&setup, "gh", processes, Disposition::External).await?);
+        let op = |registry| {
+            if keyed {
+                keyed_registry_op(registry, Arc::clone(&ids))
+            } else {
+                registry_op(registry, Arc::clone(&ids))
+            }
+        };
+        let ops = [
+            op(warm_single_registry(url, concurrency).await?),
+            op(warm_registry(url, 4).await?),
+        ];
+        let mut results = interleaved(concurrency, plan, &ops).await?.into_iter();
+        let (single, mut single_latency) = results.next().expect("single");
+        let (grouped, mut grouped_latency) = results.next().expect("grouped");
+        let single_latency = Latency::of(&mut single_latency);
+        rows.push(
+            Row::new(name, concurrency)
+                .rates(Some(single), grouped)
+                .latency(&Latency::of(&mut grouped_latency))
+                .note(format!(
+                    "off: p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+                    single_latency.p50, single_latency.p99, single_latency.max
+                )),
+        );
+    }
+    Ok(rows)
+}
+
 /// Workload 1: single-event appends on distinct processes.
 pub async fn single_appends(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
     let mut rows = Vec::new();
