@@ -187,10 +187,7 @@ async fn flusher(
             .fetch_max(batch.len() as u64, Ordering::Relaxed);
         if batch.len() == 1 && !options.group_single_appends {
             let pending = batch.pop().expect("one pending append");
-            let result = single
-                .append_single(&pending.id, pending.requests.clone(), &pending.payloads)
-                .await;
-            pending.answer(result);
+            alone(&single, pending).await;
             continue;
         }
         if batch.len() > 1 {
@@ -200,6 +197,19 @@ async fn flusher(
         }
         flush(&single, batch, &stats).await;
     }
+}
+
+/// Runs one append as a statement of its own and answers its caller.
+async fn alone(single: &PgProcessRegistry, pending: Pending) {
+    let Pending {
+        id,
+        requests,
+        payloads,
+        reply,
+        ..
+    } = pending;
+    let result = single.append_single(&id, requests, &payloads).await;
+    let _ = reply.send(result);
 }
 
 /// Sends a batch of several appends as one statement and answers each caller.
@@ -255,10 +265,7 @@ async fn flush(single: &PgProcessRegistry, mut batch: Vec<Pending>, stats: &Grou
             // its own answer from a statement of its own.
             stats.split_batches.fetch_add(1, Ordering::Relaxed);
             for pending in batch {
-                let result = single
-                    .append_single(&pending.id, pending.requests.clone(), &pending.payloads)
-                    .await;
-                pending.answer(result);
+                alone(single, pending).await;
             }
             return;
         }
