@@ -15,7 +15,8 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 ARG RUST_IMAGE=rust:1-slim-bookworm
 
 # What every runtime variant shares: CA certificates, a non-root user, the port, the health
-# check. (Kept first: Docker's classic builder builds every stage before `--target`.)
+# check. (Kept first: Docker's classic builder builds every stage before `--target`, and
+# every stage when no target is given.)
 FROM ${RUNTIME_IMAGE} AS runtime-base
 RUN set -eu; \
     if [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then \
@@ -29,7 +30,6 @@ RUN set -eu; \
 ENV PROCLOG_LISTEN=0.0.0.0:8080 \
     NO_COLOR=1
 EXPOSE 8080
-USER 10001:10001
 # `proclog probe` asks this pod's /readyz (exit 0 only on 200); no curl in the image.
 HEALTHCHECK --interval=5s --timeout=3s --start-period=60s --retries=3 \
     CMD ["proclog", "probe", "--url", "http://127.0.0.1:8080/readyz"]
@@ -41,9 +41,16 @@ LABEL org.opencontainers.image.title="proclog" \
       org.opencontainers.image.licenses="MIT OR Apache-2.0" \
       org.opencontainers.image.version="${VERSION}"
 
-# A binary built on the host (see above), for machines without the Rust image.
+# A binary built on the host (see above), for machines without the Rust image. Cargo.toml is
+# named only so that the COPY always matches a file: the classic builder builds this stage
+# for the default target too, when target/docker/proclog is absent.
 FROM runtime-base AS prebuilt
-COPY target/docker/proclog /usr/local/bin/proclog
+COPY Cargo.toml target/docker/proclo[g] /tmp/prebuilt/
+RUN if [ -f /tmp/prebuilt/proclog ]; then \
+        install -m 0755 /tmp/prebuilt/proclog /usr/local/bin/proclog; \
+    fi; \
+    rm -rf /tmp/prebuilt
+USER 10001:10001
 
 # The Rust build.
 FROM ${RUST_IMAGE} AS builder
@@ -56,3 +63,4 @@ RUN cargo build --release --locked --bin proclog \
 # The default image.
 FROM runtime-base AS runtime
 COPY --from=builder /usr/local/bin/proclog /usr/local/bin/proclog
+USER 10001:10001
