@@ -45,11 +45,8 @@ LABEL org.opencontainers.image.title="proclog" \
 # named only so that the COPY always matches a file: the classic builder builds this stage
 # for the default target too, when target/docker/proclog is absent.
 FROM runtime-base AS prebuilt
-COPY Cargo.toml target/docker/proclo[g] /tmp/prebuilt/
-RUN if [ -f /tmp/prebuilt/proclog ]; then \
-        install -m 0755 /tmp/prebuilt/proclog /usr/local/bin/proclog; \
-    fi; \
-    rm -rf /tmp/prebuilt
+COPY Cargo.toml target/docker/proclo[g] /usr/local/bin/
+RUN rm /usr/local/bin/Cargo.toml
 USER 10001:10001
 
 # The Rust build.

@@ -72,6 +72,7 @@ slim() {
 import() {
     local dir=$1 image=$2
     shift 2
+    docker image rm -f "$image" >/dev/null 2>&1 || true   # no dangling predecessor
     tar -C "$dir" -c . | docker import "$@" - "$image" >/dev/null
     echo "made $image ($(docker image inspect -f '{{.Size}}' "$image" | awk '{ printf "%.0f MB", $1 / 1e6 }'))"
 }
@@ -93,6 +94,7 @@ rm -f "$rootfs/usr/sbin/policy-rc.d"
 slim "$rootfs"
 import "$rootfs" "$postgres_image-base" \
     --change 'ENV PATH=/usr/lib/postgresql/15/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
+docker image rm -f "$postgres_image" >/dev/null 2>&1 || true
 docker build -q -t "$postgres_image" --build-arg BASE="$postgres_image-base" deploy/e2e/postgres >/dev/null
 docker image rm "$postgres_image-base" >/dev/null
 echo "made $postgres_image"

@@ -63,6 +63,8 @@ log "proclog image (Dockerfile, --target prebuilt, RUNTIME_IMAGE=$E2E_DEBIAN_IMA
 docker build -q --target prebuilt --build-arg RUNTIME_IMAGE="$E2E_DEBIAN_IMAGE" \
     --build-arg VERSION="$("$binary" --version | awk '{ print $2 }')" \
     -t "$PROCLOG_IMAGE" . >/dev/null
+# The image this replaced (same tag) is left dangling: remove it.
+docker image prune -f --filter "label=org.opencontainers.image.title=proclog" >/dev/null
 image_mb=$(docker image inspect -f '{{.Size}}' "$PROCLOG_IMAGE" | awk '{ printf "%.0f", $1 / 1e6 }')
 log "image $PROCLOG_IMAGE: $image_mb MB"
 
