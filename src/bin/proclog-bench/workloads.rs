@@ -62,7 +62,7 @@ async fn closed_loop(concurrency: usize, plan: Plan, op: Op) -> BenchResult<(f64
 }
 
 /// Opens `size` connections of `pool` at once, so that no measurement pays for connecting.
-async fn warm(pool: &deadpool_postgres::Pool, size: usize) -> BenchResult<()> {
+pub(crate) async fn warm(pool: &deadpool_postgres::Pool, size: usize) -> BenchResult<()> {
     let mut held = Vec::with_capacity(size);
     for _ in 0..size {
         held.push(pool.get().await?);
@@ -70,7 +70,7 @@ async fn warm(pool: &deadpool_postgres::Pool, size: usize) -> BenchResult<()> {
     Ok(())
 }
 
-async fn register_many(
+pub(crate) async fn register_many(
     registry: &dyn ProcessRegistry,
     prefix: &str,
     count: usize,
@@ -95,7 +95,7 @@ fn payload(i: u64) -> Value {
     json!({"i": i, "note": "a small event payload"})
 }
 
-fn registry_op(registry: Arc<dyn ProcessRegistry>, ids: Arc<Vec<ProcessId>>) -> Op {
+pub(crate) fn registry_op(registry: Arc<dyn ProcessRegistry>, ids: Arc<Vec<ProcessId>>) -> Op {
     Arc::new(move |worker, i| {
         let registry = Arc::clone(&registry);
         let id = ids[worker % ids.len()].clone();
@@ -116,7 +116,7 @@ fn raw_op(pool: deadpool_postgres::Pool, sql: &'static str, ids: Arc<Vec<Process
     })
 }
 
-fn pod_options(pool_size: usize) -> PodServicesOptions {
+pub(crate) fn pod_options(pool_size: usize) -> PodServicesOptions {
     PodServicesOptions {
         pool_size,
         ..PodServicesOptions::default()
@@ -126,7 +126,7 @@ fn pod_options(pool_size: usize) -> PodServicesOptions {
 /// Measures `ops` in turns (three rounds of each, in order), so that drift during the run
 /// (table growth, autovacuum, a neighbour on the machine) falls on every variant alike.
 /// Returns each op's mean rate and all its latencies.
-async fn interleaved(
+pub(crate) async fn interleaved(
     concurrency: usize,
     plan: Plan,
     ops: &[Op],
