@@ -9,6 +9,19 @@
 -- Callers are given in ascending process id order (the client sorts them), so every batch
 -- locks process rows in the same global order and two batches can never deadlock.
 
+-- The lease fence, in one place: a write fenced by p_fence (NULL: unfenced) may proceed only
+-- while p_fence is the process's current lease token and that lease has not expired on the
+-- database clock. Never NULL (a released lease has no token: the fence does not hold). A
+-- plain SQL function, inlined by the planner where it is used: the unkeyed
+-- append (src/pg/registry.rs), proclog.append_events, proclog.append_group,
+-- proclog.complete_process and lease renewal. (Claiming asks the opposite question, "is there
+-- no live lease?", with `lease_expires_at IS NULL OR lease_expires_at <= now()`, written so
+-- that the lease-expiry index serves it.)
+CREATE FUNCTION proclog.fence_holds(p_fence uuid, p_token uuid, p_expires_at timestamptz)
+RETURNS boolean LANGUAGE sql STABLE PARALLEL SAFE
+RETURN p_fence IS NULL
+    OR (p_token IS NOT DISTINCT FROM p_fence AND coalesce(p_expires_at > now(), false));
+
 -- Why a write to a process that an UPDATE did not match was refused, without raising:
 -- 'not_found', 'terminal' (detail: the state) or 'lease_lost'. The raising twin is
 -- proclog.refuse_write.
@@ -128,8 +141,7 @@ BEGIN
                updated_at = now()
          WHERE p.process_id = v_id
            AND p.terminal_state IS NULL
-           AND (v_token IS NULL
-                OR (p.lease_token = v_token AND p.lease_expires_at > now()))
+           AND proclog.fence_holds(v_token, p.lease_token, p.lease_expires_at)
         RETURNING p.last_seq, p.lease_generation INTO v_last, v_generation;
         IF NOT FOUND THEN
             SELECT w.reason, w.detail INTO v_reason, v_detail
@@ -153,4 +165,135 @@ BEGIN
                    i.replay_key, i.occurred_at, i.lease_generation, false, p_writer
               FROM inserted i ORDER BY i.seq;
     END LOOP;
+END $$;
+
+-- The functions of version 1, with their fence written through proclog.fence_holds.
+
+CREATE OR REPLACE FUNCTION proclog.append_events(
+    p_process_id  text,
+    p_writer      text,
+    p_lease_token uuid,
+    p_types       text[],
+    p_payloads    jsonb[],
+    p_keys        text[]
+) RETURNS TABLE (seq bigint, event_type text, payload jsonb, replay_key text,
+                 occurred_at timestamptz, writer text, lease_generation bigint,
+                 replayed boolean)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_count      int := cardinality(p_types);
+    v_last       bigint;
+    v_generation bigint;
+    v_stored     int;
+    v_matched    int;
+    v_key        text;
+BEGIN
+    IF p_keys IS NOT NULL THEN
+        -- Keys are decided one retry at a time: lock the process row first.
+        PERFORM 1 FROM proclog.processes p WHERE p.process_id = p_process_id
+            FOR NO KEY UPDATE;
+        IF NOT FOUND THEN
+            PERFORM proclog.refuse_write(p_process_id);
+        END IF;
+        SELECT count(e.seq),
+               count(e.seq) FILTER (WHERE e.event_type = r.t AND e.payload = r.p),
+               min(r.k) FILTER (WHERE e.seq IS NULL OR e.event_type <> r.t
+                                   OR e.payload <> r.p)
+          INTO v_stored, v_matched, v_key
+          FROM unnest(p_types, p_payloads, p_keys) AS r(t, p, k)
+          LEFT JOIN proclog.events e
+            ON e.process_id = p_process_id AND e.replay_key = r.k;
+        IF v_stored > 0 THEN
+            IF v_matched = v_count THEN
+                RETURN QUERY
+                    SELECT e.seq, e.event_type, e.payload, e.replay_key, e.occurred_at,
+                           e.writer, e.lease_generation, true
+                      FROM unnest(p_keys) WITH ORDINALITY AS r(k, ord)
+                      JOIN proclog.events e
+                        ON e.process_id = p_process_id AND e.replay_key = r.k
+                     ORDER BY r.ord;
+                RETURN;
+            END IF;
+            SELECT coalesce(v_key, min(e.replay_key)) INTO v_key
+              FROM proclog.events e
+             WHERE e.process_id = p_process_id AND e.replay_key = ANY (p_keys);
+            RAISE EXCEPTION 'replay key % of process % is stored with different content',
+                v_key, p_process_id USING ERRCODE = 'PLRC0', DETAIL = v_key;
+        END IF;
+    END IF;
+
+    UPDATE proclog.processes p
+       SET last_seq = p.last_seq + v_count,
+           status = CASE WHEN p.status = 'pending' THEN 'running' ELSE p.status END,
+           updated_at = now()
+     WHERE p.process_id = p_process_id
+       AND p.terminal_state IS NULL
+       AND proclog.fence_holds(p_lease_token, p.lease_token, p.lease_expires_at)
+    RETURNING p.last_seq, p.lease_generation INTO v_last, v_generation;
+    IF NOT FOUND THEN
+        PERFORM proclog.refuse_write(p_process_id);
+    END IF;
+
+    RETURN QUERY
+        WITH inserted AS (
+            INSERT INTO proclog.events AS e
+                   (process_id, seq, event_type, payload, replay_key, writer, lease_generation)
+            SELECT p_process_id, v_last - v_count + r.ord, r.t, r.p, r.k, p_writer,
+                   CASE WHEN p_lease_token IS NULL THEN NULL ELSE v_generation END
+              FROM unnest(p_types, p_payloads, p_keys) WITH ORDINALITY AS r(t, p, k, ord)
+            RETURNING e.seq, e.event_type, e.payload, e.replay_key, e.occurred_at, e.writer,
+                      e.lease_generation)
+        SELECT i.seq, i.event_type, i.payload, i.replay_key, i.occurred_at, i.writer,
+               i.lease_generation, false
+          FROM inserted i ORDER BY i.seq;
+END $$;
+
+CREATE OR REPLACE FUNCTION proclog.complete_process(
+    p_process_id  text,
+    p_writer      text,
+    p_lease_token uuid,
+    p_state       text,
+    p_output      jsonb
+) RETURNS SETOF proclog.processes
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_row proclog.processes;
+BEGIN
+    SELECT * INTO v_row FROM proclog.processes p WHERE p.process_id = p_process_id
+        FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        PERFORM proclog.refuse_write(p_process_id);
+    END IF;
+    IF v_row.terminal_state IS NOT NULL THEN
+        IF v_row.terminal_state = p_state AND v_row.output = p_output THEN
+            RETURN NEXT v_row;
+            RETURN;
+        END IF;
+        RAISE EXCEPTION 'process % already ended as %', p_process_id, v_row.terminal_state
+            USING ERRCODE = 'PLAT0', DETAIL = v_row.terminal_state;
+    END IF;
+    IF NOT proclog.fence_holds(p_lease_token, v_row.lease_token, v_row.lease_expires_at) THEN
+        PERFORM proclog.refuse_write(p_process_id);
+    END IF;
+
+    INSERT INTO proclog.events
+           (process_id, seq, event_type, payload, writer, lease_generation)
+    VALUES (p_process_id, v_row.last_seq + 1, 'process.' || p_state, p_output, p_writer,
+            CASE WHEN p_lease_token IS NULL THEN NULL ELSE v_row.lease_generation END);
+
+    UPDATE proclog.processes p
+       SET last_seq = p.last_seq + 1,
+           status = p_state,
+           terminal_state = p_state,
+           terminal_seq = p.last_seq + 1,
+           output = p_output,
+           completed_at = now(),
+           updated_at = now(),
+           lease_owner = NULL,
+           lease_token = NULL,
+           lease_expires_at = NULL
+     WHERE p.process_id = p_process_id
+    RETURNING * INTO v_row;
+    RETURN NEXT v_row;
 END $$;

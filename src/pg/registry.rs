@@ -56,7 +56,7 @@ const APPEND_UNKEYED: &str = "
                updated_at = now()
          WHERE process_id = $1
            AND terminal_state IS NULL
-           AND ($3::uuid IS NULL OR (lease_token = $3 AND lease_expires_at > now()))
+           AND proclog.fence_holds($3::uuid, lease_token, lease_expires_at)
         RETURNING last_seq, lease_generation)
     INSERT INTO proclog.events
            (process_id, seq, event_type, payload, writer, lease_generation)
@@ -591,7 +591,8 @@ impl ProcessRegistry for PgProcessRegistry {
                 "UPDATE proclog.processes
                     SET lease_expires_at = greatest(lease_expires_at,
                             now() + $3::bigint * interval '1 millisecond')
-                  WHERE process_id = $1 AND lease_token = $2 AND lease_expires_at > now()
+                  WHERE process_id = $1
+                    AND proclog.fence_holds($2::uuid, lease_token, lease_expires_at)
               RETURNING lease_expires_at",
                 &[&lease.process_id.as_str(), &lease.token, &ttl_millis(ttl)],
             )

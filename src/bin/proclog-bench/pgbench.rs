@@ -38,7 +38,7 @@ const PROCLOG_SCRIPT: &str = "\
 WITH p AS (UPDATE proclog.processes SET last_seq = last_seq + 1, \
 status = CASE WHEN status = 'pending' THEN 'running' ELSE status END, updated_at = now() \
 WHERE process_id = 'pgbench-' || :client_id AND terminal_state IS NULL \
-AND (NULL::uuid IS NULL OR (lease_token = NULL::uuid AND lease_expires_at > now())) \
+AND proclog.fence_holds(NULL::uuid, lease_token, lease_expires_at) \
 RETURNING last_seq, lease_generation) \
 INSERT INTO proclog.events (process_id, seq, event_type, payload, writer, lease_generation) \
 SELECT 'pgbench-' || :client_id, p.last_seq, 'bench', \
