@@ -409,3 +409,65 @@ async fn many_concurrent_appenders_get_dense_logs_with_group_commit() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_append_given_up_before_its_batch_is_sent_is_never_written() {
+    let url = migrated_database_url().await;
+    let registry = registry(&url);
+    let blocker = register(&registry, "blocker").await;
+    let abandoned = register(&registry, "abandoned").await;
+    registry.append_event(&blocker, step(0)).await.unwrap();
+    let lock = RowLock::take(&url, &blocker).await;
+    let first = spawn_append(&registry, &blocker, vec![step(1)]);
+    until("the flusher waits", || async {
+        lock_waiters(&url).await == 1
+    })
+    .await;
+    let before = stats(&registry).enqueued.load(Ordering::Relaxed);
+    let given_up = spawn_append(&registry, &abandoned, vec![step(1)]);
+    until("the call is queued", || async {
+        stats(&registry).enqueued.load(Ordering::Relaxed) == before + 1
+    })
+    .await;
+    given_up.abort();
+    assert!(given_up.await.unwrap_err().is_cancelled());
+    lock.release().await;
+    first.await.unwrap().unwrap();
+    // The flusher serves its queue in order: once a later append is answered, the abandoned
+    // one has been dealt with.
+    registry.append_event(&blocker, step(2)).await.unwrap();
+    assert!(
+        registry
+            .events_after(&abandoned, 0, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing is written for a caller that gave up before its batch was sent"
+    );
+}
+
+#[test]
+fn the_flushers_start_again_when_the_runtime_that_ran_them_is_gone() {
+    let first = tokio::runtime::Runtime::new().unwrap();
+    let (url, registry, id) = first.block_on(async {
+        let url = migrated_database_url().await;
+        let registry = registry(&url);
+        let id = register(&registry, "across-runtimes").await;
+        registry.append_event(&id, step(1)).await.unwrap();
+        (url, registry, id)
+    });
+    drop(first);
+    let second = tokio::runtime::Runtime::new().unwrap();
+    second.block_on(async {
+        // The first runtime's pooled connections are gone with it too: a fresh pool's
+        // registry shares nothing; this one must recover on its own.
+        let outcome = registry.append_event(&id, step(2)).await;
+        let outcome = match outcome {
+            // A connection of the dead runtime may fail once; the next call is clean.
+            Err(ProcessError::Unavailable(_)) => registry.append_event(&id, step(2)).await,
+            other => other,
+        };
+        assert_eq!(outcome.unwrap().event.seq, 2);
+        drop(url);
+    });
+}

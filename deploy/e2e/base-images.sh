@@ -15,7 +15,7 @@ cd "$(dirname "$0")/../.."
 
 debian_image=${E2E_DEBIAN_IMAGE:-proclog-e2e/debian:bookworm}
 postgres_image=${E2E_POSTGRES_IMAGE:-proclog-e2e/postgres:15}
-suite=${SUITE:-bookworm}
+suite=${SUITE:-bookworm}   # the images' release (the base of the runtime image)
 
 have_image() { [ -z "${E2E_REBUILD:-}" ] && docker image inspect "$1" >/dev/null 2>&1; }
 if have_image "$debian_image" && have_image "$postgres_image"; then
@@ -23,24 +23,37 @@ if have_image "$debian_image" && have_image "$postgres_image"; then
     exit 0
 fi
 
-# The Debian mirror this machine's apt already uses (deb822 .sources or one-line format).
+# The Debian mirror this machine's apt already uses: an entry for this machine's release
+# (suite = codename) with the `main` component, deb822 `.sources` or one-line format (options
+# in brackets skipped). MIRROR=<url> overrides it.
+codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 mirror_from_apt() {
     local file
     for file in /etc/apt/sources.list.d/*.sources; do
         [ -f "$file" ] || continue
-        awk '
-            /^URIs:/   { uri = $2 }
-            /^Suites:/ { for (i = 2; i <= NF; i++) if ($i !~ /-/) found = uri }
-            /^$/       { uri = "" }
-            END        { if (found) print found }' "$file"
+        awk -v suite="$codename" '
+            function flush() { if (uri != "" && has_suite && has_main && !found) found = uri }
+            /^URIs:/       { uri = $2 }
+            /^Suites:/     { for (i = 2; i <= NF; i++) if ($i == suite) has_suite = 1 }
+            /^Components:/ { for (i = 2; i <= NF; i++) if ($i == "main") has_main = 1 }
+            /^[ \t]*$/     { flush(); uri = ""; has_suite = 0; has_main = 0 }
+            END            { flush(); if (found) print found }' "$file"
     done
-    if [ -f /etc/apt/sources.list ]; then
-        awk '$1 == "deb" && $3 !~ /-/ { print $2; exit }' /etc/apt/sources.list
-    fi
+    for file in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -f "$file" ] || continue
+        awk -v suite="$codename" '
+            $1 == "deb" {
+                n = 2
+                if ($n ~ /^\[/) { while (n <= NF && $n !~ /\]$/) n++; n++ }
+                if ($(n + 1) == suite) for (i = n + 2; i <= NF; i++) if ($i == "main") { print $n; exit }
+            }' "$file"
+    done
 }
-mirror=$(mirror_from_apt | head -n 1)
+# `sed -n 1p` reads all of its input (`head` would close the pipe early and, under pipefail,
+# end the script with SIGPIPE).
+mirror=${MIRROR:-$(mirror_from_apt | sed -n 1p)}
 if [ -z "$mirror" ]; then
-    echo "no Debian mirror found in the apt configuration" >&2
+    echo "no Debian mirror for '$codename' with component main found in the apt configuration; set MIRROR=<url>" >&2
     exit 1
 fi
 command -v debootstrap >/dev/null || {

@@ -220,7 +220,7 @@ fn is_io(err: &(dyn StdError + 'static)) -> bool {
 /// shutdown, crash recovery, terminated backends, statement timeouts), system errors (58),
 /// serialization failures (40001), deadlocks (40P01) and a read-only server (25006: a
 /// primary being demoted, or a failover not yet finished) mean "try again".
-fn is_unavailable_state(code: &str) -> bool {
+pub(crate) fn is_unavailable_state(code: &str) -> bool {
     ["08", "53", "57", "58"]
         .iter()
         .any(|class| code.starts_with(class))

@@ -10,10 +10,13 @@
 //! - **Per-caller answers.** Callers are sorted by process id (every batch locks rows in the
 //!   same global order: batches cannot deadlock) and each gets its own outcome: its events,
 //!   its replayed events, or its own refusal. One caller's refusal never fails the others.
-//! - **Errors.** A database error answer means nothing of the batch committed: each caller is
-//!   then run alone, to get its own answer. A lost connection or a timeout is ambiguous (the
-//!   batch may have committed): every caller gets `Unavailable`, which its replay key
-//!   resolves on retry, exactly as for a single append.
+//! - **Errors.** An ERROR answer that is neither transient nor internal means the server
+//!   refused the statement and nothing of it committed: each caller is then run alone, to get
+//!   its own answer. Anything else (a lost connection, a timeout, FATAL, PANIC, a transient
+//!   error) may or may not have committed: every caller gets `Unavailable`, which its replay
+//!   key resolves on retry, exactly as for a single append.
+//! - **Callers that gave up** (timed out, dropped their future) before their batch was sent
+//!   are skipped: nothing is written for them.
 //! - **Bounds.** A bounded queue per flusher (callers wait for room) and a maximum batch in
 //!   events and bytes.
 
@@ -25,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::convert::{JsonText, db_error, terminal_state_detail};
+use super::convert::{JsonText, db_error, is_unavailable_state, terminal_state_detail};
 use super::registry::PgProcessRegistry;
 use crate::error::{ProcessError, ProcessResult};
 use crate::model::{AppendOutcome, AppendRequest, ProcessEvent, ProcessId};
@@ -105,8 +108,11 @@ pub(crate) struct GroupCommit {
 impl GroupCommit {
     /// Starts the flushers; `single` is the registry without group commit, which runs
     /// batches of one and the callers of a refused batch.
-    pub(crate) fn start(options: &GroupCommitOptions, single: PgProcessRegistry) -> Self {
-        let stats = Arc::new(GroupCommitStats::default());
+    pub(crate) fn start(
+        options: &GroupCommitOptions,
+        single: PgProcessRegistry,
+        stats: Arc<GroupCommitStats>,
+    ) -> Self {
         let queues = (0..options.flushers.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
@@ -122,8 +128,9 @@ impl GroupCommit {
         Self { queues, stats }
     }
 
-    pub(crate) fn stats(&self) -> &Arc<GroupCommitStats> {
-        &self.stats
+    /// Whether every flusher is still there (they end with the runtime that started them).
+    pub(crate) fn is_running(&self) -> bool {
+        self.queues.iter().all(|queue| !queue.is_closed())
     }
 
     /// Queues an append and waits for its outcome.
@@ -164,12 +171,20 @@ async fn flusher(
                 None => return,
             },
         };
+        // A caller that gave up (timed out, dropped its future) is not written for: its
+        // append was never sent, so its `Unavailable` was the truth.
+        if first.reply.is_closed() {
+            continue;
+        }
         let mut events = first.requests.len();
         let mut bytes = first.bytes();
         let mut batch = vec![first];
         // Everything queued meanwhile, up to the bounds; no waiting for more.
         while events < options.max_batch_events && bytes < options.max_batch_bytes {
             let Ok(next) = queue.try_recv() else { break };
+            if next.reply.is_closed() {
+                continue;
+            }
             let (next_events, next_bytes) = (next.requests.len(), next.bytes());
             if events + next_events > options.max_batch_events
                 || bytes + next_bytes > options.max_batch_bytes
@@ -201,6 +216,9 @@ async fn flusher(
 
 /// Runs one append as a statement of its own and answers its caller.
 async fn alone(single: &PgProcessRegistry, pending: Pending) {
+    if pending.reply.is_closed() {
+        return;
+    }
     let Pending {
         id,
         requests,
@@ -236,7 +254,11 @@ async fn flush(single: &PgProcessRegistry, mut batch: Vec<Pending>, stats: &Grou
         }
     }
     let keys = keys.iter().any(Option::is_some).then_some(keys);
-    let mut answered_by_server = false;
+    // Whether the server refused the statement as a whole, certainly without committing any
+    // of it: an ERROR that is not transient and not internal. (FATAL and PANIC end the
+    // session or the server, possibly after the commit record reached the WAL; transient
+    // errors would only fail again, one caller at a time.)
+    let mut refused_whole = false;
     let rows = single
         .run_statement(
             "SELECT caller, refusal, detail, seq, event_type, payload, replay_key, occurred_at,
@@ -253,14 +275,19 @@ async fn flush(single: &PgProcessRegistry, mut batch: Vec<Pending>, stats: &Grou
                 &keys,
             ],
             |err| {
-                answered_by_server = err.as_db_error().is_some();
+                if let Some(db) = err.as_db_error() {
+                    let code = db.code().code();
+                    refused_whole = db.severity() == "ERROR"
+                        && !is_unavailable_state(code)
+                        && !code.starts_with("XX");
+                }
                 db_error(err)
             },
         )
         .await;
     let rows = match rows {
         Ok(rows) => rows,
-        Err(_) if answered_by_server => {
+        Err(_) if refused_whole => {
             // The database refused the statement: nothing of it committed. Each caller gets
             // its own answer from a statement of its own.
             stats.split_batches.fetch_add(1, Ordering::Relaxed);

@@ -5,7 +5,7 @@
 //! statement. Error paths may take a second, diagnostic query.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -42,7 +42,38 @@ pub struct PgProcessRegistry {
 /// registry can be built outside a Tokio runtime).
 struct GroupSlot {
     options: GroupCommitOptions,
-    running: OnceLock<GroupCommit>,
+    stats: Arc<GroupCommitStats>,
+    /// The flushers; started again if the runtime that ran them has gone.
+    running: Mutex<Option<Arc<GroupCommit>>>,
+}
+
+impl GroupSlot {
+    fn new(options: GroupCommitOptions) -> Arc<Self> {
+        Arc::new(Self {
+            options,
+            stats: Arc::new(GroupCommitStats::default()),
+            running: Mutex::new(None),
+        })
+    }
+
+    fn flushers(&self, single: impl FnOnce() -> PgProcessRegistry) -> Arc<GroupCommit> {
+        let mut running = self
+            .running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match running.as_ref() {
+            Some(group) if group.is_running() => Arc::clone(group),
+            _ => {
+                let group = Arc::new(GroupCommit::start(
+                    &self.options,
+                    single(),
+                    Arc::clone(&self.stats),
+                ));
+                *running = Some(Arc::clone(&group));
+                group
+            }
+        }
+    }
 }
 
 /// Appends unkeyed events in one statement: the per-process counter is bumped under the
@@ -65,6 +96,9 @@ const APPEND_UNKEYED: &str = "
       FROM p, unnest($4::text[], $5::jsonb[]) WITH ORDINALITY AS r(t, p, ord)
     RETURNING seq, occurred_at, lease_generation";
 
+/// The bound on a group commit flusher's statements when the registry has no call timeout.
+const FLUSHER_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn ttl_millis(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_millis()).expect("validated ttl fits")
 }
@@ -79,10 +113,7 @@ impl PgProcessRegistry {
             pool,
             config,
             call_timeout: None,
-            group: Some(Arc::new(GroupSlot {
-                options: GroupCommitOptions::default(),
-                running: OnceLock::new(),
-            })),
+            group: Some(GroupSlot::new(GroupCommitOptions::default())),
         }
     }
 
@@ -91,25 +122,22 @@ impl PgProcessRegistry {
     /// is in flight are sent together as one (see [`crate::pg::group`]); every guarantee of
     /// the registry contract holds either way.
     pub fn with_group_commit(mut self, options: Option<GroupCommitOptions>) -> Self {
-        self.group = options.map(|options| {
-            Arc::new(GroupSlot {
-                options,
-                running: OnceLock::new(),
-            })
-        });
+        self.group = options.map(GroupSlot::new);
         self
     }
 
-    /// Counters of group commit (`None` when it is off or no append was made yet).
+    /// Counters of group commit (`None` when it is off).
     pub fn group_commit_stats(&self) -> Option<Arc<GroupCommitStats>> {
-        let slot = self.group.as_ref()?;
-        slot.running.get().map(|group| Arc::clone(group.stats()))
+        self.group.as_ref().map(|slot| Arc::clone(&slot.stats))
     }
 
-    /// The registry without group commit: what the flushers use for batches of one.
+    /// The registry without group commit: what the flushers use for batches of one. Its
+    /// calls are always bounded (by the registry's call timeout, else 30 s), so that a
+    /// stalled connection cannot hold every process routed to one flusher.
     fn single(&self) -> Self {
         Self {
             group: None,
+            call_timeout: Some(self.call_timeout.unwrap_or(FLUSHER_CALL_TIMEOUT)),
             ..self.clone()
         }
     }
@@ -445,9 +473,7 @@ impl ProcessRegistry for PgProcessRegistry {
         let Some(slot) = &self.group else {
             return self.append_single(id, requests, &payloads).await;
         };
-        let group = slot
-            .running
-            .get_or_init(|| GroupCommit::start(&slot.options, self.single()));
+        let group = slot.flushers(|| self.single());
         let (reply, answer) = tokio::sync::oneshot::channel();
         let pending = Pending {
             id: id.clone(),
@@ -458,16 +484,19 @@ impl ProcessRegistry for PgProcessRegistry {
         };
         let appended = group.append(pending, answer);
         match self.call_timeout {
-            // The flusher's statement has the same bound; this one also covers the wait in
-            // the queue. Past it the append may still commit: retry it with its replay key.
-            Some(limit) => tokio::time::timeout(limit * 2, appended)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(ProcessError::Unavailable(format!(
-                        "no answer from the database within {:?}",
-                        limit * 2
-                    )))
-                }),
+            // The flusher's statement has the call bound; this one also covers some wait in
+            // the queue. An append given up on before its batch is sent is never written;
+            // one given up on during its batch may still commit: retry it with its replay key.
+            Some(limit) => {
+                let bound = limit + limit / 2;
+                tokio::time::timeout(bound, appended)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ProcessError::Unavailable(format!(
+                            "no answer from the database within {bound:?}"
+                        )))
+                    })
+            }
             None => appended.await,
         }
     }

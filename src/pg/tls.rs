@@ -33,8 +33,32 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::ProcessError;
 
-/// The TLS connector every proclog connection uses.
-pub type TlsConnector = MakeRustlsConnect;
+/// The TLS connector every proclog connection uses: rustls, configured by the URL.
+///
+/// tokio-postgres asks for a connector even where TLS is never attempted (a Unix socket, a
+/// `hostaddr` without a host name) and passes an empty host name then; rustls refuses an
+/// empty name, so a placeholder is given instead. No handshake ever uses it: without a host
+/// name tokio-postgres does not start TLS (and refuses `require` and stricter modes).
+#[derive(Clone)]
+pub struct TlsConnector(MakeRustlsConnect);
+
+impl<S> MakeTlsConnect<S> for TlsConnector
+where
+    MakeRustlsConnect: MakeTlsConnect<S>,
+{
+    type Stream = <MakeRustlsConnect as MakeTlsConnect<S>>::Stream;
+    type TlsConnect = <MakeRustlsConnect as MakeTlsConnect<S>>::TlsConnect;
+    type Error = <MakeRustlsConnect as MakeTlsConnect<S>>::Error;
+
+    fn make_tls_connect(&mut self, hostname: &str) -> Result<Self::TlsConnect, Self::Error> {
+        let hostname = if hostname.is_empty() {
+            "no-host-name.invalid"
+        } else {
+            hostname
+        };
+        self.0.make_tls_connect(hostname)
+    }
+}
 
 /// The `sslmode` of a database URL.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -109,6 +133,15 @@ impl DatabaseTarget {
         };
         let mut config = tokio_postgres::Config::from_str(&rest)
             .map_err(|err| ProcessError::InvalidInput(format!("bad database url: {err}")))?;
+        // Every sslmode was taken out above: one that tokio-postgres still finds was missed
+        // (an unusual spelling), and must not be silently replaced by the default.
+        if config.get_ssl_mode() != SslMode::Prefer && tls_settings.mode.is_none() {
+            return Err(ProcessError::InvalidInput(
+                "bad database url: its sslmode could not be read; write it as `sslmode=<mode>` \
+                 in the query (URL) or as a key=value pair"
+                    .into(),
+            ));
+        }
         config.ssl_mode(match mode {
             TlsMode::Disable => SslMode::Disable,
             TlsMode::Prefer => SslMode::Prefer,
@@ -122,10 +155,10 @@ impl DatabaseTarget {
         }
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(30));
-        let tls = MakeRustlsConnect::new(client_tls_config(
+        let tls = TlsConnector(MakeRustlsConnect::new(client_tls_config(
             mode,
             tls_settings.root_cert.as_deref().map(Path::new),
-        )?);
+        )?));
         Ok(Self { config, tls, mode })
     }
 
@@ -177,7 +210,7 @@ pub fn with_root_cert(url: &str, ca_file: &Path) -> Result<String, ProcessError>
         ProcessError::InvalidInput(format!("CA file path {ca_file:?} is not UTF-8"))
     })?;
     if is_url(url) {
-        let separator = if url.contains('?') { '&' } else { '?' };
+        let separator = if query_start(url).is_some() { '&' } else { '?' };
         Ok(format!(
             "{url}{separator}sslrootcert={}",
             percent_encode(path)
@@ -202,17 +235,28 @@ fn is_url(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
+/// Where the query (`?...`) of a URL starts: at the first `?` after the credentials (as in
+/// tokio-postgres, they run to the first `@`, and a password may hold a `?`).
+fn query_start(url: &str) -> Option<usize> {
+    let after_scheme = url.find("://").map_or(0, |at| at + 3);
+    let host_from = url[after_scheme..]
+        .find('@')
+        .map_or(after_scheme, |at| after_scheme + at + 1);
+    url[host_from..].find('?').map(|at| host_from + at)
+}
+
 /// Splits `sslmode` and `sslrootcert` off `url`, returning the rest for tokio-postgres.
 fn take_tls_settings(url: &str) -> Result<(String, TlsSettings), ProcessError> {
     let mut settings = TlsSettings::default();
     if is_url(url) {
-        let Some((base, query)) = url.split_once('?') else {
+        let Some(query_at) = query_start(url) else {
             return Ok((url.to_owned(), settings));
         };
+        let (base, query) = (&url[..query_at], &url[query_at + 1..]);
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|pair| !pair.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            match key {
+            match percent_decode(key)?.as_str() {
                 "sslmode" => settings.mode = Some(percent_decode(value)?),
                 "sslrootcert" => settings.root_cert = Some(percent_decode(value)?),
                 _ => kept.push(pair),
@@ -285,9 +329,17 @@ fn take_tls_settings(url: &str) -> Result<(String, TlsSettings), ProcessError> {
                 if c.is_whitespace() {
                     break;
                 }
-                raw.push(c);
-                value.push(c);
                 chars.next();
+                raw.push(c);
+                if c == '\\' {
+                    // An escaped character (a space, a quote, a backslash) is part of the value.
+                    if let Some(escaped) = chars.next() {
+                        raw.push(escaped);
+                        value.push(escaped);
+                    }
+                } else {
+                    value.push(c);
+                }
             }
         }
         match key.as_str() {
@@ -540,6 +592,42 @@ mod tests {
         assert_eq!(settings.root_cert.as_deref(), Some("/my ca.pem"));
         assert!(take_tls_settings("host=h sslmode").is_err());
         assert!(take_tls_settings("host='h").is_err());
+    }
+
+    #[test]
+    fn a_question_mark_in_the_password_does_not_hide_the_query() {
+        let (rest, settings) =
+            take_tls_settings("postgres://u:pa?ss@db/app?sslmode=require&connect_timeout=3")
+                .unwrap();
+        assert_eq!(rest, "postgres://u:pa?ss@db/app?connect_timeout=3");
+        assert_eq!(settings.mode.as_deref(), Some("require"));
+        let target = DatabaseTarget::parse("postgres://u:pa?ss@db/app?sslmode=require").unwrap();
+        assert_eq!(target.tls_mode(), TlsMode::Require);
+        assert_eq!(target.config().get_password(), Some(&b"pa?ss"[..]));
+        // A percent-encoded key is the same key.
+        let target = DatabaseTarget::parse("postgres://db/app?ssl%6Dode=require").unwrap();
+        assert_eq!(target.tls_mode(), TlsMode::Require);
+    }
+
+    #[test]
+    fn escaped_characters_stay_in_unquoted_values() {
+        let (rest, settings) =
+            take_tls_settings("password=x\\ sslmode=disable host=h sslmode=verify-full").unwrap();
+        assert_eq!(rest, "password=x\\ sslmode=disable host=h");
+        assert_eq!(settings.mode.as_deref(), Some("verify-full"));
+        let target = DatabaseTarget::parse("host=h password=abc\\ def").unwrap();
+        assert_eq!(target.config().get_password(), Some(&b"abc def"[..]));
+    }
+
+    #[test]
+    fn a_socket_url_needs_no_host_name_for_tls() {
+        let target =
+            DatabaseTarget::parse("host=/var/run/postgresql dbname=d sslmode=disable").unwrap();
+        let mut tls = target.tls();
+        assert!(
+            MakeTlsConnect::<tokio_postgres::Socket>::make_tls_connect(&mut tls, "").is_ok(),
+            "an empty host name (a Unix socket) must not fail the connector"
+        );
     }
 
     #[test]
