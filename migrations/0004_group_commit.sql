@@ -1,10 +1,11 @@
 -- proclog schema version 4: group commit.
 --
 -- proclog.append_group runs the appends of several callers (any mix of processes) in one
--- statement, hence one transaction and one WAL flush. Each caller's append follows exactly
--- the rules of proclog.append_events (dense seqs under the process row's lock, fencing,
--- sealing, replay keys), but a refusal is returned as that caller's answer instead of raised,
--- so one caller's refusal leaves the others' appends in place.
+-- statement, hence one transaction and one WAL flush. It holds the one copy of the append
+-- rules (dense seqs under the process row's lock, fencing, sealing, replay keys);
+-- proclog.append_events (below) is now a single caller of it. A refusal is returned as that
+-- caller's answer instead of raised, so one caller's refusal leaves the others' appends in
+-- place.
 --
 -- Callers are given in ascending process id order (the client sorts them), so every batch
 -- locks process rows in the same global order and two batches can never deadlock.
@@ -167,7 +168,8 @@ BEGIN
     END LOOP;
 END $$;
 
--- The functions of version 1, with their fence written through proclog.fence_holds.
+-- Version 1's append_events, now one caller of append_group (one copy of the rules), and
+-- complete_process with its fence written through proclog.fence_holds.
 
 CREATE OR REPLACE FUNCTION proclog.append_events(
     p_process_id  text,
@@ -182,71 +184,42 @@ CREATE OR REPLACE FUNCTION proclog.append_events(
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    v_count      int := cardinality(p_types);
-    v_last       bigint;
-    v_generation bigint;
-    v_stored     int;
-    v_matched    int;
-    v_key        text;
+    v_row record;
+    v_ord int := 0;
 BEGIN
-    IF p_keys IS NOT NULL THEN
-        -- Keys are decided one retry at a time: lock the process row first.
-        PERFORM 1 FROM proclog.processes p WHERE p.process_id = p_process_id
-            FOR NO KEY UPDATE;
-        IF NOT FOUND THEN
-            PERFORM proclog.refuse_write(p_process_id);
-        END IF;
-        SELECT count(e.seq),
-               count(e.seq) FILTER (WHERE e.event_type = r.t AND e.payload = r.p),
-               min(r.k) FILTER (WHERE e.seq IS NULL OR e.event_type <> r.t
-                                   OR e.payload <> r.p)
-          INTO v_stored, v_matched, v_key
-          FROM unnest(p_types, p_payloads, p_keys) AS r(t, p, k)
-          LEFT JOIN proclog.events e
-            ON e.process_id = p_process_id AND e.replay_key = r.k;
-        IF v_stored > 0 THEN
-            IF v_matched = v_count THEN
-                RETURN QUERY
-                    SELECT e.seq, e.event_type, e.payload, e.replay_key, e.occurred_at,
-                           e.writer, e.lease_generation, true
-                      FROM unnest(p_keys) WITH ORDINALITY AS r(k, ord)
-                      JOIN proclog.events e
-                        ON e.process_id = p_process_id AND e.replay_key = r.k
-                     ORDER BY r.ord;
-                RETURN;
-            END IF;
-            SELECT coalesce(v_key, min(e.replay_key)) INTO v_key
-              FROM proclog.events e
-             WHERE e.process_id = p_process_id AND e.replay_key = ANY (p_keys);
-            RAISE EXCEPTION 'replay key % of process % is stored with different content',
-                v_key, p_process_id USING ERRCODE = 'PLRC0', DETAIL = v_key;
-        END IF;
-    END IF;
-
-    UPDATE proclog.processes p
-       SET last_seq = p.last_seq + v_count,
-           status = CASE WHEN p.status = 'pending' THEN 'running' ELSE p.status END,
-           updated_at = now()
-     WHERE p.process_id = p_process_id
-       AND p.terminal_state IS NULL
-       AND proclog.fence_holds(p_lease_token, p.lease_token, p.lease_expires_at)
-    RETURNING p.last_seq, p.lease_generation INTO v_last, v_generation;
-    IF NOT FOUND THEN
-        PERFORM proclog.refuse_write(p_process_id);
-    END IF;
-
-    RETURN QUERY
-        WITH inserted AS (
-            INSERT INTO proclog.events AS e
-                   (process_id, seq, event_type, payload, replay_key, writer, lease_generation)
-            SELECT p_process_id, v_last - v_count + r.ord, r.t, r.p, r.k, p_writer,
-                   CASE WHEN p_lease_token IS NULL THEN NULL ELSE v_generation END
-              FROM unnest(p_types, p_payloads, p_keys) WITH ORDINALITY AS r(t, p, k, ord)
-            RETURNING e.seq, e.event_type, e.payload, e.replay_key, e.occurred_at, e.writer,
-                      e.lease_generation)
-        SELECT i.seq, i.event_type, i.payload, i.replay_key, i.occurred_at, i.writer,
-               i.lease_generation, false
-          FROM inserted i ORDER BY i.seq;
+    -- One caller of proclog.append_group: the rules live there, in one place; here a
+    -- refusal is raised (same SQLSTATEs as version 1) and new events get their content back.
+    FOR v_row IN
+        SELECT * FROM proclog.append_group(p_writer, ARRAY[p_process_id], ARRAY[p_lease_token],
+                                           ARRAY[1], ARRAY[cardinality(p_types)], p_types,
+                                           p_payloads, p_keys)
+    LOOP
+        CASE v_row.refusal
+            WHEN 'not_found' THEN
+                RAISE EXCEPTION 'process % not found', p_process_id USING ERRCODE = 'PLNF0';
+            WHEN 'terminal' THEN
+                RAISE EXCEPTION 'process % is %', p_process_id, v_row.detail
+                    USING ERRCODE = 'PLTM0', DETAIL = v_row.detail;
+            WHEN 'lease_lost' THEN
+                RAISE EXCEPTION 'lease on process % is lost', p_process_id
+                    USING ERRCODE = 'PLLL0';
+            WHEN 'replay_conflict' THEN
+                RAISE EXCEPTION 'replay key % of process % is stored with different content',
+                    v_row.detail, p_process_id USING ERRCODE = 'PLRC0', DETAIL = v_row.detail;
+            ELSE
+                NULL;
+        END CASE;
+        v_ord := v_ord + 1;
+        seq := v_row.seq;
+        event_type := coalesce(v_row.event_type, p_types[v_ord]);
+        payload := coalesce(v_row.payload, p_payloads[v_ord]);
+        replay_key := v_row.replay_key;
+        occurred_at := v_row.occurred_at;
+        writer := v_row.writer;
+        lease_generation := v_row.lease_generation;
+        replayed := v_row.replayed;
+        RETURN NEXT;
+    END LOOP;
 END $$;
 
 CREATE OR REPLACE FUNCTION proclog.complete_process(
