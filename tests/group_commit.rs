@@ -471,3 +471,154 @@ fn the_flushers_start_again_when_the_runtime_that_ran_them_is_gone() {
         drop(url);
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_without_replay_keys_answers_each_caller_with_its_own_outcome() {
+    // No replay key in the batch: it goes out as the set-based statement.
+    let url = migrated_database_url().await;
+    let registry = registry(&url);
+    let blocker = register(&registry, "blocker").await;
+    let plain = register(&registry, "plain").await;
+    let shared = register(&registry, "shared").await;
+    let ended = register(&registry, "ended").await;
+    registry
+        .complete_process(&ended, Completion::new(TerminalState::Failed, json!({})))
+        .await
+        .unwrap();
+    let fenced = register(&registry, "fenced").await;
+    let lease = match registry
+        .claim(&fenced, "someone", Duration::from_secs(60))
+        .await
+        .unwrap()
+    {
+        ClaimOutcome::Acquired(lease) => lease,
+        busy => panic!("{busy:?}"),
+    };
+    registry
+        .append_event(&fenced, step(0).fenced(&lease))
+        .await
+        .unwrap();
+    let stale = register(&registry, "stale").await;
+    let stale_lease = match registry
+        .claim(&stale, "old-owner", Duration::from_secs(60))
+        .await
+        .unwrap()
+    {
+        ClaimOutcome::Acquired(lease) => lease,
+        busy => panic!("{busy:?}"),
+    };
+    registry.release(&stale_lease).await.unwrap();
+    let missing = ProcessId::new("missing").unwrap();
+
+    registry.append_event(&blocker, step(0)).await.unwrap();
+    let lock = RowLock::take(&url, &blocker).await;
+    let first = spawn_append(&registry, &blocker, vec![step(1)]);
+    until("the flusher waits for the row lock", || async {
+        lock_waiters(&url).await == 1
+    })
+    .await;
+    let before = stats(&registry).enqueued.load(Ordering::Relaxed);
+    let calls = vec![
+        (
+            "plain",
+            spawn_append(&registry, &plain, vec![step(1), step(2), step(3)]),
+        ),
+        (
+            "shared a",
+            spawn_append(&registry, &shared, vec![step(1), step(2)]),
+        ),
+        ("shared b", spawn_append(&registry, &shared, vec![step(3)])),
+        ("ended", spawn_append(&registry, &ended, vec![step(1)])),
+        (
+            "fenced",
+            spawn_append(
+                &registry,
+                &fenced,
+                vec![step(1).fenced(&lease), step(2).fenced(&lease)],
+            ),
+        ),
+        (
+            "stale",
+            spawn_append(&registry, &stale, vec![step(1).fenced(&stale_lease)]),
+        ),
+        ("missing", spawn_append(&registry, &missing, vec![step(1)])),
+        (
+            "blocked again",
+            spawn_append(&registry, &blocker, vec![step(2)]),
+        ),
+    ];
+    let queued = calls.len() as u64;
+    until("every call is queued", || async {
+        stats(&registry).enqueued.load(Ordering::Relaxed) == before + queued
+    })
+    .await;
+    lock.release().await;
+    first.await.unwrap().unwrap();
+    let mut outcomes = std::collections::HashMap::new();
+    for (name, call) in calls {
+        outcomes.insert(name, call.await.unwrap());
+    }
+    assert_eq!(
+        stats(&registry).largest_batch.load(Ordering::Relaxed),
+        queued
+    );
+    let seqs = |name: &str| -> Vec<i64> {
+        match &outcomes[name] {
+            Ok(events) => events.iter().map(|o| o.event.seq).collect(),
+            Err(err) => panic!("{name}: {err:?}"),
+        }
+    };
+    assert_eq!(seqs("plain"), [1, 2, 3]);
+    let (a, b) = (seqs("shared a"), seqs("shared b"));
+    assert!(
+        a == [1, 2] && b == [3] || b == [1] && a == [2, 3],
+        "{a:?} {b:?}"
+    );
+    assert_eq!(seqs("fenced"), [2, 3]);
+    assert_eq!(seqs("blocked again"), [3]);
+    let fenced_events = outcomes["fenced"].as_ref().unwrap();
+    assert!(
+        fenced_events
+            .iter()
+            .all(|o| o.event.lease_generation == Some(lease.generation))
+    );
+    assert!(
+        fenced_events
+            .iter()
+            .all(|o| !o.replayed && o.event.writer == "group-pod")
+    );
+    let plain_events = outcomes["plain"].as_ref().unwrap();
+    assert_eq!(plain_events[0].event.lease_generation, None);
+    assert_eq!(plain_events[2].event.payload, json!({"n": 3}));
+    match &outcomes["ended"] {
+        Err(ProcessError::ProcessTerminal { state, .. }) => {
+            assert_eq!(*state, TerminalState::Failed)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        outcomes["stale"],
+        Err(ProcessError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        outcomes["missing"],
+        Err(ProcessError::NotFound(_))
+    ));
+    // What each caller was told is what the logs hold.
+    for (id, expected) in [
+        (&plain, 3),
+        (&shared, 3),
+        (&fenced, 3),
+        (&blocker, 3),
+        (&stale, 0),
+    ] {
+        let log = registry.events_after(id, 0, 100).await.unwrap();
+        let seqs: Vec<i64> = log.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=expected).collect::<Vec<_>>(), "{id}");
+    }
+    let stored = registry.events_after(&fenced, 1, 100).await.unwrap();
+    assert_eq!(stored[0], fenced_events[0].event);
+    let record = registry.get_process(&plain).await.unwrap().unwrap();
+    assert_eq!(record.last_seq, 3);
+    assert_eq!(record.status, proclog::ProcessStatus::Running);
+}

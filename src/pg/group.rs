@@ -33,6 +33,67 @@ use super::registry::PgProcessRegistry;
 use crate::error::{ProcessError, ProcessResult};
 use crate::model::{AppendOutcome, AppendRequest, ProcessEvent, ProcessId};
 
+/// A batch in which no event carries a replay key, as one set-based statement: the same
+/// rules as `proclog.append_group` (which handles keyed batches), without its per-caller
+/// loop. The process rows are locked in process id order first (so batches cannot deadlock);
+/// callers whose process is missing, terminal or whose fence does not hold get one refusal
+/// row each; the others' events are inserted at consecutive seqs per process, in caller
+/// order, after one `last_seq` bump per process (a data-modifying CTE runs to completion
+/// whether or not the final SELECT reads it). Rows have `proclog.append_group`'s shape.
+const APPEND_GROUP_UNKEYED: &str = "
+    WITH callers AS (
+        SELECT c.caller::int AS caller, c.process_id, c.token, c.start, c.cnt
+          FROM unnest($2::text[], $3::uuid[], $4::int[], $5::int[])
+               WITH ORDINALITY AS c(process_id, token, start, cnt, caller)),
+    locked AS (
+        SELECT p.process_id, p.lease_token, p.lease_expires_at, p.terminal_state
+          FROM proclog.processes p
+         WHERE p.process_id = ANY ($2::text[])
+         ORDER BY p.process_id
+           FOR NO KEY UPDATE),
+    accepted AS (
+        SELECT c.caller, c.process_id, c.token, c.start, c.cnt,
+               sum(c.cnt) OVER (PARTITION BY c.process_id ORDER BY c.caller) - c.cnt AS before,
+               sum(c.cnt) OVER (PARTITION BY c.process_id) AS total
+          FROM callers c JOIN locked l USING (process_id)
+         WHERE l.terminal_state IS NULL
+           AND proclog.fence_holds(c.token, l.lease_token, l.lease_expires_at)),
+    bumped AS (
+        UPDATE proclog.processes p
+           SET last_seq = p.last_seq + t.total,
+               status = CASE WHEN p.status = 'pending' THEN 'running' ELSE p.status END,
+               updated_at = now()
+          FROM (SELECT DISTINCT process_id, total FROM accepted) t
+         WHERE p.process_id = t.process_id
+        RETURNING p.process_id, p.last_seq - t.total AS base, p.lease_generation),
+    inserted AS (
+        INSERT INTO proclog.events
+               (process_id, seq, event_type, payload, writer, lease_generation)
+        SELECT a.process_id, b.base + a.before + e.ord, e.t, e.p, $1,
+               CASE WHEN a.token IS NULL THEN NULL ELSE b.lease_generation END
+          FROM accepted a
+          JOIN bumped b USING (process_id)
+         CROSS JOIN LATERAL unnest(($6::text[])[a.start : a.start + a.cnt - 1],
+                                   ($7::jsonb[])[a.start : a.start + a.cnt - 1])
+               WITH ORDINALITY AS e(t, p, ord)
+        RETURNING 1)
+    SELECT a.caller, NULL::text AS refusal, NULL::text AS detail,
+           b.base + a.before + g.n AS seq, NULL::text, NULL::jsonb, NULL::text, now(),
+           CASE WHEN a.token IS NULL THEN NULL ELSE b.lease_generation END, false, $1::text
+      FROM accepted a
+      JOIN bumped b USING (process_id)
+     CROSS JOIN LATERAL generate_series(1::bigint, a.cnt::bigint) AS g(n)
+    UNION ALL
+    SELECT c.caller,
+           CASE WHEN l.process_id IS NULL THEN 'not_found'
+                WHEN l.terminal_state IS NOT NULL THEN 'terminal'
+                ELSE 'lease_lost' END,
+           l.terminal_state, NULL::bigint, NULL::text, NULL::jsonb, NULL::text,
+           NULL::timestamptz, NULL::bigint, NULL::boolean, NULL::text
+      FROM callers c LEFT JOIN locked l USING (process_id)
+     WHERE NOT EXISTS (SELECT 1 FROM accepted a WHERE a.caller = c.caller)
+     ORDER BY 1, 4";
+
 /// How group commit batches appends. The defaults suit most pods; see `BENCHMARKS.md`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GroupCommitOptions {
@@ -253,38 +314,43 @@ async fn flush(single: &PgProcessRegistry, mut batch: Vec<Pending>, stats: &Grou
             keys.push(request.replay_key.as_deref());
         }
     }
-    let keys = keys.iter().any(Option::is_some).then_some(keys);
+    let keyed = keys.iter().any(Option::is_some);
     // Whether the server refused the statement as a whole, certainly without committing any
     // of it: an ERROR that is not transient and not internal. (FATAL and PANIC end the
     // session or the server, possibly after the commit record reached the WAL; transient
     // errors would only fail again, one caller at a time.)
     let mut refused_whole = false;
-    let rows = single
-        .run_statement(
-            "SELECT caller, refusal, detail, seq, event_type, payload, replay_key, occurred_at,
-                    lease_generation, replayed, writer
-               FROM proclog.append_group($1, $2, $3, $4, $5, $6, $7, $8)",
-            &[
-                &single.config().writer,
-                &ids,
-                &tokens,
-                &starts,
-                &counts,
-                &types,
-                &payloads,
-                &keys,
-            ],
-            |err| {
-                if let Some(db) = err.as_db_error() {
-                    let code = db.code().code();
-                    refused_whole = db.severity() == "ERROR"
-                        && !is_unavailable_state(code)
-                        && !code.starts_with("XX");
-                }
-                db_error(err)
-            },
-        )
-        .await;
+    let on_error = |err: tokio_postgres::Error| {
+        if let Some(db) = err.as_db_error() {
+            let code = db.code().code();
+            refused_whole =
+                db.severity() == "ERROR" && !is_unavailable_state(code) && !code.starts_with("XX");
+        }
+        db_error(err)
+    };
+    let writer = &single.config().writer;
+    let rows = if keyed {
+        single
+            .run_statement(
+                "SELECT caller, refusal, detail, seq, event_type, payload, replay_key,
+                        occurred_at, lease_generation, replayed, writer
+                   FROM proclog.append_group($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    writer, &ids, &tokens, &starts, &counts, &types, &payloads, &keys,
+                ],
+                on_error,
+            )
+            .await
+    } else {
+        single
+            .run_statement(
+                APPEND_GROUP_UNKEYED,
+                &[writer, &ids, &tokens, &starts, &counts, &types, &payloads],
+                on_error,
+            )
+            .await
+    };
+
     let rows = match rows {
         Ok(rows) => rows,
         Err(_) if refused_whole => {
