@@ -532,3 +532,56 @@ async fn an_abandon_process_handed_back_after_its_start_is_abandoned_not_rerun()
     let types = log_types(&url, &id).await;
     assert_eq!(types, ["process.started", "process.abandoned"]);
 }
+
+/// Panics in the middle of its run, after one step.
+struct Panicking;
+
+#[async_trait]
+impl ProcessEngine for Panicking {
+    async fn run(&self, run: RunContext) -> EngineResult {
+        run.events
+            .append("step", json!({"n": 1}))
+            .await
+            .map_err(|err| json!({"error": err.to_string()}))?;
+        panic!("engine bug: index out of range");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_panics_fails_its_process_once_instead_of_rerunning_it() {
+    let url = migrated_database_url().await;
+    let registry = pg_registry(&url, "pod-a", 4);
+    let id = register(
+        registry.as_ref(),
+        "panicking",
+        json!({}),
+        Disposition::Rerun,
+    )
+    .await;
+    let worker = spawn(
+        Arc::clone(&registry),
+        Arc::clone(&registry),
+        Engines::new().with("panicking", Panicking),
+        config("pod-a", Duration::from_secs(60)),
+    );
+    let record = wait_terminal(registry.as_ref(), &id).await;
+    assert_eq!(record.status, ProcessStatus::Failed, "{record:?}");
+    assert_eq!(
+        record.attempts, 1,
+        "run once, not rerun after a lease expiry"
+    );
+    let output = record.terminal.unwrap().output;
+    assert_eq!(output["panicked"], json!(true));
+    assert!(
+        output["error"]
+            .as_str()
+            .unwrap()
+            .contains("index out of range"),
+        "{output}"
+    );
+    assert_eq!(
+        log_types(&url, &id).await,
+        ["process.started", "step", "process.failed"]
+    );
+    worker.shutdown().await;
+}

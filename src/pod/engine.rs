@@ -24,7 +24,9 @@ pub type EngineResult = Result<Value, Value>;
 /// A run gets a [`RunContext`]: the process (its input), the attempt number, [`RunEvents`] to
 /// append to the log under the run's lease, and a cancellation token. Its result decides the
 /// process's terminal state: `Ok(output)` completes it, `Err(output)` fails it. The pod writes
-/// that completion, retrying until it is stored or the lease is provably lost.
+/// that completion, retrying until it is stored or the lease is provably lost. A run that
+/// panics fails its process with `{"error": "the engine panicked: <message>", "panicked":
+/// true}` (a bug is a decision too: it is not rerun after every lease expiry).
 ///
 /// # Errors from the store
 ///

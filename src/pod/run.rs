@@ -34,6 +34,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use futures::FutureExt;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -387,7 +388,11 @@ impl Run {
             events: self.events(),
             cancel: stop.clone(),
         };
-        let engine_run = engine.run(context);
+        // A panicking engine fails its process (its decision, however clumsy), instead of
+        // killing the run and leaving the process to be rerun after every lease expiry.
+        let engine_run = std::panic::AssertUnwindSafe(engine.run(context))
+            .catch_unwind()
+            .map(|finished| finished.unwrap_or_else(|panic| Err(engine_panicked(&panic))));
         let cancel_watch = self.watch_for_cancel();
         tokio::pin!(engine_run, cancel_watch);
         let mut interrupt = None;
@@ -513,6 +518,17 @@ impl Run {
         }
         Phase::Done(RunEnd::Released)
     }
+}
+
+/// The output of a process whose engine panicked.
+fn engine_panicked(panic: &Box<dyn std::any::Any + Send>) -> Value {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    tracing::error!(%message, "the engine panicked; the process fails");
+    json!({"error": format!("the engine panicked: {message}"), "panicked": true})
 }
 
 /// Aborts a helper task when the run that owns it ends, however it ends.
