@@ -456,3 +456,27 @@ async fn tail_reports_a_dropped_stream() {
     );
     assert!(stderr.starts_with(&expected), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_exits_0_only_when_the_endpoint_answers_200() {
+    let database = migrated_database_url().await;
+    let pod = PodProcess::start(&database, "pod-probe", &[]).await;
+    let url = pod.url.clone();
+    let probe = move |target: String| {
+        tokio::task::spawn_blocking(move || proclog("", &["probe", "--url", &target]))
+    };
+    let ready = probe(format!("{url}/readyz")).await.unwrap();
+    assert!(ready.status.success(), "stderr: {}", stderr_of(&ready));
+    // Any other status fails, with the status on stderr.
+    let missing = probe(format!("{url}/no-such-page")).await.unwrap();
+    assert!(failure(&missing, 1).contains("404"));
+    // Nothing listening: fails too, naming the URL.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        format!("http://127.0.0.1:{port}/readyz")
+    };
+    let unreachable = probe(closed.clone()).await.unwrap();
+    assert!(failure(&unreachable, 1).contains(&closed));
+}
