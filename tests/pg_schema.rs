@@ -106,42 +106,208 @@ async fn every_table_is_keyed_by_process_id_first() {
     );
 }
 
+/// The rule a hand-written statement broke, by the name its error gives.
+async fn broken_rule(client: &tokio_postgres::Client, sql: &str, id: &str) -> String {
+    let error = client
+        .execute(sql, &[&id])
+        .await
+        .expect_err("the schema refuses the statement");
+    let db = error.as_db_error().expect("a database error");
+    assert_eq!(db.code().code(), "23514", "check_violation: {db}");
+    db.constraint().expect("the rule's name").to_owned()
+}
+
 #[tokio::test]
 async fn the_schema_rejects_a_broken_terminal_column() {
+    let url = migrated_database_url().await;
+    let registry = PgProcessRegistry::new(connect_pool(&url, 2).unwrap(), RegistryConfig::new("p"));
+    let live = registry
+        .register_process(ProcessRegistration::new("demo", json!(null)))
+        .await
+        .unwrap();
+    registry
+        .append_event(&live.id, AppendRequest::new("x", json!(1)))
+        .await
+        .unwrap();
+    let ended = registry
+        .register_process(ProcessRegistration::new("demo", json!(null)))
+        .await
+        .unwrap();
+    registry
+        .complete_process(
+            &ended.id,
+            Completion::new(TerminalState::Completed, json!("ok")),
+        )
+        .await
+        .unwrap();
+    let client = sql_client(&url).await;
+    let live = live.id.as_str();
+    let ended = ended.id.as_str();
+    let cases = [
+        // A terminal state without the rest of the terminal column.
+        (
+            "UPDATE proclog.processes SET status = 'completed', terminal_state = 'completed'
+              WHERE process_id = $1",
+            live,
+            "terminal_column_whole",
+        ),
+        (
+            "UPDATE proclog.processes SET status = 'finished' WHERE process_id = $1",
+            live,
+            "processes_status_check",
+        ),
+        (
+            "UPDATE proclog.processes SET lease_token = gen_random_uuid() WHERE process_id = $1",
+            live,
+            "lease_whole",
+        ),
+        // The counter of a log never goes back (that would reuse seqs).
+        (
+            "UPDATE proclog.processes SET last_seq = last_seq - 1 WHERE process_id = $1",
+            live,
+            "processes_last_seq_never_decreases",
+        ),
+        (
+            "UPDATE proclog.processes SET lease_generation = -1 WHERE process_id = $1",
+            live,
+            "processes_lease_generation_check",
+        ),
+        // A terminal process is sealed: its log does not grow and its terminal column is final.
+        (
+            "UPDATE proclog.processes SET last_seq = last_seq + 1 WHERE process_id = $1",
+            ended,
+            "terminal_is_sealed",
+        ),
+        (
+            "UPDATE proclog.processes SET output = '\"other\"' WHERE process_id = $1",
+            ended,
+            "terminal_is_final",
+        ),
+        (
+            "UPDATE proclog.processes SET status = 'running', terminal_state = NULL,
+                    terminal_seq = NULL, output = NULL, completed_at = NULL
+              WHERE process_id = $1",
+            ended,
+            "terminal_is_final",
+        ),
+        (
+            "INSERT INTO proclog.processes (process_id, kind, input, disposition)
+             VALUES ($1 || '-new', 'demo', 'null', 'sometimes')",
+            live,
+            "processes_disposition_check",
+        ),
+    ];
+    for (sql, id, rule) in cases {
+        assert_eq!(broken_rule(&client, sql, id).await, rule, "{sql}");
+    }
+    // A gap in a log is impossible to write: seq must be positive and unique per process.
+    let result = client
+        .execute(
+            "INSERT INTO proclog.events (process_id, seq, event_type, payload, writer)
+             VALUES ($1, 0, 'x', 'null', 'w')",
+            &[&live],
+        )
+        .await;
+    assert!(result.is_err());
+    let result = client
+        .execute(
+            "INSERT INTO proclog.events (process_id, seq, event_type, payload, writer)
+             VALUES ($1, 1, 'x', 'null', 'w')",
+            &[&live],
+        )
+        .await;
+    assert!(result.is_err(), "seq 1 is taken");
+}
+
+#[tokio::test]
+async fn deleting_a_process_deletes_its_events() {
+    let url = migrated_database_url().await;
+    let registry = PgProcessRegistry::new(connect_pool(&url, 2).unwrap(), RegistryConfig::new("p"));
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let process = registry
+            .register_process(ProcessRegistration::new("demo", json!(null)))
+            .await
+            .unwrap();
+        registry
+            .append_events(
+                &process.id,
+                vec![
+                    AppendRequest::new("a", json!(1)),
+                    AppendRequest::new("b", json!(2)),
+                ],
+            )
+            .await
+            .unwrap();
+        ids.push(process.id.as_str().to_owned());
+    }
+    let client = sql_client(&url).await;
+    let deleted = client
+        .execute(
+            "DELETE FROM proclog.processes WHERE process_id = ANY ($1)",
+            &[&&ids[..2]],
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted, 2);
+    let left: Vec<String> = client
+        .query("SELECT DISTINCT process_id FROM proclog.events", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(left, [ids[2].clone()], "the third process keeps its log");
+}
+
+/// The row rules run where the guarded columns change, never on an append: after a
+/// process's first append (pending -> running), appends run no row check at all.
+#[tokio::test]
+async fn appends_run_no_row_check() {
     let url = migrated_database_url().await;
     let registry = PgProcessRegistry::new(connect_pool(&url, 2).unwrap(), RegistryConfig::new("p"));
     let process = registry
         .register_process(ProcessRegistration::new("demo", json!(null)))
         .await
         .unwrap();
-    let client = sql_client(&url).await;
-    // A hand-written UPDATE that sets a terminal state without the rest of the column.
-    let result = client
-        .execute(
-            "UPDATE proclog.processes SET status = 'completed', terminal_state = 'completed'
-              WHERE process_id = $1",
-            &[&process.id.as_str()],
+    let id = process.id.as_str();
+    let mut client = sql_client(&url).await;
+    let transaction = client.transaction().await.unwrap();
+    transaction
+        .batch_execute("SET LOCAL track_functions = 'pl'")
+        .await
+        .unwrap();
+    let checks = async |transaction: &tokio_postgres::Transaction<'_>| -> i64 {
+        transaction
+            .query_one(
+                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_xact_user_functions
+                  WHERE schemaname = 'proclog' AND funcname = 'check_process_row'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let append = "SELECT seq FROM proclog.append_events($1, 'w', NULL, ARRAY['e'],
+                                                     ARRAY['1'::jsonb], NULL)";
+    transaction.query(append, &[&id]).await.unwrap();
+    assert_eq!(
+        checks(&transaction).await,
+        1,
+        "the first append starts the process"
+    );
+    for _ in 0..5 {
+        transaction.query(append, &[&id]).await.unwrap();
+    }
+    assert_eq!(checks(&transaction).await, 1, "later appends check nothing");
+    transaction
+        .query(
+            "SELECT 1 FROM proclog.complete_process($1, 'w', NULL, 'completed', '1')",
+            &[&id],
         )
-        .await;
-    assert!(result.is_err(), "the terminal column is whole or empty");
-    // A gap in a log is impossible to write: seq must be positive and unique per process.
-    let result = client
-        .execute(
-            "INSERT INTO proclog.events (process_id, seq, event_type, payload, writer)
-             VALUES ($1, 0, 'x', 'null', 'w')",
-            &[&process.id.as_str()],
-        )
-        .await;
-    assert!(result.is_err());
-    // Events cannot exist without their process.
-    let result = client
-        .execute(
-            "INSERT INTO proclog.events (process_id, seq, event_type, payload, writer)
-             VALUES ('no-such-process', 1, 'x', 'null', 'w')",
-            &[],
-        )
-        .await;
-    assert!(result.is_err());
+        .await
+        .unwrap();
+    assert!(checks(&transaction).await > 1, "completion checks the row");
 }
 
 #[tokio::test]

@@ -43,6 +43,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_group_commit.sql",
         sql: include_str!("../../migrations/0004_group_commit.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_hot_path.sql",
+        sql: include_str!("../../migrations/0005_hot_path.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

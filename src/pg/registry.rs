@@ -735,7 +735,7 @@ impl ProcessRegistry for PgProcessRegistry {
 
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {
         validate::timestamp("prune cutoff", cutoff)?;
-        // Events go with their process (ON DELETE CASCADE); a log is dense from 1, so a
+        // Events go with their process (the trigger processes_delete_events); a log is dense from 1, so a
         // process's event count is its last_seq.
         let rows = self
             .query(
