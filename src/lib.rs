@@ -137,6 +137,7 @@ pub mod error;
 pub mod http;
 pub mod local_pg;
 pub mod memory;
+pub mod metrics;
 pub mod model;
 pub mod pg;
 pub mod pod;

@@ -86,7 +86,9 @@ impl LocalPostgres {
         let status = as_account(Command::new(bin.join("initdb")), account, false)
             .current_dir(&dir)
             .args(["-D", path_str(&data)?, "-A", "trust", "-U", SUPERUSER])
-            .args(["-E", "UTF8", "--no-sync", "--no-instructions"])
+            // Collation pinned to C: the same text ordering (and the same speed) on every
+            // machine, whatever the host's locale.
+            .args(["-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"])
             .stdout(initdb_log.try_clone()?)
             .stderr(initdb_log)
             .status()?;

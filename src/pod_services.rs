@@ -103,6 +103,10 @@ pub struct PodServices {
     pub work: Arc<Notify>,
     /// Events appended through this pod.
     pub appended_events: Arc<AtomicU64>,
+    /// How long appends through this pod's registry took (a batch counts once).
+    pub append_latency: crate::metrics::LatencyHistogram,
+    /// HTTP request durations of this pod's API.
+    pub http_requests: crate::metrics::HttpHistograms,
 }
 
 /// Counts events on their way to the real sink.
@@ -174,6 +178,7 @@ impl PodServices {
         let hub = Arc::new(ProcessChangeHub::new());
         let work = Arc::new(Notify::new());
         let appended_events = Arc::new(AtomicU64::new(0));
+        let append_latency = crate::metrics::LatencyHistogram::default();
         let mut listener_target = DatabaseTarget::parse(
             options
                 .listener_database_url
@@ -207,7 +212,8 @@ impl PodServices {
                     inner: sink(&notifier),
                 }),
             )
-            .with_completion_hint(Arc::new(notifier.clone())),
+            .with_completion_hint(Arc::new(notifier.clone()))
+            .with_append_latency(append_latency.clone()),
         );
         let subscriptions = ProcessSubscriptions::new(Arc::clone(&registry), Arc::clone(&hub));
         let driver = ProcessWorkDriver::spawn(Arc::clone(&registry), Arc::clone(&hub));
@@ -223,6 +229,8 @@ impl PodServices {
             driver,
             work,
             appended_events,
+            append_latency,
+            http_requests: crate::metrics::HttpHistograms::default(),
         })
     }
 

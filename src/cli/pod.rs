@@ -51,6 +51,10 @@ pub struct PodArgs {
     /// then runs to release their leases before they are aborted, in ms.
     #[arg(long, env = "PROCLOG_HARD_STOP_MS", default_value_t = 3_000)]
     pub hard_stop_ms: u64,
+    /// Period of the pod's heartbeat in proclog.pods, in ms (100 to 600000); the console
+    /// shows a pod as gone after three periods without one.
+    #[arg(long, env = "PROCLOG_HEARTBEAT_MS", default_value_t = 5_000)]
+    pub heartbeat_ms: u64,
     /// How long to keep trying to reach and migrate the database at start, in ms.
     #[arg(long, env = "PROCLOG_STARTUP_TIMEOUT_MS", default_value_t = 60_000)]
     pub startup_timeout_ms: u64,
@@ -95,6 +99,7 @@ fn check_settings(args: &PodArgs, pod_id: &str) -> Result<(), String> {
         ("--grace-ms", args.grace_ms, 0),
         ("--hard-stop-ms", args.hard_stop_ms, 0),
         ("--startup-timeout-ms", args.startup_timeout_ms, 0),
+        ("--heartbeat-ms", args.heartbeat_ms, 100),
     ] {
         if !(min..=MAX_SETTING_MS).contains(&ms) {
             return Err(format!(
@@ -159,6 +164,7 @@ pub async fn run(args: PodArgs) -> CliResult {
         .poll_interval(Duration::from_millis(args.poll_ms))
         .grace(Duration::from_millis(args.grace_ms))
         .hard_stop_margin(Duration::from_millis(args.hard_stop_ms))
+        .heartbeat_every(Duration::from_millis(args.heartbeat_ms))
         .serve_http(args.listen)
         .max_body_bytes(args.max_body_bytes);
     if let Some(token) = non_empty(&args.api_token) {

@@ -1,22 +1,97 @@
-//! `/metrics` in the Prometheus text format.
+//! `/metrics` in the OpenMetrics text format (which Prometheus scrapes): the pod's counters
+//! and gauges, and its latency histograms, through `prometheus-client`.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
-use axum::extract::State;
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::header;
-use axum::response::IntoResponse;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
 
 use super::ApiState;
 
-fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    let _ = writeln!(out, "{name} {value}");
+/// The OpenMetrics content type.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// One counter or gauge, read at scrape time.
+#[derive(Debug)]
+struct Sample {
+    name: &'static str,
+    kind: Kind,
+    help: &'static str,
+    value: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// The pod's counters and gauges as they were when the scrape began.
+#[derive(Debug)]
+struct Samples(Vec<Sample>);
+
+impl Collector for Samples {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for sample in &self.0 {
+            match sample.kind {
+                Kind::Counter => {
+                    let counter = ConstCounter::new(sample.value);
+                    let metric = encoder.encode_descriptor(
+                        sample.name,
+                        sample.help,
+                        None,
+                        counter.metric_type(),
+                    )?;
+                    counter.encode(metric)?;
+                }
+                Kind::Gauge => {
+                    let gauge = ConstGauge::new(i64::try_from(sample.value).unwrap_or(i64::MAX));
+                    let metric = encoder.encode_descriptor(
+                        sample.name,
+                        sample.help,
+                        None,
+                        gauge.metric_type(),
+                    )?;
+                    gauge.encode(metric)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn load(value: &AtomicU64) -> u64 {
     value.load(Ordering::Relaxed)
+}
+
+/// Records every request's duration by matched route, method and status.
+pub(super) async fn record_http(
+    State(state): State<ApiState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    state.services.http_requests.observe(
+        &route,
+        &method,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
 }
 
 pub(super) async fn render(State(state): State<ApiState>) -> impl IntoResponse {
@@ -24,120 +99,150 @@ pub(super) async fn render(State(state): State<ApiState>) -> impl IntoResponse {
     let notifier = services.notifier.stats();
     let listener = services.listener.stats();
     let driver = services.driver.stats();
-    let mut out = String::new();
-    metric(
-        &mut out,
-        "proclog_appended_events_total",
-        "counter",
-        "Events appended through this pod.",
-        load(&services.appended_events),
-    );
-    metric(
-        &mut out,
-        "proclog_notices_sent_total",
-        "counter",
-        "Notices handed to Postgres NOTIFY.",
-        load(&notifier.sent),
-    );
-    metric(
-        &mut out,
-        "proclog_notices_dropped_total",
-        "counter",
-        "Notices dropped (channel full or send failed).",
-        load(&notifier.dropped),
-    );
-    metric(
-        &mut out,
-        "proclog_notice_batches_total",
-        "counter",
-        "NOTIFY round trips.",
-        load(&notifier.batches),
-    );
-    metric(
-        &mut out,
-        "proclog_notices_received_total",
-        "counter",
-        "Notices from other pods turned into local ticks.",
-        load(&listener.notices),
-    );
-    metric(
-        &mut out,
-        "proclog_listener_reconnects_total",
-        "counter",
-        "Listener reconnects after a lost connection.",
-        load(&listener.reconnects),
-    );
-    metric(
-        &mut out,
-        "proclog_listener_up",
-        "gauge",
-        "1 while the listener is listening.",
-        u64::from(services.listener.status() == crate::pg::ListenerStatus::Listening),
-    );
-    metric(
-        &mut out,
-        "proclog_await_waiters",
-        "gauge",
-        "await_terminal callers waiting.",
-        load(&driver.waiters),
-    );
-    metric(
-        &mut out,
-        "proclog_await_polls_total",
-        "counter",
-        "Terminal-column poll rounds.",
-        load(&driver.polls),
-    );
+    let mut samples = vec![
+        Sample {
+            name: "proclog_appended_events",
+            kind: Kind::Counter,
+            help: "Events appended through this pod.",
+            value: load(&services.appended_events),
+        },
+        Sample {
+            name: "proclog_notices_sent",
+            kind: Kind::Counter,
+            help: "Notices handed to Postgres NOTIFY.",
+            value: load(&notifier.sent),
+        },
+        Sample {
+            name: "proclog_notices_dropped",
+            kind: Kind::Counter,
+            help: "Notices dropped (channel full or send failed).",
+            value: load(&notifier.dropped),
+        },
+        Sample {
+            name: "proclog_notice_batches",
+            kind: Kind::Counter,
+            help: "NOTIFY round trips.",
+            value: load(&notifier.batches),
+        },
+        Sample {
+            name: "proclog_notices_received",
+            kind: Kind::Counter,
+            help: "Notices from other pods turned into local ticks.",
+            value: load(&listener.notices),
+        },
+        Sample {
+            name: "proclog_listener_reconnects",
+            kind: Kind::Counter,
+            help: "Listener reconnects after a lost connection.",
+            value: load(&listener.reconnects),
+        },
+        Sample {
+            name: "proclog_listener_up",
+            kind: Kind::Gauge,
+            help: "1 while the listener is listening.",
+            value: u64::from(services.listener.status() == crate::pg::ListenerStatus::Listening),
+        },
+        Sample {
+            name: "proclog_await_waiters",
+            kind: Kind::Gauge,
+            help: "await_terminal callers waiting.",
+            value: load(&driver.waiters),
+        },
+        Sample {
+            name: "proclog_await_polls",
+            kind: Kind::Counter,
+            help: "Terminal-column poll rounds.",
+            value: load(&driver.polls),
+        },
+    ];
     if let Some(worker) = &state.worker {
-        metric(
-            &mut out,
-            "proclog_active_leases",
-            "gauge",
-            "Runs in progress, each holding a lease.",
-            load(&worker.active),
-        );
-        metric(
-            &mut out,
-            "proclog_runs_started_total",
-            "counter",
-            "Runs started.",
-            load(&worker.started),
-        );
-        metric(
-            &mut out,
-            "proclog_recoveries_total",
-            "counter",
-            "Processes taken over from a lost owner.",
-            load(&worker.recoveries),
-        );
-        metric(
-            &mut out,
-            "proclog_runs_completed_total",
-            "counter",
-            "Runs that completed their process.",
-            load(&worker.completed),
-        );
-        metric(
-            &mut out,
-            "proclog_leases_lost_total",
-            "counter",
-            "Runs stopped because their lease was lost or could not be confirmed in time.",
-            load(&worker.leases_lost),
-        );
-        metric(
-            &mut out,
-            "proclog_leases_released_total",
-            "counter",
-            "Runs handed back on shutdown.",
-            load(&worker.released),
-        );
-        metric(
-            &mut out,
-            "proclog_write_retries_total",
-            "counter",
-            "Run writes (start, appends, completion, renewal, release) retried after a transient failure.",
-            load(&worker.write_retries),
-        );
+        samples.extend([
+            Sample {
+                name: "proclog_active_leases",
+                kind: Kind::Gauge,
+                help: "Runs in progress, each holding a lease.",
+                value: load(&worker.active),
+            },
+            Sample {
+                name: "proclog_runs_started",
+                kind: Kind::Counter,
+                help: "Runs started.",
+                value: load(&worker.started),
+            },
+            Sample {
+                name: "proclog_recoveries",
+                kind: Kind::Counter,
+                help: "Processes taken over from a lost owner.",
+                value: load(&worker.recoveries),
+            },
+            Sample {
+                name: "proclog_runs_completed",
+                kind: Kind::Counter,
+                help: "Runs that completed their process.",
+                value: load(&worker.completed),
+            },
+            Sample {
+                name: "proclog_leases_lost",
+                kind: Kind::Counter,
+                help: "Runs stopped because their lease was lost or could not be confirmed in time.",
+                value: load(&worker.leases_lost),
+            },
+            Sample {
+                name: "proclog_leases_released",
+                kind: Kind::Counter,
+                help: "Runs handed back on shutdown.",
+                value: load(&worker.released),
+            },
+            Sample {
+                name: "proclog_write_retries",
+                kind: Kind::Counter,
+                help: "Run writes (start, appends, completion, renewal, release) retried after a transient failure.",
+                value: load(&worker.write_retries),
+            },
+        ]);
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Samples(samples)));
+    let histograms = [
+        (
+            "proclog_append_duration_seconds",
+            "Appends through this pod's registry, from call to committed outcome (a batch counts once).",
+            Some(services.append_latency.histogram()),
+        ),
+        (
+            "proclog_notice_latency_seconds",
+            "From an append's acknowledgement on another pod to its notice arriving here (both pods' wall clocks).",
+            Some(listener.notice_latency.histogram()),
+        ),
+        (
+            "proclog_await_wake_seconds",
+            "From a completion (database clock) to its waiters on this pod being answered.",
+            Some(driver.wake.histogram()),
+        ),
+        (
+            "proclog_claim_to_start_seconds",
+            "From sending a claim to the run's process.started being written.",
+            state.worker.as_ref().map(|w| w.claim_to_start.histogram()),
+        ),
+        (
+            "proclog_takeover_seconds",
+            "Takeovers: from the lost owner's last renewal to this pod's claim (bounds kill-to-takeover from above by one renewal period).",
+            state.worker.as_ref().map(|w| w.takeover.histogram()),
+        ),
+    ];
+    for (name, help, histogram) in histograms {
+        if let Some(histogram) = histogram {
+            registry.register(name, help, histogram);
+        }
+    }
+    registry.register(
+        "proclog_http_request_duration_seconds",
+        "HTTP requests by matched route, method and status, until the response head (streams: until they start).",
+        services.http_requests.family(),
+    );
+    let mut out = String::new();
+    if let Err(err) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        tracing::error!(error = %err, "cannot render the metrics");
+    }
+    ([(header::CONTENT_TYPE, OPENMETRICS)], out)
 }

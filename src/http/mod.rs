@@ -5,6 +5,7 @@
 //! `replay_conflict`, `process_terminal`, `already_terminal`, `lease_lost`, 413
 //! `payload_too_large`, 415 `unsupported_media_type`, 503 `unavailable`, 500 `database_error`.
 
+mod console;
 mod error;
 mod metrics;
 pub mod openapi;
@@ -56,14 +57,32 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/processes/{id}/cancel", post(routes::cancel))
         .route("/processes/{id}/await", get(routes::await_terminal))
         .route("/prune", post(routes::prune))
+        .route("/pods", get(routes::pods))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         // The description of the API is public, also when a token guards the API itself.
         .route("/openapi.json", get(openapi_json));
+    let console = Router::new()
+        .route("/", get(console::overview))
+        .route("/ui/processes/{id}", get(console::process_page))
+        .route("/ui/processes/{id}/cancel", post(console::cancel))
+        .route("/ui/demo", post(console::start_demo))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            console::require_console_token,
+        ))
+        .route("/ui/login", get(console::login_form).post(console::login))
+        .route("/ui/assets/{file}", get(console::asset));
     Router::new()
         .nest("/v1", v1)
+        .merge(console)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics::render))
+        // After routing, so each request is recorded under its route's template.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::record_http,
+        ))
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::map_response(json_errors))
@@ -103,7 +122,11 @@ async fn json_errors(response: Response) -> Response {
     let is_json = response
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
+        .is_some_and(|value| {
+            // JSON, or a console page that explains the error itself.
+            value.as_bytes().starts_with(b"application/json")
+                || value.as_bytes().starts_with(b"text/html")
+        });
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }
@@ -158,7 +181,9 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.trim().split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim_start());
+            .map(|(_, token)| token.trim_start().to_owned())
+            // The console's cookie (SameSite=Strict, so no other site can send it).
+            .or_else(|| console::cookie_token(request.headers()));
         let authorized =
             given.is_some_and(|given| same_secret(given.as_bytes(), expected.as_bytes()));
         if !authorized {

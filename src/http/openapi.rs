@@ -124,10 +124,13 @@ pub struct Readiness {
         routes::cancel,
         routes::await_terminal,
         routes::prune,
+        routes::pods,
         super::healthz,
         super::readyz,
     ),
     components(schemas(
+        routes::PodList,
+        crate::pg::overview::PodView,
         ErrorBody,
         ErrorDetail,
         ProcessList,

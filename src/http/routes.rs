@@ -525,3 +525,25 @@ pub(super) async fn prune(
         .await?;
     Ok(axum::Json(json!({"cutoff": cutoff, "pruned": report})).into_response())
 }
+
+/// The pods of this database, with their liveness.
+#[derive(serde::Serialize, ToSchema)]
+pub(crate) struct PodList {
+    /// Live pods first, then stopped and gone ones.
+    pods: Vec<crate::pg::overview::PodView>,
+}
+
+#[utoipa::path(
+    get, path = "/v1/pods", tag = "pods",
+    responses(
+        (status = 200, description = "Every pod row: `running`, `draining`, `stopped` or `gone` (no heartbeat for three periods), with heartbeat age and live leases held", body = PodList),
+        (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
+        (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
+        (status = 500, description = "Unexpected failure, logged (`database_error`, `internal_error`)", body = ErrorBody),
+        (status = 503, description = "Database unavailable (`unavailable`)", body = ErrorBody)
+    )
+)]
+pub(super) async fn pods(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let pods = crate::pg::overview::pods(&state.services.pool).await?;
+    Ok(axum::Json(PodList { pods }).into_response())
+}

@@ -50,6 +50,9 @@ pub struct ListenerStats {
     /// Sessions started (connect, LISTEN, probe): the first, reconnects, and the periodic
     /// retries after LISTEN was found not to work.
     pub sessions: AtomicU64,
+    /// Time from an append's acknowledgement on another pod to its notice arriving here
+    /// (wall clocks of both pods: skew between them shows here).
+    pub notice_latency: crate::metrics::LatencyHistogram,
 }
 
 /// Tuning of a [`PgListener`].
@@ -322,7 +325,15 @@ fn forward(notification: &Notification, targets: &Targets, own_pod: &str, stats:
         }
         EVENTS_CHANNEL => EventNotice::from_payload(notification.payload())
             .filter(|notice| notice.pod != own_pod)
-            .map(|notice| notice.process_id),
+            .map(|notice| {
+                if let Some(sent) = notice
+                    .sent_at_us
+                    .and_then(chrono::DateTime::from_timestamp_micros)
+                {
+                    stats.notice_latency.observe_since(sent);
+                }
+                notice.process_id
+            }),
         TERMINAL_CHANNEL => TerminalHint::from_payload(notification.payload())
             .filter(|hint| hint.pod != own_pod)
             .map(|hint| hint.process_id),

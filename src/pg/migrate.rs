@@ -48,6 +48,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_hot_path.sql",
         sql: include_str!("../../migrations/0005_hot_path.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_pod_presence.sql",
+        sql: include_str!("../../migrations/0006_pod_presence.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

@@ -6,6 +6,7 @@ pub mod group;
 pub mod listener;
 pub mod migrate;
 pub mod notify;
+pub mod overview;
 pub mod pool;
 pub mod reader;
 mod registry;

@@ -57,6 +57,7 @@ pub struct Pod {
     worker: Option<Worker>,
     stats: Option<Arc<WorkerStats>>,
     http: Option<HttpServer>,
+    presence: Option<super::presence::Presence>,
     stack: Arc<crate::pod_services::PodServices>,
 }
 
@@ -75,7 +76,11 @@ pub struct PodBuilder<'a> {
     http: Option<SocketAddr>,
     api_token: Option<String>,
     max_body_bytes: usize,
+    heartbeat_every: Duration,
 }
+
+/// Default period of a pod's heartbeat in `proclog.pods`.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 
 impl Pod {
     /// A pod on `stack` with no engines yet, running up to 8 processes at once, with the
@@ -91,6 +96,7 @@ impl Pod {
             http: None,
             api_token: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            heartbeat_every: DEFAULT_HEARTBEAT,
         }
     }
 
@@ -108,6 +114,9 @@ impl Pod {
     /// or abandoned for `abandon` processes), bounded whatever the engines do; other pods are
     /// told the released work is available; then the HTTP API closes.
     pub async fn shutdown(self) {
+        if let Some(presence) = &self.presence {
+            presence.draining();
+        }
         if let Some(worker) = self.worker {
             worker.shutdown().await;
             self.stack.notifier.work_available();
@@ -116,6 +125,9 @@ impl Pod {
         if let Some(http) = self.http {
             let _ = http.stop.send(());
             let _ = tokio::time::timeout(HTTP_CLOSE_GRACE, http.task).await;
+        }
+        if let Some(presence) = self.presence {
+            presence.stopped().await;
         }
         tracing::info!(pod = %self.pod_id, "pod stopped");
     }
@@ -178,13 +190,28 @@ impl PodBuilder<'_> {
         self
     }
 
-    /// Starts the worker (unless the concurrency is 0) and the HTTP API (if asked for).
+    /// The period of the pod's heartbeat in `proclog.pods` (default 5 s, 100 ms to 10 min).
+    /// Other pods and the console call it `gone` after three periods without one.
+    pub fn heartbeat_every(mut self, period: Duration) -> Self {
+        self.heartbeat_every = period;
+        self
+    }
+
+    /// Starts the worker (unless the concurrency is 0) and the HTTP API (if asked for), and
+    /// registers the pod in `proclog.pods`.
     pub async fn start(self) -> Result<Pod, ProcessError> {
         if self.config.concurrency > crate::validate::MAX_CONCURRENCY {
             return Err(ProcessError::InvalidInput(format!(
                 "concurrency must be 0 to {}, got {}",
                 crate::validate::MAX_CONCURRENCY,
                 self.config.concurrency
+            )));
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(600)).contains(&self.heartbeat_every)
+        {
+            return Err(ProcessError::InvalidInput(format!(
+                "the heartbeat period must be 100 ms to 10 min, got {:?}",
+                self.heartbeat_every
             )));
         }
         let services = Arc::clone(self.stack.services());
@@ -231,11 +258,22 @@ impl PodBuilder<'_> {
                 })
             }
         };
+        let presence = super::presence::Presence::start(
+            services.pool.clone(),
+            super::presence::PresenceInfo {
+                pod_id: services.pod_id.clone(),
+                address: http.as_ref().map(|http| http.address.to_string()),
+                concurrency: self.config.concurrency,
+                heartbeat_every: self.heartbeat_every,
+            },
+        )
+        .await;
         Ok(Pod {
             pod_id: services.pod_id.clone(),
             worker,
             stats,
             http,
+            presence: Some(presence),
             stack: services,
         })
     }

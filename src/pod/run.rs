@@ -195,6 +195,7 @@ pub(crate) struct Run {
     claim: RunnableClaim,
     clock: LeaseClock,
     pod: PodStop,
+    claimed_at: Instant,
 }
 
 impl Run {
@@ -211,6 +212,7 @@ impl Run {
             claim,
             clock,
             pod,
+            claimed_at: sent_at,
         }
     }
 
@@ -273,6 +275,10 @@ impl Run {
         let lost = &self.claim.lost_owner;
         if let Some(lost) = lost {
             self.shared.stats.recoveries.fetch_add(1, Ordering::Relaxed);
+            // Both expiries are on the database clock and one TTL after their last renewal.
+            if let Ok(gap) = (self.claim.lease.expires_at - lost.expired_at).to_std() {
+                self.shared.stats.takeover.observe(gap);
+            }
             tracing::info!(
                 lost_owner = %lost.owner,
                 lost_generation = lost.generation,
@@ -358,6 +364,10 @@ impl Run {
         match self.events().append_request(request).await {
             Ok(_) => {
                 self.shared.stats.started.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .stats
+                    .claim_to_start
+                    .observe(self.claimed_at.elapsed());
                 tracing::info!(kind = %self.claim.process.kind, "run started");
                 Phase::Running
             }

@@ -79,6 +79,12 @@ pub struct WorkerStats {
     pub started: AtomicU64,
     /// Processes taken over from a lost owner (rerun or abandoned).
     pub recoveries: AtomicU64,
+    /// Time from sending the claim to the run's `process.started` being written.
+    pub claim_to_start: crate::metrics::LatencyHistogram,
+    /// For takeovers: time from the lost owner's last renewal (its lease's expiry minus the
+    /// TTL, database clock) to this pod's claim; an upper bound of kill-to-takeover, over by
+    /// at most one renewal period.
+    pub takeover: crate::metrics::LatencyHistogram,
     /// Runs that ended by completing the process.
     pub completed: AtomicU64,
     /// Runs stopped because their lease was lost.

@@ -63,6 +63,9 @@ pub struct DriverStats {
     pub polls: AtomicU64,
     /// Waiters currently waiting.
     pub waiters: AtomicU64,
+    /// Time from a completion (its `completed_at`, database clock) to its waiters on this
+    /// pod being answered.
+    pub wake: crate::metrics::LatencyHistogram,
 }
 
 struct Waiter {
@@ -91,6 +94,7 @@ impl ProcessWorkDriver {
             feed: None,
             incoming,
             pending: HashMap::new(),
+            waiting_since: HashMap::new(),
             stats: Arc::clone(&stats),
             last_failure: Arc::clone(&last_failure),
         };
@@ -148,6 +152,9 @@ struct Poller {
     feed: Option<ChangeFeed>,
     incoming: mpsc::UnboundedReceiver<Waiter>,
     pending: HashMap<ProcessId, Vec<oneshot::Sender<Result<TerminalRecord, AwaitError>>>>,
+    /// When each pending id got its first waiter (this pod's clock): only completions after
+    /// it count in the wake histogram.
+    waiting_since: HashMap<ProcessId, chrono::DateTime<chrono::Utc>>,
     stats: Arc<DriverStats>,
     /// The error of the last round, while the last round failed.
     last_failure: Arc<Mutex<Option<String>>>,
@@ -212,6 +219,9 @@ impl Poller {
 
     fn add(&mut self, waiter: Waiter) {
         self.stats.waiters.fetch_add(1, Ordering::Relaxed);
+        self.waiting_since
+            .entry(waiter.id.clone())
+            .or_insert_with(chrono::Utc::now);
         self.pending
             .entry(waiter.id)
             .or_default()
@@ -229,6 +239,8 @@ impl Poller {
                 .fetch_sub((before - replies.len()) as u64, Ordering::Relaxed);
             !replies.is_empty()
         });
+        let pending = &self.pending;
+        self.waiting_since.retain(|id, _| pending.contains_key(id));
     }
 
     /// One query for every pending id; answers those that ended or do not exist.
@@ -253,6 +265,13 @@ impl Poller {
                 Some(None) => continue,
             };
             let replies = self.pending.remove(&id).unwrap_or_default();
+            let since = self.waiting_since.remove(&id);
+            if let (Ok(terminal), Some(since)) = (&answer, since)
+                && terminal.completed_at >= since
+                && !replies.is_empty()
+            {
+                self.stats.wake.observe_since(terminal.completed_at);
+            }
             self.stats
                 .waiters
                 .fetch_sub(replies.len() as u64, Ordering::Relaxed);

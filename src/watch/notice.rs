@@ -26,6 +26,10 @@ pub struct EventNotice {
     pub event_type: String,
     /// The pod that wrote it.
     pub pod: String,
+    /// When the writer was told the append committed: its wall clock, in microseconds since
+    /// the Unix epoch. Receivers measure notice latency from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at_us: Option<i64>,
 }
 
 impl EventNotice {
@@ -36,6 +40,7 @@ impl EventNotice {
             seq: event.seq,
             event_type: event.event_type.clone(),
             pod: pod.to_owned(),
+            sent_at_us: Some(chrono::Utc::now().timestamp_micros()),
         }
     }
 

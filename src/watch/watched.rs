@@ -35,6 +35,7 @@ pub struct WatchedProcessRegistry<R> {
     sink: Arc<dyn ProcessEventSink>,
     hint: Arc<dyn CompletionHint>,
     sink_panics: AtomicU64,
+    append_latency: Option<crate::metrics::LatencyHistogram>,
 }
 
 impl<R: ProcessRegistry> WatchedProcessRegistry<R> {
@@ -46,6 +47,7 @@ impl<R: ProcessRegistry> WatchedProcessRegistry<R> {
             sink,
             hint: Arc::new(NoopSink),
             sink_panics: AtomicU64::new(0),
+            append_latency: None,
         }
     }
 
@@ -57,6 +59,13 @@ impl<R: ProcessRegistry> WatchedProcessRegistry<R> {
     /// The same decorator, giving `hint` on every completion.
     pub fn with_completion_hint(mut self, hint: Arc<dyn CompletionHint>) -> Self {
         self.hint = hint;
+        self
+    }
+
+    /// The same decorator, recording how long each successful append (a batch counts once)
+    /// took in `histogram`.
+    pub fn with_append_latency(mut self, histogram: crate::metrics::LatencyHistogram) -> Self {
+        self.append_latency = Some(histogram);
         self
     }
 
@@ -122,7 +131,11 @@ impl<R: ProcessRegistry> ProcessRegistry for WatchedProcessRegistry<R> {
         id: &ProcessId,
         requests: Vec<AppendRequest>,
     ) -> ProcessResult<Vec<AppendOutcome>> {
+        let started = std::time::Instant::now();
         let outcomes = self.inner.append_events(id, requests).await?;
+        if let Some(histogram) = &self.append_latency {
+            histogram.observe(started.elapsed());
+        }
         self.signal(id, &outcomes).await;
         Ok(outcomes)
     }

@@ -1,0 +1,620 @@
+//! The web console, served by every pod at `/`: server-rendered HTML with a little plain
+//! JavaScript (`console/console.js`, embedded in the binary like the stylesheet).
+//!
+//! - `/`: pods (running, draining, stopped, gone) with heartbeat age and leases held; process
+//!   counts by status; the newest processes, filtered by status, kind and pod, keyset-paged.
+//! - `/ui/processes/{id}`: the record (disposition, attempts, lease owner and generation,
+//!   terminal column) and the event timeline, streamed live from `/v1/processes/{id}/stream`,
+//!   with each event's writer and lease generation: a takeover shows as a change of both.
+//! - Actions: start a demo process, cancel a process (HTML forms, POST then redirect).
+//!
+//! The pages refresh their data by fetching themselves with `?fragment=1`; when the pod stops
+//! answering or the database is down they say so and keep trying, with the last data shown.
+//! When the pod has an API token, the console asks for it once and keeps it in an HttpOnly,
+//! SameSite=Strict cookie, which `/v1` accepts too (the page's event stream uses it).
+
+use std::fmt::Write;
+
+use axum::Form;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Redirect, Response};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::ApiState;
+use crate::model::{ProcessEvent, ProcessId, ProcessRecord, ProcessRegistration};
+use crate::pg::overview::{self, PodView, ProcessQuery, ProcessSummary};
+
+/// The cookie that carries the API token for the console.
+pub(super) const TOKEN_COOKIE: &str = "proclog_token";
+/// Events shown on a process page before the live stream takes over.
+const TIMELINE_FIRST_PAGE: u32 = 1000;
+/// Rows of the process list per page.
+const PAGE: i64 = 50;
+
+const CONSOLE_JS: &str = include_str!("console/console.js");
+const CONSOLE_CSS: &str = include_str!("console/console.css");
+
+/// Text escaped for HTML content and attribute values.
+pub(super) fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A query-string component, percent-encoded.
+fn url_part(text: &str) -> String {
+    let mut out = String::new();
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    out
+}
+
+fn time(at: &DateTime<Utc>) -> String {
+    at.format("%Y-%m-%d %H:%M:%S%.3f").to_string()
+}
+
+/// The token in the console's cookie, if any.
+pub(super) fn cookie_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == TOKEN_COOKIE)
+        .map(|(_, value)| value.to_owned())
+}
+
+/// Console routes need the token's cookie when the pod has a token: pages redirect to the
+/// login form, actions answer 401.
+pub(super) async fn require_console_token(
+    State(state): State<ApiState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(expected) = &state.token {
+        let given = cookie_token(request.headers());
+        let authorized =
+            given.is_some_and(|given| super::same_secret(given.as_bytes(), expected.as_bytes()));
+        if !authorized {
+            if request.method() == axum::http::Method::GET {
+                return Redirect::to("/ui/login").into_response();
+            }
+            return (StatusCode::UNAUTHORIZED, page("Sign in", "", LOGIN_FORM)).into_response();
+        }
+    }
+    next.run(request).await
+}
+
+const LOGIN_FORM: &str = r#"<section class="panel"><h2>This pod has an API token</h2>
+<form method="post" action="/ui/login" class="row">
+<label>Token <input type="password" name="token" autocomplete="current-password" required></label>
+<button type="submit">Open the console</button></form></section>"#;
+
+fn page(title: &str, head_extra: &str, body: &str) -> axum::response::Html<String> {
+    axum::response::Html(format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title} · proclog</title>
+<link rel="stylesheet" href="/ui/assets/console.css">{head_extra}
+<script src="/ui/assets/console.js" defer></script>
+</head><body>
+<header><a href="/" class="brand">proclog</a><span id="connection" class="connection ok" role="status">live</span></header>
+<main><div id="banner"></div>{body}</main>
+</body></html>"#,
+        title = esc(title),
+    ))
+}
+
+/// `GET /ui/login`.
+pub(super) async fn login_form() -> Response {
+    page("Sign in", "", LOGIN_FORM).into_response()
+}
+
+#[derive(Deserialize)]
+pub(super) struct LoginForm {
+    token: String,
+}
+
+/// `POST /ui/login`: a right token sets the cookie and goes to the console.
+pub(super) async fn login(State(state): State<ApiState>, Form(form): Form<LoginForm>) -> Response {
+    let Some(expected) = &state.token else {
+        return Redirect::to("/").into_response();
+    };
+    if !super::same_secret(form.token.as_bytes(), expected.as_bytes())
+        || form
+            .token
+            .bytes()
+            .any(|b| !b.is_ascii_graphic() || b == b';')
+    {
+        let body = format!(r#"<p class="error">That token is not this pod's.</p>{LOGIN_FORM}"#);
+        return (StatusCode::UNAUTHORIZED, page("Sign in", "", &body)).into_response();
+    }
+    let cookie = format!(
+        "{TOKEN_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
+        form.token
+    );
+    let mut response = Redirect::to("/").into_response();
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    response
+}
+
+/// `GET /ui/assets/{file}`.
+pub(super) async fn asset(Path(file): Path<String>) -> Response {
+    let (body, kind) = match file.as_str() {
+        "console.js" => (CONSOLE_JS, "text/javascript; charset=utf-8"),
+        "console.css" => (CONSOLE_CSS, "text/css; charset=utf-8"),
+        _ => {
+            return (
+                StatusCode::NOT_FOUND,
+                page("Not found", "", r#"<p class="error">No such asset.</p>"#),
+            )
+                .into_response();
+        }
+    };
+    (
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+#[derive(Deserialize, Default)]
+pub(super) struct OverviewQuery {
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    pod: String,
+    #[serde(default)]
+    before: String,
+    #[serde(default)]
+    fragment: Option<String>,
+}
+
+fn non_empty(text: &str) -> Option<String> {
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_owned())
+}
+
+fn parse_before(raw: &str) -> Option<(DateTime<Utc>, ProcessId)> {
+    let (at, id) = raw.split_once('|')?;
+    let at = DateTime::parse_from_rfc3339(at).ok()?.with_timezone(&Utc);
+    Some((at, ProcessId::new(id).ok()?))
+}
+
+/// `GET /`: pods, counts and processes.
+pub(super) async fn overview(
+    State(state): State<ApiState>,
+    query: Result<Query<OverviewQuery>, QueryRejection>,
+) -> Response {
+    // A malformed query string shows the unfiltered list.
+    let query = query.map(|Query(query)| query).unwrap_or_default();
+    let filters = ProcessQuery {
+        status: non_empty(&query.status),
+        kind: non_empty(&query.kind).filter(|kind| kind.len() <= 200),
+        owner: non_empty(&query.pod).filter(|pod| pod.len() <= 200),
+        before: non_empty(&query.before).and_then(|raw| parse_before(&raw)),
+        limit: PAGE,
+    };
+    let pool = &state.services.pool;
+    let loaded = async {
+        let pods = overview::pods(pool).await?;
+        let counts = overview::status_counts(pool).await?;
+        let processes = overview::processes(pool, &filters).await?;
+        Ok::<_, crate::ProcessError>((pods, counts, processes))
+    }
+    .await;
+    let (status, live) = match loaded {
+        Ok((pods, counts, processes)) => (
+            StatusCode::OK,
+            render_overview(&state, &query, &pods, &counts, &processes),
+        ),
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, database_down(&state, &err)),
+    };
+    if query.fragment.is_some() {
+        return (status, axum::response::Html(live)).into_response();
+    }
+    let body = format!(
+        r#"<div id="live" data-refresh="2000">{live}</div>
+<section class="panel"><h2>Start a demo process</h2>
+<form method="post" action="/ui/demo" class="row" id="demo-form">
+<label>Steps <input type="number" name="steps" min="1" max="1000" value="20"></label>
+<label>Delay per step, ms <input type="number" name="delay_ms" min="0" max="60000" value="500"></label>
+<label>If its pod dies <select name="disposition"><option value="rerun">rerun</option><option value="abandon">abandon</option></select></label>
+<button type="submit">Start</button></form></section>"#
+    );
+    (status, page("Console", "", &body)).into_response()
+}
+
+fn database_down(state: &ApiState, err: &crate::ProcessError) -> String {
+    format!(
+        r#"<p class="error" id="database-error" role="alert">The database is not answering this pod ({pod}): {err}. Showing nothing stale; retrying.</p>"#,
+        pod = esc(&state.services.pod_id),
+        err = esc(&err.to_string()),
+    )
+}
+
+fn render_overview(
+    state: &ApiState,
+    query: &OverviewQuery,
+    pods: &[PodView],
+    counts: &[(String, i64)],
+    processes: &[ProcessSummary],
+) -> String {
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        r#"<section class="panel"><h2>Pods</h2><p class="hint">This page is served by <b>{}</b>.</p>
+<table id="pods"><thead><tr><th>pod</th><th>status</th><th>heartbeat</th><th>running</th><th>concurrency</th><th>started</th><th>version</th><th>address</th></tr></thead><tbody>"#,
+        esc(&state.services.pod_id)
+    );
+    if pods.is_empty() {
+        out.push_str(r#"<tr><td colspan="8">No pod has registered yet.</td></tr>"#);
+    }
+    for pod in pods {
+        let _ = write!(
+            out,
+            r#"<tr data-pod="{id}" data-status="{status}"><td><a href="/?pod={id_url}">{id}</a></td><td><span class="badge {status}">{status}</span></td><td>{age:.1} s ago</td><td>{leases}</td><td>{concurrency}</td><td>{started}</td><td>{version}</td><td>{address}</td></tr>"#,
+            id = esc(&pod.pod_id),
+            id_url = url_part(&pod.pod_id),
+            status = esc(&pod.status),
+            age = pod.heartbeat_age_secs.max(0.0),
+            leases = pod.leases_held,
+            concurrency = pod.concurrency,
+            started = time(&pod.started_at),
+            version = esc(&pod.version),
+            address = esc(pod.address.as_deref().unwrap_or("")),
+        );
+    }
+    out.push_str("</tbody></table></section>");
+
+    out.push_str(r#"<section class="panel"><h2>Processes</h2><p id="counts" class="counts">"#);
+    let total: i64 = counts.iter().map(|(_, n)| n).sum();
+    let _ = write!(out, r#"<a href="/" class="count">all <b>{total}</b></a>"#);
+    for (status, count) in counts {
+        let _ = write!(
+            out,
+            r#"<a href="/?status={s_url}" class="count {s}" data-status="{s}">{s} <b>{count}</b></a>"#,
+            s = esc(status),
+            s_url = url_part(status),
+        );
+    }
+    out.push_str("</p>");
+    let _ = write!(
+        out,
+        r#"<form method="get" action="/" class="row filters"><label>Status <select name="status"><option value="">any</option>{options}</select></label>
+<label>Kind <input name="kind" value="{kind}" size="12"></label><label>Pod <input name="pod" value="{pod}" size="14"></label><button type="submit">Filter</button> <a href="/">clear</a></form>"#,
+        options = [
+            "pending",
+            "running",
+            "completed",
+            "failed",
+            "cancelled",
+            "abandoned"
+        ]
+        .iter()
+        .map(|s| format!(
+            r#"<option{}>{s}</option>"#,
+            if query.status == *s { " selected" } else { "" }
+        ))
+        .collect::<String>(),
+        kind = esc(&query.kind),
+        pod = esc(&query.pod),
+    );
+    out.push_str(r#"<table id="processes"><thead><tr><th>process</th><th>kind</th><th>status</th><th>owner</th><th>generation</th><th>attempts</th><th>events</th><th>if its pod dies</th><th>created</th></tr></thead><tbody>"#);
+    if processes.is_empty() {
+        out.push_str(r#"<tr><td colspan="9">No process matches.</td></tr>"#);
+    }
+    for process in processes {
+        let _ = write!(
+            out,
+            r#"<tr data-process="{id}" data-status="{status}"><td><a href="/ui/processes/{id_url}">{id}</a></td><td>{kind}</td><td><span class="badge {status}">{status}</span></td><td>{owner}</td><td>{generation}</td><td>{attempts}</td><td>{seq}</td><td>{disposition}</td><td>{created}</td></tr>"#,
+            id = esc(&process.id),
+            id_url = url_part(&process.id),
+            kind = esc(&process.kind),
+            status = esc(&process.status),
+            owner = esc(process.owner.as_deref().unwrap_or("")),
+            generation = process.lease_generation,
+            attempts = process.attempts,
+            seq = process.last_seq,
+            disposition = esc(&process.disposition),
+            created = time(&process.created_at),
+        );
+    }
+    out.push_str("</tbody></table>");
+    if processes.len() as i64 == PAGE
+        && let Some(last) = processes.last()
+    {
+        let cursor = format!("{}|{}", last.created_at.to_rfc3339(), last.id);
+        let _ = write!(
+            out,
+            r#"<p><a class="next" href="/?status={}&kind={}&pod={}&before={}">older processes</a></p>"#,
+            url_part(&query.status),
+            url_part(&query.kind),
+            url_part(&query.pod),
+            url_part(&cursor),
+        );
+    }
+    out.push_str("</section>");
+    out
+}
+
+#[derive(Deserialize, Default)]
+pub(super) struct ProcessPageQuery {
+    #[serde(default)]
+    fragment: Option<String>,
+}
+
+/// `GET /ui/processes/{id}`: the record and the timeline.
+pub(super) async fn process_page(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    query: Result<Query<ProcessPageQuery>, QueryRejection>,
+) -> Response {
+    let fragment = query.is_ok_and(|Query(query)| query.fragment.is_some());
+    let Ok(id) = ProcessId::new(id) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            page(
+                "Bad id",
+                "",
+                r#"<p class="error">That is not a process id.</p>"#,
+            ),
+        )
+            .into_response();
+    };
+    let registry = &state.services.registry;
+    let record = match registry.get_process(&id).await {
+        Ok(Some(record)) => record,
+        Ok(None) => {
+            let body = format!(
+                r#"<p class="error">No process {} here.</p><p><a href="/">Back to the console</a></p>"#,
+                esc(id.as_str())
+            );
+            return (StatusCode::NOT_FOUND, page("Not found", "", &body)).into_response();
+        }
+        Err(err) => {
+            let body = database_down(&state, &err);
+            if fragment {
+                return (StatusCode::SERVICE_UNAVAILABLE, axum::response::Html(body))
+                    .into_response();
+            }
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                page("Unavailable", "", &body),
+            )
+                .into_response();
+        }
+    };
+    let record_html = render_record(&record);
+    if fragment {
+        return axum::response::Html(record_html).into_response();
+    }
+    let events = match registry.events_after(&id, 0, TIMELINE_FIRST_PAGE).await {
+        Ok(events) => events,
+        Err(err) => {
+            let body = database_down(&state, &err);
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                page("Unavailable", "", &body),
+            )
+                .into_response();
+        }
+    };
+    let last = events.last().map_or(0, |event| event.seq);
+    let mut timeline = String::new();
+    let mut previous: Option<&ProcessEvent> = None;
+    for event in &events {
+        timeline.push_str(&render_event(event, previous));
+        previous = Some(event);
+    }
+    let cancel = if record.terminal.is_none() {
+        format!(
+            r#"<form method="post" action="/ui/processes/{}/cancel" class="row" id="cancel-form"><label>Reason <input name="reason" value="cancelled from the console" size="30" maxlength="500"></label><button type="submit" class="danger">Cancel this process</button></form>"#,
+            url_part(id.as_str())
+        )
+    } else {
+        String::new()
+    };
+    let body = format!(
+        r#"<p><a href="/">← all processes</a></p>
+<div id="record" data-refresh="2000">{record_html}</div>
+{cancel}
+<section class="panel"><h2>Timeline</h2>
+<p class="hint">Each event with the pod that wrote it and the lease generation it wrote under: a takeover shows as a new writer and a higher generation.</p>
+<table id="timeline" data-process="{id}" data-after="{last}"><thead><tr><th>seq</th><th>event</th><th>writer</th><th>generation</th><th>at</th><th>payload</th></tr></thead><tbody>{timeline}</tbody></table>
+<p id="stream-state" class="hint"></p></section>"#,
+        id = esc(id.as_str()),
+    );
+    page(id.as_str(), "", &body).into_response()
+}
+
+fn render_record(record: &ProcessRecord) -> String {
+    let status = serde_json::to_value(record.status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let disposition = serde_json::to_value(record.disposition)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let lease = match &record.lease {
+        Some(lease) => format!(
+            "{} (generation {}, expires {})",
+            esc(&lease.owner),
+            lease.generation,
+            time(&lease.expires_at)
+        ),
+        None => "none".into(),
+    };
+    let terminal = match &record.terminal {
+        Some(terminal) => format!(
+            "{} at seq {}, {}: <code>{}</code>",
+            esc(&serde_json::to_value(terminal.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()),
+            terminal.seq,
+            time(&terminal.completed_at),
+            esc(&truncate(&terminal.output.to_string(), 400))
+        ),
+        None => "not ended".into(),
+    };
+    format!(
+        r#"<section class="panel"><h1>{id} <span class="badge {status}" id="status">{status}</span></h1>
+<dl class="record"><dt>kind</dt><dd>{kind}</dd><dt>if its pod dies</dt><dd>{disposition}</dd><dt>attempts</dt><dd id="attempts">{attempts}</dd>
+<dt>lease</dt><dd id="lease">{lease}</dd><dt>latest generation</dt><dd id="generation">{generation}</dd>
+<dt>events</dt><dd>{last_seq}</dd><dt>terminal column</dt><dd id="terminal">{terminal}</dd>
+<dt>input</dt><dd><code>{input}</code></dd><dt>created</dt><dd>{created}</dd></dl></section>"#,
+        id = esc(record.id.as_str()),
+        kind = esc(&record.kind),
+        attempts = record.attempts,
+        generation = record.lease_generation,
+        last_seq = record.last_seq,
+        input = esc(&truncate(&record.input.to_string(), 400)),
+        created = time(&record.created_at),
+    )
+}
+
+fn truncate(text: &str, limit: usize) -> String {
+    if text.len() <= limit {
+        return text.to_owned();
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// One timeline row; the same markup as `console.js` builds for streamed events.
+fn render_event(event: &ProcessEvent, previous: Option<&ProcessEvent>) -> String {
+    let generation = event
+        .lease_generation
+        .map_or_else(|| "–".to_owned(), |g| g.to_string());
+    let takeover = previous.is_some_and(|previous| {
+        previous.writer != event.writer || previous.lease_generation != event.lease_generation
+    });
+    format!(
+        r#"<tr data-seq="{seq}" data-writer="{writer}" data-generation="{generation}" class="{class}"><td>{seq}</td><td>{kind}</td><td>{writer}</td><td>{generation}</td><td>{at}</td><td><code>{payload}</code></td></tr>"#,
+        seq = event.seq,
+        writer = esc(&event.writer),
+        class = if takeover { "takeover" } else { "" },
+        kind = esc(&event.event_type),
+        at = time(&event.occurred_at),
+        payload = esc(&truncate(&event.payload.to_string(), 300)),
+    )
+}
+
+#[derive(Deserialize)]
+pub(super) struct DemoForm {
+    steps: Option<String>,
+    delay_ms: Option<String>,
+    disposition: Option<String>,
+}
+
+/// `POST /ui/demo`: registers a `steps` demo process and shows it.
+pub(super) async fn start_demo(
+    State(state): State<ApiState>,
+    Form(form): Form<DemoForm>,
+) -> Response {
+    let number = |raw: &Option<String>, default: u64, max: u64| {
+        raw.as_deref()
+            .and_then(|raw| raw.trim().parse::<u64>().ok())
+            .unwrap_or(default)
+            .min(max)
+    };
+    let steps = number(&form.steps, 20, 1000).max(1);
+    let delay_ms = number(&form.delay_ms, 500, 60_000);
+    let disposition = match form.disposition.as_deref() {
+        Some("abandon") => crate::Disposition::Abandon,
+        _ => crate::Disposition::Rerun,
+    };
+    let registration =
+        ProcessRegistration::new("steps", json!({"steps": steps, "delay_ms": delay_ms}))
+            .with_disposition(disposition);
+    match state.services.registry.register_process(registration).await {
+        Ok(record) => {
+            state.services.notifier.work_available();
+            Redirect::to(&format!("/ui/processes/{}", url_part(record.id.as_str()))).into_response()
+        }
+        Err(err) => error_page(&state, &err),
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct CancelForm {
+    reason: Option<String>,
+}
+
+/// `POST /ui/processes/{id}/cancel`.
+pub(super) async fn cancel(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Form(form): Form<CancelForm>,
+) -> Response {
+    let Ok(id) = ProcessId::new(id) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            page(
+                "Bad id",
+                "",
+                r#"<p class="error">That is not a process id.</p>"#,
+            ),
+        )
+            .into_response();
+    };
+    let reason = form.reason.map(|reason| truncate(&reason, 500)).map_or(
+        Value::Null,
+        |reason| json!({"reason": reason, "from": "console"}),
+    );
+    match crate::pod::cancel_process(
+        state.services.registry.as_ref(),
+        &id,
+        &state.services.pod_id,
+        reason,
+        None,
+    )
+    .await
+    {
+        Ok(_) => Redirect::to(&format!("/ui/processes/{}", url_part(id.as_str()))).into_response(),
+        Err(err) => error_page(&state, &err),
+    }
+}
+
+fn error_page(state: &ApiState, err: &crate::ProcessError) -> Response {
+    let status = super::ApiError::from(err.clone()).status;
+    let body = format!(
+        r#"<p class="error" role="alert">{}</p><p><a href="/">Back to the console</a></p>"#,
+        esc(&err.to_string())
+    );
+    let _ = state;
+    (status, page("Error", "", &body)).into_response()
+}
