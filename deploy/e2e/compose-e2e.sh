@@ -185,6 +185,22 @@ done
     || fail "the killed pod was restarted (restart: unless-stopped must leave it down)"
 log "ok: the killed pod stayed down"
 
+# The pods table and the console: the killed pod is gone, the others running.
+check "the killed pod is shown as gone" \
+    "SELECT status FROM proclog.pod_status WHERE pod_id = '$victim_pod'" "gone"
+check "the two other pods are running" \
+    "SELECT count(*) FROM proclog.pod_status WHERE status = 'running'" "2"
+console=""
+for index in 1 2 3; do
+    page=$(curl -fsS --max-time 5 "$(pod_url "$index" 2>/dev/null)/" 2>/dev/null) || continue
+    console=$page
+    break
+done
+[ -n "$console" ] || fail "no pod served the console"
+grep -q "data-pod=\"$victim_pod\" data-status=\"gone\"" <<<"$console" \
+    || fail "the console does not show $victim_pod as gone"
+log "ok: proclog.pod_status and the console show $victim_pod as gone"
+
 reader() {
     compose exec -T -e PGPASSWORD=reader-local postgres \
         psql -h 127.0.0.1 -U proclog_reader -d proclog -v ON_ERROR_STOP=1 -Atqc "$1"

@@ -106,6 +106,12 @@ pub async fn run(args: UpArgs) -> CliResult {
         None => println!("  database: {database_url}"),
     }
     println!();
+    if let Some(first) = pods.first() {
+        println!(
+            "Open the console: {}/   (every pod serves it: pods, processes, live timelines)",
+            first.url
+        );
+    }
     println!(
         "Start a process:  proclog start steps --input '{{\"steps\": 20, \"delay_ms\": 500}}'"
     );

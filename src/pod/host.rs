@@ -262,7 +262,7 @@ impl PodBuilder<'_> {
             services.pool.clone(),
             super::presence::PresenceInfo {
                 pod_id: services.pod_id.clone(),
-                address: http.as_ref().map(|http| http.address.to_string()),
+                address: http.as_ref().map(|http| advertised(http.address)),
                 concurrency: self.config.concurrency,
                 heartbeat_every: self.heartbeat_every,
             },
@@ -276,5 +276,17 @@ impl PodBuilder<'_> {
             presence: Some(presence),
             stack: services,
         })
+    }
+}
+
+/// The address a pod reports in `proclog.pods`: its listen address, with the host name in
+/// place of an unspecified IP (`0.0.0.0:8080` in a container reads `<hostname>:8080`).
+fn advertised(address: SocketAddr) -> String {
+    if !address.ip().is_unspecified() {
+        return address.to_string();
+    }
+    match std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        Ok(host) if !host.trim().is_empty() => format!("{}:{}", host.trim(), address.port()),
+        _ => address.to_string(),
     }
 }
