@@ -721,6 +721,43 @@ async fn an_unreachable_database_is_503() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_console_shows_an_unreachable_database_instead_of_a_blank_page() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = Server::start(&format!("postgres://proclog@127.0.0.1:{port}/none"), None).await;
+    for path in [
+        "/",
+        "/?fragment=1",
+        "/ui/processes/x",
+        "/ui/processes/x?fragment=1",
+    ] {
+        let response = server.client.get(server.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html"),
+            "{path}: a page, not JSON"
+        );
+        let html = response.text().await.unwrap();
+        assert!(
+            html.contains("The database is not answering"),
+            "{path}: {html}"
+        );
+    }
+    // The pods list over the API says the same in its own format.
+    let (status, body) = server.get("/v1/pods").await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_numbers_and_dates_are_refused_and_write_nothing() {
     let url = migrated_database_url().await;
     let server = Server::start(&url, None).await;
