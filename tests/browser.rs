@@ -169,8 +169,9 @@ async fn the_console_shows_pods_a_live_timeline_a_takeover_and_cancels() {
     let url = proclog::testing::migrated_database_url().await.unwrap();
     let pod_a = PodProcess::start(&url, "browser-a");
     let mut pod_b = Some(PodProcess::start(&url, "browser-b"));
+    let pod_a = Some(pod_a);
     let http = reqwest::Client::new();
-    until_ready(&http, &pod_a).await;
+    until_ready(&http, pod_a.as_ref().unwrap()).await;
     until_ready(&http, pod_b.as_ref().unwrap()).await;
 
     let driver_port = free_port();
@@ -214,7 +215,7 @@ async fn the_console_shows_pods_a_live_timeline_a_takeover_and_cancels() {
     };
 
     // 1. Both pods are listed as running.
-    browser.goto(&pod_a.base()).await.unwrap();
+    browser.goto(&pod_a.as_ref().unwrap().base()).await.unwrap();
     until(
         &browser,
         "both pods running",
@@ -297,27 +298,30 @@ async fn the_console_shows_pods_a_live_timeline_a_takeover_and_cancels() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let (survivor, killed_name) = if owner == "browser-a" {
-        // The survivor is B: the page moves to B (as a load balancer would send it there).
-        let b = pod_b.as_ref().unwrap();
-        browser
-            .goto(&format!("{}/ui/processes/{id}", b.base()))
-            .await
-            .unwrap();
-        let mut a = pod_a;
-        a.child.0.kill().unwrap();
-        a.child.0.wait().unwrap();
-        (pod_b.take().unwrap(), "browser-a")
+    // The page is on the owner: when it dies, the page moves to the other pod by itself.
+    let (owner_pod, survivor) = if owner == "browser-a" {
+        (pod_a.unwrap(), pod_b.take().unwrap())
     } else {
-        browser
-            .goto(&format!("{}/ui/processes/{id}", pod_a.base()))
-            .await
-            .unwrap();
-        let mut b = pod_b.take().unwrap();
-        b.child.0.kill().unwrap();
-        b.child.0.wait().unwrap();
-        (pod_a, "browser-b")
+        (pod_b.take().unwrap(), pod_a.unwrap())
     };
+    browser
+        .goto(&format!("{}/ui/processes/{id}", owner_pod.base()))
+        .await
+        .unwrap();
+    until(
+        &browser,
+        "the owner's page",
+        "document.getElementById('timeline')",
+    )
+    .await;
+    let killed_name = owner_pod.name.clone();
+    drop(owner_pod); // SIGKILL
+    until(
+        &browser,
+        "the page moved to the surviving pod",
+        &format!("window.location.port === '{}'", survivor.port),
+    )
+    .await;
     until(
         &browser,
         "the takeover on the timeline",

@@ -231,12 +231,17 @@ pub(super) async fn overview(
         Ok::<_, crate::ProcessError>((pods, counts, processes))
     }
     .await;
-    let (status, live) = match loaded {
+    let (status, live, peers) = match loaded {
         Ok((pods, counts, processes)) => (
             StatusCode::OK,
             render_overview(&state, &query, &pods, &counts, &processes),
+            peers_meta(&state, &pods),
         ),
-        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, database_down(&state, &err)),
+        Err(err) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            database_down(&state, &err),
+            String::new(),
+        ),
     };
     if query.fragment.is_some() {
         return (status, axum::response::Html(live)).into_response();
@@ -250,7 +255,37 @@ pub(super) async fn overview(
 <label>If its pod dies <select name="disposition"><option value="rerun">rerun</option><option value="abandon">abandon</option></select></label>
 <button type="submit">Start</button></form></section>"#
     );
-    (status, page("Console", "", &body)).into_response()
+    (status, page("Console", &peers, &body)).into_response()
+}
+
+/// A `<meta>` listing the other running pods' consoles, which `console.js` tries, in order,
+/// when the pod serving the page stops answering (reachable ones only: a pod reports the
+/// address it listens on, which a browser may not reach).
+fn peers_meta(state: &ApiState, pods: &[PodView]) -> String {
+    let peers: Vec<String> = pods
+        .iter()
+        .filter(|pod| pod.status == "running" && pod.pod_id != state.services.pod_id)
+        .filter_map(|pod| pod.address.as_deref())
+        .filter(|address| {
+            !address.is_empty()
+                && address
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .map(|address| format!("http://{address}"))
+        .collect();
+    format!(
+        r#"
+<meta name="proclog-peers" content="{}">"#,
+        esc(&peers.join(" "))
+    )
+}
+
+async fn peers_of(state: &ApiState) -> String {
+    match overview::pods(&state.services.pool).await {
+        Ok(pods) => peers_meta(state, &pods),
+        Err(_) => String::new(),
+    }
 }
 
 fn database_down(state: &ApiState, err: &crate::ProcessError) -> String {
@@ -429,6 +464,7 @@ pub(super) async fn process_page(
         }
     };
     let last = events.last().map_or(0, |event| event.seq);
+    let peers = peers_of(&state).await;
     let mut timeline = String::new();
     let mut previous: Option<&ProcessEvent> = None;
     for event in &events {
@@ -453,7 +489,7 @@ pub(super) async fn process_page(
 <p id="stream-state" class="hint"></p></section>"#,
         id = esc(id.as_str()),
     );
-    page(id.as_str(), "", &body).into_response()
+    page(id.as_str(), &peers, &body).into_response()
 }
 
 fn render_record(record: &ProcessRecord) -> String {

@@ -40,13 +40,34 @@ function keepFresh(element) {
     } catch (_) {
       failures += 1;
       document.getElementById("banner").innerHTML =
-        '<p class="error" role="alert">This pod is not answering; retrying. ' +
-        "Behind a load balancer the next attempt reaches another pod.</p>";
+        '<p class="error" role="alert">This pod is not answering: retrying, and trying the ' +
+        "other pods. Behind a load balancer the next attempt reaches another pod.</p>";
       setConnection("down", "pod not answering, retrying");
+      if (failures >= 2) tryPeers();
     }
     setTimeout(refresh, Math.min(every * (1 + failures), 10000));
   }
   setTimeout(refresh, every);
+}
+
+// When the pod serving this page stops answering, the same page on another running pod (from
+// the page's list of peers) takes over: the first one that answers is opened.
+let movingOn = false;
+async function tryPeers() {
+  if (movingOn) return;
+  const meta = document.querySelector('meta[name="proclog-peers"]');
+  const peers = meta ? meta.content.split(" ").filter(Boolean) : [];
+  movingOn = true;
+  for (const peer of peers) {
+    try {
+      await fetch(peer + "/healthz", { mode: "no-cors", cache: "no-store" });
+      window.location.href = peer + window.location.pathname + window.location.search;
+      return;
+    } catch (_) {
+      // Not reachable from this browser; try the next one.
+    }
+  }
+  movingOn = false;
 }
 
 function cell(text) {
@@ -133,6 +154,7 @@ function streamTimeline(table) {
       }
     } catch (_) {
       failures += 1;
+      if (failures >= 2) tryPeers();
     }
     state.textContent = "Stream interrupted; reconnecting…";
     setTimeout(connect, Math.min(250 * 2 ** failures, 5000));
