@@ -49,7 +49,8 @@ impl Drop for Killed {
 struct PodProcess {
     name: String,
     port: u16,
-    child: Killed,
+    /// Killed with SIGKILL when the pod is dropped.
+    _child: Killed,
 }
 
 impl PodProcess {
@@ -82,7 +83,7 @@ impl PodProcess {
         Self {
             name: name.to_owned(),
             port,
-            child: Killed(child),
+            _child: Killed(child),
         }
     }
 
@@ -168,11 +169,10 @@ async fn the_console_shows_pods_a_live_timeline_a_takeover_and_cancels() {
     };
     let url = proclog::testing::migrated_database_url().await.unwrap();
     let pod_a = PodProcess::start(&url, "browser-a");
-    let mut pod_b = Some(PodProcess::start(&url, "browser-b"));
-    let pod_a = Some(pod_a);
+    let pod_b = PodProcess::start(&url, "browser-b");
     let http = reqwest::Client::new();
-    until_ready(&http, pod_a.as_ref().unwrap()).await;
-    until_ready(&http, pod_b.as_ref().unwrap()).await;
+    until_ready(&http, &pod_a).await;
+    until_ready(&http, &pod_b).await;
 
     let driver_port = free_port();
     let _driver = Killed(
@@ -215,7 +215,7 @@ async fn the_console_shows_pods_a_live_timeline_a_takeover_and_cancels() {
     };
 
     // 1. Both pods are listed as running.
-    browser.goto(&pod_a.as_ref().unwrap().base()).await.unwrap();
+    browser.goto(&pod_a.base()).await.unwrap();
     until(
         &browser,
         "both pods running",
@@ -300,9 +300,9 @@ async fn the_console_shows_pods_a_live_timeline_a_takeover_and_cancels() {
     };
     // The page is on the owner: when it dies, the page moves to the other pod by itself.
     let (owner_pod, survivor) = if owner == "browser-a" {
-        (pod_a.unwrap(), pod_b.take().unwrap())
+        (pod_a, pod_b)
     } else {
-        (pod_b.take().unwrap(), pod_a.unwrap())
+        (pod_b, pod_a)
     };
     browser
         .goto(&format!("{}/ui/processes/{id}", owner_pod.base()))
