@@ -61,8 +61,8 @@ BEGIN
                AND (NEW.terminal_state IS NULL) = (NEW.output IS NULL)
                AND (NEW.terminal_state IS NULL) = (NEW.completed_at IS NULL)) THEN
         v_rule := 'terminal_column_whole';
-    ELSIF NOT (NEW.terminal_state IS NULL AND NEW.status IN ('pending', 'running')
-               OR NEW.terminal_state = NEW.status) THEN
+    ELSIF NOT coalesce(NEW.terminal_state IS NULL AND NEW.status IN ('pending', 'running')
+                       OR NEW.terminal_state = NEW.status, false) THEN
         v_rule := 'terminal_matches_status';
     ELSIF NOT (NEW.terminal_state IS NULL
                OR (NEW.lease_token IS NULL AND NEW.terminal_seq = NEW.last_seq)) THEN
@@ -106,8 +106,10 @@ CREATE TRIGGER processes_check_log
     EXECUTE FUNCTION proclog.check_process_row();
 
 -- What ON DELETE CASCADE did: a deleted process takes its events with it.
+-- It runs with the table owner's rights, as the cascade did: a role allowed to delete
+-- processes need not be allowed to delete events.
 CREATE FUNCTION proclog.delete_events_of_deleted() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     DELETE FROM proclog.events e USING removed r WHERE e.process_id = r.process_id;
     RETURN NULL;

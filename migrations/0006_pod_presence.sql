@@ -39,12 +39,12 @@ SELECT p.pod_id,
        p.heartbeat_at,
        now() - p.heartbeat_at AS heartbeat_age,
        p.stopped_at,
+       -- Live leases exist only on runnable rows: the partial index processes_lease_expiry
+       -- holds exactly those, so this reads few rows whatever the table's size.
        (SELECT count(*) FROM proclog.processes l
-         WHERE l.lease_owner = p.pod_id AND l.lease_expires_at > now()) AS leases_held
+         WHERE l.lease_owner = p.pod_id AND l.lease_expires_at > now()
+           AND l.terminal_state IS NULL AND l.disposition <> 'external'
+           AND l.lease_expires_at IS NOT NULL) AS leases_held
   FROM proclog.pods p;
 
 COMMENT ON VIEW proclog.pod_status IS 'pods with their liveness (running, draining, stopped, gone) and live leases held';
-
--- Leases by owner: the console and pod_status count each pod's live leases.
-CREATE INDEX processes_by_lease_owner ON proclog.processes (lease_owner)
-    WHERE lease_owner IS NOT NULL;

@@ -54,7 +54,7 @@ impl LatencyHistogram {
 /// Labels of the HTTP request histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct HttpLabels {
-    /// The matched route template (`/v1/processes/{id}`), or `unmatched`.
+    /// The matched route template (`/v1/processes/{id}`).
     pub(crate) route: String,
     /// The method.
     pub(crate) method: String,

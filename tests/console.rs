@@ -283,6 +283,35 @@ async fn the_console_lists_shows_starts_and_cancels() {
         "an ended process has no cancel button"
     );
 
+    // Another site cannot make a browser act here (cross-site request forgery).
+    for (header, value) in [
+        ("origin", "http://evil.example"),
+        ("sec-fetch-site", "cross-site"),
+        ("sec-fetch-site", "same-site"),
+    ] {
+        let forged = client
+            .post(format!("{home}/ui/demo"))
+            .header(header, value)
+            .form(&[("steps", "1")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(forged.status(), StatusCode::FORBIDDEN, "{header}: {value}");
+    }
+    let own = client
+        .post(format!("{home}/ui/demo"))
+        .header("origin", &home)
+        .header("sec-fetch-site", "same-origin")
+        .form(&[("steps", "1")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        own.status(),
+        StatusCode::SEE_OTHER,
+        "the console's own form works"
+    );
+
     // Bad input: clear pages, nothing written.
     let missing = client
         .get(format!("{home}/ui/processes/no-such-process"))
@@ -358,6 +387,10 @@ async fn with_a_token_the_console_asks_for_it_once() {
     assert_eq!(right.status(), StatusCode::SEE_OTHER);
     let cookie = right.headers()["set-cookie"].to_str().unwrap().to_owned();
     assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
+    assert!(
+        !cookie.contains("s3cret"),
+        "the cookie never carries the token: {cookie}"
+    );
     let pair = cookie.split(';').next().unwrap().to_owned();
     let page = client
         .get(&home)
@@ -376,6 +409,23 @@ async fn with_a_token_the_console_asks_for_it_once() {
     assert_eq!(pods.status(), StatusCode::OK);
     let pods = client.get(format!("{home}/v1/pods")).send().await.unwrap();
     assert_eq!(pods.status(), StatusCode::UNAUTHORIZED);
+    // The cookie opens reads of /v1, never writes: those need the token itself.
+    let write = client
+        .post(format!("{home}/v1/processes"))
+        .header("cookie", &pair)
+        .json(&json!({"kind": "k"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(write.status(), StatusCode::UNAUTHORIZED);
+    // A cookie made up from the token itself is refused too.
+    let forged = client
+        .get(&home)
+        .header("cookie", "proclog_token=s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), StatusCode::SEE_OTHER);
     pod.shutdown().await;
     stack.shutdown().await;
 }

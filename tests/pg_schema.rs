@@ -151,6 +151,12 @@ async fn the_schema_rejects_a_broken_terminal_column() {
             live,
             "terminal_column_whole",
         ),
+        // A terminal status without the terminal column.
+        (
+            "UPDATE proclog.processes SET status = 'completed' WHERE process_id = $1",
+            live,
+            "terminal_matches_status",
+        ),
         (
             "UPDATE proclog.processes SET status = 'finished' WHERE process_id = $1",
             live,

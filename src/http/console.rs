@@ -31,8 +31,25 @@ use crate::pg::overview::{self, PodView, ProcessQuery, ProcessSummary};
 
 /// The cookie that carries the API token for the console.
 pub(super) const TOKEN_COOKIE: &str = "proclog_token";
-/// Events shown on a process page before the live stream takes over.
-const TIMELINE_FIRST_PAGE: u32 = 1000;
+/// Events shown on a process page (the latest ones) before the live stream takes over.
+const TIMELINE_FIRST_PAGE: u32 = 500;
+/// Bound on the console's reads, under the pool's own statement timeout.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+/// How long the overview waits for the counts by status before showing the page without.
+const COUNTS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `call`, or `Unavailable` when it takes longer than [`READ_TIMEOUT`] (a stalled network).
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, crate::ProcessError>>,
+) -> Result<T, crate::ProcessError> {
+    tokio::time::timeout(READ_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::ProcessError::Unavailable(format!(
+                "no answer from the database within {READ_TIMEOUT:?}"
+            )))
+        })
+}
 /// Rows of the process list per page.
 const PAGE: i64 = 50;
 
@@ -72,7 +89,33 @@ fn time(at: &DateTime<Utc>) -> String {
     at.format("%Y-%m-%d %H:%M:%S%.3f").to_string()
 }
 
-/// The token in the console's cookie, if any.
+/// The console's session value for `token`: an HMAC of a fixed label keyed by the token, so
+/// the cookie never carries the token itself, and every pod with the same token accepts it
+/// (cookies are shared across a host's ports: the page can move to another pod).
+pub(super) fn session_value(token: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.as_bytes());
+    let tag = ring::hmac::sign(&key, b"proclog console session v1");
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether a request that changes something comes from this pod's own pages: browsers say
+/// where a request comes from (`Sec-Fetch-Site`, else `Origin`); a cross-site or
+/// cross-origin one is refused. Clients that are not browsers send neither and pass.
+pub(super) fn same_origin(headers: &HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return matches!(site.as_bytes(), b"same-origin" | b"none");
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let origin = origin.to_str().unwrap_or_default();
+    origin == format!("http://{host}") || origin == format!("https://{host}")
+}
+
+/// The session value in the console's cookie, if any.
 pub(super) fn cookie_token(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
@@ -84,15 +127,25 @@ pub(super) fn cookie_token(headers: &HeaderMap) -> Option<String> {
         .map(|(_, value)| value.to_owned())
 }
 
-/// Console routes need the token's cookie when the pod has a token: pages redirect to the
-/// login form, actions answer 401.
+/// Console actions must come from the console's own pages (403 otherwise), and console routes
+/// need the session cookie when the pod has a token: pages redirect to the login form,
+/// actions answer 401.
 pub(super) async fn require_console_token(
     State(state): State<ApiState>,
     request: Request,
     next: Next,
 ) -> Response {
+    let changes_something = !matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if changes_something && !same_origin(request.headers()) {
+        let body = r#"<p class="error">This action must come from the console's own page.</p>"#;
+        return (StatusCode::FORBIDDEN, page("Refused", "", body)).into_response();
+    }
     if let Some(expected) = &state.token {
         let given = cookie_token(request.headers());
+        let expected = session_value(expected);
         let authorized =
             given.is_some_and(|given| super::same_secret(given.as_bytes(), expected.as_bytes()));
         if !authorized {
@@ -136,23 +189,26 @@ pub(super) struct LoginForm {
     token: String,
 }
 
-/// `POST /ui/login`: a right token sets the cookie and goes to the console.
-pub(super) async fn login(State(state): State<ApiState>, Form(form): Form<LoginForm>) -> Response {
+/// `POST /ui/login`: a right token sets the session cookie and goes to the console.
+pub(super) async fn login(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Response {
     let Some(expected) = &state.token else {
         return Redirect::to("/").into_response();
     };
-    if !super::same_secret(form.token.as_bytes(), expected.as_bytes())
-        || form
-            .token
-            .bytes()
-            .any(|b| !b.is_ascii_graphic() || b == b';')
-    {
+    if !same_origin(&headers) {
+        let body = r#"<p class="error">Sign in from the console's own page.</p>"#;
+        return (StatusCode::FORBIDDEN, page("Refused", "", body)).into_response();
+    }
+    if !super::same_secret(form.token.as_bytes(), expected.as_bytes()) {
         let body = format!(r#"<p class="error">That token is not this pod's.</p>{LOGIN_FORM}"#);
         return (StatusCode::UNAUTHORIZED, page("Sign in", "", &body)).into_response();
     }
     let cookie = format!(
         "{TOKEN_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
-        form.token
+        session_value(expected)
     );
     let mut response = Redirect::to("/").into_response();
     if let Ok(value) = HeaderValue::from_str(&cookie) {
@@ -224,17 +280,21 @@ pub(super) async fn overview(
         limit: PAGE,
     };
     let pool = &state.services.pool;
-    let loaded = async {
+    let loaded = bounded(async {
         let pods = overview::pods(pool).await?;
-        let counts = overview::status_counts(pool).await?;
         let processes = overview::processes(pool, &filters).await?;
-        Ok::<_, crate::ProcessError>((pods, counts, processes))
-    }
+        Ok::<_, crate::ProcessError>((pods, processes))
+    })
     .await;
+    // Counting a large table can take a while: the counts are shown when they come quickly.
+    let counts = tokio::time::timeout(COUNTS_TIMEOUT, overview::status_counts(pool))
+        .await
+        .ok()
+        .and_then(Result::ok);
     let (status, live, peers) = match loaded {
-        Ok((pods, counts, processes)) => (
+        Ok((pods, processes)) => (
             StatusCode::OK,
-            render_overview(&state, &query, &pods, &counts, &processes),
+            render_overview(&state, &query, &pods, counts.as_deref(), &processes),
             peers_meta(&state, &pods),
         ),
         Err(err) => (
@@ -300,7 +360,7 @@ fn render_overview(
     state: &ApiState,
     query: &OverviewQuery,
     pods: &[PodView],
-    counts: &[(String, i64)],
+    counts: Option<&[(String, i64)]>,
     processes: &[ProcessSummary],
 ) -> String {
     let mut out = String::new();
@@ -331,6 +391,10 @@ fn render_overview(
     out.push_str("</tbody></table></section>");
 
     out.push_str(r#"<section class="panel"><h2>Processes</h2><p id="counts" class="counts">"#);
+    let Some(counts) = counts else {
+        out.push_str("counts are not available right now (the table is large or busy)</p>");
+        return render_rest(out, query, processes);
+    };
     let total: i64 = counts.iter().map(|(_, n)| n).sum();
     let _ = write!(out, r#"<a href="/" class="count">all <b>{total}</b></a>"#);
     for (status, count) in counts {
@@ -342,6 +406,11 @@ fn render_overview(
         );
     }
     out.push_str("</p>");
+    render_rest(out, query, processes)
+}
+
+/// The filters and the process list of the overview.
+fn render_rest(mut out: String, query: &OverviewQuery, processes: &[ProcessSummary]) -> String {
     let _ = write!(
         out,
         r#"<form method="get" action="/" class="row filters"><label>Status <select name="status"><option value="">any</option>{options}</select></label>
@@ -426,7 +495,7 @@ pub(super) async fn process_page(
             .into_response();
     };
     let registry = &state.services.registry;
-    let record = match registry.get_process(&id).await {
+    let record = match bounded(registry.get_process(&id)).await {
         Ok(Some(record)) => record,
         Ok(None) => {
             let body = format!(
@@ -452,7 +521,9 @@ pub(super) async fn process_page(
     if fragment {
         return axum::response::Html(record_html).into_response();
     }
-    let events = match registry.events_after(&id, 0, TIMELINE_FIRST_PAGE).await {
+    // The latest events; all of them are in the API (`/v1/processes/{id}/events`).
+    let from = (record.last_seq - i64::from(TIMELINE_FIRST_PAGE)).max(0);
+    let events = match bounded(registry.events_after(&id, from, TIMELINE_FIRST_PAGE)).await {
         Ok(events) => events,
         Err(err) => {
             let body = database_down(&state, &err);
@@ -485,9 +556,17 @@ pub(super) async fn process_page(
 {cancel}
 <section class="panel"><h2>Timeline</h2>
 <p class="hint">Each event with the pod that wrote it and the lease generation it wrote under: a takeover shows as a new writer and a higher generation.</p>
-<table id="timeline" data-process="{id}" data-after="{last}"><thead><tr><th>seq</th><th>event</th><th>writer</th><th>generation</th><th>at</th><th>payload</th></tr></thead><tbody>{timeline}</tbody></table>
+{older}<table id="timeline" data-process="{id}" data-after="{last}"><thead><tr><th>seq</th><th>event</th><th>writer</th><th>generation</th><th>at</th><th>payload</th></tr></thead><tbody>{timeline}</tbody></table>
 <p id="stream-state" class="hint"></p></section>"#,
         id = esc(id.as_str()),
+        older = if from > 0 {
+            format!(
+                r#"<p class="hint">Showing the events after seq {from}; every event: <a href="/v1/processes/{0}/events?after=0&amp;limit=1000">/v1/processes/{0}/events</a>.</p>"#,
+                url_part(id.as_str())
+            )
+        } else {
+            String::new()
+        },
     );
     page(id.as_str(), &peers, &body).into_response()
 }

@@ -237,7 +237,7 @@ pub(super) async fn render(State(state): State<ApiState>) -> impl IntoResponse {
     }
     registry.register(
         "proclog_http_request_duration_seconds",
-        "HTTP requests by matched route, method and status, until the response head (streams: until they start).",
+        "HTTP requests to a route, by route template, method and status, until the response head (streams: until they start); requests matching no route are not recorded.",
         services.http_requests.family(),
     );
     let mut out = String::new();

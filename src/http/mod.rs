@@ -181,11 +181,15 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.trim().split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim_start().to_owned())
-            // The console's cookie (SameSite=Strict, so no other site can send it).
-            .or_else(|| console::cookie_token(request.headers()));
-        let authorized =
-            given.is_some_and(|given| same_secret(given.as_bytes(), expected.as_bytes()));
+            .map(|(_, token)| token.trim_start().as_bytes().to_vec());
+        let mut authorized = given.is_some_and(|given| same_secret(&given, expected.as_bytes()));
+        // The console's session cookie opens reads only (its pages stream events with it):
+        // a write must carry the token itself.
+        if !authorized && matches!(*request.method(), axum::http::Method::GET) {
+            let session = console::session_value(expected);
+            authorized = console::cookie_token(request.headers())
+                .is_some_and(|given| same_secret(given.as_bytes(), session.as_bytes()));
+        }
         if !authorized {
             let mut response = ApiError::new(
                 StatusCode::UNAUTHORIZED,

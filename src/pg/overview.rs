@@ -138,7 +138,10 @@ pub async fn processes(pool: &Pool, query: &ProcessQuery) -> ProcessResult<Vec<P
                FROM proclog.processes
               WHERE ($1::text IS NULL OR status = $1)
                 AND ($2::text IS NULL OR kind = $2)
-                AND ($3::text IS NULL OR (lease_owner = $3 AND lease_expires_at > now()))
+                AND ($3::text IS NULL
+                     OR (lease_owner = $3 AND lease_expires_at > now()
+                         AND terminal_state IS NULL AND disposition <> 'external'
+                         AND lease_expires_at IS NOT NULL))
                 AND ($4::timestamptz IS NULL OR (created_at, process_id) < ($4, $5::text))
               ORDER BY created_at DESC, process_id DESC
               LIMIT $6",

@@ -72,7 +72,10 @@ const UPSERT: &str = "
            heartbeat_every = EXCLUDED.heartbeat_every,
            stopped_at = CASE WHEN p.incarnation = EXCLUDED.incarnation
                               AND p.state = 'stopped' THEN p.stopped_at
-                             ELSE EXCLUDED.stopped_at END";
+                             ELSE EXCLUDED.stopped_at END
+     -- An old incarnation (a process still stopping while its successor runs under the same
+     -- pod id) does not mark the successor draining or stopped.
+     WHERE p.incarnation = EXCLUDED.incarnation OR EXCLUDED.state = 'running'";
 
 const PRUNE: &str = "
     DELETE FROM proclog.pods

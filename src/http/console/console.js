@@ -24,6 +24,11 @@ function keepFresh(element) {
   async function refresh() {
     try {
       const response = await fetch(url, { credentials: "same-origin", cache: "no-store" });
+      if (response.redirected) {
+        // Signed out (the session cookie is gone): show the sign-in page.
+        window.location.reload();
+        return;
+      }
       const html = await response.text();
       const banner = document.getElementById("banner");
       if (response.status === 503) {
@@ -86,9 +91,12 @@ function truncate(text, limit) {
   return text.length <= limit ? text : text.slice(0, limit) + "…";
 }
 
+// Rows kept on the page; older ones are dropped as new ones arrive.
+const MAX_ROWS = 2000;
+
 // Adds one event to the timeline, marking a change of writer or generation as a takeover.
+// Events arrive in seq order; the caller skips those already shown.
 function addEvent(tbody, event) {
-  if (tbody.querySelector(`tr[data-seq="${event.seq}"]`)) return;
   const generation = event.lease_generation == null ? "–" : String(event.lease_generation);
   const last = tbody.lastElementChild;
   const row = document.createElement("tr");
@@ -105,6 +113,7 @@ function addEvent(tbody, event) {
   row.append(cell(event.seq), cell(event.event_type), cell(event.writer), cell(generation),
              cell(formatTime(event.occurred_at)), payload);
   tbody.appendChild(row);
+  while (tbody.rows.length > MAX_ROWS) tbody.deleteRow(0);
 }
 
 // Streams the process's events from the SSE endpoint with fetch (so the console's cookie and
@@ -124,7 +133,13 @@ function streamTimeline(table) {
         state.textContent = "The process has ended: its log is complete.";
         return;
       }
-      if (!response.ok) throw new Error("stream answered " + response.status);
+      if (!response.ok) {
+        // The pod answered: it is not down. Say why and try again later, here.
+        state.textContent = `The stream answered ${response.status}; retrying…`;
+        failures = Math.min(failures + 1, 5);
+        setTimeout(connect, Math.min(1000 * failures, 5000));
+        return;
+      }
       state.textContent = "Streaming live.";
       failures = 0;
       const reader = response.body.getReader();
@@ -143,7 +158,7 @@ function streamTimeline(table) {
           if (!data) continue;
           let event;
           try { event = JSON.parse(data); } catch (_) { continue; }
-          if (typeof event.seq !== "number") continue;
+          if (typeof event.seq !== "number" || event.seq <= after) continue;
           addEvent(tbody, event);
           after = Math.max(after, event.seq);
           if (TERMINAL_TYPES.has(event.event_type)) {
