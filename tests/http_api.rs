@@ -1006,6 +1006,7 @@ async fn the_openapi_document_describes_every_route_and_is_public() {
         ("/v1/processes/{id}/cancel", &["post"]),
         ("/v1/processes/{id}/await", &["get"]),
         ("/v1/prune", &["post"]),
+        ("/v1/pods", &["get"]),
         ("/healthz", &["get"]),
         ("/readyz", &["get"]),
     ] {
