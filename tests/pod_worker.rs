@@ -188,6 +188,77 @@ async fn cancelling_a_running_process_from_another_pod_stops_its_owner() {
     owner.worker.unwrap().shutdown().await;
 }
 
+/// An engine whose process is cancelled (by another pod's API) while it finishes: it asks for
+/// the cancellation itself, then answers at once, before the run's watch can have seen the
+/// request.
+struct CancelledAsItReturns {
+    api: Arc<dyn proclog::ProcessRegistry>,
+}
+
+#[proclog::async_trait]
+impl proclog::pod::ProcessEngine for CancelledAsItReturns {
+    async fn run(&self, run: proclog::pod::RunContext) -> proclog::pod::EngineResult {
+        cancel_process(
+            self.api.as_ref(),
+            &run.process.id,
+            "pod-api",
+            json!("just in time"),
+            None,
+        )
+        .await
+        .map_err(|err| json!({"error": err.to_string()}))?;
+        Ok(json!("finished anyway"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_written_before_the_engine_answers_wins() {
+    let url = migrated_database_url().await;
+    let api = pod(&url, "pod-api", false).await;
+    let owner = Arc::new(
+        PodServices::start(&url, "pod-owner", PodServicesOptions::default()).expect("services"),
+    );
+    let worker = Worker::spawn(
+        Arc::clone(&owner.registry),
+        Arc::clone(&owner.hub),
+        proclog::pod::Engines::new().with(
+            "cancelled-as-it-returns",
+            CancelledAsItReturns {
+                api: Arc::clone(&api.services.registry),
+            },
+        ),
+        WorkerConfig {
+            lease_ttl: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(100),
+            ..WorkerConfig::new("pod-owner")
+        },
+        Arc::clone(&owner.work),
+    );
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let id = owner
+            .registry
+            .register_process(ProcessRegistration::new(
+                "cancelled-as-it-returns",
+                json!(null),
+            ))
+            .await
+            .unwrap()
+            .id;
+        owner.work.notify_one();
+        ids.push(id);
+    }
+    for id in &ids {
+        let end = api.services.driver.await_terminal(id, WAIT).await.unwrap();
+        assert_eq!(
+            (end.state, end.output["request"]["reason"].clone()),
+            (TerminalState::Cancelled, json!("just in time")),
+            "{id}: the request was in the log before the engine answered"
+        );
+    }
+    worker.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancelling_a_process_nobody_runs_ends_it_at_once() {
     let url = migrated_database_url().await;

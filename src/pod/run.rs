@@ -32,7 +32,7 @@
 //! taken over after the TTL.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use futures::FutureExt;
 use serde_json::{Value, json};
@@ -403,7 +403,8 @@ impl Run {
         let engine_run = std::panic::AssertUnwindSafe(engine.run(context))
             .catch_unwind()
             .map(|finished| finished.unwrap_or_else(|panic| Err(engine_panicked(&panic))));
-        let cancel_watch = self.watch_for_cancel();
+        let watched = AtomicI64::new(0);
+        let cancel_watch = self.watch_for_cancel(&watched);
         tokio::pin!(engine_run, cancel_watch);
         let mut interrupt = None;
         let outcome = loop {
@@ -433,6 +434,19 @@ impl Run {
         if outcome.is_none() {
             tracing::warn!("the engine did not return in time: dropped");
         }
+        // The watch reads behind the log (it coalesces ticks, and a notice can be lost): an
+        // engine may return after a request was written but before the watch saw it. One last
+        // read settles it: a request in the log now is one made before the engine's answer
+        // was written, and it wins; one written after this read came after the engine's work.
+        if interrupt.is_none()
+            && outcome.is_some()
+            && let Some(request) = self
+                .cancel_request_after(watched.load(Ordering::Relaxed))
+                .await
+        {
+            tracing::info!("a cancellation came in as the engine returned: it wins");
+            interrupt = Some(Interrupt::CancelRequested(request));
+        }
         let lease = &self.claim.lease;
         after_engine(
             interrupt,
@@ -453,7 +467,8 @@ impl Run {
     /// Resolves with the payload of the first `process.cancel_requested` in the log
     /// (including one written before this run started), woken by hub ticks, with a slow poll
     /// as the safety net. Read failures are only logged: the next tick or poll reads again.
-    async fn watch_for_cancel(&self) -> Value {
+    /// `watched` is how far it has read: every event up to that seq holds no request.
+    async fn watch_for_cancel(&self, watched: &AtomicI64) -> Value {
         let id = &self.claim.process.id;
         let mut watcher = self.shared.hub.watch(id);
         let mut after = 0;
@@ -465,6 +480,7 @@ impl Run {
                         return request.payload.clone();
                     }
                     after = events.last().map_or(after, |e| e.seq);
+                    watched.store(after, Ordering::Relaxed);
                     continue;
                 }
                 Ok(_) => {}
@@ -479,6 +495,37 @@ impl Run {
             // at most a few reads per second here however fast it writes.
             tokio::time::sleep_until(caught_up + CANCEL_CHECK_GAP).await;
         }
+    }
+
+    /// The first `process.cancel_requested` after seq `after`, read to the end of the log now.
+    /// Read failures are retried briefly while the lease is surely live; if the log cannot be
+    /// read, the engine's answer stands (the completion that follows needs the database too).
+    async fn cancel_request_after(&self, mut after: i64) -> Option<Value> {
+        let id = &self.claim.process.id;
+        let mut failures = 0;
+        while self.clock.is_live() {
+            match self.shared.registry.events_after(id, after, 1000).await {
+                Ok(events) => {
+                    if let Some(request) = events.iter().find(|e| e.event_type == CANCEL_REQUESTED)
+                    {
+                        return Some(request.payload.clone());
+                    }
+                    match events.last() {
+                        Some(last) => after = last.seq,
+                        None => return None,
+                    }
+                }
+                Err(err) => {
+                    failures += 1;
+                    tracing::debug!(error = %err, "last cancel check failed");
+                    if failures >= 3 {
+                        return None;
+                    }
+                    tokio::time::sleep(CANCEL_CHECK_GAP).await;
+                }
+            }
+        }
+        None
     }
 
     /// `Completing`: retried until stored, refused, or the lease is provably lost.
