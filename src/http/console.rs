@@ -484,15 +484,7 @@ pub(super) async fn process_page(
 ) -> Response {
     let fragment = query.is_ok_and(|Query(query)| query.fragment.is_some());
     let Ok(id) = ProcessId::new(id) else {
-        return (
-            StatusCode::BAD_REQUEST,
-            page(
-                "Bad id",
-                "",
-                r#"<p class="error">That is not a process id.</p>"#,
-            ),
-        )
-            .into_response();
+        return not_a_process_id();
     };
     let registry = &state.services.registry;
     let record = match bounded(registry.get_process(&id)).await {
@@ -696,15 +688,7 @@ pub(super) async fn cancel(
     Form(form): Form<CancelForm>,
 ) -> Response {
     let Ok(id) = ProcessId::new(id) else {
-        return (
-            StatusCode::BAD_REQUEST,
-            page(
-                "Bad id",
-                "",
-                r#"<p class="error">That is not a process id.</p>"#,
-            ),
-        )
-            .into_response();
+        return not_a_process_id();
     };
     let reason = form.reason.map(|reason| truncate(&reason, 500)).map_or(
         Value::Null,
@@ -722,6 +706,12 @@ pub(super) async fn cancel(
         Ok(_) => Redirect::to(&format!("/ui/processes/{}", url_part(id.as_str()))).into_response(),
         Err(err) => error_page(&state, &err),
     }
+}
+
+/// 400 for a path id that breaks the id rules.
+fn not_a_process_id() -> Response {
+    let body = r#"<p class="error">That is not a process id.</p>"#;
+    (StatusCode::BAD_REQUEST, page("Bad id", "", body)).into_response()
 }
 
 fn error_page(state: &ApiState, err: &crate::ProcessError) -> Response {
