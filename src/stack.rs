@@ -272,6 +272,18 @@ pub(crate) async fn migrate_when_reachable(
                 tracing::warn!(pod = %pod_id, attempt, error = %err, retry_in = ?pause, "database not reachable yet");
                 tokio::time::sleep(pause).await;
             }
+            // A pod's role may not migrate: the owner's `proclog migrate` may be on its way
+            // (a compose service, a Kubernetes job), so wait for it as for the database.
+            Err(err @ MigrationError::NotOwner { .. }) => {
+                let pause = backoff.next_delay();
+                if tokio::time::Instant::now() + pause >= deadline {
+                    return Err(ProcessError::InvalidInput(format!(
+                        "{err} (waited {timeout:?})"
+                    )));
+                }
+                tracing::warn!(pod = %pod_id, attempt, error = %err, retry_in = ?pause, "waiting for the schema's owner to migrate");
+                tokio::time::sleep(pause).await;
+            }
             Err(MigrationError::Database(err)) => return Err(err),
             Err(err @ MigrationError::SchemaTooNew { .. }) => {
                 return Err(ProcessError::InvalidInput(err.to_string()));

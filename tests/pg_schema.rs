@@ -76,7 +76,7 @@ async fn schema_version_of_an_empty_database_is_zero() {
     );
 }
 
-/// Bookkeeping tables (schema versions, reader roles, pods) hold no process data: in a distributed
+/// Bookkeeping tables (schema versions, reader and writer roles, pods) hold no process data: in a distributed
 /// deployment they are reference tables, copied to every node.
 #[tokio::test]
 async fn every_table_is_keyed_by_process_id_first() {
@@ -90,7 +90,7 @@ async fn every_table_is_keyed_by_process_id_first() {
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[0]
               WHERE n.nspname = 'proclog' AND i.indisprimary
-                AND c.relname NOT IN ('schema_migrations', 'readers', 'pods')
+                AND c.relname NOT IN ('schema_migrations', 'readers', 'writers', 'pods')
               ORDER BY c.relname",
             &[],
         )

@@ -53,25 +53,34 @@ enum Command {
     Pod(pod::PodArgs),
     /// Start a local cluster of pods (and a throwaway Postgres when DATABASE_URL is unset).
     Up(up::UpArgs),
-    /// Apply pending schema migrations (safe to run from many hosts at once).
+    /// Apply pending schema migrations (safe to run from many hosts at once). Run it as the
+    /// role that owns the schema; pods may then run as a writer role (grant-writer).
     Migrate {
-        /// Postgres URL of the database.
-        #[arg(long, env = "DATABASE_URL")]
-        database_url: String,
-        /// A PEM file of the CA(s) of the database's certificate (as `sslrootcert=`).
-        #[arg(long, env = "PROCLOG_DATABASE_CA_FILE")]
-        database_ca_file: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// After migrating, give this existing role the pods' rights (as grant-writer).
+        #[arg(long, env = "PROCLOG_WRITER_ROLE")]
+        writer_role: Option<String>,
+        /// After migrating, give this existing role read-only access (as grant-reader).
+        #[arg(long, env = "PROCLOG_READER_ROLE")]
+        reader_role: Option<String>,
     },
     /// Give an existing database role read-only access to the proclog schema (SELECT on every
-    /// table, also on tables later migrations add). Run it as the role that migrates.
+    /// table, also on tables later migrations add; no function). Run it as the role that
+    /// migrates.
     GrantReader {
-        /// Postgres URL of the database.
-        #[arg(long, env = "DATABASE_URL")]
-        database_url: String,
-        /// A PEM file of the CA(s) of the database's certificate (as `sslrootcert=`).
-        #[arg(long, env = "PROCLOG_DATABASE_CA_FILE")]
-        database_ca_file: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        database: DatabaseArgs,
         /// The role (it must exist: CREATE ROLE analyst LOGIN PASSWORD '...').
+        role: String,
+    },
+    /// Give an existing database role what a pod needs and nothing more: read every table,
+    /// write processes, events and pods through proclog's statements, never change the
+    /// schema. Run it as the role that migrates; then run pods as this role.
+    GrantWriter {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The role (it must exist: CREATE ROLE proclog_pod LOGIN PASSWORD '...').
         role: String,
     },
     /// Ask a pod's probe endpoint (by default this host's /readyz): exit 0 on 200, 1
@@ -106,14 +115,16 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Pod(args) => pod::run(args).await,
         Command::Up(args) => up::run(args).await,
         Command::Migrate {
-            database_url,
-            database_ca_file,
-        } => migrate(&database_url, database_ca_file.as_deref()).await,
-        Command::GrantReader {
-            database_url,
-            database_ca_file,
-            role,
-        } => grant_reader(&database_url, database_ca_file.as_deref(), &role).await,
+            database,
+            writer_role,
+            reader_role,
+        } => migrate(&database, writer_role, reader_role).await,
+        Command::GrantReader { database, role } => {
+            grant(&database, &role, crate::pg::roles::Access::Reader).await
+        }
+        Command::GrantWriter { database, role } => {
+            grant(&database, &role, crate::pg::roles::Access::Writer).await
+        }
         Command::Probe { url, timeout_ms } => probe(&url, timeout_ms).await,
         Command::Start(args) => client::start(args).await,
         Command::Get(args) => client::get(args).await,
@@ -201,26 +212,65 @@ async fn probe(url: &str, timeout_ms: u64) -> CliResult {
     }
 }
 
-async fn grant_reader(
-    database_url: &str,
-    ca_file: Option<&std::path::Path>,
-    role: &str,
-) -> CliResult {
-    crate::pg::reader::check_role_name(role).map_err(|err| CliError::usage(err.to_string()))?;
-    let database_url = with_ca_file(database_url, ca_file)?;
-    let pool = crate::pg::connect_pool(&database_url, 1)?;
-    crate::pg::grant_reader(&pool, role).await?;
-    println!("role {role} can now read the proclog schema (and nothing else of it)");
+/// Where the database is, for the commands that connect to it directly.
+#[derive(clap::Args, Debug)]
+struct DatabaseArgs {
+    /// Postgres URL of the database.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// A PEM file of the CA(s) of the database's certificate (as `sslrootcert=`).
+    #[arg(long, env = "PROCLOG_DATABASE_CA_FILE")]
+    database_ca_file: Option<std::path::PathBuf>,
+}
+
+impl DatabaseArgs {
+    fn pool(&self) -> Result<crate::Pool, Box<dyn std::error::Error + Send + Sync>> {
+        let url = with_ca_file(&self.database_url, self.database_ca_file.as_deref())?;
+        Ok(crate::pg::connect_pool(&url, 1)?)
+    }
+}
+
+async fn grant(database: &DatabaseArgs, role: &str, access: crate::pg::roles::Access) -> CliResult {
+    crate::pg::roles::check_role_name(role).map_err(|err| CliError::usage(err.to_string()))?;
+    let pool = database.pool()?;
+    crate::pg::roles::grant(&pool, role, access).await?;
+    match access {
+        crate::pg::roles::Access::Reader => {
+            println!("role {role} can now read the proclog schema (and nothing else of it)")
+        }
+        crate::pg::roles::Access::Writer => println!(
+            "role {role} can now run pods: it writes through proclog's statements and cannot change the schema"
+        ),
+    }
     Ok(())
 }
 
-async fn migrate(database_url: &str, ca_file: Option<&std::path::Path>) -> CliResult {
-    let database_url = with_ca_file(database_url, ca_file)?;
-    let pool = crate::pg::connect_pool(&database_url, 1)?;
+async fn migrate(
+    database: &DatabaseArgs,
+    writer_role: Option<String>,
+    reader_role: Option<String>,
+) -> CliResult {
+    let roles = [
+        (writer_role, crate::pg::roles::Access::Writer),
+        (reader_role, crate::pg::roles::Access::Reader),
+    ];
+    for (role, _) in &roles {
+        if let Some(role) = role.as_deref().filter(|r| !r.is_empty()) {
+            crate::pg::roles::check_role_name(role)
+                .map_err(|err| CliError::usage(err.to_string()))?;
+        }
+    }
+    let pool = database.pool()?;
     let report = crate::pg::migrate(&pool).await?;
     println!(
         "schema at version {} (applied now: {:?})",
         report.version, report.applied
     );
+    for (role, access) in roles {
+        if let Some(role) = role.filter(|r| !r.is_empty()) {
+            crate::pg::roles::grant(&pool, &role, access).await?;
+            println!("granted {access:?} rights to role {role}");
+        }
+    }
     Ok(())
 }

@@ -136,7 +136,7 @@ pub async fn run(args: PodArgs) -> CliResult {
     let pod_id = non_empty(&args.pod_id).unwrap_or_else(crate::stack::default_pod_id);
     check_settings(&args, &pod_id).map_err(|err| format!("bad setting: {err}"))?;
     if let Some(role) = non_empty(&args.reader_role) {
-        crate::pg::reader::check_role_name(&role).map_err(|err| format!("bad setting: {err}"))?;
+        crate::pg::roles::check_role_name(&role).map_err(|err| format!("bad setting: {err}"))?;
     }
     let database_url = super::with_ca_file(&args.database_url, args.database_ca_file.as_deref())?;
     let mut stack = Proclog::builder(&database_url)

@@ -53,6 +53,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0006_pod_presence.sql",
         sql: include_str!("../../migrations/0006_pod_presence.sql"),
     },
+    Migration {
+        version: 7,
+        name: "0007_least_privilege.sql",
+        sql: include_str!("../../migrations/0007_least_privilege.sql"),
+    },
 ];
 
 /// The schema version this binary expects.
@@ -76,10 +81,26 @@ pub enum MigrationError {
         /// Latest version this binary knows.
         known: i32,
     },
+    /// The schema needs migrations and the connected role may not apply them (a pod's
+    /// writer role): the owner must run `proclog migrate`.
+    #[error(
+        "the database schema is at version {found} and this proclog needs {known}, but the connected role may not change the schema ({detail}): run `proclog migrate` as the schema's owner"
+    )]
+    NotOwner {
+        /// Version recorded in the database.
+        found: i32,
+        /// Latest version this binary knows.
+        known: i32,
+        /// What the database said.
+        detail: String,
+    },
     /// The database refused or failed.
     #[error(transparent)]
     Database(#[from] ProcessError),
 }
+
+/// SQLSTATE of "insufficient privilege".
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
 
 /// What a migration run did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,9 +112,39 @@ pub struct MigrationReport {
 }
 
 /// Applies every pending migration. Safe to call from many pods at once.
+///
+/// A current schema is recognised with one read, without a lock or any DDL, so a role that
+/// may not change the schema (a pod's writer role, see [`crate::pg::roles`]) starts on it.
+/// When migrations are pending and the role may not apply them, the answer is
+/// [`MigrationError::NotOwner`] and nothing is written.
 pub async fn migrate(pool: &Pool) -> Result<MigrationReport, MigrationError> {
+    let known = latest_version();
+    let current = schema_version(pool).await?;
+    if current > known {
+        return Err(MigrationError::SchemaTooNew {
+            found: current,
+            known,
+        });
+    }
+    if current == known {
+        return Ok(MigrationReport {
+            applied: Vec::new(),
+            version: current,
+        });
+    }
     let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(db_error)?;
+    // Any refusal for want of a privilege, at any step, means "not the owner".
+    let refused = |found: i32| {
+        move |err: tokio_postgres::Error| match err.as_db_error() {
+            Some(db) if db.code().code() == INSUFFICIENT_PRIVILEGE => MigrationError::NotOwner {
+                found,
+                known,
+                detail: db.message().to_owned(),
+            },
+            _ => MigrationError::Database(db_error(err)),
+        }
+    };
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await
         .map_err(db_error)?;
@@ -105,7 +156,8 @@ pub async fn migrate(pool: &Pool) -> Result<MigrationReport, MigrationError> {
              applied_at timestamptz NOT NULL DEFAULT now());",
     )
     .await
-    .map_err(db_error)?;
+    .map_err(refused(current))?;
+    // Read again under the lock: another migrator may have finished meanwhile.
     let current: i32 = tx
         .query_one(
             "SELECT coalesce(max(version), 0) FROM proclog.schema_migrations",
@@ -114,7 +166,6 @@ pub async fn migrate(pool: &Pool) -> Result<MigrationReport, MigrationError> {
         .await
         .map_err(db_error)?
         .get(0);
-    let known = latest_version();
     if current > known {
         return Err(MigrationError::SchemaTooNew {
             found: current,
@@ -123,13 +174,15 @@ pub async fn migrate(pool: &Pool) -> Result<MigrationReport, MigrationError> {
     }
     let mut applied = Vec::new();
     for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
-        tx.batch_execute(migration.sql).await.map_err(db_error)?;
+        tx.batch_execute(migration.sql)
+            .await
+            .map_err(refused(current))?;
         tx.execute(
             "INSERT INTO proclog.schema_migrations (version, name) VALUES ($1, $2)",
             &[&migration.version, &migration.name],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(refused(current))?;
         tracing::info!(
             version = migration.version,
             name = migration.name,
@@ -138,7 +191,7 @@ pub async fn migrate(pool: &Pool) -> Result<MigrationReport, MigrationError> {
         applied.push(migration.version);
     }
     if !applied.is_empty() {
-        super::reader::regrant_readers(&tx).await?;
+        super::roles::reapply_privileges(&tx).await?;
     }
     tx.commit().await.map_err(db_error)?;
     Ok(MigrationReport {

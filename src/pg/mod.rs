@@ -8,8 +8,8 @@ pub mod migrate;
 pub mod notify;
 pub mod overview;
 pub mod pool;
-pub mod reader;
 mod registry;
+pub mod roles;
 pub mod tls;
 
 pub use group::{GroupCommitOptions, GroupCommitStats};
@@ -17,6 +17,6 @@ pub use listener::{ListenerOptions, ListenerStatus, PgListener};
 pub use migrate::{MigrationError, MigrationReport, migrate};
 pub use notify::PgNotifier;
 pub use pool::{PoolOptions, client_config, connect_pool, connect_pool_with};
-pub use reader::grant_reader;
 pub use registry::PgProcessRegistry;
+pub use roles::{grant_reader, grant_writer};
 pub use tls::{DatabaseTarget, TlsMode, with_root_cert};
