@@ -67,6 +67,21 @@ pub enum ProcessError {
     /// The database answered with an error proclog did not expect.
     #[error("database error: {0}")]
     Database(String),
+    /// A stored JSON value of this process cannot be read back (a row written by hand over
+    /// SQL beyond what proclog accepts, e.g. nested deeper than [`crate::validate::MAX_JSON_DEPTH`]
+    /// allows on write). Only reads of this process's row or of that event fail; nothing
+    /// retries it. Repair or delete the row over SQL.
+    #[error(
+        "process {id}: {location} cannot be read back ({reason}); repair or delete it over SQL"
+    )]
+    Undecodable {
+        /// The process whose row holds the value.
+        id: ProcessId,
+        /// Which value: `input`, `output`, or `event <seq> payload`.
+        location: String,
+        /// Why decoding failed.
+        reason: String,
+    },
 }
 
 impl ProcessError {
@@ -91,6 +106,7 @@ impl ProcessError {
             ProcessError::InvalidInput(_) => "invalid_input",
             ProcessError::Unavailable(_) => "unavailable",
             ProcessError::Database(_) => "database_error",
+            ProcessError::Undecodable { .. } => "undecodable",
         }
     }
 }

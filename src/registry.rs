@@ -120,7 +120,10 @@ pub trait ProcessRegistry: Send + Sync {
     /// not `external`, and either `pending` or `running` without a live lease. Each gets a new
     /// lease (next generation) and its `attempts` incremented. Processes being claimed by
     /// another pod at the same instant are skipped, never waited for. A process whose previous
-    /// lease expired without release reports that owner in `lost_owner`.
+    /// lease expired without release reports that owner in `lost_owner`. A claimed process
+    /// whose stored row cannot be read back (written by hand over SQL, see
+    /// [`crate::ProcessError::Undecodable`]) is not returned: it is completed `failed` with
+    /// the reason (`{"error", "reason": "undecodable"}`), and the rest of the batch is.
     async fn claim_runnable(
         &self,
         owner: &str,

@@ -18,6 +18,11 @@ pub const MAX_REPLAY_KEY_CHARS: usize = 256;
 pub const MAX_BATCH_EVENTS: usize = 10_000;
 /// Default limit of one payload (or input, or output), serialized, in bytes.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+/// Deepest nesting of arrays and objects accepted in a payload, input, output or reason.
+/// `serde_json` refuses to read values nested 128 levels or more, so anything deeper could be
+/// stored but never read back; this bound keeps every stored value readable, with room to
+/// spare for a host that wraps a value in a few levels of its own.
+pub const MAX_JSON_DEPTH: usize = 64;
 /// Event types with this prefix are written by proclog only.
 pub const RESERVED_EVENT_PREFIX: &str = "process.";
 /// Shortest lease TTL accepted.
@@ -189,6 +194,11 @@ pub fn payload_bytes(value: &Value, limit: usize) -> Result<Vec<u8>, ProcessErro
             limit,
         });
     }
+    if let Some(depth) = depth_over_limit(&bytes) {
+        return Err(invalid(format!(
+            "payload nests {depth} levels of arrays and objects; at most {MAX_JSON_DEPTH} are accepted"
+        )));
+    }
     // Postgres jsonb cannot store U+0000; the escape only appears in the text if some string
     // may hold one, so the walk is rare.
     if bytes.windows(6).any(|w| w == b"\\u0000") && holds_nul(value) {
@@ -197,6 +207,37 @@ pub fn payload_bytes(value: &Value, limit: usize) -> Result<Vec<u8>, ProcessErro
         ));
     }
     Ok(bytes)
+}
+
+/// The deepest nesting of arrays and objects in serialized JSON when it is over
+/// [`MAX_JSON_DEPTH`], read off the bytes in one pass (brackets inside strings do not
+/// count). A level takes two bytes, so a short text is answered without the scan.
+fn depth_over_limit(bytes: &[u8]) -> Option<usize> {
+    if bytes.len() <= 2 * MAX_JSON_DEPTH {
+        return None;
+    }
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &byte in bytes {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    (deepest > MAX_JSON_DEPTH).then_some(deepest)
 }
 
 fn holds_nul(value: &Value) -> bool {
@@ -358,6 +399,36 @@ mod tests {
         assert!(timestamp("t", far).is_err());
         let edge: DateTime<Utc> = MAX_TIMESTAMP.parse().unwrap();
         assert!(timestamp("t", edge).is_ok());
+    }
+
+    fn nested(depth: usize) -> Value {
+        (0..depth).fold(json!("x[{\\\"]"), |inner, i| {
+            if i % 2 == 0 {
+                json!([inner])
+            } else {
+                json!({"k[": inner})
+            }
+        })
+    }
+
+    #[test]
+    fn json_is_accepted_up_to_the_depth_bound() {
+        let limit = DEFAULT_MAX_PAYLOAD_BYTES;
+        assert!(payload_bytes(&nested(MAX_JSON_DEPTH), limit).is_ok());
+        let refused = payload_bytes(&nested(MAX_JSON_DEPTH + 1), limit);
+        assert!(
+            matches!(&refused, Err(ProcessError::InvalidInput(m)) if m.contains("65 levels")),
+            "{refused:?}"
+        );
+        // Brackets inside strings are text, not nesting.
+        let text = json!({"a": "[".repeat(1000), "b": "{\\\"[".repeat(100)});
+        assert!(payload_bytes(&text, limit).is_ok());
+        // The deepest value accepted can be read back by serde_json.
+        let bytes = payload_bytes(&nested(MAX_JSON_DEPTH), limit).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&bytes).unwrap(),
+            nested(MAX_JSON_DEPTH)
+        );
     }
 
     #[test]

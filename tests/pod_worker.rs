@@ -471,3 +471,119 @@ async fn an_oversized_cancel_reason_is_refused_and_writes_nothing() {
         .unwrap();
     assert_eq!(cancelled.status, ProcessStatus::Cancelled);
 }
+
+/// A row written by hand over SQL that cannot be read back (nested deeper than serde_json
+/// reads) fails alone: reading it is a clear error naming it, a subscription to it ends with
+/// that error instead of retrying for ever, and claiming it fails that process once while the
+/// ordinary processes claimed with it run to completion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreadable_row_fails_alone() {
+    let url = migrated_database_url().await;
+    let admin = common::sql_client(&url).await;
+    // Oldest first: the bad process is claimed in the same batch as the others.
+    admin
+        .batch_execute(
+            "INSERT INTO proclog.processes (process_id, kind, input, disposition, created_at)
+             VALUES ('unreadable', 'steps',
+                     (repeat('[', 200) || '1' || repeat(']', 200))::jsonb, 'rerun',
+                     now() - interval '1 hour');
+             INSERT INTO proclog.processes (process_id, kind, input, disposition, status, last_seq)
+             VALUES ('bad-log', 'external-kind', '{}', 'external', 'running', 2);
+             INSERT INTO proclog.events (process_id, seq, event_type, payload, writer)
+             VALUES ('bad-log', 1, 'fine', '1', 'sql'),
+                    ('bad-log', 2, 'deep', (repeat('[', 200) || repeat(']', 200))::jsonb, 'sql');",
+        )
+        .await
+        .unwrap();
+    let pod = pod(&url, "pod-a", false).await;
+    let registry = &pod.services.registry;
+    let unreadable = ProcessId::new("unreadable").unwrap();
+    let read = registry.get_process(&unreadable).await;
+    match &read {
+        Err(err @ ProcessError::Undecodable { id, location, .. }) => {
+            assert_eq!(id, &unreadable);
+            assert_eq!(location, "input");
+            assert!(
+                err.to_string().contains("repair or delete it over SQL"),
+                "{err}"
+            );
+            assert!(!err.is_transient());
+        }
+        other => panic!("{other:?}"),
+    }
+    let bad_log = ProcessId::new("bad-log").unwrap();
+    let events = registry.events_after(&bad_log, 0, 10).await;
+    assert!(
+        matches!(&events, Err(ProcessError::Undecodable { location, .. }) if location == "event 2 payload"),
+        "{events:?}"
+    );
+    // The first event alone still reads.
+    assert_eq!(
+        registry.events_after(&bad_log, 0, 1).await.unwrap().len(),
+        1
+    );
+    use futures::StreamExt;
+    let streamed: Vec<_> = pod
+        .services
+        .subscriptions
+        .subscribe(bad_log.clone(), 0)
+        .collect()
+        .await;
+    assert!(
+        matches!(streamed.as_slice(), [Err(ProcessError::Undecodable { .. })]),
+        "the subscription ends with the error: {streamed:?}"
+    );
+
+    let mut ordinary = Vec::new();
+    for _ in 0..5 {
+        ordinary.push(
+            start(
+                &pod,
+                "steps",
+                json!({"steps": 2, "delay_ms": 1}),
+                Disposition::Rerun,
+            )
+            .await,
+        );
+    }
+    let worker = Worker::spawn(
+        Arc::clone(&pod.services.registry),
+        Arc::clone(&pod.services.hub),
+        demo_engines(),
+        WorkerConfig {
+            lease_ttl: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(100),
+            concurrency: 8,
+            ..WorkerConfig::new("pod-a")
+        },
+        Arc::clone(&pod.services.work),
+    );
+    for id in &ordinary {
+        let done = pod.services.driver.await_terminal(id, WAIT).await.unwrap();
+        assert_eq!(done.state, TerminalState::Completed);
+    }
+    let failed = pod
+        .services
+        .driver
+        .await_terminal(&unreadable, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(failed.state, TerminalState::Failed);
+    assert_eq!(failed.output["reason"], "undecodable");
+    assert!(
+        failed.output["error"]
+            .as_str()
+            .unwrap()
+            .contains("unreadable")
+    );
+    let attempts: i32 = admin
+        .query_one(
+            "SELECT attempts FROM proclog.processes WHERE process_id = 'unreadable'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 1, "claimed once, failed once");
+    worker.shutdown().await;
+}

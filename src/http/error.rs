@@ -62,7 +62,9 @@ impl From<ProcessError> for ApiError {
             ProcessError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProcessError::InvalidInput(_) => StatusCode::BAD_REQUEST,
             ProcessError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProcessError::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProcessError::Database(_) | ProcessError::Undecodable { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         Self::new(status, err.code(), err.to_string())
     }

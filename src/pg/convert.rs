@@ -73,6 +73,25 @@ macro_rules! event_columns {
 }
 pub(crate) use event_columns;
 
+/// A JSON column of process `id`'s row (`location` names it in the error): a value that
+/// cannot be decoded is [`ProcessError::Undecodable`], which fails this read alone.
+pub(crate) fn json_at(
+    row: &Row,
+    index: usize,
+    id: &ProcessId,
+    location: impl FnOnce() -> String,
+) -> Result<serde_json::Value, ProcessError> {
+    row.try_get(index).map_err(|err| {
+        let reason =
+            std::error::Error::source(&err).map_or_else(|| err.to_string(), |s| s.to_string());
+        ProcessError::Undecodable {
+            id: id.clone(),
+            location: location(),
+            reason,
+        }
+    })
+}
+
 fn corrupt(what: &str, err: impl std::fmt::Display) -> ProcessError {
     ProcessError::Database(format!("unexpected {what} in the database: {err}"))
 }
@@ -84,12 +103,17 @@ pub(crate) fn terminal_from_row(
 ) -> Result<(ProcessId, Option<TerminalRecord>), ProcessError> {
     let id: String = row.try_get(0).map_err(db_error)?;
     let id = ProcessId::new(id).map_err(|err| corrupt("process id", err))?;
-    Ok((id, terminal_at(row, 1)?))
+    let terminal = terminal_at(row, 1, &id)?;
+    Ok((id, terminal))
 }
 
 /// The terminal column from the four columns `terminal_state, terminal_seq, output,
 /// completed_at` starting at `first`.
-fn terminal_at(row: &Row, first: usize) -> Result<Option<TerminalRecord>, ProcessError> {
+fn terminal_at(
+    row: &Row,
+    first: usize,
+    id: &ProcessId,
+) -> Result<Option<TerminalRecord>, ProcessError> {
     let state: Option<String> = row.try_get(first).map_err(db_error)?;
     let Some(state) = state else {
         return Ok(None);
@@ -99,7 +123,7 @@ fn terminal_at(row: &Row, first: usize) -> Result<Option<TerminalRecord>, Proces
             .parse::<TerminalState>()
             .map_err(|err| corrupt("terminal state", err))?,
         seq: row.try_get(first + 1).map_err(db_error)?,
-        output: row.try_get(first + 2).map_err(db_error)?,
+        output: json_at(row, first + 2, id, || "output".into())?,
         completed_at: row.try_get(first + 3).map_err(db_error)?,
     }))
 }
@@ -107,16 +131,17 @@ fn terminal_at(row: &Row, first: usize) -> Result<Option<TerminalRecord>, Proces
 /// A process record from a row of [`PROCESS_COLUMNS`].
 pub(crate) fn process_from_row(row: &Row) -> Result<ProcessRecord, ProcessError> {
     let id: String = row.try_get(0).map_err(db_error)?;
+    let id = ProcessId::new(id).map_err(|err| corrupt("process id", err))?;
     let disposition: String = row.try_get(3).map_err(db_error)?;
     let status: String = row.try_get(4).map_err(db_error)?;
     let lease_owner: Option<String> = row.try_get(8).map_err(db_error)?;
     let lease_expires_at = row.try_get(10).map_err(db_error)?;
-    let terminal = terminal_at(row, 11)?;
+    let terminal = terminal_at(row, 11, &id)?;
     let lease_generation = row.try_get(9).map_err(db_error)?;
     Ok(ProcessRecord {
-        id: ProcessId::new(id).map_err(|err| corrupt("process id", err))?,
+        input: json_at(row, 2, &id, || "input".into())?,
+        id,
         kind: row.try_get(1).map_err(db_error)?,
-        input: row.try_get(2).map_err(db_error)?,
         disposition: disposition
             .parse()
             .map_err(|err| corrupt("disposition", err))?,
@@ -143,11 +168,12 @@ pub(crate) fn event_from_row(
     process_id: &ProcessId,
     row: &Row,
 ) -> Result<ProcessEvent, ProcessError> {
+    let seq: i64 = row.try_get(0).map_err(db_error)?;
     Ok(ProcessEvent {
         process_id: process_id.clone(),
-        seq: row.try_get(0).map_err(db_error)?,
+        seq,
         event_type: row.try_get(1).map_err(db_error)?,
-        payload: row.try_get(2).map_err(db_error)?,
+        payload: json_at(row, 2, process_id, || format!("event {seq} payload"))?,
         replay_key: row.try_get(3).map_err(db_error)?,
         occurred_at: row.try_get(4).map_err(db_error)?,
         writer: row.try_get(5).map_err(db_error)?,

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::convert::{JsonText, db_error, is_unavailable_state, terminal_state_detail};
+use super::convert::{JsonText, db_error, is_unavailable_state, json_at, terminal_state_detail};
 use super::registry::PgProcessRegistry;
 use crate::error::{ProcessError, ProcessResult};
 use crate::model::{AppendOutcome, AppendRequest, ProcessEvent, ProcessId};
@@ -433,7 +433,7 @@ fn outcome(
                     process_id: id.clone(),
                     seq,
                     event_type: row.try_get(4).map_err(db_error)?,
-                    payload: row.try_get(5).map_err(db_error)?,
+                    payload: json_at(row, 5, id, || format!("event {seq} payload"))?,
                     replay_key: row.try_get(6).map_err(db_error)?,
                     occurred_at: row.try_get(7).map_err(db_error)?,
                     writer: row.try_get(10).map_err(db_error)?,

@@ -315,6 +315,44 @@ impl PgProcessRegistry {
             .collect()
     }
 
+    /// A claimed process whose row cannot be read back (written by hand over SQL) can never
+    /// run: it is completed `failed` with the reason, under the lease just granted, so that
+    /// it is neither handed to an engine nor claimed again and again. Only this process is
+    /// affected; the rest of the batch runs. If the completion cannot be written now, the
+    /// lease lapses and a later claim tries again.
+    async fn fail_unreadable(
+        &self,
+        row: &tokio_postgres::Row,
+        token: uuid::Uuid,
+        owner: &str,
+        err: ProcessError,
+    ) {
+        let ProcessError::Undecodable { id, .. } = &err else {
+            return;
+        };
+        tracing::error!(process_id = %id, error = %err, "a claimed process cannot be read back: failing it");
+        let generation: i64 = row.try_get(9).unwrap_or_default();
+        let fence = Lease {
+            process_id: id.clone(),
+            owner: owner.to_owned(),
+            token,
+            generation,
+            expires_at: Utc::now(),
+        };
+        let completion = Completion::new(
+            crate::model::TerminalState::Failed,
+            serde_json::json!({"error": err.to_string(), "reason": "undecodable"}),
+        )
+        .fenced(&fence);
+        match self.complete_process(id, completion).await {
+            // The answer holds the same unreadable row; the completion is written.
+            Ok(_) | Err(ProcessError::Undecodable { .. }) => {}
+            Err(failed) => {
+                tracing::warn!(process_id = %id, error = %failed, "cannot fail the unreadable process yet; its lease will lapse");
+            }
+        }
+    }
+
     async fn exists(&self, id: &ProcessId) -> ProcessResult<bool> {
         let rows = self
             .query(
@@ -687,32 +725,41 @@ impl ProcessRegistry for PgProcessRegistry {
                 &[&owner, &ttl_millis(ttl), &i64::from(limit)],
             )
             .await?;
-        let mut claims =
-            rows.iter()
-                .map(|row| {
-                    let process = process_from_row(row)?;
+        let mut claims = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let token: uuid::Uuid = row.try_get(16).map_err(db_error)?;
+            match process_from_row(row) {
+                Ok(process) => {
                     let lease_info = process.lease.clone().ok_or_else(|| {
                         ProcessError::Database("claimed process has no lease".into())
                     })?;
-                    let old_owner: Option<String> = row.get(17);
-                    let lost_owner = old_owner.map(|owner| LostOwner {
-                        owner,
-                        generation: row.get(18),
-                        expired_at: row.get(19),
-                    });
-                    Ok(RunnableClaim {
+                    let old_owner: Option<String> = row.try_get(17).map_err(db_error)?;
+                    let lost_owner = match old_owner {
+                        Some(owner) => Some(LostOwner {
+                            owner,
+                            generation: row.try_get(18).map_err(db_error)?,
+                            expired_at: row.try_get(19).map_err(db_error)?,
+                        }),
+                        None => None,
+                    };
+                    claims.push(RunnableClaim {
                         lease: Lease {
                             process_id: process.id.clone(),
                             owner: lease_info.owner,
-                            token: row.get(16),
+                            token,
                             generation: lease_info.generation,
                             expires_at: lease_info.expires_at,
                         },
                         process,
                         lost_owner,
-                    })
-                })
-                .collect::<ProcessResult<Vec<_>>>()?;
+                    });
+                }
+                Err(err @ ProcessError::Undecodable { .. }) => {
+                    self.fail_unreadable(row, token, owner, err).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
         claims.sort_by(|a, b| {
             (a.process.created_at, &a.process.id).cmp(&(b.process.created_at, &b.process.id))
         });

@@ -51,8 +51,9 @@ impl ProcessSubscriptions {
 
     /// A stream of every event of `id` with `seq > after_seq`, exactly once, in order, with no
     /// gap, ending after the terminal event (at once if the process ended at or before
-    /// `after_seq`). An unknown process yields one `NotFound` and ends. Transient database
-    /// errors are retried with backoff, not yielded.
+    /// `after_seq`). An unknown process yields one `NotFound` and ends; so does any other
+    /// error that is not transient (e.g. [`ProcessError::Undecodable`]): it is yielded once
+    /// and the stream ends. Transient database errors are retried with backoff, not yielded.
     pub fn subscribe(
         &self,
         id: ProcessId,
@@ -154,9 +155,12 @@ impl Subscription {
         }
     }
 
-    /// `NotFound` ends the stream (returned); anything else is retried after a backoff.
+    /// A transient error is retried after a backoff; any other (`NotFound`, an event that
+    /// cannot be read back, an unexpected database answer) would only repeat, so it ends the
+    /// stream (returned).
     async fn fail(&mut self, err: ProcessError) -> Option<ProcessError> {
-        if matches!(err, ProcessError::NotFound(_)) {
+        if !err.is_transient() {
+            tracing::warn!(process_id = %self.id, error = %err, "subscription ended by an error");
             self.finished = true;
             return Some(err);
         }

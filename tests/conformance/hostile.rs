@@ -164,3 +164,85 @@ pub async fn instants_out_of_range_are_invalid_input(store: &dyn Store) {
     let edge = MAX_TIMESTAMP.parse().unwrap();
     assert!(registry.prune_terminal_processes(edge).await.is_ok());
 }
+
+/// A value nested `depth` levels deep, alternating arrays and objects.
+fn nested(depth: usize) -> serde_json::Value {
+    (0..depth).fold(json!("bottom"), |inner, level| {
+        if level % 2 == 0 {
+            json!([inner])
+        } else {
+            json!({"level": inner})
+        }
+    })
+}
+
+/// The deepest value accepted is stored and read back through every path (input, unkeyed and
+/// keyed payloads, a replay, output, get, list, events, terminal states); one level more is
+/// refused on every write path and writes nothing. (Before the bound, a value of 128 levels
+/// was stored and could never be read back.)
+pub async fn the_deepest_accepted_value_reads_back_everywhere(store: &dyn Store) {
+    use proclog::validate::MAX_JSON_DEPTH;
+    let registry = store.pod("pod-a").await;
+    let deep = nested(MAX_JSON_DEPTH);
+    let too_deep = nested(MAX_JSON_DEPTH + 1);
+    let id = ProcessId::new("deep").unwrap();
+    let refused = registry
+        .register_process(ProcessRegistration::new("demo", too_deep.clone()).with_id(id.clone()))
+        .await;
+    assert!(
+        matches!(refused, Err(ProcessError::InvalidInput(_))),
+        "{refused:?}"
+    );
+    assert!(registry.get_process(&id).await.unwrap().is_none());
+    let record = registry
+        .register_process(ProcessRegistration::new("demo", deep.clone()).with_id(id.clone()))
+        .await
+        .unwrap();
+    assert_eq!(record.input, deep);
+    for request in [
+        AppendRequest::new("t", too_deep.clone()),
+        AppendRequest::new("t", too_deep.clone()).with_replay_key("too-deep"),
+    ] {
+        let refused = registry.append_event(&id, request).await;
+        assert!(
+            matches!(refused, Err(ProcessError::InvalidInput(_))),
+            "{refused:?}"
+        );
+    }
+    registry
+        .append_event(&id, AppendRequest::new("plain", deep.clone()))
+        .await
+        .unwrap();
+    let keyed = AppendRequest::new("keyed", deep.clone()).with_replay_key("k");
+    registry.append_event(&id, keyed.clone()).await.unwrap();
+    let replay = registry.append_event(&id, keyed).await.unwrap();
+    assert!(replay.replayed);
+    assert_eq!(replay.event.payload, deep);
+    let refused = registry
+        .complete_process(&id, Completion::new(TerminalState::Completed, too_deep))
+        .await;
+    assert!(
+        matches!(refused, Err(ProcessError::InvalidInput(_))),
+        "{refused:?}"
+    );
+    let done = registry
+        .complete_process(&id, Completion::new(TerminalState::Completed, deep.clone()))
+        .await
+        .unwrap();
+    assert_eq!(done.terminal.unwrap().output, deep);
+    let read = registry.get_process(&id).await.unwrap().unwrap();
+    assert_eq!(read.input, deep);
+    let listed = registry
+        .list_processes(ProcessFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(listed.processes[0].input, deep);
+    let events = registry.events_after(&id, 0, 100).await.unwrap();
+    assert_eq!(events.len(), 3);
+    assert!(events.iter().all(|e| e.payload == deep));
+    let terminal = registry
+        .terminal_states(std::slice::from_ref(&id))
+        .await
+        .unwrap();
+    assert_eq!(terminal[&id].as_ref().unwrap().output, deep);
+}

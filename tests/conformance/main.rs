@@ -114,4 +114,5 @@ conformance! {
     hostile::bad_writers_are_refused_before_anything_is_written,
     hostile::a_batch_is_held_to_its_total_size,
     hostile::instants_out_of_range_are_invalid_input,
+    hostile::the_deepest_accepted_value_reads_back_everywhere,
 }
