@@ -62,6 +62,28 @@ pub(crate) struct HttpLabels {
     pub(crate) status: String,
 }
 
+/// The label of a request method: the methods of RFC 9110 by name, anything else `OTHER`
+/// (a method is any token a client invents; a label value per invented method would let
+/// anyone grow `/metrics` without bound).
+pub(crate) fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    const KNOWN: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::HEAD, "HEAD"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::DELETE, "DELETE"),
+        (Method::PATCH, "PATCH"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::CONNECT, "CONNECT"),
+        (Method::TRACE, "TRACE"),
+    ];
+    KNOWN
+        .iter()
+        .find(|(known, _)| known == method)
+        .map_or("OTHER", |(_, label)| label)
+}
+
 /// HTTP request durations by route, method and status.
 #[derive(Clone, Debug)]
 pub struct HttpHistograms(Family<HttpLabels, Histogram>);
@@ -73,12 +95,19 @@ impl Default for HttpHistograms {
 }
 
 impl HttpHistograms {
-    /// Records one request.
-    pub(crate) fn observe(&self, route: &str, method: &str, status: u16, duration: Duration) {
+    /// Records one request. `route` must be a route template (a fixed set); the method is
+    /// one of the standard ones or `OTHER`, so no request can add label values at will.
+    pub(crate) fn observe(
+        &self,
+        route: &str,
+        method: &axum::http::Method,
+        status: u16,
+        duration: Duration,
+    ) {
         self.0
             .get_or_create(&HttpLabels {
                 route: route.to_owned(),
-                method: method.to_owned(),
+                method: method_label(method).to_owned(),
                 status: status.to_string(),
             })
             .observe(duration.as_secs_f64());

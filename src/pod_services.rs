@@ -83,6 +83,9 @@ pub struct PodServices {
     pub pod_id: String,
     /// The registry pool (the notifier and listener have connections of their own).
     pub pool: Pool,
+    /// One connection for `/readyz` alone (`proclog-probe-<pod>`, 1 s bounds), so that a
+    /// flood of requests holding the registry pool cannot make the pod report unready.
+    pub probe_pool: Pool,
     /// The watched registry every write of this pod goes through.
     pub registry: Arc<dyn ProcessRegistry>,
     /// The registry lease renewals and releases go through: its own small pool with short
@@ -167,6 +170,10 @@ impl PodServices {
                 options.lease_call_timeout,
             ),
         )?;
+        let probe_pool = connect_pool_with(
+            database_url,
+            &named(format!("proclog-probe-{pod_id}"), 1, Duration::from_secs(1)),
+        )?;
         let notifier = PgNotifier::spawn(
             connect_pool_with(
                 database_url,
@@ -220,6 +227,7 @@ impl PodServices {
         Ok(Self {
             pod_id: pod_id.to_owned(),
             pool,
+            probe_pool,
             registry,
             leases,
             hub,

@@ -59,6 +59,7 @@ impl PodProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_proclog"))
             .args([
                 "pod",
+                "--demo-engines",
                 "--pod-id",
                 name,
                 "--listen",

@@ -28,16 +28,18 @@ async fn start_pod(
         .start()
         .await
         .unwrap();
-    let mut pod = Pod::builder(&stack)
+    let pod = Pod::builder(&stack)
         .engines(demo_engines())
         .concurrency(concurrency)
         .poll_interval(Duration::from_millis(200))
         .heartbeat_every(Duration::from_millis(200))
         .grace(Duration::from_millis(500))
-        .serve_http("127.0.0.1:0".parse().unwrap());
-    if let Some(token) = token {
-        pod = pod.api_token(token);
-    }
+        .serve_http("127.0.0.1:0".parse().unwrap())
+        .http_options(proclog::http::HttpOptions {
+            token: token.map(str::to_owned),
+            demo_form: true,
+            ..Default::default()
+        });
     let pod = pod.start().await.unwrap();
     (stack, pod)
 }
@@ -426,6 +428,61 @@ async fn with_a_token_the_console_asks_for_it_once() {
         .await
         .unwrap();
     assert_eq!(forged.status(), StatusCode::SEE_OTHER);
+    // The session ends: Max-Age bounds it in the browser, and its expiry is part of what
+    // the HMAC covers, so an old cookie (or one whose expiry was pushed back) is refused.
+    assert!(cookie.contains("Max-Age=43200"), "{cookie}");
+    assert!(!cookie.contains("Secure"), "plain http: {cookie}");
+    let value = pair.split_once('=').unwrap().1;
+    let (expires, tag) = value.split_once('.').unwrap();
+    let extended = format!(
+        "proclog_token={}.{tag}",
+        expires.parse::<i64>().unwrap() + 3600
+    );
+    let expired = "proclog_token=1000.0000";
+    for stale in [extended.as_str(), expired] {
+        let page = client
+            .get(&home)
+            .header("cookie", stale)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(page.status(), StatusCode::SEE_OTHER, "{stale}");
+    }
+    // Behind TLS (a proxy that says so), the cookie is Secure.
+    let secure = client
+        .post(format!("{home}/ui/login"))
+        .header("x-forwarded-proto", "https")
+        .form(&[("token", "s3cret")])
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        secure.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("; Secure")
+    );
+    // Signing out clears the cookie.
+    let page = client
+        .get(&home)
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert!(page.text().await.unwrap().contains("/ui/logout"));
+    let out = client
+        .post(format!("{home}/ui/logout"))
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), StatusCode::SEE_OTHER);
+    assert_eq!(out.headers()["location"], "/ui/login");
+    let cleared = out.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        cleared.starts_with("proclog_token=;") && cleared.contains("Max-Age=0"),
+        "{cleared}"
+    );
     pod.shutdown().await;
     stack.shutdown().await;
 }

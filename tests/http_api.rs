@@ -5,13 +5,14 @@ mod common;
 use std::sync::Arc;
 
 use common::migrated_database_url;
-use proclog::http::{ApiState, router};
+use proclog::http::{ApiState, HttpOptions, router};
 use proclog::pod_services::{PodServices, PodServicesOptions};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 struct Server {
     base: String,
+    database: String,
     client: reqwest::Client,
     _services: Arc<PodServices>,
 }
@@ -22,6 +23,18 @@ impl Server {
     }
 
     async fn start_with(url: &str, token: Option<&str>, max_body: usize) -> Self {
+        Self::start_options(
+            url,
+            HttpOptions {
+                token: token.map(str::to_owned),
+                max_body_bytes: max_body,
+                ..HttpOptions::default()
+            },
+        )
+        .await
+    }
+
+    async fn start_options(url: &str, options: HttpOptions) -> Self {
         let services = Arc::new(
             PodServices::start(
                 url,
@@ -33,16 +46,13 @@ impl Server {
             )
             .unwrap(),
         );
-        let state = ApiState {
-            services: Arc::clone(&services),
-            worker: None,
-            token: token.map(Arc::from),
-        };
+        let state = ApiState::new(Arc::clone(&services), None, &options);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(axum::serve(listener, router(state, max_body)).into_future());
+        tokio::spawn(axum::serve(listener, router(state, options.max_body_bytes)).into_future());
         Self {
             base,
+            database: url.to_owned(),
             client: reqwest::Client::new(),
             _services: services,
         }
@@ -547,12 +557,218 @@ async fn cancel_over_http_ends_a_process_nobody_runs() {
         (status, record["status"].clone()),
         (StatusCode::OK, json!("cancelled"))
     );
+    // An empty body is a cancel without a reason, but only as JSON: a form or a bare POST
+    // from another site's page is refused (it could cancel processes of a tokenless pod).
     server.external("d").await;
-    let (status, record) = server.post_raw("/v1/processes/d/cancel", None, "").await;
+    let before = common::table_checksum(&server.database).await;
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let (status, body) = server
+            .post_raw("/v1/processes/d/cancel", content_type, "")
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{content_type:?}"
+        );
+        assert_eq!(code(&body), "unsupported_media_type");
+    }
+    assert_eq!(common::table_checksum(&server.database).await, before);
+    let (status, record) = server
+        .post_raw("/v1/processes/d/cancel", Some("application/json"), "")
+        .await;
     assert_eq!(
         (status, record["status"].clone()),
         (StatusCode::OK, json!("cancelled"))
     );
+}
+
+/// A page on another site can make a browser send requests to a pod it reaches: with
+/// DNS rebinding under its own host name, or cross-origin. Neither writes anything; a listed
+/// origin may; every answer carries the anti-framing and no-sniff headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_page_on_another_site_can_neither_rebind_nor_write() {
+    let server = Server::start_options(
+        &migrated_database_url().await,
+        HttpOptions {
+            access: proclog::http::AccessPolicy::from_lists(
+                "proclog.internal",
+                "https://app.example",
+            ),
+            ..HttpOptions::default()
+        },
+    )
+    .await;
+    server.external("victim").await;
+    let before = common::table_checksum(&server.database).await;
+    let send = |method: reqwest::Method, path: &str, headers: &[(&str, &str)]| {
+        let mut request = server
+            .client
+            .request(method, server.url(path))
+            .header("content-type", "application/json")
+            .body("{}");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send()
+    };
+    // DNS rebinding: the browser names the attacker's host.
+    for path in [
+        "/v1/processes/victim",
+        "/v1/processes/victim/cancel",
+        "/",
+        "/metrics",
+    ] {
+        let method = if path.ends_with("cancel") {
+            reqwest::Method::POST
+        } else {
+            reqwest::Method::GET
+        };
+        let answer = send(method, path, &[("host", "rebind.attacker.example")])
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), StatusCode::FORBIDDEN, "{path}");
+        if path.starts_with("/v1") {
+            let body: Value = answer.json().await.unwrap();
+            assert_eq!(code(&body), "host_not_allowed");
+        }
+    }
+    // The probes answer any host; a configured name is accepted.
+    for probe in ["/healthz", "/readyz"] {
+        let answer = send(
+            reqwest::Method::GET,
+            probe,
+            &[("host", "rebind.attacker.example")],
+        )
+        .await
+        .unwrap();
+        assert_eq!(answer.status(), StatusCode::OK, "{probe}");
+    }
+    let named = send(
+        reqwest::Method::GET,
+        "/v1/processes/victim",
+        &[("host", "proclog.internal:8080")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(named.status(), StatusCode::OK);
+    // Cross-site writes, by what browsers say about them.
+    for headers in [
+        &[("origin", "https://evil.example")][..],
+        &[("sec-fetch-site", "cross-site")][..],
+        &[
+            ("sec-fetch-site", "same-site"),
+            ("origin", "http://sub.example"),
+        ][..],
+        &[("origin", "null")][..],
+    ] {
+        let answer = send(
+            reqwest::Method::POST,
+            "/v1/processes/victim/cancel",
+            headers,
+        )
+        .await
+        .unwrap();
+        assert_eq!(answer.status(), StatusCode::FORBIDDEN, "{headers:?}");
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(code(&body), "cross_origin");
+    }
+    assert_eq!(
+        common::table_checksum(&server.database).await,
+        before,
+        "nothing written"
+    );
+    // A listed origin gets its preflight answered and may write.
+    let preflight = server
+        .client
+        .request(
+            reqwest::Method::OPTIONS,
+            server.url("/v1/processes/victim/cancel"),
+        )
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "content-type,authorization",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        preflight.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let unlisted = server
+        .client
+        .request(
+            reqwest::Method::OPTIONS,
+            server.url("/v1/processes/victim/cancel"),
+        )
+        .header("origin", "https://evil.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        unlisted
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+    let allowed = send(
+        reqwest::Method::POST,
+        "/v1/processes/victim/cancel",
+        &[
+            ("origin", "https://app.example"),
+            ("sec-fetch-site", "cross-site"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(allowed.status(), StatusCode::OK);
+    // The same origin (the console) and clients that are not browsers write as before.
+    server.external("same").await;
+    let same = send(
+        reqwest::Method::POST,
+        "/v1/processes/same/cancel",
+        &[("origin", &server.base), ("sec-fetch-site", "same-origin")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(same.status(), StatusCode::OK);
+    // A pod without the demo engines offers no demo form and refuses to start one.
+    let home = send(reqwest::Method::GET, "/", &[])
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(home.contains("proclog") && !home.contains("demo-form"));
+    let demo = server
+        .client
+        .post(server.url("/ui/demo"))
+        .form(&[("steps", "1")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(demo.status(), StatusCode::NOT_FOUND);
+    // Headers on every answer, refusals included.
+    for path in ["/", "/healthz", "/v1/processes/victim", "/v1/nothing-here"] {
+        let answer = send(reqwest::Method::GET, path, &[]).await.unwrap();
+        let headers = answer.headers();
+        assert_eq!(headers["x-frame-options"], "DENY", "{path}");
+        assert_eq!(headers["x-content-type-options"], "nosniff", "{path}");
+        assert!(
+            headers["content-security-policy"]
+                .to_str()
+                .unwrap()
+                .contains("frame-ancestors 'none'"),
+            "{path}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -50,7 +50,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a pod: claim and run processes under leases and serve the HTTP API.
-    Pod(pod::PodArgs),
+    Pod(Box<pod::PodArgs>),
     /// Start a local cluster of pods (and a throwaway Postgres when DATABASE_URL is unset).
     Up(up::UpArgs),
     /// Apply pending schema migrations (safe to run from many hosts at once). Run it as the
@@ -112,7 +112,7 @@ enum Command {
 /// Runs the command line; the binary's `main`.
 pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Pod(args) => pod::run(args).await,
+        Command::Pod(args) => pod::run(*args).await,
         Command::Up(args) => up::run(args).await,
         Command::Migrate {
             database,

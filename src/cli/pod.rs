@@ -8,18 +8,18 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{CliResult, LogFormat, init_logging};
-use crate::http::DEFAULT_MAX_BODY_BYTES;
+use crate::http::{AccessPolicy, DEFAULT_MAX_BODY_BYTES, HttpOptions, ServerLimits};
 use crate::pod::{DemoJournal, Pod, demo_engines_with};
 use crate::stack::Proclog;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct PodArgs {
     /// Postgres URL of the shared database.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
     /// A direct (unpooled) Postgres URL for LISTEN, when DATABASE_URL goes through a
     /// transaction-mode pooler.
-    #[arg(long, env = "PROCLOG_LISTENER_DATABASE_URL")]
+    #[arg(long, env = "PROCLOG_LISTENER_DATABASE_URL", hide_env_values = true)]
     pub listener_database_url: Option<String>,
     /// A PEM file of the CA(s) that signed the database's certificate, for
     /// sslmode=verify-ca / verify-full (same as `sslrootcert=` in the URL, which wins).
@@ -61,9 +61,43 @@ pub struct PodArgs {
     /// Record the demo engines' effects in this file (JSON lines), for crash and chaos tests.
     #[arg(long, env = "PROCLOG_DEMO_JOURNAL")]
     pub demo_journal: Option<PathBuf>,
-    /// Bearer token required on /v1 (none: open).
+    /// Bearer token required on /v1 and by the console. Required when listening on an
+    /// address other than loopback (see --insecure-no-token).
     #[arg(long, env = "PROCLOG_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+    /// Serve the API without a token on an address other than loopback: anyone who can reach
+    /// the port can then read, write, cancel and prune every process.
+    #[arg(long, env = "PROCLOG_INSECURE_NO_TOKEN", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false)]
+    pub insecure_no_token: bool,
+    /// Run the demo engines (steps, sleep, fail) and offer the console's demo form.
+    #[arg(long, env = "PROCLOG_DEMO_ENGINES", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false)]
+    pub demo_engines: bool,
+    /// Host names the API answers to besides IP addresses, localhost and this machine's
+    /// name, comma-separated (`*`: any; `.example.com`: any name under it). Others get 403
+    /// (DNS rebinding).
+    #[arg(long, env = "PROCLOG_ALLOWED_HOSTS", default_value = "")]
+    pub allowed_hosts: String,
+    /// Origins whose browser pages may write to the API (CORS), comma-separated, e.g.
+    /// https://app.example.com. Writes from other origins get 403.
+    #[arg(long, env = "PROCLOG_ALLOWED_ORIGINS", default_value = "")]
+    pub allowed_origins: String,
+    /// Mark the console's cookie Secure (also done for requests forwarded as https).
+    #[arg(long, env = "PROCLOG_SECURE_COOKIES", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false)]
+    pub secure_cookies: bool,
+    /// Most HTTP connections open at once (lowered to fit the file limit); at the cap the
+    /// oldest idle connection is closed for a new one.
+    #[arg(long, env = "PROCLOG_MAX_CONNECTIONS", default_value_t = 1_000)]
+    pub max_connections: usize,
+    /// How long a connection may take to send a request head, and stay idle between
+    /// requests, in ms.
+    #[arg(long, env = "PROCLOG_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+    /// How long a request body may take to arrive, in ms (then 408).
+    #[arg(long, env = "PROCLOG_BODY_TIMEOUT_MS", default_value_t = 30_000)]
+    pub body_timeout_ms: u64,
+    /// Most event streams and awaits served at once (then 503 too_many_streams).
+    #[arg(long, env = "PROCLOG_MAX_STREAMS", default_value_t = crate::http::DEFAULT_MAX_STREAMS)]
+    pub max_streams: usize,
     /// Largest event payload, process input or output, in bytes.
     #[arg(long, env = "PROCLOG_MAX_PAYLOAD_BYTES", default_value_t = crate::validate::DEFAULT_MAX_PAYLOAD_BYTES)]
     pub max_payload_bytes: usize,
@@ -100,6 +134,8 @@ fn check_settings(args: &PodArgs, pod_id: &str) -> Result<(), String> {
         ("--hard-stop-ms", args.hard_stop_ms, 0),
         ("--startup-timeout-ms", args.startup_timeout_ms, 0),
         ("--heartbeat-ms", args.heartbeat_ms, 100),
+        ("--header-timeout-ms", args.header_timeout_ms, 100),
+        ("--body-timeout-ms", args.body_timeout_ms, 100),
     ] {
         if !(min..=MAX_SETTING_MS).contains(&ms) {
             return Err(format!(
@@ -119,6 +155,23 @@ fn check_settings(args: &PodArgs, pod_id: &str) -> Result<(), String> {
             "--max-body-bytes must be 1024 to {}, got {}",
             1u64 << 30,
             args.max_body_bytes
+        ));
+    }
+    for (flag, value, max) in [
+        ("--max-connections", args.max_connections, 1_000_000),
+        ("--max-streams", args.max_streams, 100_000),
+    ] {
+        if !(1..=max).contains(&value) {
+            return Err(format!("{flag} must be 1 to {max}, got {value}"));
+        }
+    }
+    if non_empty(&args.api_token).is_none()
+        && !args.listen.ip().is_loopback()
+        && !args.insecure_no_token
+    {
+        return Err(format!(
+            "refusing to serve the API on {} without a token: set PROCLOG_API_TOKEN (e.g. `openssl rand -hex 32`), listen on 127.0.0.1, or pass --insecure-no-token to let anyone who reaches the port read, write, cancel and prune every process",
+            args.listen
         ));
     }
     if !(1..=1000).contains(&args.pool_size) {
@@ -158,17 +211,34 @@ pub async fn run(args: PodArgs) -> CliResult {
         Some(path) => Some(Arc::new(DemoJournal::open(path, &pod_id)?)),
         None => None,
     };
+    let mut access = AccessPolicy::from_lists(&args.allowed_hosts, &args.allowed_origins);
+    access.secure_cookies = args.secure_cookies;
+    let http = HttpOptions {
+        token: non_empty(&args.api_token),
+        max_body_bytes: args.max_body_bytes,
+        max_streams: args.max_streams,
+        limits: ServerLimits {
+            max_connections: args.max_connections,
+            header_read_timeout: Duration::from_millis(args.header_timeout_ms),
+            body_read_timeout: Duration::from_millis(args.body_timeout_ms),
+            ..ServerLimits::default()
+        },
+        access,
+        demo_form: args.demo_engines,
+    };
+    if http.token.is_none() {
+        tracing::warn!(listen = %args.listen, "the API has no token: anyone who can reach this address can read and write every process");
+    }
     let mut pod = Pod::builder(&stack)
-        .engines(demo_engines_with(journal))
         .concurrency(args.concurrency)
         .poll_interval(Duration::from_millis(args.poll_ms))
         .grace(Duration::from_millis(args.grace_ms))
         .hard_stop_margin(Duration::from_millis(args.hard_stop_ms))
         .heartbeat_every(Duration::from_millis(args.heartbeat_ms))
         .serve_http(args.listen)
-        .max_body_bytes(args.max_body_bytes);
-    if let Some(token) = non_empty(&args.api_token) {
-        pod = pod.api_token(token);
+        .http_options(http);
+    if args.demo_engines {
+        pod = pod.engines(demo_engines_with(journal));
     }
     let pod = pod.start().await?;
 

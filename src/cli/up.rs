@@ -170,6 +170,7 @@ async fn start_pods(args: &UpArgs, database_url: &str, pods: &mut Vec<Pod>) -> C
         let mut command = Command::new(&exe);
         command
             .arg("pod")
+            .arg("--demo-engines")
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--pod-id", &name])
             .args(["--lease-ttl-ms", &args.lease_ttl_ms.to_string()])

@@ -89,30 +89,42 @@ fn time(at: &DateTime<Utc>) -> String {
     at.format("%Y-%m-%d %H:%M:%S%.3f").to_string()
 }
 
-/// The console's session value for `token`: an HMAC of a fixed label keyed by the token, so
-/// the cookie never carries the token itself, and every pod with the same token accepts it
-/// (cookies are shared across a host's ports: the page can move to another pod).
-pub(super) fn session_value(token: &str) -> String {
+/// How long a console session lasts after sign-in.
+pub(super) const SESSION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+
+fn session_tag(token: &str, expires: i64) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.as_bytes());
-    let tag = ring::hmac::sign(&key, b"proclog console session v1");
+    let tag = ring::hmac::sign(
+        &key,
+        format!("proclog console session v2|{expires}").as_bytes(),
+    );
     tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Whether a request that changes something comes from this pod's own pages: browsers say
-/// where a request comes from (`Sec-Fetch-Site`, else `Origin`); a cross-site or
-/// cross-origin one is refused. Clients that are not browsers send neither and pass.
-pub(super) fn same_origin(headers: &HeaderMap) -> bool {
-    if let Some(site) = headers.get("sec-fetch-site") {
-        return matches!(site.as_bytes(), b"same-origin" | b"none");
-    }
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return true;
-    };
-    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+/// A console session value for `token` ending at `expires` (Unix seconds):
+/// `<expires>.<HMAC of the expiry keyed by the token>`, so the cookie never carries the
+/// token itself, cannot be extended by its holder, and every pod with the same token accepts
+/// it (cookies are shared across a host's ports: the page can move to another pod).
+pub(super) fn session_value(token: &str, expires: i64) -> String {
+    format!("{expires}.{}", session_tag(token, expires))
+}
+
+/// Whether `value` is a session of `token` that has not expired.
+pub(super) fn session_valid(token: &str, value: &str) -> bool {
+    let Some((expires, tag)) = value.split_once('.') else {
         return false;
     };
-    let origin = origin.to_str().unwrap_or_default();
-    origin == format!("http://{host}") || origin == format!("https://{host}")
+    let Ok(expires) = expires.parse::<i64>() else {
+        return false;
+    };
+    expires > Utc::now().timestamp()
+        && super::same_secret(tag.as_bytes(), session_tag(token, expires).as_bytes())
+}
+
+/// A `403` page for a refused request (another host name, a write from another origin).
+pub(super) fn refused_page(message: &str, status: StatusCode) -> Response {
+    let body = format!(r#"<p class="error">{}</p>"#, esc(message));
+    (status, page("Refused", "", &body)).into_response()
 }
 
 /// The session value in the console's cookie, if any.
@@ -127,27 +139,17 @@ pub(super) fn cookie_token(headers: &HeaderMap) -> Option<String> {
         .map(|(_, value)| value.to_owned())
 }
 
-/// Console actions must come from the console's own pages (403 otherwise), and console routes
-/// need the session cookie when the pod has a token: pages redirect to the login form,
-/// actions answer 401.
+/// Console routes need a live session cookie when the pod has a token: pages redirect to the
+/// login form, actions answer 401. (Actions from other origins were refused before this, by
+/// [`super::guard`].)
 pub(super) async fn require_console_token(
     State(state): State<ApiState>,
     request: Request,
     next: Next,
 ) -> Response {
-    let changes_something = !matches!(
-        *request.method(),
-        axum::http::Method::GET | axum::http::Method::HEAD
-    );
-    if changes_something && !same_origin(request.headers()) {
-        let body = r#"<p class="error">This action must come from the console's own page.</p>"#;
-        return (StatusCode::FORBIDDEN, page("Refused", "", body)).into_response();
-    }
     if let Some(expected) = &state.token {
-        let given = cookie_token(request.headers());
-        let expected = session_value(expected);
         let authorized =
-            given.is_some_and(|given| super::same_secret(given.as_bytes(), expected.as_bytes()));
+            cookie_token(request.headers()).is_some_and(|given| session_valid(expected, &given));
         if !authorized {
             if request.method() == axum::http::Method::GET {
                 return Redirect::to("/ui/login").into_response();
@@ -157,6 +159,17 @@ pub(super) async fn require_console_token(
     }
     next.run(request).await
 }
+
+const DEMO_FORM: &str = r#"
+<section class="panel"><h2>Start a demo process</h2>
+<form method="post" action="/ui/demo" class="row" id="demo-form">
+<label>Steps <input type="number" name="steps" min="1" max="1000" value="20"></label>
+<label>Delay per step, ms <input type="number" name="delay_ms" min="0" max="60000" value="500"></label>
+<label>If its pod dies <select name="disposition"><option value="rerun">rerun</option><option value="abandon">abandon</option></select></label>
+<button type="submit">Start</button></form></section>"#;
+
+const LOGOUT_FORM: &str = r#"
+<form method="post" action="/ui/logout" class="row"><button type="submit">Sign out</button></form>"#;
 
 const LOGIN_FORM: &str = r#"<section class="panel"><h2>This pod has an API token</h2>
 <form method="post" action="/ui/login" class="row">
@@ -189,7 +202,8 @@ pub(super) struct LoginForm {
     token: String,
 }
 
-/// `POST /ui/login`: a right token sets the session cookie and goes to the console.
+/// `POST /ui/login`: a right token sets the session cookie (for [`SESSION_LIFETIME`]) and
+/// goes to the console.
 pub(super) async fn login(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -198,20 +212,33 @@ pub(super) async fn login(
     let Some(expected) = &state.token else {
         return Redirect::to("/").into_response();
     };
-    if !same_origin(&headers) {
-        let body = r#"<p class="error">Sign in from the console's own page.</p>"#;
-        return (StatusCode::FORBIDDEN, page("Refused", "", body)).into_response();
-    }
     if !super::same_secret(form.token.as_bytes(), expected.as_bytes()) {
         let body = format!(r#"<p class="error">That token is not this pod's.</p>{LOGIN_FORM}"#);
         return (StatusCode::UNAUTHORIZED, page("Sign in", "", &body)).into_response();
     }
-    let cookie = format!(
-        "{TOKEN_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
-        session_value(expected)
+    let lifetime = SESSION_LIFETIME.as_secs();
+    let expires = Utc::now().timestamp() + lifetime as i64;
+    let cookie = session_cookie(
+        &session_value(expected, expires),
+        lifetime,
+        state.access.cookies_secure(&headers),
     );
-    let mut response = Redirect::to("/").into_response();
-    if let Ok(value) = HeaderValue::from_str(&cookie) {
+    with_cookie(Redirect::to("/").into_response(), &cookie)
+}
+
+/// `POST /ui/logout`: ends the session (the cookie is cleared) and shows the sign-in form.
+pub(super) async fn logout(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    let cookie = session_cookie("", 0, state.access.cookies_secure(&headers));
+    with_cookie(Redirect::to("/ui/login").into_response(), &cookie)
+}
+
+fn session_cookie(value: &str, max_age: u64, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    format!("{TOKEN_COOKIE}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}")
+}
+
+fn with_cookie(mut response: Response, cookie: &str) -> Response {
+    if let Ok(value) = HeaderValue::from_str(cookie) {
         response.headers_mut().insert(header::SET_COOKIE, value);
     }
     response
@@ -306,15 +333,13 @@ pub(super) async fn overview(
     if query.fragment.is_some() {
         return (status, axum::response::Html(live)).into_response();
     }
-    let body = format!(
-        r#"<div id="live" data-refresh="2000">{live}</div>
-<section class="panel"><h2>Start a demo process</h2>
-<form method="post" action="/ui/demo" class="row" id="demo-form">
-<label>Steps <input type="number" name="steps" min="1" max="1000" value="20"></label>
-<label>Delay per step, ms <input type="number" name="delay_ms" min="0" max="60000" value="500"></label>
-<label>If its pod dies <select name="disposition"><option value="rerun">rerun</option><option value="abandon">abandon</option></select></label>
-<button type="submit">Start</button></form></section>"#
-    );
+    let demo = if state.demo_form { DEMO_FORM } else { "" };
+    let session = if state.token.is_some() {
+        LOGOUT_FORM
+    } else {
+        ""
+    };
+    let body = format!(r#"<div id="live" data-refresh="2000">{live}</div>{demo}{session}"#);
     (status, page("Console", &peers, &body)).into_response()
 }
 
@@ -652,6 +677,10 @@ pub(super) async fn start_demo(
     State(state): State<ApiState>,
     Form(form): Form<DemoForm>,
 ) -> Response {
+    if !state.demo_form {
+        let body = r#"<p class="error">This pod does not run the demo engines.</p>"#;
+        return (StatusCode::NOT_FOUND, page("Not found", "", body)).into_response();
+    }
     let number = |raw: &Option<String>, default: u64, max: u64| {
         raw.as_deref()
             .and_then(|raw| raw.trim().parse::<u64>().ok())

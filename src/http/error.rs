@@ -140,6 +140,29 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
+/// `415 unsupported_media_type` unless the request says its body is JSON
+/// (`application/json`, or a `+json` type), as `axum::Json` requires.
+pub fn require_json(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .map(|mime| mime.trim().to_ascii_lowercase())
+        .is_some_and(|mime| {
+            mime == "application/json"
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
+        });
+    if json {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "expected Content-Type: application/json",
+        ))
+    }
+}
+
 /// Parses a process id from a path segment.
 pub fn path_id(raw: &str) -> Result<ProcessId, ApiError> {
     ProcessId::new(raw).map_err(ApiError::from)

@@ -82,7 +82,7 @@ pub(super) async fn record_http(
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+    let method = request.method().clone();
     let started = Instant::now();
     let response = next.run(request).await;
     state.services.http_requests.observe(
@@ -155,6 +155,33 @@ pub(super) async fn render(State(state): State<ApiState>) -> impl IntoResponse {
             value: load(&driver.polls),
         },
     ];
+    let server = &state.server;
+    samples.extend([
+        Sample {
+            name: "proclog_http_connections",
+            kind: Kind::Gauge,
+            help: "HTTP connections open.",
+            value: server.open.load(Ordering::Relaxed) as u64,
+        },
+        Sample {
+            name: "proclog_http_connections_evicted",
+            kind: Kind::Counter,
+            help: "Idle HTTP connections closed to admit a new one at the connection cap.",
+            value: load(&server.evicted),
+        },
+        Sample {
+            name: "proclog_http_connections_refused",
+            kind: Kind::Counter,
+            help: "HTTP connections answered 503 at the cap because every open one was serving a request.",
+            value: load(&server.refused),
+        },
+        Sample {
+            name: "proclog_http_streams",
+            kind: Kind::Gauge,
+            help: "Event streams and awaits being served.",
+            value: state.stream_capacity.saturating_sub(state.streams.available_permits()) as u64,
+        },
+    ]);
     if let Some(worker) = &state.worker {
         samples.extend([
             Sample {

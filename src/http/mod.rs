@@ -7,9 +7,11 @@
 
 mod console;
 mod error;
+pub mod guard;
 mod metrics;
 pub mod openapi;
 mod routes;
+pub mod server;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -24,6 +26,8 @@ use futures::FutureExt;
 use serde_json::json;
 
 pub use error::ApiError;
+pub use guard::AccessPolicy;
+pub use server::{ServerLimits, ServerStats};
 
 use crate::pg::ListenerStatus;
 use crate::pod::WorkerStats;
@@ -31,6 +35,40 @@ use crate::pod_services::PodServices;
 
 /// Default request body limit (a batch of events fits; one payload is limited separately).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// Default cap on long-lived requests (event streams and awaits) served at once.
+pub const DEFAULT_MAX_STREAMS: usize = 256;
+
+/// Settings of a pod's HTTP API and its server.
+#[derive(Clone, Debug)]
+pub struct HttpOptions {
+    /// Bearer token required on `/v1` (and the console's sign-in) when set.
+    pub token: Option<String>,
+    /// The largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Most event streams and awaits served at once; past it they are answered
+    /// `503 too_many_streams`.
+    pub max_streams: usize,
+    /// Connections, header and body timeouts.
+    pub limits: ServerLimits,
+    /// Hosts, origins and cookies.
+    pub access: AccessPolicy,
+    /// Whether the console offers its form that starts a demo process (the demo engines run
+    /// on this pod).
+    pub demo_form: bool,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            token: None,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_streams: DEFAULT_MAX_STREAMS,
+            limits: ServerLimits::default(),
+            access: AccessPolicy::default(),
+            demo_form: false,
+        }
+    }
+}
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -41,6 +79,47 @@ pub struct ApiState {
     pub worker: Option<Arc<WorkerStats>>,
     /// Bearer token required on `/v1` when set.
     pub token: Option<Arc<str>>,
+    /// Permits for long-lived requests (streams, awaits).
+    pub streams: Arc<tokio::sync::Semaphore>,
+    /// How many permits `streams` started with.
+    pub stream_capacity: usize,
+    /// Hosts, origins and cookies.
+    pub access: Arc<AccessPolicy>,
+    /// The server's connection counters.
+    pub server: Arc<ServerStats>,
+    /// Whether the console offers to start a demo process.
+    pub demo_form: bool,
+}
+
+impl ApiState {
+    /// The state of an API over `services` (and the worker's counters, if it runs one).
+    pub fn new(
+        services: Arc<PodServices>,
+        worker: Option<Arc<WorkerStats>>,
+        options: &HttpOptions,
+    ) -> Self {
+        Self {
+            services,
+            worker,
+            token: options.token.as_deref().map(Arc::from),
+            streams: Arc::new(tokio::sync::Semaphore::new(options.max_streams)),
+            stream_capacity: options.max_streams,
+            access: Arc::new(options.access.clone()),
+            server: Arc::new(ServerStats::default()),
+            demo_form: options.demo_form,
+        }
+    }
+
+    /// A permit for one long-lived request, or `503 too_many_streams` when all are taken.
+    pub(crate) fn stream_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        Arc::clone(&self.streams).try_acquire_owned().map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_streams",
+                "this pod serves as many streams and awaits as it may; retry shortly or ask another pod",
+            )
+        })
+    }
 }
 
 /// The whole router: `/v1/...` (behind the optional token), `/healthz`, `/readyz`, `/metrics`.
@@ -66,13 +145,15 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/ui/processes/{id}", get(console::process_page))
         .route("/ui/processes/{id}/cancel", post(console::cancel))
         .route("/ui/demo", post(console::start_demo))
+        .route("/ui/logout", post(console::logout))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             console::require_console_token,
         ))
         .route("/ui/login", get(console::login_form).post(console::login))
         .route("/ui/assets/{file}", get(console::asset));
-    Router::new()
+    let access = Arc::clone(&state.access);
+    let mut router = Router::new()
         .nest("/v1", v1)
         .merge(console)
         .route("/healthz", get(healthz))
@@ -86,6 +167,14 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::map_response(json_errors))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&access),
+            guard::guard,
+        ));
+    if !access.allowed_origins.is_empty() {
+        router = router.layer(guard::cors(&access));
+    }
+    router
         .layer(middleware::from_fn(catch_panic))
         .with_state(state)
 }
@@ -186,9 +275,8 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
         // The console's session cookie opens reads only (its pages stream events with it):
         // a write must carry the token itself.
         if !authorized && matches!(*request.method(), axum::http::Method::GET) {
-            let session = console::session_value(expected);
             authorized = console::cookie_token(request.headers())
-                .is_some_and(|given| same_secret(given.as_bytes(), session.as_bytes()));
+                .is_some_and(|given| console::session_valid(expected, &given));
         }
         if !authorized {
             let mut response = ApiError::new(
@@ -240,7 +328,7 @@ async fn healthz() -> impl IntoResponse {
 async fn readyz(State(state): State<ApiState>) -> Response {
     let schema = tokio::time::timeout(
         READINESS_TIMEOUT,
-        crate::pg::migrate::schema_version(&state.services.pool),
+        crate::pg::migrate::schema_version(&state.services.probe_pool),
     )
     .await
     .unwrap_or_else(|_| {

@@ -272,7 +272,7 @@ pub(super) struct StreamQuery {
         (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
         (status = 404, description = "Unknown process (`not_found`)", body = ErrorBody),
         (status = 500, description = "Unexpected failure, logged (`database_error`, `internal_error`)", body = ErrorBody),
-        (status = 503, description = "Database unavailable (`unavailable`)", body = ErrorBody)
+        (status = 503, description = "Database unavailable (`unavailable`), or the pod serves as many streams and awaits as it may (`too_many_streams`)", body = ErrorBody)
     )
 )]
 pub(super) async fn stream(
@@ -312,7 +312,8 @@ pub(super) async fn stream(
         }
         _ => {}
     }
-    Ok(event_stream(&state, id, after).into_response())
+    let permit = state.stream_permit()?;
+    Ok(event_stream(&state, id, after, permit).into_response())
 }
 
 /// The SSE stream of `id` after `after`: each event with its seq as the SSE id and its type as
@@ -321,12 +322,15 @@ fn event_stream(
     state: &ApiState,
     id: ProcessId,
     after: i64,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<>> {
     let events = state
         .services
         .subscriptions
         .subscribe(id, after)
-        .map(|item| {
+        .map(move |item| {
+            // The stream holds its slot among the pod's streams until it ends or is dropped.
+            let _held = &permit;
             Ok(match item {
                 Ok(event) => Event::default()
                     .id(event.seq.to_string())
@@ -384,7 +388,7 @@ pub(super) struct CancelBody {
 #[utoipa::path(
     post, path = "/v1/processes/{id}/cancel", tag = "processes",
     params(("id" = ProcessId, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]")),
-    request_body(content = Option<CancelBody>, description = "Optional: a reason and a replay key"),
+    request_body(content = Option<CancelBody>, description = "Optional: a reason and a replay key. `Content-Type: application/json` is required, also with an empty body"),
     responses(
         (status = 200, description = "Requested; the process as it is now (cancelled at once when nobody runs it)", body = ProcessRecord),
         (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
@@ -392,6 +396,7 @@ pub(super) struct CancelBody {
         (status = 404, description = "Unknown process (`not_found`)", body = ErrorBody),
         (status = 409, description = "Refused by the process's state (`conflict`, `replay_conflict`, `process_terminal`, `already_terminal`, `lease_lost`)", body = ErrorBody),
         (status = 413, description = "Payload or body too large (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "Not JSON (`unsupported_media_type`)", body = ErrorBody),
         (status = 500, description = "Unexpected failure, logged (`database_error`, `internal_error`)", body = ErrorBody),
         (status = 503, description = "Database unavailable (`unavailable`)", body = ErrorBody)
     )
@@ -399,9 +404,12 @@ pub(super) struct CancelBody {
 pub(super) async fn cancel(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let id = path_id(&id)?;
+    // Like every write, only JSON: an HTML form on another site cannot send it.
+    super::error::require_json(&headers)?;
     let body = if body.is_empty() {
         CancelBody::default()
     } else {
@@ -443,7 +451,7 @@ pub(super) struct AwaitQuery {
         (status = 404, description = "Unknown process (`not_found`)", body = ErrorBody),
         (status = 408, description = "The process did not end in time (`timeout`)", body = ErrorBody),
         (status = 500, description = "Unexpected failure, logged (`database_error`, `internal_error`)", body = ErrorBody),
-        (status = 503, description = "Database unavailable (`unavailable`)", body = ErrorBody)
+        (status = 503, description = "Database unavailable (`unavailable`), or the pod serves as many streams and awaits as it may (`too_many_streams`)", body = ErrorBody)
     )
 )]
 pub(super) async fn await_terminal(
@@ -461,6 +469,7 @@ pub(super) async fn await_terminal(
             MAX_AWAIT.as_millis()
         )));
     }
+    let _permit = state.stream_permit()?;
     let terminal = state.services.driver.await_terminal(&id, timeout).await?;
     Ok(axum::Json(terminal).into_response())
 }

@@ -313,6 +313,9 @@ async fn send_probe(target: &DatabaseTarget, probe: &str) -> Result<(), tokio_po
     Ok(())
 }
 
+/// The oldest notice stamp the latency histogram believes.
+const PLAUSIBLE_NOTICE_AGE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
 /// Turns one notification into a hub tick, ignoring our own pod's notices (already ticked
 /// locally), probes and anything malformed.
 fn forward(notification: &Notification, targets: &Targets, own_pod: &str, stats: &ListenerStats) {
@@ -326,9 +329,15 @@ fn forward(notification: &Notification, targets: &Targets, own_pod: &str, stats:
         EVENTS_CHANNEL => EventNotice::from_payload(notification.payload())
             .filter(|notice| notice.pod != own_pod)
             .map(|notice| {
+                // Any database login may NOTIFY on this channel: a stamp from the future or
+                // older than a minute is skew or forgery, and is not measured.
                 if let Some(sent) = notice
                     .sent_at_us
                     .and_then(chrono::DateTime::from_timestamp_micros)
+                    .filter(|sent| {
+                        let age = chrono::Utc::now() - *sent;
+                        age >= -chrono::TimeDelta::seconds(1) && age <= PLAUSIBLE_NOTICE_AGE
+                    })
                 {
                     stats.notice_latency.observe_since(sent);
                 }

@@ -8,12 +8,9 @@ use std::time::Duration;
 use super::engine::{Engines, ProcessEngine};
 use super::worker::{Worker, WorkerConfig, WorkerStats};
 use crate::error::ProcessError;
-use crate::http::{ApiState, DEFAULT_MAX_BODY_BYTES, router};
+use crate::http::{ApiState, HttpOptions, router};
 use crate::stack::Proclog;
 
-/// How long the HTTP server may take to close its connections (open SSE streams included)
-/// after the worker has drained.
-const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How long a stopping pod waits for its last hints to go out.
 const HINT_FLUSH: Duration = Duration::from_secs(2);
 
@@ -63,8 +60,10 @@ pub struct Pod {
 
 struct HttpServer {
     address: SocketAddr,
+    stats: Arc<crate::http::ServerStats>,
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Ends within the server's close grace once stopped (see [`crate::http::server::serve`]).
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// Settings of a [`Pod`]; see [`Pod::builder`].
@@ -74,8 +73,7 @@ pub struct PodBuilder<'a> {
     engines: Engines,
     config: WorkerConfig,
     http: Option<SocketAddr>,
-    api_token: Option<String>,
-    max_body_bytes: usize,
+    http_options: HttpOptions,
     heartbeat_every: Duration,
 }
 
@@ -94,8 +92,7 @@ impl Pod {
                 ..WorkerConfig::new(stack.pod_id())
             },
             http: None,
-            api_token: None,
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            http_options: HttpOptions::default(),
             heartbeat_every: DEFAULT_HEARTBEAT,
         }
     }
@@ -103,6 +100,11 @@ impl Pod {
     /// The address the HTTP API listens on, when it was asked for.
     pub fn http_address(&self) -> Option<SocketAddr> {
         self.http.as_ref().map(|http| http.address)
+    }
+
+    /// The HTTP server's connection counters, when it serves HTTP.
+    pub fn http_stats(&self) -> Option<&Arc<crate::http::ServerStats>> {
+        self.http.as_ref().map(|http| &http.stats)
     }
 
     /// The worker's counters (`None` for a pod of concurrency 0).
@@ -124,7 +126,7 @@ impl Pod {
         }
         if let Some(http) = self.http {
             let _ = http.stop.send(());
-            let _ = tokio::time::timeout(HTTP_CLOSE_GRACE, http.task).await;
+            let _ = http.task.await;
         }
         if let Some(presence) = self.presence {
             presence.stopped().await;
@@ -180,13 +182,20 @@ impl PodBuilder<'_> {
 
     /// Requires `Authorization: Bearer <token>` on `/v1`.
     pub fn api_token(mut self, token: impl Into<String>) -> Self {
-        self.api_token = Some(token.into());
+        self.http_options.token = Some(token.into());
         self
     }
 
     /// The largest HTTP request body, in bytes (default 8 MiB).
     pub fn max_body_bytes(mut self, limit: usize) -> Self {
-        self.max_body_bytes = limit;
+        self.http_options.max_body_bytes = limit;
+        self
+    }
+
+    /// Every setting of the HTTP API at once (token, body and stream caps, connection limits,
+    /// allowed hosts and origins); see [`HttpOptions`].
+    pub fn http_options(mut self, options: HttpOptions) -> Self {
+        self.http_options = options;
         self
     }
 
@@ -229,11 +238,10 @@ impl PodBuilder<'_> {
         let http = match self.http {
             None => None,
             Some(address) => {
-                let state = ApiState {
-                    services: Arc::clone(&services),
-                    worker: stats.clone(),
-                    token: self.api_token.as_deref().map(Arc::from),
-                };
+                let mut options = self.http_options.clone();
+                options.limits.max_connections =
+                    crate::http::server::raise_file_limit(options.limits.max_connections);
+                let state = ApiState::new(Arc::clone(&services), stats.clone(), &options);
                 let listener = tokio::net::TcpListener::bind(address)
                     .await
                     .map_err(|err| {
@@ -243,16 +251,21 @@ impl PodBuilder<'_> {
                     ProcessError::InvalidInput(format!("cannot listen on {address}: {err}"))
                 })?;
                 let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-                let task = tokio::spawn(
-                    axum::serve(listener, router(state, self.max_body_bytes))
-                        .with_graceful_shutdown(async {
-                            let _ = stopped.await;
-                        })
-                        .into_future(),
-                );
+                let server_stats = Arc::clone(&state.server);
+                let server_stats_handle = Arc::clone(&state.server);
+                let task = tokio::spawn(crate::http::server::serve(
+                    listener,
+                    router(state, options.max_body_bytes),
+                    options.limits.clone(),
+                    server_stats,
+                    async {
+                        let _ = stopped.await;
+                    },
+                ));
                 tracing::info!(pod = %services.pod_id, %address, "serving the API");
                 Some(HttpServer {
                     address,
+                    stats: server_stats_handle,
                     stop,
                     task,
                 })

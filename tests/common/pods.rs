@@ -37,6 +37,7 @@ fn spawn_pod(
         .unwrap();
     Command::new(binary)
         .arg("pod")
+        .arg("--demo-engines")
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--pod-id", name])
         .args(flags)

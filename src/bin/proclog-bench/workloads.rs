@@ -619,11 +619,7 @@ pub async fn http_appends(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
             pod_options(concurrency),
         )?);
         warm(&services.pool, concurrency).await?;
-        let state = ApiState {
-            services,
-            worker: None,
-            token: None,
-        };
+        let state = ApiState::new(services, None, &proclog::http::HttpOptions::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         bases.push(format!("http://{}", listener.local_addr()?));
         servers.push(tokio::spawn(
