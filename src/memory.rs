@@ -275,8 +275,20 @@ impl ProcessRegistry for InMemoryProcessRegistry {
             .cloned()
             .collect();
         matching.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-        let has_more = matching.len() > limit;
-        matching.truncate(limit);
+        // The page budget, as in Postgres: records are taken while the inputs and outputs
+        // before them add up to less than it.
+        let size = |value: &serde_json::Value| serde_json::to_vec(value).map_or(0, |t| t.len());
+        let mut bytes = 0usize;
+        let within_budget = matching
+            .iter()
+            .take_while(|record| {
+                let take = bytes < self.config.max_page_bytes;
+                bytes += size(&record.input) + record.terminal.as_ref().map_or(0, |t| size(&t.output));
+                take
+            })
+            .count();
+        let has_more = matching.len() > limit.min(within_budget);
+        matching.truncate(limit.min(within_budget));
         let next = has_more.then(|| {
             let last = matching.last().expect("a full page is not empty");
             ListCursor {
@@ -348,13 +360,22 @@ impl ProcessRegistry for InMemoryProcessRegistry {
         let entry = processes
             .get(id)
             .ok_or_else(|| ProcessError::NotFound(id.clone()))?;
-        Ok(entry
+        let budget = self.config.max_page_bytes;
+        let mut bytes = 0usize;
+        let mut page = Vec::new();
+        for event in entry
             .events
             .iter()
             .filter(|event| event.seq > after_seq)
             .take(limit as usize)
-            .cloned()
-            .collect())
+        {
+            if bytes >= budget {
+                break;
+            }
+            bytes += serde_json::to_vec(&event.payload).map_or(0, |text| text.len());
+            page.push(event.clone());
+        }
+        Ok(page)
     }
 
     async fn complete_process(

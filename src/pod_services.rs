@@ -39,6 +39,8 @@ pub struct PodServicesOptions {
     pub notice_capacity: usize,
     /// Largest payload accepted, in bytes.
     pub max_payload_bytes: usize,
+    /// Byte budget of one page of events (see `RegistryConfig::max_page_bytes`).
+    pub max_page_bytes: usize,
     /// Listener tuning.
     pub listener: ListenerOptions,
     /// A direct (unpooled) URL for the listener, when the main URL goes through a pooler in
@@ -68,6 +70,7 @@ impl PodServicesOptions {
             pool_size: 16,
             notice_capacity: 65_536,
             max_payload_bytes: crate::validate::DEFAULT_MAX_PAYLOAD_BYTES,
+            max_page_bytes: crate::validate::DEFAULT_MAX_PAGE_BYTES,
             listener: ListenerOptions::default(),
             listener_database_url: None,
             statement_timeout: (ttl / 2).min(Duration::from_secs(5)),
@@ -202,7 +205,9 @@ impl PodServices {
             pod_id,
             options.listener.clone(),
         );
-        let config = RegistryConfig::new(pod_id).with_max_payload_bytes(options.max_payload_bytes);
+        let config = RegistryConfig::new(pod_id)
+            .with_max_payload_bytes(options.max_payload_bytes)
+            .with_max_page_bytes(options.max_page_bytes);
         let leases: Arc<dyn ProcessRegistry> = Arc::new(
             PgProcessRegistry::new(lease_pool, config.clone())
                 .with_call_timeout(options.lease_call_timeout),

@@ -80,7 +80,11 @@ pub trait ProcessRegistry: Send + Sync {
         requests: Vec<AppendRequest>,
     ) -> ProcessResult<Vec<AppendOutcome>>;
 
-    /// Events with `seq > after_seq`, ascending, at most `limit` (1 to 10,000).
+    /// Events with `seq > after_seq`, ascending, at most `limit` (1 to 10,000), and bounded in
+    /// bytes: events are added while the payloads before them add up to less than
+    /// [`RegistryConfig::max_page_bytes`], so a page holds at least one event (when any
+    /// follows) and exceeds the budget by at most one. A page may thus hold fewer than `limit`
+    /// events while more follow: read on from the last seq until a page comes back empty.
     /// Unknown process: `NotFound`, never an empty list.
     async fn events_after(
         &self,
@@ -148,15 +152,26 @@ pub struct RegistryConfig {
     pub writer: String,
     /// Largest payload, input or output accepted, serialized, in bytes.
     pub max_payload_bytes: usize,
+    /// Byte budget of one `events_after` page (payloads, serialized): a read holds about this
+    /// much at most, whatever `limit` says.
+    pub max_page_bytes: usize,
 }
 
 impl RegistryConfig {
-    /// A config for `writer` with the default payload limit (256 KiB).
+    /// A config for `writer` with the default payload limit (256 KiB) and page budget
+    /// (1 MiB).
     pub fn new(writer: impl Into<String>) -> Self {
         Self {
             writer: writer.into(),
             max_payload_bytes: crate::validate::DEFAULT_MAX_PAYLOAD_BYTES,
+            max_page_bytes: crate::validate::DEFAULT_MAX_PAGE_BYTES,
         }
+    }
+
+    /// The same config with another page budget (see [`RegistryConfig::max_page_bytes`]).
+    pub fn with_max_page_bytes(mut self, budget: usize) -> Self {
+        self.max_page_bytes = budget;
+        self
     }
 
     /// The same config with another payload limit.

@@ -143,6 +143,7 @@ impl ProclogBuilder {
         self.options = PodServicesOptions {
             notice_capacity: keep.notice_capacity,
             max_payload_bytes: keep.max_payload_bytes,
+            max_page_bytes: keep.max_page_bytes,
             listener: keep.listener,
             listener_database_url: keep.listener_database_url,
             ..PodServicesOptions::for_lease_ttl(ttl)
@@ -160,6 +161,13 @@ impl ProclogBuilder {
     /// pooler.
     pub fn listener_database_url(mut self, url: impl Into<String>) -> Self {
         self.options.listener_database_url = Some(url.into());
+        self
+    }
+
+    /// The byte budget of one page of events read (default 1 MiB; see
+    /// [`crate::RegistryConfig::max_page_bytes`]).
+    pub fn max_page_bytes(mut self, budget: usize) -> Self {
+        self.options.max_page_bytes = budget;
         self
     }
 

@@ -18,6 +18,8 @@ pub const MAX_REPLAY_KEY_CHARS: usize = 256;
 pub const MAX_BATCH_EVENTS: usize = 10_000;
 /// Default limit of one payload (or input, or output), serialized, in bytes.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+/// Default byte budget of one page of events (see `RegistryConfig::max_page_bytes`).
+pub const DEFAULT_MAX_PAGE_BYTES: usize = 1024 * 1024;
 /// Deepest nesting of arrays and objects accepted in a payload, input, output or reason.
 /// `serde_json` refuses to read values nested 128 levels or more, so anything deeper could be
 /// stored but never read back; this bound keeps every stored value readable, with room to

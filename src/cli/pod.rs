@@ -101,6 +101,10 @@ pub struct PodArgs {
     /// Largest event payload, process input or output, in bytes.
     #[arg(long, env = "PROCLOG_MAX_PAYLOAD_BYTES", default_value_t = crate::validate::DEFAULT_MAX_PAYLOAD_BYTES)]
     pub max_payload_bytes: usize,
+    /// Byte budget of one page of events (API pages, streams, the console): a page stops once
+    /// its payloads reach it (always at least one event).
+    #[arg(long, env = "PROCLOG_MAX_PAGE_BYTES", default_value_t = crate::validate::DEFAULT_MAX_PAGE_BYTES)]
+    pub max_page_bytes: usize,
     /// Largest HTTP request body, in bytes.
     #[arg(long, env = "PROCLOG_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
@@ -160,6 +164,7 @@ fn check_settings(args: &PodArgs, pod_id: &str) -> Result<(), String> {
     for (flag, value, max) in [
         ("--max-connections", args.max_connections, 1_000_000),
         ("--max-streams", args.max_streams, 100_000),
+        ("--max-page-bytes", args.max_page_bytes, validate::MAX_BATCH_BYTES),
     ] {
         if !(1..=max).contains(&value) {
             return Err(format!("{flag} must be 1 to {max}, got {value}"));
@@ -197,6 +202,7 @@ pub async fn run(args: PodArgs) -> CliResult {
         .lease_ttl(Duration::from_millis(args.lease_ttl_ms))
         .pool_size(args.pool_size)
         .max_payload_bytes(args.max_payload_bytes)
+        .max_page_bytes(args.max_page_bytes)
         .startup_timeout(Duration::from_millis(args.startup_timeout_ms));
     if let Some(url) = non_empty(&args.listener_database_url) {
         stack = stack

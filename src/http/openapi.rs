@@ -40,8 +40,12 @@ pub struct ProcessList {
 /// Events of a log, ascending.
 #[derive(Serialize, ToSchema)]
 pub struct EventPage {
-    /// The events.
+    /// The events: at most `limit`, and about the pod's page budget in bytes
+    /// (`PROCLOG_MAX_PAGE_BYTES`), so possibly fewer while more follow.
     pub events: Vec<ProcessEvent>,
+    /// The seq to read on from (`after=`): the last seq of this page; `null` when the page is
+    /// empty (nothing after `after` yet).
+    pub next_after: Option<i64>,
 }
 
 /// The answer to one append.

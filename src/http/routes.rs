@@ -231,7 +231,7 @@ pub(super) struct EventsQuery {
     get, path = "/v1/processes/{id}/events", tag = "events",
     params(("id" = ProcessId, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]"), EventsQuery),
     responses(
-        (status = 200, description = "Events after `after`, ascending", body = EventPage),
+        (status = 200, description = "Events after `after`, ascending, at most `limit` and about the page budget in bytes: read on from `next_after` until a page is empty", body = EventPage),
         (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
         (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
         (status = 404, description = "Unknown process (`not_found`)", body = ErrorBody),
@@ -250,7 +250,8 @@ pub(super) async fn events(
         .registry
         .events_after(&id, query.after, query.limit.unwrap_or(100))
         .await?;
-    Ok(axum::Json(json!({"events": events})).into_response())
+    let next_after = events.last().map(|event| event.seq);
+    Ok(axum::Json(json!({"events": events, "next_after": next_after})).into_response())
 }
 
 #[derive(Deserialize, IntoParams)]

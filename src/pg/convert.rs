@@ -73,6 +73,27 @@ macro_rules! event_columns {
 }
 pub(crate) use event_columns;
 
+/// A `json`/`jsonb` value with the size of its text, read in one pass.
+struct SizedJson(serde_json::Value, usize);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for SizedJson {
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn StdError + Sync + Send>> {
+        let text = if *ty == Type::JSONB {
+            match raw.split_first() {
+                Some((1, text)) => text,
+                _ => return Err("unsupported jsonb format version".into()),
+            }
+        } else {
+            raw
+        };
+        Ok(SizedJson(serde_json::from_slice(text)?, text.len()))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSON || *ty == Type::JSONB
+    }
+}
+
 /// A JSON column of process `id`'s row (`location` names it in the error): a value that
 /// cannot be decoded is [`ProcessError::Undecodable`], which fails this read alone.
 pub(crate) fn json_at(
@@ -81,7 +102,19 @@ pub(crate) fn json_at(
     id: &ProcessId,
     location: impl FnOnce() -> String,
 ) -> Result<serde_json::Value, ProcessError> {
-    row.try_get(index).map_err(|err| {
+    sized_json_at(row, index, id, location).map(|(value, _)| value)
+}
+
+/// [`json_at`], with the size of the value's text in bytes.
+fn sized_json_at(
+    row: &Row,
+    index: usize,
+    id: &ProcessId,
+    location: impl FnOnce() -> String,
+) -> Result<(serde_json::Value, usize), ProcessError> {
+    row.try_get::<_, SizedJson>(index)
+        .map(|SizedJson(value, size)| (value, size))
+        .map_err(|err| {
         let reason =
             std::error::Error::source(&err).map_or_else(|| err.to_string(), |s| s.to_string());
         ProcessError::Undecodable {
@@ -114,32 +147,49 @@ fn terminal_at(
     first: usize,
     id: &ProcessId,
 ) -> Result<Option<TerminalRecord>, ProcessError> {
+    sized_terminal_at(row, first, id).map(|(terminal, _)| terminal)
+}
+
+/// [`terminal_at`], with the size of the output's text in bytes (0 when none).
+fn sized_terminal_at(
+    row: &Row,
+    first: usize,
+    id: &ProcessId,
+) -> Result<(Option<TerminalRecord>, usize), ProcessError> {
     let state: Option<String> = row.try_get(first).map_err(db_error)?;
     let Some(state) = state else {
-        return Ok(None);
+        return Ok((None, 0));
     };
-    Ok(Some(TerminalRecord {
+    let (output, size) = sized_json_at(row, first + 2, id, || "output".into())?;
+    let terminal = TerminalRecord {
         state: state
             .parse::<TerminalState>()
             .map_err(|err| corrupt("terminal state", err))?,
         seq: row.try_get(first + 1).map_err(db_error)?,
-        output: json_at(row, first + 2, id, || "output".into())?,
+        output,
         completed_at: row.try_get(first + 3).map_err(db_error)?,
-    }))
+    };
+    Ok((Some(terminal), size))
 }
 
 /// A process record from a row of [`PROCESS_COLUMNS`].
 pub(crate) fn process_from_row(row: &Row) -> Result<ProcessRecord, ProcessError> {
+    sized_process_from_row(row).map(|(record, _)| record)
+}
+
+/// [`process_from_row`], with the size of its input's and output's text in bytes.
+pub(crate) fn sized_process_from_row(row: &Row) -> Result<(ProcessRecord, usize), ProcessError> {
     let id: String = row.try_get(0).map_err(db_error)?;
     let id = ProcessId::new(id).map_err(|err| corrupt("process id", err))?;
     let disposition: String = row.try_get(3).map_err(db_error)?;
     let status: String = row.try_get(4).map_err(db_error)?;
     let lease_owner: Option<String> = row.try_get(8).map_err(db_error)?;
     let lease_expires_at = row.try_get(10).map_err(db_error)?;
-    let terminal = terminal_at(row, 11, &id)?;
+    let (terminal, output_size) = sized_terminal_at(row, 11, &id)?;
     let lease_generation = row.try_get(9).map_err(db_error)?;
-    Ok(ProcessRecord {
-        input: json_at(row, 2, &id, || "input".into())?,
+    let (input, input_size) = sized_json_at(row, 2, &id, || "input".into())?;
+    let record = ProcessRecord {
+        input,
         id,
         kind: row.try_get(1).map_err(db_error)?,
         disposition: disposition
@@ -160,7 +210,8 @@ pub(crate) fn process_from_row(row: &Row) -> Result<ProcessRecord, ProcessError>
             _ => None,
         },
         terminal,
-    })
+    };
+    Ok((record, input_size + output_size))
 }
 
 /// An event of `process_id` from a row starting with [`EVENT_COLUMNS`].
@@ -168,17 +219,27 @@ pub(crate) fn event_from_row(
     process_id: &ProcessId,
     row: &Row,
 ) -> Result<ProcessEvent, ProcessError> {
+    sized_event_from_row(process_id, row).map(|(event, _)| event)
+}
+
+/// [`event_from_row`], with the size of the payload's text in bytes.
+pub(crate) fn sized_event_from_row(
+    process_id: &ProcessId,
+    row: &Row,
+) -> Result<(ProcessEvent, usize), ProcessError> {
     let seq: i64 = row.try_get(0).map_err(db_error)?;
-    Ok(ProcessEvent {
+    let (payload, size) = sized_json_at(row, 2, process_id, || format!("event {seq} payload"))?;
+    let event = ProcessEvent {
         process_id: process_id.clone(),
         seq,
         event_type: row.try_get(1).map_err(db_error)?,
-        payload: json_at(row, 2, process_id, || format!("event {seq} payload"))?,
+        payload,
         replay_key: row.try_get(3).map_err(db_error)?,
         occurred_at: row.try_get(4).map_err(db_error)?,
         writer: row.try_get(5).map_err(db_error)?,
         lease_generation: row.try_get(6).map_err(db_error)?,
-    })
+    };
+    Ok((event, size))
 }
 
 fn terminal_detail(db: &DbError) -> Result<TerminalState, ProcessError> {

@@ -15,7 +15,7 @@ use tokio_postgres::types::ToSql;
 
 use super::convert::{
     JsonText, PROCESS_COLUMNS, db_error, event_columns, event_from_row, pool_error,
-    process_columns, process_from_row, terminal_from_row, write_error,
+    process_columns, process_from_row, sized_event_from_row, sized_process_from_row, terminal_from_row, write_error,
 };
 use super::group::{GroupCommit, GroupCommitOptions, GroupCommitStats, Pending};
 use crate::error::{ProcessError, ProcessResult};
@@ -95,6 +95,20 @@ const APPEND_UNKEYED: &str = "
            CASE WHEN $3::uuid IS NULL THEN NULL ELSE p.lease_generation END
       FROM p, unnest($4::text[], $5::jsonb[]) WITH ORDINALITY AS r(t, p, ord)
     RETURNING seq, occurred_at, lease_generation";
+
+/// One page of a log: at most `$3` events after seq `$2`, taken while the payloads before
+/// each (by stored size, which `pg_column_size` reads without decompressing) add up to less
+/// than `$4` bytes; the first event always.
+const EVENTS_PAGE: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM (SELECT e.*, sum(pg_column_size(e.payload)) OVER (ORDER BY e.seq) AS upto
+            FROM proclog.events e
+           WHERE e.process_id = $1 AND e.seq > $2
+           ORDER BY e.seq LIMIT $3) page
+     WHERE upto - pg_column_size(payload) < $4
+     ORDER BY seq"
+);
 
 /// The bound on a group commit flusher's statements when the registry has no call timeout.
 const FLUSHER_CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -211,6 +225,55 @@ impl PgProcessRegistry {
             Ok(result) => result,
             Err(_) => {
                 // The connection may still carry the unanswered call: never reuse it.
+                drop(Object::take(client));
+                Err(ProcessError::Unavailable(format!(
+                    "no answer from the database within {limit:?}"
+                )))
+            }
+        }
+    }
+
+    /// Runs `sql` and decodes its rows one at a time with `decode` (which also gives each
+    /// row's size in bytes), stopping once the rows taken reach `budget` bytes: a page held
+    /// to a byte budget in memory even when the statement's own cut (by stored, possibly
+    /// compressed sizes) lets more through. Rows not taken are discarded as they arrive.
+    /// Returns the rows taken and whether any were left.
+    async fn query_page<T>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        budget: usize,
+        mut decode: impl FnMut(&tokio_postgres::Row) -> ProcessResult<(T, usize)>,
+    ) -> ProcessResult<(Vec<T>, bool)> {
+        let client = self.client().await?;
+        let call = async {
+            let statement = client.prepare_cached(sql).await.map_err(db_error)?;
+            let rows = client
+                .query_raw(&statement, params.iter().copied())
+                .await
+                .map_err(db_error)?;
+            futures::pin_mut!(rows);
+            let mut taken = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(row) = futures::TryStreamExt::try_next(&mut rows)
+                .await
+                .map_err(db_error)?
+            {
+                if bytes >= budget {
+                    return Ok((taken, true));
+                }
+                let (item, size) = decode(&row)?;
+                bytes = bytes.saturating_add(size);
+                taken.push(item);
+            }
+            Ok((taken, false))
+        };
+        let Some(limit) = self.call_timeout else {
+            return call.await;
+        };
+        match tokio::time::timeout(limit, call).await {
+            Ok(result) => result,
+            Err(_) => {
                 drop(Object::take(client));
                 Err(ProcessError::Unavailable(format!(
                     "no answer from the database within {limit:?}"
@@ -470,22 +533,40 @@ impl ProcessRegistry for PgProcessRegistry {
             ));
         }
         params.push(&fetch);
+        let budget = i64::try_from(self.config.max_page_bytes).unwrap_or(i64::MAX);
+        params.push(&budget);
         let where_clause = if conditions.is_empty() {
             String::new()
         } else {
             format!("WHERE {}", conditions.join(" AND "))
         };
+        // Held to the page budget like events_after: by stored sizes here, by sizes as read
+        // in query_page.
         let sql = format!(
-            "SELECT {PROCESS_COLUMNS} FROM proclog.processes {where_clause}
-             ORDER BY created_at, process_id LIMIT ${}",
+            "WITH page AS (
+                 SELECT p.*,
+                        sum(pg_column_size(p.input) + coalesce(pg_column_size(p.output), 0))
+                            OVER (ORDER BY created_at, process_id) AS upto
+                   FROM proclog.processes p {where_clause}
+                  ORDER BY created_at, process_id LIMIT ${})
+             SELECT {PROCESS_COLUMNS}, (SELECT count(*) FROM page) AS found FROM page
+              WHERE upto - pg_column_size(input) - coalesce(pg_column_size(output), 0) < ${}
+              ORDER BY created_at, process_id",
+            params.len() - 1,
             params.len()
         );
-        let rows = self.query(&sql, &params).await?;
-        let mut processes = rows
-            .iter()
-            .map(process_from_row)
-            .collect::<ProcessResult<Vec<_>>>()?;
-        let has_more = processes.len() > limit as usize;
+        let mut found = 0i64;
+        let (mut processes, cut) = self
+            .query_page(&sql, &params, self.config.max_page_bytes, |row| {
+                found = row.try_get(16).map_err(db_error)?;
+                sized_process_from_row(row)
+            })
+            .await?;
+        // More follow when the statement found more than a page, or a budget cut it short
+        // (here, or in the statement: then it returned fewer rows than it found).
+        let has_more = processes.len() > limit as usize
+            || cut
+            || usize::try_from(found).unwrap_or(usize::MAX) > processes.len();
         processes.truncate(limit as usize);
         let next = has_more.then(|| {
             let last = processes.last().expect("a full page is not empty");
@@ -546,21 +627,19 @@ impl ProcessRegistry for PgProcessRegistry {
         limit: u32,
     ) -> ProcessResult<Vec<ProcessEvent>> {
         validate::events_after(after_seq, limit)?;
-        let rows = self
-            .query(
-                concat!(
-                    "SELECT ",
-                    event_columns!(),
-                    " FROM proclog.events
-                      WHERE process_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
-                ),
-                &[&id.as_str(), &after_seq, &i64::from(limit)],
+        let budget = i64::try_from(self.config.max_page_bytes).unwrap_or(i64::MAX);
+        let (events, _) = self
+            .query_page(
+                EVENTS_PAGE,
+                &[&id.as_str(), &after_seq, &i64::from(limit), &budget],
+                self.config.max_page_bytes,
+                |row| sized_event_from_row(id, row),
             )
             .await?;
-        if rows.is_empty() && !self.exists(id).await? {
+        if events.is_empty() && !self.exists(id).await? {
             return Err(ProcessError::NotFound(id.clone()));
         }
-        rows.iter().map(|row| event_from_row(id, row)).collect()
+        Ok(events)
     }
 
     async fn complete_process(

@@ -423,6 +423,72 @@ pub async fn events_after_pages_in_order(store: &dyn Store) {
     );
 }
 
+/// Pages are bounded in bytes as well as rows: a page takes events while the payloads before
+/// them add up to less than the budget (so it exceeds it by at most one event, and holds at
+/// least one), and reading on from its last seq yields the whole log, in order, once.
+/// Listing is held to the same budget with its cursor.
+pub async fn pages_are_bounded_in_bytes(store: &dyn Store) {
+    let budget = 1000;
+    let registry = store
+        .pod_with(RegistryConfig::new("pod-a").with_max_page_bytes(budget))
+        .await;
+    let process = new_process(&*registry).await;
+    let payload = |n: usize| json!(format!("{n:03}{}", "x".repeat(397)));
+    let batch = (1..=10).map(|n| event("e", payload(n))).collect();
+    registry.append_events(&process.id, batch).await.unwrap();
+    let big = json!("y".repeat(3000));
+    registry
+        .append_event(&process.id, event("big", big.clone()))
+        .await
+        .unwrap();
+    let size = |e: &proclog::ProcessEvent| serde_json::to_vec(&e.payload).unwrap().len();
+    let mut after = 0;
+    let mut seen = Vec::new();
+    loop {
+        let page = registry.events_after(&process.id, after, 10_000).await.unwrap();
+        let Some(last) = page.last() else { break };
+        let before_last: usize = page[..page.len() - 1].iter().map(size).sum();
+        assert!(before_last < budget, "a page stops at the budget: {before_last}");
+        assert!(page.len() < 10, "cut by bytes, not rows: {}", page.len());
+        after = last.seq;
+        seen.extend(page.iter().map(|e| e.seq));
+    }
+    assert_eq!(seen, (1..=11).collect::<Vec<_>>());
+    // An event over the budget comes alone.
+    let alone = registry.events_after(&process.id, 10, 10_000).await.unwrap();
+    assert_eq!(alone.len(), 1);
+    assert_eq!(alone[0].payload, big);
+
+    for n in 0..6 {
+        registry
+            .register_process(
+                proclog::ProcessRegistration::new("paged", payload(n))
+                    .with_id(ProcessId::new(format!("paged-{n}")).unwrap()),
+            )
+            .await
+            .unwrap();
+    }
+    let filter = |after| proclog::ProcessFilter {
+        kind: Some("paged".into()),
+        after,
+        limit: Some(1000),
+        ..proclog::ProcessFilter::default()
+    };
+    let mut listed = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = registry.list_processes(filter(cursor)).await.unwrap();
+        assert!(!page.processes.is_empty());
+        assert!(page.processes.len() < 6, "cut by bytes: {}", page.processes.len());
+        listed.extend(page.processes.iter().map(|p| p.id.to_string()));
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(listed, (0..6).map(|n| format!("paged-{n}")).collect::<Vec<_>>());
+}
+
 pub async fn events_after_refuses_unknown_process_and_bad_bounds(store: &dyn Store) {
     let registry = store.pod("pod-a").await;
     let missing = ProcessId::new("missing").unwrap();

@@ -82,6 +82,7 @@ conformance! {
     append::batch_replay_is_whole_or_conflict,
     append::terminal_process_is_sealed,
     append::events_after_pages_in_order,
+    append::pages_are_bounded_in_bytes,
     append::events_after_refuses_unknown_process_and_bad_bounds,
     append::fenced_appends_record_the_generation,
     append::stale_and_expired_leases_cannot_append,
