@@ -283,7 +283,8 @@ impl ProcessRegistry for InMemoryProcessRegistry {
             .iter()
             .take_while(|record| {
                 let take = bytes < self.config.max_page_bytes;
-                bytes += size(&record.input) + record.terminal.as_ref().map_or(0, |t| size(&t.output));
+                bytes +=
+                    size(&record.input) + record.terminal.as_ref().map_or(0, |t| size(&t.output));
                 take
             })
             .count();

@@ -265,14 +265,26 @@ fn corpus() -> Vec<Hostile> {
             json_body(json!({"state": "failed", "output": 1})),
             409,
         ),
-        hostile(Method::POST, "/v1/processes/ended/cancel", None, 409),
+        // A bodiless POST (as a cross-site form or fetch can send) is not JSON: refused.
+        hostile(Method::POST, "/v1/processes/ended/cancel", None, 415),
+        hostile(
+            Method::POST,
+            "/v1/processes/ended/cancel",
+            json_body(json!({})),
+            409,
+        ),
         hostile(
             Method::POST,
             "/v1/processes/missing/events",
             json_body(json!({"event_type": "t"})),
             404,
         ),
-        hostile(Method::POST, "/v1/processes/missing/cancel", None, 404),
+        hostile(
+            Method::POST,
+            "/v1/processes/missing/cancel",
+            json_body(json!({})),
+            404,
+        ),
         hostile(
             Method::POST,
             "/v1/processes/running/complete",

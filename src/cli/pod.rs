@@ -108,6 +108,11 @@ pub struct PodArgs {
     /// Largest HTTP request body, in bytes.
     #[arg(long, env = "PROCLOG_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+    /// Memory for request bodies being read and parsed at once, in bytes (at least
+    /// --max-body-bytes): a body whose parse would take more alone is refused (413), others
+    /// wait for room (503 busy after 5 s).
+    #[arg(long, env = "PROCLOG_REQUEST_MEMORY_BYTES", default_value_t = crate::http::DEFAULT_REQUEST_MEMORY_BYTES)]
+    pub request_memory_bytes: usize,
     /// Connections in the pod's pool.
     #[arg(long, env = "PROCLOG_POOL_SIZE", default_value_t = 16)]
     pub pool_size: usize,
@@ -164,7 +169,12 @@ fn check_settings(args: &PodArgs, pod_id: &str) -> Result<(), String> {
     for (flag, value, max) in [
         ("--max-connections", args.max_connections, 1_000_000),
         ("--max-streams", args.max_streams, 100_000),
-        ("--max-page-bytes", args.max_page_bytes, validate::MAX_BATCH_BYTES),
+        (
+            "--max-page-bytes",
+            args.max_page_bytes,
+            validate::MAX_BATCH_BYTES,
+        ),
+        ("--request-memory-bytes", args.request_memory_bytes, 1 << 34),
     ] {
         if !(1..=max).contains(&value) {
             return Err(format!("{flag} must be 1 to {max}, got {value}"));
@@ -222,6 +232,7 @@ pub async fn run(args: PodArgs) -> CliResult {
     let http = HttpOptions {
         token: non_empty(&args.api_token),
         max_body_bytes: args.max_body_bytes,
+        request_memory_bytes: args.request_memory_bytes,
         max_streams: args.max_streams,
         limits: ServerLimits {
             max_connections: args.max_connections,

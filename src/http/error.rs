@@ -1,7 +1,7 @@
 //! JSON errors with stable codes, and the extractors that produce them for bad requests.
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::FromRequestParts;
+use axum::extract::rejection::QueryRejection;
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
@@ -88,41 +88,6 @@ impl From<AwaitError> for ApiError {
                 err.to_string(),
             ),
         }
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        let message = rejection.body_text();
-        match rejection {
-            JsonRejection::JsonSyntaxError(_) => {
-                Self::new(StatusCode::BAD_REQUEST, "invalid_json", message)
-            }
-            JsonRejection::JsonDataError(_) => Self::invalid(message),
-            JsonRejection::MissingJsonContentType(_) => Self::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "expected Content-Type: application/json",
-            ),
-            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => Self::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "request body exceeds the limit",
-            ),
-            other => Self::new(other.status(), "bad_request", message),
-        }
-    }
-}
-
-/// `axum::Json` whose rejections are [`ApiError`]s.
-pub struct ApiJson<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let axum::Json(value) = axum::Json::<T>::from_request(request, state).await?;
-        Ok(Self(value))
     }
 }
 

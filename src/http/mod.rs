@@ -5,6 +5,7 @@
 //! `replay_conflict`, `process_terminal`, `already_terminal`, `lease_lost`, 413
 //! `payload_too_large`, 415 `unsupported_media_type`, 503 `unavailable`, 500 `database_error`.
 
+pub mod body;
 mod console;
 mod error;
 pub mod guard;
@@ -37,6 +38,8 @@ use crate::pod_services::PodServices;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// Default cap on long-lived requests (event streams and awaits) served at once.
 pub const DEFAULT_MAX_STREAMS: usize = 256;
+/// Default memory budget of request bodies being read and parsed at once (see [`body`]).
+pub const DEFAULT_REQUEST_MEMORY_BYTES: usize = 64 * 1024 * 1024;
 
 /// Settings of a pod's HTTP API and its server.
 #[derive(Clone, Debug)]
@@ -45,6 +48,9 @@ pub struct HttpOptions {
     pub token: Option<String>,
     /// The largest request body, in bytes.
     pub max_body_bytes: usize,
+    /// Memory for request bodies being read and parsed at once, in bytes (at least
+    /// `max_body_bytes`): see [`body`].
+    pub request_memory_bytes: usize,
     /// Most event streams and awaits served at once; past it they are answered
     /// `503 too_many_streams`.
     pub max_streams: usize,
@@ -62,6 +68,7 @@ impl Default for HttpOptions {
         Self {
             token: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            request_memory_bytes: DEFAULT_REQUEST_MEMORY_BYTES,
             max_streams: DEFAULT_MAX_STREAMS,
             limits: ServerLimits::default(),
             access: AccessPolicy::default(),
@@ -89,6 +96,10 @@ pub struct ApiState {
     pub server: Arc<ServerStats>,
     /// Whether the console offers to start a demo process.
     pub demo_form: bool,
+    /// The largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// The memory budget of request bodies.
+    pub bodies: body::BodyBudget,
 }
 
 impl ApiState {
@@ -107,6 +118,8 @@ impl ApiState {
             access: Arc::new(options.access.clone()),
             server: Arc::new(ServerStats::default()),
             demo_form: options.demo_form,
+            max_body_bytes: options.max_body_bytes,
+            bodies: body::BodyBudget::new(options.request_memory_bytes.max(options.max_body_bytes)),
         }
     }
 

@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 
 use super::ApiState;
-use super::error::{ApiError, ApiJson, ApiQuery, path_id};
+use super::body::AdmittedBody;
+use super::error::{ApiError, ApiQuery, path_id};
 use super::openapi::{AppendAnswer, ErrorBody, EventPage, ProcessList, PruneAnswer, SseEvent};
 use crate::model::{
     AppendOutcome, AppendRequest, Completion, Disposition, ListCursor, ProcessFilter, ProcessId,
@@ -44,8 +45,9 @@ const DEFAULT_AWAIT: Duration = Duration::from_secs(30);
 )]
 pub(super) async fn register(
     State(state): State<ApiState>,
-    ApiJson(registration): ApiJson<ProcessRegistration>,
+    body: AdmittedBody,
 ) -> Result<Response, ApiError> {
+    let registration: ProcessRegistration = body.parse()?;
     let record = state
         .services
         .registry
@@ -183,13 +185,17 @@ fn appended(outcome: AppendOutcome) -> Value {
 pub(super) async fn append(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    ApiJson(body): ApiJson<Value>,
+    body: AdmittedBody,
 ) -> Result<Response, ApiError> {
     let id = path_id(&id)?;
-    let body: AppendBody = serde_json::from_value(body).map_err(|err| {
-        ApiError::invalid(format!(
-            "expected {{\"event_type\", \"payload\", \"replay_key\"?}} or {{\"events\": [...]}}: {err}"
-        ))
+    let body: AppendBody = serde_json::from_slice(&body.bytes).map_err(|err| {
+        if err.is_data() {
+            ApiError::invalid(format!(
+                "expected {{\"event_type\", \"payload\", \"replay_key\"?}} or {{\"events\": [...]}}: {err}"
+            ))
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", err.to_string())
+        }
     })?;
     let registry = &state.services.registry;
     match body {
@@ -365,8 +371,9 @@ fn event_stream(
 pub(super) async fn complete(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    ApiJson(completion): ApiJson<Completion>,
+    body: AdmittedBody,
 ) -> Result<Response, ApiError> {
+    let completion: Completion = body.parse()?;
     let id = path_id(&id)?;
     let record = state
         .services
@@ -405,23 +412,15 @@ pub(super) struct CancelBody {
 pub(super) async fn cancel(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: AdmittedBody,
 ) -> Result<Response, ApiError> {
     let id = path_id(&id)?;
-    // Like every write, only JSON: an HTML form on another site cannot send it.
-    super::error::require_json(&headers)?;
-    let body = if body.is_empty() {
+    // Like every write, only JSON (AdmittedBody requires it), which an HTML form on another
+    // site cannot send; an empty body is a cancel without a reason.
+    let body = if body.bytes.is_empty() {
         CancelBody::default()
     } else {
-        serde_json::from_slice::<CancelBody>(&body).map_err(|err| {
-            let code = if err.is_data() {
-                "invalid_input"
-            } else {
-                "invalid_json"
-            };
-            ApiError::new(StatusCode::BAD_REQUEST, code, err.to_string())
-        })?
+        body.parse::<CancelBody>()?
     };
     let record = cancel_process(
         state.services.registry.as_ref(),
@@ -517,8 +516,9 @@ fn older_than(secs: u64) -> Result<DateTime<Utc>, ApiError> {
 )]
 pub(super) async fn prune(
     State(state): State<ApiState>,
-    ApiJson(body): ApiJson<PruneBody>,
+    body: AdmittedBody,
 ) -> Result<Response, ApiError> {
+    let body: PruneBody = body.parse()?;
     let cutoff = match (body.before, body.older_than_secs) {
         (Some(before), None) => before,
         (None, Some(secs)) => older_than(secs)?,

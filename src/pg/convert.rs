@@ -115,14 +115,14 @@ fn sized_json_at(
     row.try_get::<_, SizedJson>(index)
         .map(|SizedJson(value, size)| (value, size))
         .map_err(|err| {
-        let reason =
-            std::error::Error::source(&err).map_or_else(|| err.to_string(), |s| s.to_string());
-        ProcessError::Undecodable {
-            id: id.clone(),
-            location: location(),
-            reason,
-        }
-    })
+            let reason =
+                std::error::Error::source(&err).map_or_else(|| err.to_string(), |s| s.to_string());
+            ProcessError::Undecodable {
+                id: id.clone(),
+                location: location(),
+                reason,
+            }
+        })
 }
 
 fn corrupt(what: &str, err: impl std::fmt::Display) -> ProcessError {

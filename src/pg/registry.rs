@@ -15,7 +15,8 @@ use tokio_postgres::types::ToSql;
 
 use super::convert::{
     JsonText, PROCESS_COLUMNS, db_error, event_columns, event_from_row, pool_error,
-    process_columns, process_from_row, sized_event_from_row, sized_process_from_row, terminal_from_row, write_error,
+    process_columns, process_from_row, sized_event_from_row, sized_process_from_row,
+    terminal_from_row, write_error,
 };
 use super::group::{GroupCommit, GroupCommitOptions, GroupCommitStats, Pending};
 use crate::error::{ProcessError, ProcessResult};

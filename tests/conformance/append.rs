@@ -445,17 +445,26 @@ pub async fn pages_are_bounded_in_bytes(store: &dyn Store) {
     let mut after = 0;
     let mut seen = Vec::new();
     loop {
-        let page = registry.events_after(&process.id, after, 10_000).await.unwrap();
+        let page = registry
+            .events_after(&process.id, after, 10_000)
+            .await
+            .unwrap();
         let Some(last) = page.last() else { break };
         let before_last: usize = page[..page.len() - 1].iter().map(size).sum();
-        assert!(before_last < budget, "a page stops at the budget: {before_last}");
+        assert!(
+            before_last < budget,
+            "a page stops at the budget: {before_last}"
+        );
         assert!(page.len() < 10, "cut by bytes, not rows: {}", page.len());
         after = last.seq;
         seen.extend(page.iter().map(|e| e.seq));
     }
     assert_eq!(seen, (1..=11).collect::<Vec<_>>());
     // An event over the budget comes alone.
-    let alone = registry.events_after(&process.id, 10, 10_000).await.unwrap();
+    let alone = registry
+        .events_after(&process.id, 10, 10_000)
+        .await
+        .unwrap();
     assert_eq!(alone.len(), 1);
     assert_eq!(alone[0].payload, big);
 
@@ -479,14 +488,21 @@ pub async fn pages_are_bounded_in_bytes(store: &dyn Store) {
     loop {
         let page = registry.list_processes(filter(cursor)).await.unwrap();
         assert!(!page.processes.is_empty());
-        assert!(page.processes.len() < 6, "cut by bytes: {}", page.processes.len());
+        assert!(
+            page.processes.len() < 6,
+            "cut by bytes: {}",
+            page.processes.len()
+        );
         listed.extend(page.processes.iter().map(|p| p.id.to_string()));
         match page.next {
             Some(next) => cursor = Some(next),
             None => break,
         }
     }
-    assert_eq!(listed, (0..6).map(|n| format!("paged-{n}")).collect::<Vec<_>>());
+    assert_eq!(
+        listed,
+        (0..6).map(|n| format!("paged-{n}")).collect::<Vec<_>>()
+    );
 }
 
 pub async fn events_after_refuses_unknown_process_and_bad_bounds(store: &dyn Store) {
