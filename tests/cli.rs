@@ -480,3 +480,65 @@ async fn probe_exits_0_only_when_the_endpoint_answers_200() {
     let unreachable = probe(closed.clone()).await.unwrap();
     assert!(failure(&unreachable, 1).contains(&closed));
 }
+
+/// Secrets are never printed: not by `--help` (which shows the environment's values of the
+/// other settings), not by `proclog up`'s banner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_never_printed() {
+    let database = migrated_database_url().await;
+    // Trust authentication ignores the password; the URL carries one all the same.
+    let with_password = database.replacen("://proclog@", "://proclog:hunter2-pw@", 1);
+    assert_ne!(with_password, database);
+    for args in [
+        &["pod", "--help"][..],
+        &["up", "--help"],
+        &["migrate", "--help"],
+        &["grant-writer", "--help"],
+        &["start", "--help"],
+    ] {
+        let mut command = client_command("http://127.0.0.1:1", args);
+        command
+            .env("DATABASE_URL", &with_password)
+            .env("PROCLOG_LISTENER_DATABASE_URL", &with_password)
+            .env("PROCLOG_API_TOKEN", "token-hunter2");
+        let output = output_within_limit(command);
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{args:?}");
+        assert!(
+            !text.contains("hunter2"),
+            "{args:?} prints a secret:\n{text}"
+        );
+    }
+    let port = common::pods::free_port();
+    let mut up = Command::new(env!("CARGO_BIN_EXE_proclog"))
+        .args(["up", "--pods", "1", "--base-port", &port.to_string()])
+        .env("DATABASE_URL", &with_password)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = up.stdout.take().unwrap();
+    let banner = tokio::task::spawn_blocking(move || {
+        let mut banner = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let ready = line == "ready";
+            banner.push(line);
+            if ready {
+                break;
+            }
+        }
+        banner.join("\n")
+    });
+    let banner = tokio::time::timeout(LIMIT, banner).await.unwrap().unwrap();
+    // SAFETY: kill(2) of our own child: up stops its pod.
+    unsafe { libc::kill(up.id() as i32, libc::SIGINT) };
+    tokio::task::block_in_place(|| up.wait().unwrap());
+    assert!(banner.ends_with("ready"), "{banner}");
+    assert!(
+        !banner.contains("hunter2"),
+        "the banner prints the password:\n{banner}"
+    );
+    assert!(banner.contains("proclog:***@"), "{banner}");
+}

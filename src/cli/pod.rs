@@ -207,6 +207,12 @@ pub async fn run(args: PodArgs) -> CliResult {
         crate::pg::roles::check_role_name(&role).map_err(|err| format!("bad setting: {err}"))?;
     }
     let database_url = super::with_ca_file(&args.database_url, args.database_ca_file.as_deref())?;
+    if let Some(warning) = crate::pg::DatabaseTarget::parse(&database_url)
+        .ok()
+        .and_then(|target| target.transport_warning())
+    {
+        tracing::warn!(pod = %pod_id, "{warning}");
+    }
     let mut stack = Proclog::builder(&database_url)
         .pod_id(&pod_id)
         .lease_ttl(Duration::from_millis(args.lease_ttl_ms))

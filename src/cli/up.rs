@@ -29,7 +29,7 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 8080)]
     base_port: u16,
     /// Use this database instead of starting a throwaway one.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
     /// Lease TTL of the pods, in milliseconds.
     #[arg(long, default_value_t = 15_000)]
@@ -98,12 +98,14 @@ pub async fn run(args: UpArgs) -> CliResult {
             pod.child.id().unwrap_or_default()
         );
     }
+    // Never the password: the banner ends up in terminals' scrollback and CI logs.
+    let printable_url = crate::pg::redacted(&database_url);
     match &local {
         Some(pg) => println!(
-            "  database: {database_url}  (throwaway, in {})",
+            "  database: {printable_url}  (throwaway, in {})",
             pg.dir().display()
         ),
-        None => println!("  database: {database_url}"),
+        None => println!("  database: {printable_url}"),
     }
     println!();
     if let Some(first) = pods.first() {
@@ -117,7 +119,7 @@ pub async fn run(args: UpArgs) -> CliResult {
     );
     println!("Watch it live:    proclog tail <id>");
     println!(
-        "Query over SQL:   psql '{database_url}' -c 'SELECT process_id, seq, event_type, writer FROM proclog.events ORDER BY occurred_at DESC LIMIT 20'"
+        "Query over SQL:   psql '{printable_url}' -c 'SELECT process_id, seq, event_type, writer FROM proclog.events ORDER BY occurred_at DESC LIMIT 20'"
     );
     println!(
         "Kill a pod:       kill -9 <pid>   (its processes resume on another pod after the lease TTL, {} ms)",

@@ -19,4 +19,4 @@ pub use notify::PgNotifier;
 pub use pool::{PoolOptions, client_config, connect_pool, connect_pool_with};
 pub use registry::PgProcessRegistry;
 pub use roles::{grant_reader, grant_writer};
-pub use tls::{DatabaseTarget, TlsMode, with_root_cert};
+pub use tls::{DatabaseTarget, TlsMode, redacted, with_root_cert};

@@ -76,6 +76,19 @@ pub enum TlsMode {
     VerifyFull,
 }
 
+impl TlsMode {
+    /// The mode as `sslmode` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        }
+    }
+}
+
 impl FromStr for TlsMode {
     type Err = ProcessError;
 
@@ -182,6 +195,35 @@ impl DatabaseTarget {
         self.mode
     }
 
+    /// A warning when this target would send its password where an impostor could take it:
+    /// a host that is not this machine with `sslmode` below `verify-ca` (`prefer` sends it in
+    /// clear text to a server that declines TLS; `require` sends it to whoever answers,
+    /// unverified). `None` for loopback, Unix sockets and verified TLS.
+    pub fn transport_warning(&self) -> Option<String> {
+        if matches!(self.mode, TlsMode::VerifyCa | TlsMode::VerifyFull)
+            || self.config.get_password().is_none()
+        {
+            return None;
+        }
+        let remote = self.config.get_hosts().iter().any(|host| match host {
+            tokio_postgres::config::Host::Tcp(name) => {
+                let bare = name.trim_start_matches('[').trim_end_matches(']');
+                !(name == "localhost"
+                    || bare
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback()))
+            }
+            _ => false,
+        });
+        remote.then(|| {
+            format!(
+                "sslmode={} sends the database password to a server whose certificate is not checked{}: use sslmode=verify-full with sslrootcert=<the server's CA> (or PROCLOG_DATABASE_CA_FILE)",
+                self.mode.as_str(),
+                if self.mode == TlsMode::Require { "" } else { ", in clear text if it declines TLS" }
+            )
+        })
+    }
+
     /// Opens one connection; the caller drives the returned connection future.
     pub async fn connect(
         &self,
@@ -243,6 +285,73 @@ fn query_start(url: &str) -> Option<usize> {
         .find('@')
         .map_or(after_scheme, |at| after_scheme + at + 1);
     url[host_from..].find('?').map(|at| host_from + at)
+}
+
+/// `url` fit to print or log: its password (in the credentials, a `password=` query
+/// parameter, or a `password=` key of the key=value form) replaced by `***`.
+pub fn redacted(url: &str) -> String {
+    if is_url(url) {
+        let after_scheme = url.find("://").map_or(0, |at| at + 3);
+        let mut out = url.to_owned();
+        let query_at = query_start(url);
+        if let Some(query_at) = query_at {
+            let query: Vec<String> = url[query_at + 1..]
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                        format!("{key}=***")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            out = format!("{}?{}", &url[..query_at], query.join("&"));
+        }
+        let end = query_at.unwrap_or(url.len());
+        if let Some(at) = url[after_scheme..end].rfind('@') {
+            let credentials = &url[after_scheme..after_scheme + at];
+            if let Some((user, _)) = credentials.split_once(':') {
+                out = format!(
+                    "{}{user}:***{}",
+                    &url[..after_scheme],
+                    &out[after_scheme + at..]
+                );
+            }
+        }
+        return out;
+    }
+    // key=value form: hide the value of `password` (quoted or not).
+    let mut out = String::with_capacity(url.len());
+    let mut rest = url;
+    while let Some(at) = rest.find("password") {
+        let (before, after) = rest.split_at(at);
+        out.push_str(before);
+        let after_key = &after["password".len()..];
+        let trimmed = after_key.trim_start();
+        if !trimmed.starts_with('=') {
+            out.push_str("password");
+            rest = after_key;
+            continue;
+        }
+        out.push_str("password=***");
+        let value = trimmed[1..].trim_start();
+        let skip = if let Some(quoted) = value.strip_prefix('\'') {
+            let mut escaped = false;
+            let close = quoted
+                .char_indices()
+                .find(|&(_, c)| {
+                    let end = c == '\'' && !escaped;
+                    escaped = c == '\\' && !escaped;
+                    end
+                })
+                .map_or(quoted.len(), |(i, _)| i + 1);
+            1 + close
+        } else {
+            value.find(char::is_whitespace).unwrap_or(value.len())
+        };
+        rest = &value[skip.min(value.len())..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Splits `sslmode` and `sslrootcert` off `url`, returning the rest for tokio-postgres.
@@ -592,6 +701,48 @@ mod tests {
         assert_eq!(settings.root_cert.as_deref(), Some("/my ca.pem"));
         assert!(take_tls_settings("host=h sslmode").is_err());
         assert!(take_tls_settings("host='h").is_err());
+    }
+
+    #[test]
+    fn a_password_sent_unverified_to_another_host_is_warned_about() {
+        let warn = |url: &str| DatabaseTarget::parse(url).unwrap().transport_warning();
+        assert!(warn("postgres://app:pw@db.example/app").is_some_and(|w| w.contains("clear text")));
+        assert!(
+            warn("postgres://app:pw@db.example/app?sslmode=require")
+                .is_some_and(|w| w.contains("verify-full"))
+        );
+        assert!(warn("postgres://app:pw@127.0.0.1/app").is_none());
+        assert!(warn("postgres://app:pw@localhost/app?sslmode=disable").is_none());
+        assert!(
+            warn("postgres://app@db.example/app").is_none(),
+            "no password to give away"
+        );
+    }
+
+    #[test]
+    fn passwords_are_redacted_for_printing() {
+        for (url, printed) in [
+            (
+                "postgres://app:s3cr?t@db:5432/app?sslmode=verify-full",
+                "postgres://app:***@db:5432/app?sslmode=verify-full",
+            ),
+            (
+                "postgres://app@db/app?password=s3cret&x=1",
+                "postgres://app@db/app?password=***&x=1",
+            ),
+            ("postgres://db/app", "postgres://db/app"),
+            (
+                "host=db password='a b\\'c' user=app",
+                "host=db password=*** user=app",
+            ),
+            (
+                "host=db password = plain user=app",
+                "host=db password=*** user=app",
+            ),
+        ] {
+            assert_eq!(redacted(url), printed, "{url}");
+            assert!(!redacted(url).contains("s3c"));
+        }
     }
 
     #[test]
