@@ -587,3 +587,26 @@ async fn an_unreadable_row_fails_alone() {
     assert_eq!(attempts, 1, "claimed once, failed once");
     worker.shutdown().await;
 }
+
+/// The demo engines bound their input: a run of a billion steps or a year's sleep fails at
+/// once with the reason instead of occupying a pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn demo_engines_refuse_unbounded_input() {
+    let url = migrated_database_url().await;
+    let pod = pod(&url, "pod-a", true).await;
+    for (kind, input, field) in [
+        ("steps", json!({"steps": 1_000_000_000u64}), "steps"),
+        ("steps", json!({"steps": 2, "delay_ms": -1}), "delay_ms"),
+        ("sleep", json!({"ms": 31_536_000_000u64}), "ms"),
+    ] {
+        let id = start(&pod, kind, input, Disposition::Rerun).await;
+        let end = pod.services.driver.await_terminal(&id, WAIT).await.unwrap();
+        assert_eq!(end.state, TerminalState::Failed);
+        let message = end.output["error"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!("{field} must be")),
+            "{message}"
+        );
+    }
+    pod.worker.unwrap().shutdown().await;
+}

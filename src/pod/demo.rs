@@ -1,8 +1,12 @@
 //! Demo engines shipped with the pod binary, for watching crash semantics.
 //!
-//! - `steps`: input `{"steps": N, "delay_ms": D}` (defaults 5 and 500): appends N `step`
-//!   events `{i, of, attempt}` D ms apart, then completes with `{steps, attempt}`.
-//! - `sleep`: input `{"ms": D}` (default 1000): waits, then completes with `{slept_ms}`.
+//! - `steps`: input `{"steps": N, "delay_ms": D}` (defaults 5 and 500; N at most 10,000, D at
+//!   most 60,000): appends N `step` events `{i, of, attempt}` D ms apart, then completes with
+//!   `{steps, attempt}`.
+//! - `sleep`: input `{"ms": D}` (default 1000, at most one hour): waits, then completes with
+//!   `{slept_ms}`.
+//!
+//! An input out of these bounds fails the process with `{error}` at once.
 //! - `fail`: input `{"message": M}`: fails at once with `{error: M}`.
 //!
 //! With a [`DemoJournal`] (`proclog pod --demo-journal FILE`), each engine records its effects
@@ -20,8 +24,16 @@ use serde_json::{Value, json};
 
 use super::engine::{EngineResult, Engines, ProcessEngine, RunContext};
 
-fn number(input: &Value, key: &str, default: u64) -> u64 {
-    input.get(key).and_then(Value::as_u64).unwrap_or(default)
+/// `input[key]` as a whole number from 0 to `max`, or `default` when absent; anything else is
+/// the process's failure.
+fn number(input: &Value, key: &str, default: u64, max: u64) -> Result<u64, Value> {
+    match input.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(value) => value
+            .as_u64()
+            .filter(|n| *n <= max)
+            .ok_or_else(|| json!({"error": format!("{key} must be a whole number from 0 to {max}, got {value}")})),
+    }
 }
 
 /// An append-only file of engine effects, one JSON object per line:
@@ -89,8 +101,8 @@ impl ProcessEngine for StepsEngine {
 
 impl StepsEngine {
     async fn steps(&self, run: &RunContext) -> EngineResult {
-        let steps = number(&run.process.input, "steps", 5);
-        let delay = Duration::from_millis(number(&run.process.input, "delay_ms", 500));
+        let steps = number(&run.process.input, "steps", 5, 10_000)?;
+        let delay = Duration::from_millis(number(&run.process.input, "delay_ms", 500, 60_000)?);
         if !run.is_owner() {
             return Err(json!({"error": "stopped before the first step"}));
         }
@@ -121,7 +133,7 @@ pub struct SleepEngine;
 #[async_trait]
 impl ProcessEngine for SleepEngine {
     async fn run(&self, run: RunContext) -> EngineResult {
-        let ms = number(&run.process.input, "ms", 1000);
+        let ms = number(&run.process.input, "ms", 1000, 3_600_000)?;
         tokio::select! {
             _ = run.cancel.cancelled() => Err(json!({"error": "cancelled"})),
             _ = tokio::time::sleep(Duration::from_millis(ms)) => Ok(json!({"slept_ms": ms})),
