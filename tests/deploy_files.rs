@@ -89,6 +89,7 @@ fn the_kubernetes_base_matches_what_the_binary_accepts() {
         "ConfigMap",
         "Deployment",
         "Job",
+        "NetworkPolicy",
         "PodDisruptionBudget",
         "Service",
     ]
@@ -148,6 +149,21 @@ fn the_kubernetes_base_matches_what_the_binary_accepts() {
                 && env["valueFrom"]["secretKeyRef"]["name"] == "proclog-db"),
         "the database URL comes from the Secret"
     );
+    // Safe by default: the API token is required (a Secret key that must exist), and a
+    // NetworkPolicy admits only labelled clients to the pods.
+    assert!(
+        container["env"].as_array().unwrap().iter().any(|env| env["name"]
+            == "PROCLOG_API_TOKEN"
+            && env["valueFrom"]["secretKeyRef"]["name"] == "proclog-api"
+            && env["valueFrom"]["secretKeyRef"]["optional"] != true),
+        "the API token comes from a Secret and is required"
+    );
+    assert!(
+        !config.contains_key("PROCLOG_INSECURE_NO_TOKEN") && !config.contains_key("PROCLOG_DEMO_ENGINES"),
+        "no open API and no demo engines in the base"
+    );
+    let policy = by_kind(&documents, "NetworkPolicy");
+    assert_eq!(strings(&policy["spec"]["policyTypes"]), ["Ingress"]);
     // The drain (grace + hard stop) fits in the termination grace period.
     let drain_ms: u64 = ["PROCLOG_GRACE_MS", "PROCLOG_HARD_STOP_MS"]
         .iter()
@@ -176,10 +192,24 @@ fn the_kubernetes_base_matches_what_the_binary_accepts() {
         assert_eq!(&labels[key], value, "the budget selects the pods");
     }
 
+    for (key, value) in policy["spec"]["podSelector"]["matchLabels"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(&labels[key], value, "the NetworkPolicy selects the pods");
+    }
+
+    // The Job migrates as the schema's owner and grants the pods' role.
     let job = by_kind(&documents, "Job");
     let migrate = &job["spec"]["template"]["spec"]["containers"][0];
     let args = strings(&migrate["args"]);
-    assert_eq!(args, ["migrate"]);
+    assert_eq!(args, ["migrate", "--writer-role", "proclog_pod"]);
+    help(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        migrate["env"].as_array().unwrap().iter().any(|env| env["name"] == "DATABASE_URL"
+            && env["valueFrom"]["secretKeyRef"]["key"] == "owner-database-url"),
+        "the Job connects as the owner"
+    );
     for env in migrate["env"].as_array().unwrap() {
         let name = env["name"].as_str().unwrap();
         assert!(
@@ -216,6 +246,30 @@ fn compose_and_dockerfile_use_names_the_binary_accepts() {
             pod_env.contains(name) || name == "NO_COLOR",
             "compose sets {name}, which `proclog pod` does not read"
         );
+    }
+    // Safe by default: secrets required, pods as the writer role, the owner migrates.
+    let raw = std::fs::read_to_string(Path::new(ROOT).join("docker-compose.yml")).unwrap();
+    for secret in [
+        "POSTGRES_PASSWORD",
+        "PROCLOG_OWNER_PASSWORD",
+        "PROCLOG_POD_PASSWORD",
+        "PROCLOG_READER_PASSWORD",
+        "PROCLOG_API_TOKEN",
+    ] {
+        assert!(raw.contains(&format!("${{{secret}:?")), "{secret} is required");
+        assert!(!raw.contains(&format!("${{{secret}:-")), "{secret} has no default");
+    }
+    let url = pod["environment"]["DATABASE_URL"].as_str().unwrap();
+    assert!(url.starts_with("postgres://proclog_pod:"), "{url}");
+    let migrate = &compose["services"]["migrate"];
+    let command = strings(&migrate["command"]);
+    assert_eq!(command[0], "migrate");
+    help(&command.iter().map(String::as_str).collect::<Vec<_>>());
+    let url = migrate["environment"]["DATABASE_URL"].as_str().unwrap();
+    assert!(url.starts_with("postgres://proclog_owner:"), "{url}");
+    for ignore in [".gitignore", ".dockerignore"] {
+        let text = std::fs::read_to_string(Path::new(ROOT).join(ignore)).unwrap();
+        assert!(text.lines().any(|line| line == ".env"), "{ignore} ignores .env");
     }
     let health = strings(&pod["healthcheck"]["test"]);
     assert_eq!(health[..2], ["CMD", "proclog"]);

@@ -34,8 +34,12 @@ export PROCLOG_BIND=127.0.0.1
 export POSTGRES_PORT=$(free_port)
 base=$((20000 + RANDOM % 30000))
 export PROCLOG_PORTS=$base-$((base + 8))
-# Unset anything a developer's shell or .env could bring in that the checks depend on.
-export PROCLOG_API_TOKEN= PROCLOG_POD_ID=
+# The stack's secrets, fresh for this run (they win over a developer's .env), and nothing else
+# a developer's shell could bring in that the checks depend on.
+secret() { od -An -N16 -tx1 /dev/urandom | tr -d ' \n'; }
+export POSTGRES_PASSWORD=$(secret) PROCLOG_OWNER_PASSWORD=$(secret) PROCLOG_POD_PASSWORD=$(secret)
+export PROCLOG_READER_PASSWORD=$(secret) PROCLOG_API_TOKEN=$(secret)
+export PROCLOG_POD_ID=
 
 compose() { $COMPOSE "$@"; }
 log() { printf '[e2e %4ss] %s\n' "$(($(date +%s) - started))" "$*"; }
@@ -69,7 +73,12 @@ image_mb=$(docker image inspect -f '{{.Size}}' "$PROCLOG_IMAGE" | awk '{ printf 
 log "image $PROCLOG_IMAGE: $image_mb MB"
 
 # --- helpers -----------------------------------------------------------------------------
-sql() { compose exec -T postgres psql -U proclog -d proclog -v ON_ERROR_STOP=1 -Atqc "$1"; }
+sql() { compose exec -T postgres psql -U postgres -d proclog -v ON_ERROR_STOP=1 -Atqc "$1"; }
+# `sql` as another role, over TCP with its password.
+sql_as() {
+    compose exec -T -e PGPASSWORD="$2" postgres \
+        psql -h 127.0.0.1 -U "$1" -d proclog -v ON_ERROR_STOP=1 -Atqc "$3"
+}
 pod_containers() { compose ps -q pod; }
 # Waits until `count` pod containers are running and healthy.
 wait_healthy() {
@@ -191,24 +200,41 @@ check "the killed pod is shown as gone" \
 check "the two other pods are running" \
     "SELECT count(*) FROM proclog.pod_status WHERE status = 'running'" "2"
 console=""
+jar=$(mktemp)
 for index in 1 2 3; do
-    page=$(curl -fsS --max-time 5 "$(pod_url "$index" 2>/dev/null)/" 2>/dev/null) || continue
+    base_url=$(pod_url "$index" 2>/dev/null) || continue
+    # The console asks for the token once, then keeps a session cookie.
+    curl -fsS --max-time 5 -c "$jar" -o /dev/null --data-urlencode "token=$PROCLOG_API_TOKEN" \
+        "$base_url/ui/login" 2>/dev/null || continue
+    page=$(curl -fsS --max-time 5 -b "$jar" "$base_url/" 2>/dev/null) || continue
     console=$page
+    live_url=$base_url
     break
 done
+rm -f "$jar"
 [ -n "$console" ] || fail "no pod served the console"
 grep -q "data-pod=\"$victim_pod\" data-status=\"gone\"" <<<"$console" \
     || fail "the console does not show $victim_pod as gone"
 log "ok: proclog.pod_status and the console show $victim_pod as gone"
 
-reader() {
-    compose exec -T -e PGPASSWORD=reader-local postgres \
-        psql -h 127.0.0.1 -U proclog_reader -d proclog -v ON_ERROR_STOP=1 -Atqc "$1"
-}
+reader() { sql_as proclog_reader "$PROCLOG_READER_PASSWORD" "$1"; }
 [ "$(reader "SELECT count(*) FROM proclog.processes WHERE process_id LIKE 'e2e-%'")" = "$total" ] \
     || fail "the reader role cannot read"
 if reader "DELETE FROM proclog.events" >/dev/null 2>&1; then fail "the reader role could write"; fi
 log "ok: proclog_reader reads and cannot write"
+check "the pods connect as proclog_pod, and only as it" \
+    "SELECT string_agg(DISTINCT usename, ',') FROM pg_stat_activity WHERE application_name LIKE 'proclog-%'" \
+    "proclog_pod"
+if sql_as proclog_pod "$PROCLOG_POD_PASSWORD" "CREATE TABLE proclog.mine (x int)" >/dev/null 2>&1; then
+    fail "the pods' role could change the schema"
+fi
+if sql_as proclog_pod "$PROCLOG_POD_PASSWORD" "TRUNCATE proclog.events" >/dev/null 2>&1; then
+    fail "the pods' role could truncate the log"
+fi
+log "ok: proclog_pod cannot change the schema"
+status=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$live_url/v1/processes/e2e-fail-1" || true)
+[ "$status" = 401 ] || fail "the API answered $status without the token"
+log "ok: the API needs the token"
 
 docker start "$victim" >/dev/null
 wait_healthy 3 || fail "the killed pod did not come back healthy"
