@@ -152,14 +152,18 @@ fn the_kubernetes_base_matches_what_the_binary_accepts() {
     // Safe by default: the API token is required (a Secret key that must exist), and a
     // NetworkPolicy admits only labelled clients to the pods.
     assert!(
-        container["env"].as_array().unwrap().iter().any(|env| env["name"]
-            == "PROCLOG_API_TOKEN"
-            && env["valueFrom"]["secretKeyRef"]["name"] == "proclog-api"
-            && env["valueFrom"]["secretKeyRef"]["optional"] != true),
+        container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|env| env["name"] == "PROCLOG_API_TOKEN"
+                && env["valueFrom"]["secretKeyRef"]["name"] == "proclog-api"
+                && env["valueFrom"]["secretKeyRef"]["optional"] != true),
         "the API token comes from a Secret and is required"
     );
     assert!(
-        !config.contains_key("PROCLOG_INSECURE_NO_TOKEN") && !config.contains_key("PROCLOG_DEMO_ENGINES"),
+        !config.contains_key("PROCLOG_INSECURE_NO_TOKEN")
+            && !config.contains_key("PROCLOG_DEMO_ENGINES"),
         "no open API and no demo engines in the base"
     );
     let policy = by_kind(&documents, "NetworkPolicy");
@@ -206,8 +210,12 @@ fn the_kubernetes_base_matches_what_the_binary_accepts() {
     assert_eq!(args, ["migrate", "--writer-role", "proclog_pod"]);
     help(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(
-        migrate["env"].as_array().unwrap().iter().any(|env| env["name"] == "DATABASE_URL"
-            && env["valueFrom"]["secretKeyRef"]["key"] == "owner-database-url"),
+        migrate["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|env| env["name"] == "DATABASE_URL"
+                && env["valueFrom"]["secretKeyRef"]["key"] == "owner-database-url"),
         "the Job connects as the owner"
     );
     for env in migrate["env"].as_array().unwrap() {
@@ -256,8 +264,14 @@ fn compose_and_dockerfile_use_names_the_binary_accepts() {
         "PROCLOG_READER_PASSWORD",
         "PROCLOG_API_TOKEN",
     ] {
-        assert!(raw.contains(&format!("${{{secret}:?")), "{secret} is required");
-        assert!(!raw.contains(&format!("${{{secret}:-")), "{secret} has no default");
+        assert!(
+            raw.contains(&format!("${{{secret}:?")),
+            "{secret} is required"
+        );
+        assert!(
+            !raw.contains(&format!("${{{secret}:-")),
+            "{secret} has no default"
+        );
     }
     let url = pod["environment"]["DATABASE_URL"].as_str().unwrap();
     assert!(url.starts_with("postgres://proclog_pod:"), "{url}");
@@ -269,7 +283,10 @@ fn compose_and_dockerfile_use_names_the_binary_accepts() {
     assert!(url.starts_with("postgres://proclog_owner:"), "{url}");
     for ignore in [".gitignore", ".dockerignore"] {
         let text = std::fs::read_to_string(Path::new(ROOT).join(ignore)).unwrap();
-        assert!(text.lines().any(|line| line == ".env"), "{ignore} ignores .env");
+        assert!(
+            text.lines().any(|line| line == ".env"),
+            "{ignore} ignores .env"
+        );
     }
     let health = strings(&pod["healthcheck"]["test"]);
     assert_eq!(health[..2], ["CMD", "proclog"]);

@@ -1241,3 +1241,92 @@ async fn the_openapi_document_describes_every_route_and_is_public() {
         std::fs::write(out, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
     }
 }
+
+/// The deepest value accepted goes in and comes back out through every HTTP path (register,
+/// get, list, append, events, stream, complete, await); one level deeper is refused on every
+/// write and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_deepest_accepted_value_round_trips_over_http() {
+    let server = Server::start_with(&migrated_database_url().await, None, 1 << 20).await;
+    let nested = |depth: usize| {
+        (0..depth).fold(json!("bottom"), |inner, level| {
+            if level % 2 == 0 {
+                json!([inner])
+            } else {
+                json!({"l": inner})
+            }
+        })
+    };
+    let deep = nested(proclog::validate::MAX_JSON_DEPTH);
+    let too_deep = nested(proclog::validate::MAX_JSON_DEPTH + 1);
+    let before = common::table_checksum(&server.database).await;
+    let (status, _) = server
+        .post(
+            "/v1/processes",
+            json!({"id": "deep", "kind": "k", "input": too_deep, "disposition": "external"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(common::table_checksum(&server.database).await, before);
+    let (status, record) = server
+        .post(
+            "/v1/processes",
+            json!({"id": "deep", "kind": "k", "input": deep, "disposition": "external"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(record["input"], deep);
+    let (status, _) = server
+        .post(
+            "/v1/processes/deep/events",
+            json!({"event_type": "t", "payload": too_deep}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = server
+        .post(
+            "/v1/processes/deep/events",
+            json!({"event_type": "t", "payload": deep}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, got) = server.get("/v1/processes/deep").await;
+    assert_eq!(got["input"], deep);
+    let (_, listed) = server.get("/v1/processes").await;
+    assert_eq!(listed["processes"][0]["input"], deep);
+    let (_, page) = server.get("/v1/processes/deep/events").await;
+    assert_eq!(page["events"][0]["payload"], deep);
+    let (status, _) = server
+        .post(
+            "/v1/processes/deep/complete",
+            json!({"state": "completed", "output": too_deep}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = server
+        .post(
+            "/v1/processes/deep/complete",
+            json!({"state": "completed", "output": deep}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, terminal) = server.get("/v1/processes/deep/await?timeout_ms=1000").await;
+    assert_eq!(terminal["output"], deep);
+    let stream = server
+        .client
+        .get(server.url("/v1/processes/deep/stream"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data: Vec<Value> = stream
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect();
+    assert_eq!(data.len(), 2);
+    assert_eq!(data[0]["payload"], deep);
+    assert_eq!(data[1]["payload"], deep);
+}

@@ -145,7 +145,7 @@ async fn cancelling_a_running_process_from_another_pod_stops_its_owner() {
     let id = start(
         &owner,
         "steps",
-        json!({"steps": 100000, "delay_ms": 20}),
+        json!({"steps": 10000, "delay_ms": 20}),
         Disposition::Rerun,
     )
     .await;

@@ -181,6 +181,6 @@ mod tests {
         let dense = b"[1,1,1,1]";
         assert_eq!(parse_cost(dense), dense.len() + 5 * BYTES_PER_VALUE);
         let text = br#"{"a": "x,y:[{z\"],"}"#;
-        assert_eq!(parse_cost(text), text.len() + 2 * BYTES_PER_VALUE);
+        assert_eq!(parse_cost(text), text.len() + 3 * BYTES_PER_VALUE);
     }
 }

@@ -719,7 +719,7 @@ pub async fn kill_recovery(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
     let id = registry
         .register_process(ProcessRegistration::new(
             "steps",
-            json!({"steps": 100000, "delay_ms": 50}),
+            json!({"steps": 10000, "delay_ms": 50}),
         ))
         .await?
         .id;
