@@ -19,6 +19,9 @@ use crate::model::{
     ProcessRegistration, ProcessStatus, PruneReport, RunnableClaim, TerminalRecord, json_equal,
 };
 use crate::registry::{ProcessRegistry, RegistryConfig};
+use crate::store::{
+    ClusterStore, PodView, PresenceRecord, PresenceState, ProcessQuery, ProcessSummary,
+};
 use crate::{ListCursor, validate};
 
 /// A process registry in memory.
@@ -28,6 +31,15 @@ use crate::{ListCursor, validate};
 pub struct InMemoryProcessRegistry {
     config: RegistryConfig,
     processes: Arc<Mutex<HashMap<ProcessId, Entry>>>,
+    pods: Arc<Mutex<HashMap<String, PodRow>>>,
+}
+
+/// A pod's row, as `proclog.pods` holds it.
+struct PodRow {
+    presence: PresenceRecord,
+    started_at: DateTime<Utc>,
+    heartbeat_at: DateTime<Utc>,
+    stopped_at: Option<DateTime<Utc>>,
 }
 
 struct Entry {
@@ -184,6 +196,7 @@ impl InMemoryProcessRegistry {
         Self {
             config,
             processes: Arc::new(Mutex::new(HashMap::new())),
+            pods: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -192,6 +205,7 @@ impl InMemoryProcessRegistry {
         Self {
             config,
             processes: Arc::clone(&self.processes),
+            pods: Arc::clone(&self.pods),
         }
     }
 
@@ -200,6 +214,190 @@ impl InMemoryProcessRegistry {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
     }
+
+    fn lock_pods(&self) -> std::sync::MutexGuard<'_, HashMap<String, PodRow>> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+/// The same rules as `proclog.pods` and `proclog.pod_status` (see [`ClusterStore`]).
+#[async_trait]
+impl ClusterStore for InMemoryProcessRegistry {
+    async fn record_presence(&self, presence: &PresenceRecord) -> ProcessResult<()> {
+        let at = now();
+        let mut pods = self.lock_pods();
+        let row = pods.get_mut(&presence.pod_id);
+        match row {
+            None => {
+                pods.insert(
+                    presence.pod_id.clone(),
+                    PodRow {
+                        presence: presence.clone(),
+                        started_at: at,
+                        heartbeat_at: at,
+                        stopped_at: (presence.state == PresenceState::Stopped).then_some(at),
+                    },
+                );
+            }
+            Some(row) if row.presence.incarnation == presence.incarnation => {
+                let keep = row.presence.state == PresenceState::Stopped
+                    || (row.presence.state == PresenceState::Draining
+                        && presence.state == PresenceState::Running);
+                let state = if keep {
+                    row.presence.state
+                } else {
+                    presence.state
+                };
+                if row.presence.state != PresenceState::Stopped && state == PresenceState::Stopped {
+                    row.stopped_at = Some(at);
+                }
+                row.presence = PresenceRecord {
+                    state,
+                    ..presence.clone()
+                };
+                row.heartbeat_at = at;
+            }
+            // A new incarnation starts afresh; an old one never touches its successor's row.
+            Some(row) if presence.state == PresenceState::Running => {
+                *row = PodRow {
+                    presence: presence.clone(),
+                    started_at: at,
+                    heartbeat_at: at,
+                    stopped_at: None,
+                };
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    async fn prune_pods(&self, older_than: Duration) -> ProcessResult<u64> {
+        let at = now();
+        let cutoff = at - TimeDelta::from_std(older_than).unwrap_or(TimeDelta::MAX);
+        let mut pods = self.lock_pods();
+        let before = pods.len();
+        pods.retain(|_, row| {
+            let gone = row.presence.state == PresenceState::Stopped || is_gone(row, at);
+            !(gone && row.stopped_at.unwrap_or(row.heartbeat_at) < cutoff)
+        });
+        Ok((before - pods.len()) as u64)
+    }
+
+    async fn pods(&self) -> ProcessResult<Vec<PodView>> {
+        let at = now();
+        let leases: HashMap<String, i64> = self
+            .lock()
+            .values()
+            .filter(|entry| entry.lease_is_live(at) && entry.record.terminal.is_none())
+            .filter(|entry| entry.record.disposition != crate::model::Disposition::External)
+            .filter_map(|entry| entry.record.lease.as_ref().map(|l| l.owner.clone()))
+            .fold(HashMap::new(), |mut held, owner| {
+                *held.entry(owner).or_default() += 1;
+                held
+            });
+        let mut views: Vec<PodView> = self
+            .lock_pods()
+            .values()
+            .map(|row| PodView {
+                pod_id: row.presence.pod_id.clone(),
+                status: if row.presence.state == PresenceState::Stopped {
+                    "stopped".into()
+                } else if is_gone(row, at) {
+                    "gone".into()
+                } else {
+                    row.presence.state.as_str().into()
+                },
+                address: row.presence.address.clone(),
+                version: row.presence.version.clone(),
+                concurrency: row.presence.concurrency,
+                started_at: row.started_at,
+                heartbeat_at: row.heartbeat_at,
+                heartbeat_age_secs: (at - row.heartbeat_at).as_seconds_f64(),
+                stopped_at: row.stopped_at,
+                leases_held: leases.get(&row.presence.pod_id).copied().unwrap_or(0),
+            })
+            .collect();
+        views.sort_by(|a, b| {
+            let ended = |v: &PodView| matches!(v.status.as_str(), "stopped" | "gone");
+            (ended(a), &a.pod_id).cmp(&(ended(b), &b.pod_id))
+        });
+        views.truncate(crate::store::MAX_PODS);
+        Ok(views)
+    }
+
+    async fn status_counts(&self) -> ProcessResult<Vec<(String, i64)>> {
+        let mut counts: std::collections::BTreeMap<String, i64> = Default::default();
+        for entry in self.lock().values() {
+            *counts
+                .entry(entry.record.status.as_str().to_owned())
+                .or_default() += 1;
+        }
+        Ok(counts.into_iter().collect())
+    }
+
+    async fn process_summaries(&self, query: &ProcessQuery) -> ProcessResult<Vec<ProcessSummary>> {
+        let at = now();
+        let limit = query.limit.clamp(1, crate::store::MAX_SUMMARY_PAGE) as usize;
+        let processes = self.lock();
+        let mut rows: Vec<&Entry> = processes
+            .values()
+            .filter(|e| {
+                query
+                    .status
+                    .as_deref()
+                    .is_none_or(|s| e.record.status.as_str() == s)
+            })
+            .filter(|e| query.kind.as_deref().is_none_or(|k| e.record.kind == k))
+            .filter(|e| {
+                query.owner.as_deref().is_none_or(|owner| {
+                    e.lease_is_live(at)
+                        && e.record.terminal.is_none()
+                        && e.record.lease.as_ref().is_some_and(|l| l.owner == owner)
+                })
+            })
+            .filter(|e| {
+                query
+                    .before
+                    .as_ref()
+                    .is_none_or(|(at, id)| (e.record.created_at, &e.record.id) < (*at, id))
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            (b.record.created_at, &b.record.id).cmp(&(a.record.created_at, &a.record.id))
+        });
+        Ok(rows
+            .into_iter()
+            .take(limit)
+            .map(|e| ProcessSummary {
+                id: e.record.id.to_string(),
+                kind: e.record.kind.clone(),
+                status: e.record.status.as_str().to_owned(),
+                disposition: e.record.disposition.as_str().to_owned(),
+                attempts: e.record.attempts,
+                owner: e
+                    .lease_is_live(at)
+                    .then(|| e.record.lease.as_ref().map(|l| l.owner.clone()))
+                    .flatten(),
+                lease_generation: e.record.lease_generation,
+                last_seq: e.record.last_seq,
+                created_at: e.record.created_at,
+                updated_at: e.record.updated_at,
+            })
+            .collect())
+    }
+
+    /// Always the schema this binary knows: memory has nothing to migrate.
+    async fn schema_version(&self) -> ProcessResult<i32> {
+        Ok(crate::pg::migrate::latest_version())
+    }
+}
+
+/// A row whose heartbeat is three periods old.
+fn is_gone(row: &PodRow, at: DateTime<Utc>) -> bool {
+    let period = TimeDelta::from_std(row.presence.heartbeat_every).unwrap_or(TimeDelta::MAX);
+    row.heartbeat_at < at - period * 3
 }
 
 #[async_trait]

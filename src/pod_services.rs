@@ -21,10 +21,11 @@ use deadpool_postgres::Pool;
 
 use crate::error::ProcessError;
 use crate::pg::{
-    DatabaseTarget, ListenerOptions, PgListener, PgNotifier, PgProcessRegistry, PoolOptions,
-    connect_pool_with,
+    DatabaseTarget, ListenerOptions, PgClusterStore, PgListener, PgNotifier, PgProcessRegistry,
+    PoolOptions, connect_pool_with,
 };
 use crate::registry::{ProcessRegistry, RegistryConfig};
+use crate::store::ClusterStore;
 use crate::watch::{
     ProcessChangeHub, ProcessEventSink, ProcessSubscriptions, ProcessWorkDriver,
     WatchedProcessRegistry,
@@ -86,9 +87,10 @@ pub struct PodServices {
     pub pod_id: String,
     /// The registry pool (the notifier and listener have connections of their own).
     pub pool: Pool,
-    /// One connection for `/readyz` alone (`proclog-probe-<pod>`, 1 s bounds), so that a
-    /// flood of requests holding the registry pool cannot make the pod report unready.
-    pub probe_pool: Pool,
+    /// Presence, operator views and readiness (readiness on one connection of its own,
+    /// `proclog-probe-<pod>`, 1 s bounds, so that a flood of requests holding the registry
+    /// pool cannot make the pod report unready).
+    pub cluster: Arc<dyn ClusterStore>,
     /// The watched registry every write of this pod goes through.
     pub registry: Arc<dyn ProcessRegistry>,
     /// The registry lease renewals and releases go through: its own small pool with short
@@ -231,8 +233,8 @@ impl PodServices {
         let driver = ProcessWorkDriver::spawn(Arc::clone(&registry), Arc::clone(&hub));
         Ok(Self {
             pod_id: pod_id.to_owned(),
+            cluster: Arc::new(PgClusterStore::new(pool.clone(), probe_pool)),
             pool,
-            probe_pool,
             registry,
             leases,
             hub,

@@ -25,8 +25,8 @@ pub const DEFAULT_MAX_PAGE_BYTES: usize = 1024 * 1024;
 /// stored but never read back; this bound keeps every stored value readable, with room to
 /// spare for a host that wraps a value in a few levels of its own.
 pub const MAX_JSON_DEPTH: usize = 64;
-/// Event types with this prefix are written by proclog only.
-pub const RESERVED_EVENT_PREFIX: &str = "process.";
+/// Event types with this prefix are written by proclog only (see [`crate::reserved`]).
+pub const RESERVED_EVENT_PREFIX: &str = crate::reserved::EVENT_PREFIX;
 /// Shortest lease TTL accepted.
 pub const MIN_LEASE_TTL: Duration = Duration::from_millis(1);
 /// Longest lease TTL accepted.

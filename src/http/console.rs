@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 
 use super::ApiState;
 use crate::model::{ProcessEvent, ProcessId, ProcessRecord, ProcessRegistration};
-use crate::pg::overview::{self, PodView, ProcessQuery, ProcessSummary};
+use crate::store::{PodView, ProcessQuery, ProcessSummary};
 
 /// The cookie that carries the API token for the console.
 pub(super) const TOKEN_COOKIE: &str = "proclog_token";
@@ -306,15 +306,15 @@ pub(super) async fn overview(
         before: non_empty(&query.before).and_then(|raw| parse_before(&raw)),
         limit: PAGE,
     };
-    let pool = &state.services.pool;
+    let cluster = &state.services.cluster;
     let loaded = bounded(async {
-        let pods = overview::pods(pool).await?;
-        let processes = overview::processes(pool, &filters).await?;
+        let pods = cluster.pods().await?;
+        let processes = cluster.process_summaries(&filters).await?;
         Ok::<_, crate::ProcessError>((pods, processes))
     })
     .await;
     // Counting a large table can take a while: the counts are shown when they come quickly.
-    let counts = tokio::time::timeout(COUNTS_TIMEOUT, overview::status_counts(pool))
+    let counts = tokio::time::timeout(COUNTS_TIMEOUT, cluster.status_counts())
         .await
         .ok()
         .and_then(Result::ok);
@@ -367,7 +367,7 @@ fn peers_meta(state: &ApiState, pods: &[PodView]) -> String {
 }
 
 async fn peers_of(state: &ApiState) -> String {
-    match overview::pods(&state.services.pool).await {
+    match state.services.cluster.pods().await {
         Ok(pods) => peers_meta(state, &pods),
         Err(_) => String::new(),
     }

@@ -339,16 +339,13 @@ async fn healthz() -> impl IntoResponse {
     )
 )]
 async fn readyz(State(state): State<ApiState>) -> Response {
-    let schema = tokio::time::timeout(
-        READINESS_TIMEOUT,
-        crate::pg::migrate::schema_version(&state.services.probe_pool),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        Err(crate::ProcessError::Unavailable(format!(
-            "no answer from the database within {READINESS_TIMEOUT:?}"
-        )))
-    });
+    let schema = tokio::time::timeout(READINESS_TIMEOUT, state.services.cluster.schema_version())
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::ProcessError::Unavailable(format!(
+                "no answer from the database within {READINESS_TIMEOUT:?}"
+            )))
+        });
     let listener = state.services.listener.status();
     let latest = crate::pg::migrate::latest_version();
     let database_ok = matches!(schema, Ok(v) if v == latest);

@@ -134,7 +134,7 @@ pub struct Readiness {
     ),
     components(schemas(
         routes::PodList,
-        crate::pg::overview::PodView,
+        crate::store::PodView,
         ErrorBody,
         ErrorDetail,
         ProcessList,

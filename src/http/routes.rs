@@ -540,7 +540,7 @@ pub(super) async fn prune(
 #[derive(serde::Serialize, ToSchema)]
 pub(crate) struct PodList {
     /// Live pods first, then stopped and gone ones.
-    pods: Vec<crate::pg::overview::PodView>,
+    pods: Vec<crate::store::PodView>,
 }
 
 #[utoipa::path(
@@ -554,6 +554,6 @@ pub(crate) struct PodList {
     )
 )]
 pub(super) async fn pods(State(state): State<ApiState>) -> Result<Response, ApiError> {
-    let pods = crate::pg::overview::pods(&state.services.pool).await?;
+    let pods = state.services.cluster.pods().await?;
     Ok(axum::Json(PodList { pods }).into_response())
 }

@@ -6,10 +6,10 @@ pub mod group;
 pub mod listener;
 pub mod migrate;
 pub mod notify;
-pub mod overview;
 pub mod pool;
 mod registry;
 pub mod roles;
+pub mod store;
 pub mod tls;
 
 pub use group::{GroupCommitOptions, GroupCommitStats};
@@ -19,4 +19,5 @@ pub use notify::PgNotifier;
 pub use pool::{PoolOptions, client_config, connect_pool, connect_pool_with};
 pub use registry::PgProcessRegistry;
 pub use roles::{grant_reader, grant_writer};
+pub use store::PgClusterStore;
 pub use tls::{DatabaseTarget, TlsMode, redacted, with_root_cert};

@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::worker::CANCEL_REQUESTED;
 use crate::error::ProcessResult;
 use crate::model::{
     AppendRequest, ClaimOutcome, Completion, ProcessId, ProcessRecord, TerminalState,
 };
 use crate::registry::ProcessRegistry;
+use crate::reserved::CANCEL_REQUESTED;
 
 /// Lease TTL of the short claim a canceller takes to complete an unowned process.
 const CANCELLER_TTL: Duration = Duration::from_secs(30);

@@ -136,7 +136,7 @@ impl RunEvents {
             Some(_) => request,
             None => {
                 let n = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
-                let key = run_replay_key(self.lease.generation, n);
+                let key = crate::reserved::run_append_key(self.lease.generation, n);
                 request.with_replay_key(key)
             }
         }
@@ -158,12 +158,6 @@ impl RunEvents {
     pub fn lease_is_live(&self) -> bool {
         self.clock.is_live()
     }
-}
-
-/// The replay key of the `n`th unkeyed append of the run under lease `generation`:
-/// `proclog:g<generation>:<n>`. Unique per run, stable across that run's retries.
-pub(crate) fn run_replay_key(generation: i64, n: u64) -> String {
-    format!("proclog:g{generation}:{n}")
 }
 
 /// The engines a pod knows, by kind.

@@ -272,7 +272,7 @@ impl PodBuilder<'_> {
             }
         };
         let presence = super::presence::Presence::start(
-            services.pool.clone(),
+            Arc::clone(&services.cluster),
             super::presence::PresenceInfo {
                 pod_id: services.pod_id.clone(),
                 address: http.as_ref().map(|http| advertised(http.address)),

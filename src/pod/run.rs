@@ -42,9 +42,10 @@ use tokio_util::sync::CancellationToken;
 use super::engine::{EngineResult, RunContext, RunEvents};
 use super::lease::{LeaseClock, keep_lease};
 use super::retry::retry_write;
-use super::worker::{CANCEL_REQUESTED, STARTED, Shared};
+use super::worker::Shared;
 use crate::error::ProcessError;
 use crate::model::{AppendRequest, Completion, Disposition, RunnableClaim, TerminalState};
+use crate::reserved::{self, CANCEL_REQUESTED, STARTED};
 
 /// Shortest interval between two reads of the cancel watcher (the most a cancellation
 /// request waits beyond its notice).
@@ -125,11 +126,6 @@ pub(crate) struct PodStop {
     pub(crate) stopping: CancellationToken,
     /// Engines that ignored `stopping` are dropped.
     pub(crate) hard_stop: CancellationToken,
-}
-
-/// The replay key of a run's `process.started`.
-pub(crate) fn started_replay_key(generation: i64) -> String {
-    format!("proclog:g{generation}:started")
 }
 
 /// The decision after the engine returned or was stopped. `lease_live`: whether the lease is
@@ -360,7 +356,7 @@ impl Run {
             })),
         });
         let request = AppendRequest::reserved(STARTED, started)
-            .with_replay_key(started_replay_key(lease.generation));
+            .with_replay_key(reserved::started_key(lease.generation));
         match self.events().append_request(request).await {
             Ok(_) => {
                 self.shared.stats.started.fetch_add(1, Ordering::Relaxed);

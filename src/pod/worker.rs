@@ -29,10 +29,7 @@ use crate::model::RunnableClaim;
 use crate::registry::ProcessRegistry;
 use crate::watch::ProcessChangeHub;
 
-/// The reserved type of a cancellation request.
-pub const CANCEL_REQUESTED: &str = "process.cancel_requested";
-/// The reserved type written when a run starts.
-pub const STARTED: &str = "process.started";
+pub use crate::reserved::{CANCEL_REQUESTED, STARTED};
 
 /// Slack after a lease's expiry before claiming it, for clock granularity.
 const LEASE_EXPIRY_MARGIN: Duration = Duration::from_millis(20);

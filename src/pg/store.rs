@@ -1,0 +1,220 @@
+//! [`PgClusterStore`]: presence, operator views and readiness on Postgres (`proclog.pods`,
+//! the view `proclog.pod_status`, `proclog.processes`, `proclog.schema_migrations`).
+//!
+//! Presence and views run on the pod's request pool under a client-side bound of their own;
+//! readiness runs on a pool of one connection of its own, so that a flood of requests holding
+//! the request pool cannot make a pod report unready.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::Pool;
+use tokio_postgres::types::ToSql;
+
+use super::convert::{db_error, pool_error};
+use crate::error::{ProcessError, ProcessResult};
+use crate::store::{
+    ClusterStore, MAX_PODS, MAX_SUMMARY_PAGE, PodView, PresenceRecord, ProcessQuery, ProcessSummary,
+};
+
+/// Bound on a presence write or a view's read, whatever the pool's own settings.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+const UPSERT_PRESENCE: &str = "
+    INSERT INTO proclog.pods AS p (pod_id, incarnation, address, version, concurrency, state,
+                                   heartbeat_every, stopped_at)
+    VALUES ($1, $2, $3, $4, $5, $6, make_interval(secs => $7),
+            CASE WHEN $6 = 'stopped' THEN now() END)
+    ON CONFLICT (pod_id) DO UPDATE
+       SET incarnation = EXCLUDED.incarnation,
+           address = EXCLUDED.address,
+           version = EXCLUDED.version,
+           concurrency = EXCLUDED.concurrency,
+           -- A heartbeat never takes a stopping pod back to running.
+           state = CASE WHEN p.incarnation = EXCLUDED.incarnation
+                         AND (p.state = 'stopped'
+                              OR p.state = 'draining' AND EXCLUDED.state = 'running')
+                        THEN p.state ELSE EXCLUDED.state END,
+           started_at = CASE WHEN p.incarnation = EXCLUDED.incarnation THEN p.started_at
+                             ELSE now() END,
+           heartbeat_at = now(),
+           heartbeat_every = EXCLUDED.heartbeat_every,
+           stopped_at = CASE WHEN p.incarnation = EXCLUDED.incarnation
+                              AND p.state = 'stopped' THEN p.stopped_at
+                             ELSE EXCLUDED.stopped_at END
+     -- An old incarnation (a process still stopping while its successor runs under the same
+     -- pod id) does not mark the successor draining or stopped.
+     WHERE p.incarnation = EXCLUDED.incarnation OR EXCLUDED.state = 'running'";
+
+const PRUNE_PODS: &str = "
+    DELETE FROM proclog.pods
+     WHERE coalesce(stopped_at, heartbeat_at) < now() - make_interval(secs => $1)
+       AND (state = 'stopped' OR heartbeat_at < now() - 3 * heartbeat_every)";
+
+const PODS: &str = "
+    SELECT pod_id, status, address, version, concurrency, started_at, heartbeat_at,
+           extract(epoch FROM heartbeat_age)::float8 AS heartbeat_age_secs, stopped_at,
+           leases_held
+      FROM proclog.pod_status
+     ORDER BY status IN ('stopped', 'gone'), pod_id
+     LIMIT $1";
+
+const STATUS_COUNTS: &str =
+    "SELECT status, count(*) AS n FROM proclog.processes GROUP BY status ORDER BY status";
+
+const PROCESS_SUMMARIES: &str = "
+    SELECT process_id, kind, status, disposition, attempts,
+           CASE WHEN lease_expires_at > now() THEN lease_owner END AS owner,
+           lease_generation, last_seq, created_at, updated_at
+      FROM proclog.processes
+     WHERE ($1::text IS NULL OR status = $1)
+       AND ($2::text IS NULL OR kind = $2)
+       AND ($3::text IS NULL
+            OR (lease_owner = $3 AND lease_expires_at > now()
+                AND terminal_state IS NULL AND disposition <> 'external'
+                AND lease_expires_at IS NOT NULL))
+       AND ($4::timestamptz IS NULL OR (created_at, process_id) < ($4, $5::text))
+     ORDER BY created_at DESC, process_id DESC
+     LIMIT $6";
+
+/// Presence, views and readiness on Postgres. Cheap to clone.
+#[derive(Clone)]
+pub struct PgClusterStore {
+    pool: Pool,
+    probe_pool: Pool,
+}
+
+impl PgClusterStore {
+    /// A store on `pool`, answering readiness on `probe_pool` (one connection of its own is
+    /// enough; give it short timeouts).
+    pub fn new(pool: Pool, probe_pool: Pool) -> Self {
+        Self { pool, probe_pool }
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> ProcessResult<Vec<tokio_postgres::Row>> {
+        let call = async {
+            let client = self.pool.get().await.map_err(pool_error)?;
+            let statement = client.prepare_cached(sql).await.map_err(db_error)?;
+            client.query(&statement, params).await.map_err(db_error)
+        };
+        tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ProcessError::Unavailable(format!(
+                    "no answer from the database within {CALL_TIMEOUT:?}"
+                )))
+            })
+    }
+}
+
+fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    column: &str,
+) -> ProcessResult<T> {
+    row.try_get(column).map_err(db_error)
+}
+
+#[async_trait]
+impl ClusterStore for PgClusterStore {
+    async fn record_presence(&self, presence: &PresenceRecord) -> ProcessResult<()> {
+        self.query(
+            UPSERT_PRESENCE,
+            &[
+                &presence.pod_id,
+                &presence.incarnation,
+                &presence.address,
+                &presence.version,
+                &presence.concurrency,
+                &presence.state.as_str(),
+                &presence.heartbeat_every.as_secs_f64(),
+            ],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn prune_pods(&self, older_than: Duration) -> ProcessResult<u64> {
+        let secs = older_than.as_secs_f64();
+        let call = async {
+            let client = self.pool.get().await.map_err(pool_error)?;
+            client.execute(PRUNE_PODS, &[&secs]).await.map_err(db_error)
+        };
+        tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .map_err(|_| ProcessError::Unavailable("pruning pod rows timed out".into()))?
+    }
+
+    async fn pods(&self) -> ProcessResult<Vec<PodView>> {
+        let limit = MAX_PODS as i64;
+        self.query(PODS, &[&limit])
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(PodView {
+                    pod_id: get(row, "pod_id")?,
+                    status: get(row, "status")?,
+                    address: get(row, "address")?,
+                    version: get(row, "version")?,
+                    concurrency: get(row, "concurrency")?,
+                    started_at: get(row, "started_at")?,
+                    heartbeat_at: get(row, "heartbeat_at")?,
+                    heartbeat_age_secs: get(row, "heartbeat_age_secs")?,
+                    stopped_at: get(row, "stopped_at")?,
+                    leases_held: get(row, "leases_held")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn status_counts(&self) -> ProcessResult<Vec<(String, i64)>> {
+        self.query(STATUS_COUNTS, &[])
+            .await?
+            .iter()
+            .map(|row| Ok((get(row, "status")?, get(row, "n")?)))
+            .collect()
+    }
+
+    async fn process_summaries(&self, query: &ProcessQuery) -> ProcessResult<Vec<ProcessSummary>> {
+        let limit = query.limit.clamp(1, MAX_SUMMARY_PAGE);
+        let (before_at, before_id) = match &query.before {
+            Some((at, id)) => (Some(*at), Some(id.as_str().to_owned())),
+            None => (None, None),
+        };
+        self.query(
+            PROCESS_SUMMARIES,
+            &[
+                &query.status,
+                &query.kind,
+                &query.owner,
+                &before_at,
+                &before_id,
+                &limit,
+            ],
+        )
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(ProcessSummary {
+                id: get(row, "process_id")?,
+                kind: get(row, "kind")?,
+                status: get(row, "status")?,
+                disposition: get(row, "disposition")?,
+                attempts: get(row, "attempts")?,
+                owner: get(row, "owner")?,
+                lease_generation: get(row, "lease_generation")?,
+                last_seq: get(row, "last_seq")?,
+                created_at: get(row, "created_at")?,
+                updated_at: get(row, "updated_at")?,
+            })
+        })
+        .collect()
+    }
+
+    async fn schema_version(&self) -> ProcessResult<i32> {
+        super::migrate::schema_version(&self.probe_pool).await
+    }
+}
