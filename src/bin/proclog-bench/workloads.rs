@@ -703,6 +703,7 @@ pub async fn kill_recovery(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
         let child = tokio::process::Command::new(&exe)
             .args([
                 "pod",
+                "--demo-engines",
                 "--listen",
                 &format!("127.0.0.1:{port}"),
                 "--pod-id",
