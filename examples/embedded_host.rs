@@ -135,11 +135,9 @@ async fn main() -> Result<(), Error> {
             json!({"order": 42}),
         ))
         .await?;
+    // The stack's registry wakes the pods (this one and the others) as it registers
+    // runnable work: the process starts now, not at the next poll.
     println!("registered {} ({})", process.id, process.status);
-    // Wake the pods now rather than at their next poll (2 s by default). The HTTP API does
-    // this itself after a registration; the library's `register_process` does not.
-    stack.services().work.notify_one();
-    stack.services().notifier.work_available();
 
     // Wait for the durable terminal column (never for a hint).
     let terminal = stack

@@ -132,6 +132,7 @@
 //! [`testing::LocalPostgres`] a cluster of the test's own, which it can stop and crash.
 
 pub mod backoff;
+pub mod budget;
 pub mod cli;
 pub mod error;
 pub mod http;

@@ -209,6 +209,11 @@ impl InMemoryProcessRegistry {
         }
     }
 
+    /// The config this registry writes with.
+    pub fn config(&self) -> &RegistryConfig {
+        &self.config
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ProcessId, Entry>> {
         self.processes
             .lock()

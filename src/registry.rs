@@ -145,6 +145,100 @@ pub trait ProcessRegistry: Send + Sync {
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport>;
 }
 
+/// A shared registry is a registry: every call goes to the one it points to (so decorators
+/// such as [`crate::WatchedProcessRegistry`] can wrap a registry that is also used directly).
+#[async_trait]
+impl<T: ProcessRegistry + ?Sized> ProcessRegistry for std::sync::Arc<T> {
+    async fn register_process(
+        &self,
+        registration: ProcessRegistration,
+    ) -> ProcessResult<ProcessRecord> {
+        (**self).register_process(registration).await
+    }
+
+    async fn get_process(&self, id: &ProcessId) -> ProcessResult<Option<ProcessRecord>> {
+        (**self).get_process(id).await
+    }
+
+    async fn terminal_states(
+        &self,
+        ids: &[ProcessId],
+    ) -> ProcessResult<HashMap<ProcessId, Option<TerminalRecord>>> {
+        (**self).terminal_states(ids).await
+    }
+
+    async fn list_processes(&self, filter: ProcessFilter) -> ProcessResult<ProcessPage> {
+        (**self).list_processes(filter).await
+    }
+
+    async fn append_event(
+        &self,
+        id: &ProcessId,
+        request: AppendRequest,
+    ) -> ProcessResult<AppendOutcome> {
+        (**self).append_event(id, request).await
+    }
+
+    async fn append_events(
+        &self,
+        id: &ProcessId,
+        requests: Vec<AppendRequest>,
+    ) -> ProcessResult<Vec<AppendOutcome>> {
+        (**self).append_events(id, requests).await
+    }
+
+    async fn events_after(
+        &self,
+        id: &ProcessId,
+        after_seq: i64,
+        limit: u32,
+    ) -> ProcessResult<Vec<ProcessEvent>> {
+        (**self).events_after(id, after_seq, limit).await
+    }
+
+    async fn complete_process(
+        &self,
+        id: &ProcessId,
+        completion: Completion,
+    ) -> ProcessResult<ProcessRecord> {
+        (**self).complete_process(id, completion).await
+    }
+
+    async fn claim(
+        &self,
+        id: &ProcessId,
+        owner: &str,
+        ttl: Duration,
+    ) -> ProcessResult<ClaimOutcome> {
+        (**self).claim(id, owner, ttl).await
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> ProcessResult<Lease> {
+        (**self).renew(lease, ttl).await
+    }
+
+    async fn release(&self, lease: &Lease) -> ProcessResult<()> {
+        (**self).release(lease).await
+    }
+
+    async fn claim_runnable(
+        &self,
+        owner: &str,
+        ttl: Duration,
+        limit: u32,
+    ) -> ProcessResult<Vec<RunnableClaim>> {
+        (**self).claim_runnable(owner, ttl, limit).await
+    }
+
+    async fn next_lease_expiry(&self) -> ProcessResult<Option<Duration>> {
+        (**self).next_lease_expiry().await
+    }
+
+    async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {
+        (**self).prune_terminal_processes(cutoff).await
+    }
+}
+
 /// Settings shared by every registry implementation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegistryConfig {

@@ -15,9 +15,6 @@ use crate::pod_services::{PodServices, PodServicesOptions};
 use crate::registry::ProcessRegistry;
 use crate::watch::{ProcessChangeHub, ProcessEventSink, ProcessSubscriptions, ProcessWorkDriver};
 
-/// How long [`Proclog::shutdown`] waits for pending notices to go out.
-const NOTICE_FLUSH: Duration = Duration::from_secs(2);
-
 /// One pod's running stack. Build it with [`Proclog::builder`]; run processes on it with
 /// [`crate::pod::Pod`]; stop it with [`Proclog::shutdown`].
 ///
@@ -72,6 +69,17 @@ impl Proclog {
         }
     }
 
+    /// A stack over a registry held in memory, for a host's tests and for running engines
+    /// without a database: the same hub, subscriptions, `await_terminal`, presence and
+    /// operator views as on Postgres, and nobody else to tell. Its pod id is the registry's
+    /// writer; its leases last `lease_ttl`. Call it within a Tokio runtime.
+    pub fn in_memory(registry: crate::InMemoryProcessRegistry, lease_ttl: Duration) -> Self {
+        Self {
+            services: Arc::new(PodServices::in_memory(registry, None)),
+            lease_ttl,
+        }
+    }
+
     /// The pod id: lease owner and writer of this stack's events.
     pub fn pod_id(&self) -> &str {
         &self.services.pod_id
@@ -103,13 +111,31 @@ impl Proclog {
         &self.services.hub
     }
 
-    /// The registry's connection pool.
-    pub fn pool(&self) -> &crate::Pool {
-        &self.services.pool
+    /// The registry's connection pool (`None` for a stack in memory).
+    pub fn pool(&self) -> Option<&crate::Pool> {
+        self.services.pool()
     }
 
-    /// The wiring underneath (pools, notifier, listener), for what the accessors above do not
-    /// cover (e.g. the HTTP API's state).
+    /// Presence, operator views and readiness.
+    pub fn cluster(&self) -> &Arc<dyn crate::store::ClusterStore> {
+        &self.services.cluster
+    }
+
+    /// How many calls of an event sink (yours included) or completion hint panicked; each
+    /// was contained, and its write stood.
+    pub fn sink_panics(&self) -> u64 {
+        self.services
+            .sink_panics
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Group commit's counters (`None` in memory, or with group commit off).
+    pub fn group_commit_stats(&self) -> Option<&Arc<crate::pg::GroupCommitStats>> {
+        self.services.group_commit.as_ref()
+    }
+
+    /// The wiring underneath (registry, hub, link, store), for what the accessors above do
+    /// not cover (e.g. the HTTP API's state).
     pub fn services(&self) -> &Arc<PodServices> {
         &self.services
     }
@@ -119,11 +145,15 @@ impl Proclog {
         self.services.listener_ready().await
     }
 
-    /// Stops the stack: sends pending notices (waiting at most 2 s) and stops the listener.
-    /// Stop pods running on it first ([`crate::pod::Pod::shutdown`]).
+    /// Stops the stack's background tasks, in order: the `await_terminal` poller, the
+    /// group-commit flushers (after answering the appends queued), the listener, and the
+    /// notifier (after sending the notices queued, at most 2 s). Returns when all have
+    /// ended. Stop the pods running on it first ([`crate::pod::Pod::shutdown`]).
+    ///
+    /// Dropped without it, the stack's tasks are aborted once nothing uses its services (a
+    /// pod or an HTTP face on it keeps them).
     pub async fn shutdown(self) {
-        self.services.notifier.flush(NOTICE_FLUSH).await;
-        self.services.listener.stop();
+        self.services.shutdown().await;
         tracing::info!(pod = %self.services.pod_id, "stack stopped");
     }
 }

@@ -6,6 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use proclog::http::HttpServer;
 use proclog::pod::{Pod, demo_engines};
 use proclog::{Proclog, testing};
 use reqwest::StatusCode;
@@ -21,7 +22,7 @@ async fn start_pod(
     name: &str,
     concurrency: usize,
     token: Option<&str>,
-) -> (Proclog, Pod) {
+) -> (Proclog, Pod, HttpServer) {
     let stack = Proclog::builder(url)
         .pod_id(name)
         .lease_ttl(Duration::from_millis(1500))
@@ -33,21 +34,27 @@ async fn start_pod(
         .concurrency(concurrency)
         .poll_interval(Duration::from_millis(200))
         .heartbeat_every(Duration::from_millis(200))
-        .grace(Duration::from_millis(500))
-        .serve_http("127.0.0.1:0".parse().unwrap())
-        .http_options(proclog::http::HttpOptions {
+        .grace(Duration::from_millis(500));
+    let pod = pod.start().await.unwrap();
+    let http = HttpServer::start(
+        &stack,
+        Some(&pod),
+        "127.0.0.1:0".parse().unwrap(),
+        proclog::http::HttpOptions {
             token: token.map(str::to_owned),
             demo_form: true,
             ..Default::default()
-        });
-    let pod = pod.start().await.unwrap();
-    (stack, pod)
+        },
+    )
+    .await
+    .unwrap();
+    (stack, pod, http)
 }
 
 /// A pod on a runtime of its own, which can vanish without any shutdown (as if killed).
 struct Doomed {
     runtime: tokio::runtime::Runtime,
-    kept: (Proclog, Pod),
+    kept: (Proclog, Pod, HttpServer),
     base: String,
 }
 
@@ -61,7 +68,7 @@ impl Doomed {
                 .build()
                 .unwrap();
             let kept = runtime.block_on(start_pod(&url, &name, concurrency, None));
-            let base = base(&kept.1);
+            let base = base(&kept.2);
             Self {
                 runtime,
                 kept,
@@ -82,8 +89,8 @@ impl Doomed {
     }
 }
 
-fn base(pod: &Pod) -> String {
-    format!("http://{}", pod.http_address().unwrap())
+fn base(http: &HttpServer) -> String {
+    format!("http://{}", http.address())
 }
 
 /// Polls `check` until it returns `Some`, at most [`CAP`].
@@ -120,7 +127,7 @@ async fn pod_status(url: &str, pod: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pods_register_heartbeat_stop_and_go_stale() {
     let url = testing::migrated_database_url().await.unwrap();
-    let (stack_a, pod_a) = start_pod(&url, "pod-a", 2, None).await;
+    let (stack_a, pod_a, http_a) = start_pod(&url, "pod-a", 2, None).await;
     assert_eq!(pod_status(&url, "pod-a").await.as_deref(), Some("running"));
     let client = sql_client(&url).await;
     let row = client
@@ -132,7 +139,7 @@ async fn pods_register_heartbeat_stop_and_go_stale() {
         .await
         .unwrap();
     let address: Option<String> = row.get(0);
-    assert_eq!(address, pod_a.http_address().map(|a| a.to_string()));
+    assert_eq!(address, Some(http_a.address().to_string()));
     assert_eq!(row.get::<_, String>(1), env!("CARGO_PKG_VERSION"));
     assert_eq!(row.get::<_, i32>(2), 2);
     let first: chrono::DateTime<chrono::Utc> = row.get(3);
@@ -153,6 +160,7 @@ async fn pods_register_heartbeat_stop_and_go_stale() {
 
     // A clean stop marks the row stopped.
     pod_a.shutdown().await;
+    http_a.shutdown().await;
     stack_a.shutdown().await;
     assert_eq!(pod_status(&url, "pod-a").await.as_deref(), Some("stopped"));
 
@@ -166,9 +174,9 @@ async fn pods_register_heartbeat_stop_and_go_stale() {
     .await;
 
     // The same pod id started again is a new incarnation: running, new started_at.
-    let (stack_b, pod_b) = start_pod(&url, "pod-b", 1, None).await;
+    let (stack_b, pod_b, http_b) = start_pod(&url, "pod-b", 1, None).await;
     assert_eq!(pod_status(&url, "pod-b").await.as_deref(), Some("running"));
-    let listed: Value = reqwest::get(format!("{}/v1/pods", base(&pod_b)))
+    let listed: Value = reqwest::get(format!("{}/v1/pods", base(&http_b)))
         .await
         .unwrap()
         .json()
@@ -188,6 +196,7 @@ async fn pods_register_heartbeat_stop_and_go_stale() {
     assert_eq!(statuses["pod-a"], "stopped");
     assert_eq!(statuses["pod-b"], "running");
     pod_b.shutdown().await;
+    http_b.shutdown().await;
     stack_b.shutdown().await;
 }
 
@@ -202,9 +211,9 @@ fn no_redirects() -> reqwest::Client {
 async fn the_console_lists_shows_starts_and_cancels() {
     let url = testing::migrated_database_url().await.unwrap();
     // Concurrency 0: nothing runs here, so a started demo stays cancellable.
-    let (stack, pod) = start_pod(&url, "console-pod", 0, None).await;
+    let (stack, pod, http) = start_pod(&url, "console-pod", 0, None).await;
     let client = no_redirects();
-    let home = base(&pod);
+    let home = base(&http);
 
     let page = client.get(&home).send().await.unwrap();
     assert_eq!(page.status(), StatusCode::OK);
@@ -353,15 +362,17 @@ async fn the_console_lists_shows_starts_and_cancels() {
     assert_eq!(asset.status(), StatusCode::NOT_FOUND);
 
     pod.shutdown().await;
+
+    http.shutdown().await;
     stack.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_a_token_the_console_asks_for_it_once() {
     let url = testing::migrated_database_url().await.unwrap();
-    let (stack, pod) = start_pod(&url, "guarded", 0, Some("s3cret")).await;
+    let (stack, pod, http) = start_pod(&url, "guarded", 0, Some("s3cret")).await;
     let client = no_redirects();
-    let home = base(&pod);
+    let home = base(&http);
     let page = client.get(&home).send().await.unwrap();
     assert_eq!(page.status(), StatusCode::SEE_OTHER);
     assert_eq!(page.headers()["location"], "/ui/login");
@@ -484,6 +495,7 @@ async fn with_a_token_the_console_asks_for_it_once() {
         "{cleared}"
     );
     pod.shutdown().await;
+    http.shutdown().await;
     stack.shutdown().await;
 }
 
@@ -546,11 +558,11 @@ fn counter(scrape: &Exposition, name: &str) -> f64 {
 async fn metrics_parse_and_each_histogram_moves_with_its_event() {
     let url = testing::migrated_database_url().await.unwrap();
     // Pod A runs processes; pod B only serves (its waiters and notices are what move).
-    let (stack_a, pod_a) = start_pod(&url, "metrics-a", 4, None).await;
-    let (stack_b, pod_b) = start_pod(&url, "metrics-b", 0, None).await;
+    let (stack_a, pod_a, http_a) = start_pod(&url, "metrics-a", 4, None).await;
+    let (stack_b, pod_b, http_b) = start_pod(&url, "metrics-b", 0, None).await;
     stack_a.listener_ready().await;
     stack_b.listener_ready().await;
-    let (a, b) = (base(&pod_a), base(&pod_b));
+    let (a, b) = (base(&http_a), base(&http_b));
     let http = reqwest::Client::new();
 
     let before_a = scrape(&a).await;
@@ -660,8 +672,11 @@ async fn metrics_parse_and_each_histogram_moves_with_its_event() {
     );
 
     pod_b.shutdown().await;
+
+    http_b.shutdown().await;
     stack_b.shutdown().await;
     pod_a.shutdown().await;
+    http_a.shutdown().await;
     stack_a.shutdown().await;
 }
 
@@ -693,12 +708,13 @@ async fn a_takeover_moves_the_takeover_histogram() {
     .await;
     doomed.vanish().await;
     // Pod B takes it over once the lease lapses.
-    let (stack_b, pod_b) = start_pod(&url, "survivor", 1, None).await;
-    let b = base(&pod_b);
+    let (stack_b, pod_b, http_b) = start_pod(&url, "survivor", 1, None).await;
+    let b = base(&http_b);
     eventually("the takeover is recorded", || async {
         (histogram_count(&scrape(&b).await, "proclog_takeover_seconds", &[]) >= 1).then_some(())
     })
     .await;
     pod_b.shutdown().await;
+    http_b.shutdown().await;
     stack_b.shutdown().await;
 }

@@ -83,7 +83,7 @@ impl Host {
                 .engine(
                     "charge",
                     Charge {
-                        pool: stack.pool().clone(),
+                        pool: stack.pool().expect("a Postgres stack").clone(),
                         steps_taken: Arc::clone(&steps_taken),
                     },
                 )
@@ -264,11 +264,13 @@ async fn bad_host_settings_are_refused_before_anything_runs() {
         Err(proclog::ProcessError::InvalidInput(_))
     ));
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port_in_use = Pod::builder(&stack)
-        .concurrency(0)
-        .serve_http(taken.local_addr().unwrap())
-        .start()
-        .await;
+    let port_in_use = proclog::http::HttpServer::start(
+        &stack,
+        None,
+        taken.local_addr().unwrap(),
+        proclog::http::HttpOptions::default(),
+    )
+    .await;
     assert!(
         matches!(&port_in_use, Err(proclog::ProcessError::InvalidInput(msg)) if msg.contains("cannot listen")),
         "{:?}",

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::migrated_database_url;
-use proclog::http::{HttpOptions, ServerLimits};
+use proclog::http::{HttpOptions, HttpServer, ServerLimits};
 use proclog::pod::Pod;
 use proclog::{AppendRequest, Disposition, ProcessRegistration, Proclog};
 use reqwest::StatusCode;
@@ -15,22 +15,34 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-async fn pod_with(options: HttpOptions) -> (Proclog, Pod, String) {
+/// A stack, its pod and its HTTP face.
+struct Served {
+    stack: Proclog,
+    pod: Pod,
+    http: HttpServer,
+}
+
+impl Served {
+    async fn shutdown(self) {
+        self.pod.shutdown().await;
+        self.http.shutdown().await;
+        self.stack.shutdown().await;
+    }
+}
+
+async fn pod_with(options: HttpOptions) -> (Served, String) {
     let url = migrated_database_url().await;
     let stack = Proclog::builder(&url)
         .pod_id(format!("limits-{}", uuid::Uuid::new_v4().simple()))
         .start()
         .await
         .unwrap();
-    let pod = Pod::builder(&stack)
-        .concurrency(0)
-        .serve_http("127.0.0.1:0".parse().unwrap())
-        .http_options(options)
-        .start()
+    let pod = Pod::builder(&stack).concurrency(0).start().await.unwrap();
+    let http = HttpServer::start(&stack, Some(&pod), "127.0.0.1:0".parse().unwrap(), options)
         .await
         .unwrap();
-    let base = format!("http://{}", pod.http_address().unwrap());
-    (stack, pod, base)
+    let base = format!("http://{}", http.address());
+    (Served { stack, pod, http }, base)
 }
 
 /// A client that opens a new connection for every request, as a probe does.
@@ -65,7 +77,7 @@ async fn metric(client: &reqwest::Client, base: &str, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_and_half_open_connections_past_the_cap_leave_probes_and_appends_answering() {
     let cap = 40;
-    let (stack, pod, base) = pod_with(HttpOptions {
+    let (served, base) = pod_with(HttpOptions {
         limits: ServerLimits {
             max_connections: cap,
             // Long enough that no connection of this test is closed by the header timeout.
@@ -75,7 +87,7 @@ async fn idle_and_half_open_connections_past_the_cap_leave_probes_and_appends_an
         ..HttpOptions::default()
     })
     .await;
-    let address = pod.http_address().unwrap();
+    let address = served.http.address();
     let mut held = Vec::new();
     for n in 0..(cap * 2) {
         let mut socket = TcpStream::connect(address).await.unwrap();
@@ -93,7 +105,8 @@ async fn idle_and_half_open_connections_past_the_cap_leave_probes_and_appends_an
         let answer = client.get(format!("{base}{probe}")).send().await.unwrap();
         assert_eq!(answer.status(), StatusCode::OK, "{probe}");
     }
-    let process = stack
+    let process = served
+        .stack
         .registry()
         .register_process(
             ProcessRegistration::new("k", json!({})).with_disposition(Disposition::External),
@@ -114,20 +127,20 @@ async fn idle_and_half_open_connections_past_the_cap_leave_probes_and_appends_an
     let mut buf = [0u8; 64];
     assert_eq!(first.read(&mut buf).await.unwrap_or(0), 0, "evicted");
     drop(held);
-    let _ = stack
+    let _ = served
+        .stack
         .registry()
         .append_event(&process.id, AppendRequest::new("done", json!(1)))
         .await
         .unwrap();
-    pod.shutdown().await;
-    stack.shutdown().await;
+    served.shutdown().await;
 }
 
 /// A request head that is not finished within the header timeout closes the connection;
 /// a keep-alive connection idle that long is closed too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_request_head_and_an_idle_keep_alive_connection_are_closed() {
-    let (stack, pod, _base) = pod_with(HttpOptions {
+    let (served, _base) = pod_with(HttpOptions {
         limits: ServerLimits {
             header_read_timeout: Duration::from_millis(300),
             ..ServerLimits::default()
@@ -135,7 +148,7 @@ async fn a_slow_request_head_and_an_idle_keep_alive_connection_are_closed() {
         ..HttpOptions::default()
     })
     .await;
-    let address = pod.http_address().unwrap();
+    let address = served.http.address();
     let mut slow = TcpStream::connect(address).await.unwrap();
     slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         .await
@@ -158,8 +171,7 @@ async fn a_slow_request_head_and_an_idle_keep_alive_connection_are_closed() {
         .expect("the idle connection is closed")
         .ok();
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200 OK"));
-    pod.shutdown().await;
-    stack.shutdown().await;
+    served.shutdown().await;
 }
 
 /// Streams and awaits beyond the cap are answered `503 too_many_streams`; a slot frees when a
@@ -167,7 +179,7 @@ async fn a_slow_request_head_and_an_idle_keep_alive_connection_are_closed() {
 /// `503 too_many_connections`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_and_busy_connections_past_their_caps_get_a_clear_503() {
-    let (stack, pod, base) = pod_with(HttpOptions {
+    let (served, base) = pod_with(HttpOptions {
         max_streams: 2,
         limits: ServerLimits {
             max_connections: 3,
@@ -176,7 +188,8 @@ async fn streams_and_busy_connections_past_their_caps_get_a_clear_503() {
         ..HttpOptions::default()
     })
     .await;
-    let process = stack
+    let process = served
+        .stack
         .registry()
         .register_process(
             ProcessRegistration::new("k", json!({})).with_disposition(Disposition::External),
@@ -206,9 +219,7 @@ async fn streams_and_busy_connections_past_their_caps_get_a_clear_503() {
     assert_eq!(body["error"]["code"], "too_many_streams");
 
     // Two connections serve the stream and the await; a third serves a slow request body.
-    let mut slow = TcpStream::connect(pod.http_address().unwrap())
-        .await
-        .unwrap();
+    let mut slow = TcpStream::connect(served.http.address()).await.unwrap();
     slow.write_all(
         format!(
             "POST /v1/processes/{}/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{",
@@ -219,7 +230,7 @@ async fn streams_and_busy_connections_past_their_caps_get_a_clear_503() {
     .await
     .unwrap();
     // Wait until the three are open and serving (no idle connection left to evict).
-    let stats = std::sync::Arc::clone(pod.http_stats().unwrap());
+    let stats = std::sync::Arc::clone(served.http.stats());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while stats.in_flight.load(std::sync::atomic::Ordering::Relaxed) < 3
         || stats.open.load(std::sync::atomic::Ordering::Relaxed) > 3
@@ -232,9 +243,7 @@ async fn streams_and_busy_connections_past_their_caps_get_a_clear_503() {
     }
     {
         // A fourth connection is refused: every open one serves a request.
-        let mut probe = TcpStream::connect(pod.http_address().unwrap())
-            .await
-            .unwrap();
+        let mut probe = TcpStream::connect(served.http.address()).await.unwrap();
         probe
             .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             .await
@@ -254,7 +263,8 @@ async fn streams_and_busy_connections_past_their_caps_get_a_clear_503() {
     }
     drop(slow);
     drop(first);
-    stack
+    served
+        .stack
         .registry()
         .complete_process(
             &process.id,
@@ -267,8 +277,7 @@ async fn streams_and_busy_connections_past_their_caps_get_a_clear_503() {
     // The slots are free again.
     let again = client.get(&stream_url).send().await.unwrap();
     assert_eq!(again.status(), StatusCode::OK);
-    pod.shutdown().await;
-    stack.shutdown().await;
+    served.shutdown().await;
 }
 
 /// Before, the HTTP histogram was labelled with the raw request method, before
@@ -276,7 +285,7 @@ async fn streams_and_busy_connections_past_their_caps_get_a_clear_503() {
 /// one of the standard ones or OTHER.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invented_methods_do_not_grow_metrics() {
-    let (stack, pod, base) = pod_with(HttpOptions {
+    let (served, base) = pod_with(HttpOptions {
         token: Some("secret".into()),
         ..HttpOptions::default()
     })
@@ -326,6 +335,5 @@ async fn invented_methods_do_not_grow_metrics() {
             .any(|s| s.contains("method=\"OTHER\""))
     );
     assert!(!after.contains("INVENTED"));
-    pod.shutdown().await;
-    stack.shutdown().await;
+    served.shutdown().await;
 }

@@ -151,23 +151,10 @@ async fn a_listener_behind_a_transaction_pooler_falls_back_to_polling() {
         .await
         .unwrap();
     assert_eq!(end.seq, 26);
-    assert_eq!(
-        pooled_pod
-            .listener
-            .stats()
-            .notices
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(pooled_pod.link.counters().received, 0);
     // A listener that fell back to polling keeps trying LISTEN (the pooler may go away),
     // and stays in the polling state meanwhile.
-    let sessions = || {
-        pooled_pod
-            .listener
-            .stats()
-            .sessions
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let sessions = || pooled_pod.link.counters().sessions;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while sessions() < 3 {
         assert!(
@@ -177,7 +164,7 @@ async fn a_listener_behind_a_transaction_pooler_falls_back_to_polling() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(matches!(
-        pooled_pod.listener.status(),
+        pooled_pod.link.status(),
         ListenerStatus::Polling { .. }
     ));
 }

@@ -290,7 +290,7 @@ async fn a_whole_stack_connects_with_verify_full_listener_included() {
         .expect("the stack starts over verify-full TLS");
     assert_eq!(stack.listener_ready().await, ListenerStatus::Listening);
     // Every connection the pod opened (pool, leases, notifier, listener) is encrypted.
-    let client = stack.pool().get().await.unwrap();
+    let client = stack.pool().unwrap().get().await.unwrap();
     let rows = client
         .query(
             "SELECT a.application_name, s.ssl

@@ -357,10 +357,7 @@ async fn events_appended_on_pod_a_reach_a_subscriber_on_pod_b_in_order() {
     assert_exactly_once_in_order(&events, 61);
     assert_eq!(events[10].payload, json!({"n": 11}));
     assert!(events.iter().all(|e| e.writer == "pod-a"));
-    assert!(
-        b.listener.stats().notices.load(Ordering::Relaxed) > 0,
-        "woken by notices"
-    );
+    assert!(b.link.counters().received > 0, "woken by notices");
 }
 
 /// Forwards only every other event's notice to the real notifier.
@@ -436,13 +433,12 @@ async fn lost_notices_and_a_killed_listener_lose_no_event() {
     assert_exactly_once_in_order(&received, 41);
 
     // The listener came back on its own.
-    let mut status = b.listener.status_updates();
+    let mut status = b.link.status_updates();
     status
         .wait_for(|s| *s == ListenerStatus::Listening)
         .await
         .unwrap();
-    let stats = b.listener.stats();
-    while stats.reconnects.load(Ordering::Relaxed) == 0 {
+    while b.link.counters().reconnects == 0 {
         status.changed().await.unwrap();
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{CliResult, LogFormat, init_logging};
-use crate::http::{AccessPolicy, DEFAULT_MAX_BODY_BYTES, HttpOptions, ServerLimits};
+use crate::http::{AccessPolicy, DEFAULT_MAX_BODY_BYTES, HttpOptions, HttpServer, ServerLimits};
 use crate::pod::{DemoJournal, Pod, demo_engines_with};
 use crate::stack::Proclog;
 
@@ -226,7 +226,8 @@ pub async fn run(args: PodArgs) -> CliResult {
     }
     let stack = stack.start().await?;
     if let Some(role) = non_empty(&args.reader_role) {
-        crate::pg::grant_reader(stack.pool(), &role).await?;
+        let pool = stack.pool().ok_or("a reader role needs a Postgres stack")?;
+        crate::pg::grant_reader(pool, &role).await?;
         tracing::info!(%role, "reader role can read the proclog schema");
     }
     let journal = match &args.demo_journal {
@@ -257,13 +258,19 @@ pub async fn run(args: PodArgs) -> CliResult {
         .poll_interval(Duration::from_millis(args.poll_ms))
         .grace(Duration::from_millis(args.grace_ms))
         .hard_stop_margin(Duration::from_millis(args.hard_stop_ms))
-        .heartbeat_every(Duration::from_millis(args.heartbeat_ms))
-        .serve_http(args.listen)
-        .http_options(http);
+        .heartbeat_every(Duration::from_millis(args.heartbeat_ms));
     if args.demo_engines {
         pod = pod.engines(demo_engines_with(journal));
     }
     let pod = pod.start().await?;
+    let http = match HttpServer::start(&stack, Some(&pod), args.listen, http).await {
+        Ok(http) => http,
+        Err(err) => {
+            pod.shutdown().await;
+            stack.shutdown().await;
+            return Err(err.into());
+        }
+    };
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -271,7 +278,9 @@ pub async fn run(args: PodArgs) -> CliResult {
         _ = terminate.recv() => tracing::info!(pod = %pod_id, "SIGTERM: draining"),
         _ = interrupt.recv() => tracing::info!(pod = %pod_id, "SIGINT: draining"),
     }
+    // The pod drains first while its API still answers; then the API closes.
     pod.shutdown().await;
+    http.shutdown().await;
     stack.shutdown().await;
     tracing::info!(pod = %pod_id, "stopped");
     Ok(())

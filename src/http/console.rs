@@ -698,7 +698,7 @@ pub(super) async fn start_demo(
             .with_disposition(disposition);
     match state.services.registry.register_process(registration).await {
         Ok(record) => {
-            state.services.notifier.work_available();
+            // The registry's work hint has woken the workers.
             Redirect::to(&format!("/ui/processes/{}", url_part(record.id.as_str()))).into_response()
         }
         Err(err) => error_page(&state, &err),

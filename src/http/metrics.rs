@@ -96,9 +96,9 @@ pub(super) async fn record_http(
 
 pub(super) async fn render(State(state): State<ApiState>) -> impl IntoResponse {
     let services = &state.services;
-    let notifier = services.notifier.stats();
-    let listener = services.listener.stats();
+    let link = services.link.counters();
     let driver = services.driver.stats();
+    let group = services.group_commit.as_deref();
     let mut samples = vec![
         Sample {
             name: "proclog_appended_events",
@@ -107,40 +107,46 @@ pub(super) async fn render(State(state): State<ApiState>) -> impl IntoResponse {
             value: load(&services.appended_events),
         },
         Sample {
+            name: "proclog_sink_panics",
+            kind: Kind::Counter,
+            help: "Calls of an event sink or completion hint that panicked (contained; the write stood).",
+            value: load(&services.sink_panics),
+        },
+        Sample {
             name: "proclog_notices_sent",
             kind: Kind::Counter,
-            help: "Notices handed to Postgres NOTIFY.",
-            value: load(&notifier.sent),
+            help: "Notices handed to the other pods (Postgres NOTIFY).",
+            value: link.sent,
         },
         Sample {
             name: "proclog_notices_dropped",
             kind: Kind::Counter,
-            help: "Notices dropped (channel full or send failed).",
-            value: load(&notifier.dropped),
+            help: "Notices dropped (queue full or send failed).",
+            value: link.dropped,
         },
         Sample {
             name: "proclog_notice_batches",
             kind: Kind::Counter,
             help: "NOTIFY round trips.",
-            value: load(&notifier.batches),
+            value: link.batches,
         },
         Sample {
             name: "proclog_notices_received",
             kind: Kind::Counter,
             help: "Notices from other pods turned into local ticks.",
-            value: load(&listener.notices),
+            value: link.received,
         },
         Sample {
             name: "proclog_listener_reconnects",
             kind: Kind::Counter,
             help: "Listener reconnects after a lost connection.",
-            value: load(&listener.reconnects),
+            value: link.reconnects,
         },
         Sample {
             name: "proclog_listener_up",
             kind: Kind::Gauge,
             help: "1 while the listener is listening.",
-            value: u64::from(services.listener.status() == crate::pg::ListenerStatus::Listening),
+            value: u64::from(services.link.status() == crate::watch::LinkStatus::Listening),
         },
         Sample {
             name: "proclog_await_waiters",
@@ -155,6 +161,34 @@ pub(super) async fn render(State(state): State<ApiState>) -> impl IntoResponse {
             value: load(&driver.polls),
         },
     ];
+    if let Some(group) = group {
+        samples.extend([
+            Sample {
+                name: "proclog_group_commit_appends",
+                kind: Kind::Counter,
+                help: "Appends queued for group commit.",
+                value: load(&group.enqueued),
+            },
+            Sample {
+                name: "proclog_group_commit_batches",
+                kind: Kind::Counter,
+                help: "Group-commit statements (batches of one included).",
+                value: load(&group.batches),
+            },
+            Sample {
+                name: "proclog_group_commit_grouped_appends",
+                kind: Kind::Counter,
+                help: "Appends that went out in a batch of more than one.",
+                value: load(&group.grouped_appends),
+            },
+            Sample {
+                name: "proclog_group_commit_split_batches",
+                kind: Kind::Counter,
+                help: "Batches refused as a whole, whose appends were then run alone.",
+                value: load(&group.split_batches),
+            },
+        ]);
+    }
     let server = &state.server;
     samples.extend([
         Sample {
@@ -239,7 +273,7 @@ pub(super) async fn render(State(state): State<ApiState>) -> impl IntoResponse {
         (
             "proclog_notice_latency_seconds",
             "From an append's acknowledgement on another pod to its notice arriving here (both pods' wall clocks).",
-            Some(listener.notice_latency.histogram()),
+            Some(link.notice_latency.histogram()),
         ),
         (
             "proclog_await_wake_seconds",

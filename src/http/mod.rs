@@ -28,7 +28,7 @@ use serde_json::json;
 
 pub use error::ApiError;
 pub use guard::AccessPolicy;
-pub use server::{ServerLimits, ServerStats};
+pub use server::{HttpServer, ServerLimits, ServerStats};
 
 use crate::pg::ListenerStatus;
 use crate::pod::WorkerStats;
@@ -346,7 +346,7 @@ async fn readyz(State(state): State<ApiState>) -> Response {
                 "no answer from the database within {READINESS_TIMEOUT:?}"
             )))
         });
-    let listener = state.services.listener.status();
+    let listener = state.services.link.status();
     let latest = crate::pg::migrate::latest_version();
     let database_ok = matches!(schema, Ok(v) if v == latest);
     let listener_ok = matches!(

@@ -19,8 +19,8 @@ use super::body::AdmittedBody;
 use super::error::{ApiError, ApiQuery, path_id};
 use super::openapi::{AppendAnswer, ErrorBody, EventPage, ProcessList, PruneAnswer, SseEvent};
 use crate::model::{
-    AppendOutcome, AppendRequest, Completion, Disposition, ListCursor, ProcessFilter, ProcessId,
-    ProcessRecord, ProcessRegistration, ProcessStatus, TerminalRecord,
+    AppendOutcome, AppendRequest, Completion, ListCursor, ProcessFilter, ProcessId, ProcessRecord,
+    ProcessRegistration, ProcessStatus, TerminalRecord,
 };
 use crate::pod::cancel_process;
 
@@ -53,10 +53,6 @@ pub(super) async fn register(
         .registry
         .register_process(registration)
         .await?;
-    if record.disposition != Disposition::External && record.terminal.is_none() {
-        state.services.work.notify_one();
-        state.services.notifier.work_available();
-    }
     Ok((StatusCode::CREATED, axum::Json(record)).into_response())
 }
 

@@ -360,3 +360,111 @@ impl hyper::body::Body for GuardedBody {
         self.body.size_hint()
     }
 }
+
+/// A pod's HTTP face: the API, the console, probes and metrics over a stack (and the pod that
+/// runs on it, for its counters), served until [`HttpServer::shutdown`]. Dropped, the server
+/// stops at once (its connections are closed).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), proclog::ProcessError> {
+/// use proclog::http::{HttpOptions, HttpServer};
+/// use proclog::{Pod, Proclog};
+///
+/// let stack = Proclog::builder("postgres://app@db/app").start().await?;
+/// let pod = Pod::builder(&stack).start().await?;
+/// let http = HttpServer::start(
+///     &stack,
+///     Some(&pod),
+///     "127.0.0.1:8080".parse().unwrap(),
+///     HttpOptions { token: Some("a long secret".into()), ..HttpOptions::default() },
+/// )
+/// .await?;
+/// // ... until the host stops: the pod drains first, while the API still answers.
+/// pod.shutdown().await;
+/// http.shutdown().await;
+/// stack.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub struct HttpServer {
+    address: std::net::SocketAddr,
+    stats: Arc<ServerStats>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: crate::tasks::TaskHandle,
+}
+
+impl HttpServer {
+    /// Binds `address` (port 0: any free port, see [`HttpServer::address`]) and serves the API
+    /// of `stack` with `options`; with a `pod`, `/metrics` carries its worker's counters and
+    /// the pod advertises this address in its presence.
+    pub async fn start(
+        stack: &crate::Proclog,
+        pod: Option<&crate::pod::Pod>,
+        address: std::net::SocketAddr,
+        options: super::HttpOptions,
+    ) -> Result<Self, crate::ProcessError> {
+        let mut options = options;
+        options.limits.max_connections = raise_file_limit(options.limits.max_connections);
+        let worker = pod.and_then(|pod| pod.stats().cloned());
+        let state = super::ApiState::new(Arc::clone(stack.services()), worker, &options);
+        let listener = TcpListener::bind(address).await.map_err(|err| {
+            crate::ProcessError::InvalidInput(format!("cannot listen on {address}: {err}"))
+        })?;
+        let address = listener.local_addr().map_err(|err| {
+            crate::ProcessError::InvalidInput(format!("cannot listen on {address}: {err}"))
+        })?;
+        let stats = Arc::clone(&state.server);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = crate::tasks::TaskHandle::spawn(
+            "http server",
+            serve(
+                listener,
+                super::router(state, options.max_body_bytes),
+                options.limits.clone(),
+                Arc::clone(&stats),
+                async {
+                    let _ = stopped.await;
+                },
+            ),
+        );
+        if let Some(pod) = pod {
+            pod.advertise(Some(advertised(address)));
+        }
+        tracing::info!(pod = %stack.pod_id(), %address, "serving the API");
+        Ok(Self {
+            address,
+            stats,
+            stop,
+            task,
+        })
+    }
+
+    /// The address served.
+    pub fn address(&self) -> std::net::SocketAddr {
+        self.address
+    }
+
+    /// The server's connection counters.
+    pub fn stats(&self) -> &Arc<ServerStats> {
+        &self.stats
+    }
+
+    /// Stops accepting, lets requests in flight finish for the close grace
+    /// ([`ServerLimits::close_grace`]), closes every connection, and returns when all have
+    /// ended.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        self.task.join().await;
+    }
+}
+
+/// The address a pod reports in its presence: its listen address, with the host name in
+/// place of an unspecified IP (`0.0.0.0:8080` in a container reads `<hostname>:8080`).
+fn advertised(address: std::net::SocketAddr) -> String {
+    if !address.ip().is_unspecified() {
+        return address.to_string();
+    }
+    match std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        Ok(host) if !host.trim().is_empty() => format!("{}:{}", host.trim(), address.port()),
+        _ => address.to_string(),
+    }
+}

@@ -51,7 +51,7 @@ impl ToSql for JsonText {
     to_sql_checked!();
 }
 
-/// The columns of `proclog.processes` that [`process_from_row`] reads, in order (a macro, so
+/// The columns of `proclog.processes` that [`process_from_row`] reads, by name (a macro, so
 /// that statements can be built with `concat!` at compile time).
 macro_rules! process_columns {
     () => {
@@ -65,7 +65,8 @@ pub(crate) use process_columns;
 /// [`process_columns!`] as a constant, for statements built at run time.
 pub(crate) const PROCESS_COLUMNS: &str = process_columns!();
 
-/// The columns of `proclog.events` (without `process_id`) that [`event_from_row`] reads.
+/// The columns of `proclog.events` (without `process_id`) that [`event_from_row`] reads, by
+/// name.
 macro_rules! event_columns {
     () => {
         "seq, event_type, payload, replay_key, occurred_at, writer, lease_generation"
@@ -98,21 +99,21 @@ impl<'a> tokio_postgres::types::FromSql<'a> for SizedJson {
 /// cannot be decoded is [`ProcessError::Undecodable`], which fails this read alone.
 pub(crate) fn json_at(
     row: &Row,
-    index: usize,
+    column: &str,
     id: &ProcessId,
     location: impl FnOnce() -> String,
 ) -> Result<serde_json::Value, ProcessError> {
-    sized_json_at(row, index, id, location).map(|(value, _)| value)
+    sized_json_at(row, column, id, location).map(|(value, _)| value)
 }
 
 /// [`json_at`], with the size of the value's text in bytes.
 fn sized_json_at(
     row: &Row,
-    index: usize,
+    column: &str,
     id: &ProcessId,
     location: impl FnOnce() -> String,
 ) -> Result<(serde_json::Value, usize), ProcessError> {
-    row.try_get::<_, SizedJson>(index)
+    row.try_get::<_, SizedJson>(column)
         .map(|SizedJson(value, size)| (value, size))
         .map_err(|err| {
             let reason =
@@ -134,40 +135,34 @@ fn corrupt(what: &str, err: impl std::fmt::Display) -> ProcessError {
 pub(crate) fn terminal_from_row(
     row: &Row,
 ) -> Result<(ProcessId, Option<TerminalRecord>), ProcessError> {
-    let id: String = row.try_get(0).map_err(db_error)?;
+    let id: String = row.try_get("process_id").map_err(db_error)?;
     let id = ProcessId::new(id).map_err(|err| corrupt("process id", err))?;
-    let terminal = terminal_at(row, 1, &id)?;
+    let terminal = terminal_at(row, &id)?;
     Ok((id, terminal))
 }
 
-/// The terminal column from the four columns `terminal_state, terminal_seq, output,
-/// completed_at` starting at `first`.
-fn terminal_at(
-    row: &Row,
-    first: usize,
-    id: &ProcessId,
-) -> Result<Option<TerminalRecord>, ProcessError> {
-    sized_terminal_at(row, first, id).map(|(terminal, _)| terminal)
+/// The terminal column from the columns `terminal_state, terminal_seq, output, completed_at`.
+fn terminal_at(row: &Row, id: &ProcessId) -> Result<Option<TerminalRecord>, ProcessError> {
+    sized_terminal_at(row, id).map(|(terminal, _)| terminal)
 }
 
 /// [`terminal_at`], with the size of the output's text in bytes (0 when none).
 fn sized_terminal_at(
     row: &Row,
-    first: usize,
     id: &ProcessId,
 ) -> Result<(Option<TerminalRecord>, usize), ProcessError> {
-    let state: Option<String> = row.try_get(first).map_err(db_error)?;
+    let state: Option<String> = row.try_get("terminal_state").map_err(db_error)?;
     let Some(state) = state else {
         return Ok((None, 0));
     };
-    let (output, size) = sized_json_at(row, first + 2, id, || "output".into())?;
+    let (output, size) = sized_json_at(row, "output", id, || "output".into())?;
     let terminal = TerminalRecord {
         state: state
             .parse::<TerminalState>()
             .map_err(|err| corrupt("terminal state", err))?,
-        seq: row.try_get(first + 1).map_err(db_error)?,
+        seq: row.try_get("terminal_seq").map_err(db_error)?,
         output,
-        completed_at: row.try_get(first + 3).map_err(db_error)?,
+        completed_at: row.try_get("completed_at").map_err(db_error)?,
     };
     Ok((Some(terminal), size))
 }
@@ -179,28 +174,28 @@ pub(crate) fn process_from_row(row: &Row) -> Result<ProcessRecord, ProcessError>
 
 /// [`process_from_row`], with the size of its input's and output's text in bytes.
 pub(crate) fn sized_process_from_row(row: &Row) -> Result<(ProcessRecord, usize), ProcessError> {
-    let id: String = row.try_get(0).map_err(db_error)?;
+    let id: String = row.try_get("process_id").map_err(db_error)?;
     let id = ProcessId::new(id).map_err(|err| corrupt("process id", err))?;
-    let disposition: String = row.try_get(3).map_err(db_error)?;
-    let status: String = row.try_get(4).map_err(db_error)?;
-    let lease_owner: Option<String> = row.try_get(8).map_err(db_error)?;
-    let lease_expires_at = row.try_get(10).map_err(db_error)?;
-    let (terminal, output_size) = sized_terminal_at(row, 11, &id)?;
-    let lease_generation = row.try_get(9).map_err(db_error)?;
-    let (input, input_size) = sized_json_at(row, 2, &id, || "input".into())?;
+    let disposition: String = row.try_get("disposition").map_err(db_error)?;
+    let status: String = row.try_get("status").map_err(db_error)?;
+    let lease_owner: Option<String> = row.try_get("lease_owner").map_err(db_error)?;
+    let lease_expires_at = row.try_get("lease_expires_at").map_err(db_error)?;
+    let (terminal, output_size) = sized_terminal_at(row, &id)?;
+    let lease_generation = row.try_get("lease_generation").map_err(db_error)?;
+    let (input, input_size) = sized_json_at(row, "input", &id, || "input".into())?;
     let record = ProcessRecord {
         input,
         id,
-        kind: row.try_get(1).map_err(db_error)?,
+        kind: row.try_get("kind").map_err(db_error)?,
         disposition: disposition
             .parse()
             .map_err(|err| corrupt("disposition", err))?,
         status: status.parse().map_err(|err| corrupt("status", err))?,
-        last_seq: row.try_get(5).map_err(db_error)?,
-        created_at: row.try_get(6).map_err(db_error)?,
-        updated_at: row.try_get(7).map_err(db_error)?,
+        last_seq: row.try_get("last_seq").map_err(db_error)?,
+        created_at: row.try_get("created_at").map_err(db_error)?,
+        updated_at: row.try_get("updated_at").map_err(db_error)?,
         lease_generation,
-        attempts: row.try_get(15).map_err(db_error)?,
+        attempts: row.try_get("attempts").map_err(db_error)?,
         lease: match (lease_owner, lease_expires_at) {
             (Some(owner), Some(expires_at)) => Some(LeaseInfo {
                 owner,
@@ -214,7 +209,7 @@ pub(crate) fn sized_process_from_row(row: &Row) -> Result<(ProcessRecord, usize)
     Ok((record, input_size + output_size))
 }
 
-/// An event of `process_id` from a row starting with [`EVENT_COLUMNS`].
+/// An event of `process_id` from a row with the columns of [`event_columns!`].
 pub(crate) fn event_from_row(
     process_id: &ProcessId,
     row: &Row,
@@ -227,17 +222,19 @@ pub(crate) fn sized_event_from_row(
     process_id: &ProcessId,
     row: &Row,
 ) -> Result<(ProcessEvent, usize), ProcessError> {
-    let seq: i64 = row.try_get(0).map_err(db_error)?;
-    let (payload, size) = sized_json_at(row, 2, process_id, || format!("event {seq} payload"))?;
+    let seq: i64 = row.try_get("seq").map_err(db_error)?;
+    let (payload, size) = sized_json_at(row, "payload", process_id, || {
+        format!("event {seq} payload")
+    })?;
     let event = ProcessEvent {
         process_id: process_id.clone(),
         seq,
-        event_type: row.try_get(1).map_err(db_error)?,
+        event_type: row.try_get("event_type").map_err(db_error)?,
         payload,
-        replay_key: row.try_get(3).map_err(db_error)?,
-        occurred_at: row.try_get(4).map_err(db_error)?,
-        writer: row.try_get(5).map_err(db_error)?,
-        lease_generation: row.try_get(6).map_err(db_error)?,
+        replay_key: row.try_get("replay_key").map_err(db_error)?,
+        occurred_at: row.try_get("occurred_at").map_err(db_error)?,
+        writer: row.try_get("writer").map_err(db_error)?,
+        lease_generation: row.try_get("lease_generation").map_err(db_error)?,
     };
     Ok((event, size))
 }

@@ -28,8 +28,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use super::append::AppendWriter;
 use super::convert::{JsonText, db_error, is_unavailable_state, json_at, terminal_state_detail};
-use super::registry::PgProcessRegistry;
 use crate::error::{ProcessError, ProcessResult};
 use crate::model::{AppendOutcome, AppendRequest, ProcessEvent, ProcessId};
 
@@ -78,8 +82,10 @@ const APPEND_GROUP_UNKEYED: &str = "
                WITH ORDINALITY AS e(t, p, ord)
         RETURNING 1)
     SELECT a.caller, NULL::text AS refusal, NULL::text AS detail,
-           b.base + a.before + g.n AS seq, NULL::text, NULL::jsonb, NULL::text, now(),
-           CASE WHEN a.token IS NULL THEN NULL ELSE b.lease_generation END, false, $1::text
+           b.base + a.before + g.n AS seq, NULL::text AS event_type, NULL::jsonb AS payload,
+           NULL::text AS replay_key, now() AS occurred_at,
+           CASE WHEN a.token IS NULL THEN NULL ELSE b.lease_generation END AS lease_generation,
+           false AS replayed, $1::text AS writer
       FROM accepted a
       JOIN bumped b USING (process_id)
      CROSS JOIN LATERAL generate_series(1::bigint, a.cnt::bigint) AS g(n)
@@ -160,33 +166,36 @@ impl Pending {
     }
 }
 
-/// The running flushers of one registry (and its clones).
+/// A flusher's task, for its owner to run: it ends when its token fires (after answering
+/// what was queued by then) or when every sender is gone.
+pub(crate) type FlusherTask = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
+
+/// The flushers' queues of one registry (and its clones).
 pub(crate) struct GroupCommit {
     queues: Vec<mpsc::Sender<Pending>>,
     stats: Arc<GroupCommitStats>,
 }
 
 impl GroupCommit {
-    /// Starts the flushers; `single` is the registry without group commit, which runs
-    /// batches of one and the callers of a refused batch.
-    pub(crate) fn start(
+    /// The queues and their flushers, which write with `writer` (batches of one, the callers
+    /// of a refused batch, and the batch statements on its pool).
+    pub(crate) fn new(
         options: &GroupCommitOptions,
-        single: PgProcessRegistry,
+        writer: AppendWriter,
         stats: Arc<GroupCommitStats>,
-    ) -> Self {
-        let queues = (0..options.flushers.max(1))
+    ) -> (Self, Vec<FlusherTask>) {
+        let (queues, tasks) = (0..options.flushers.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
-                tokio::spawn(flusher(
-                    rx,
-                    single.clone(),
-                    options.clone(),
-                    Arc::clone(&stats),
-                ));
-                tx
+                let (writer, options, stats) =
+                    (writer.clone(), options.clone(), Arc::clone(&stats));
+                let task: FlusherTask = Box::new(move |stop: CancellationToken| {
+                    flusher(rx, writer, options, stats, stop).boxed()
+                });
+                (tx, task)
             })
-            .collect();
-        Self { queues, stats }
+            .unzip();
+        (Self { queues, stats }, tasks)
     }
 
     /// Whether every flusher is still there (they end with the runtime that started them).
@@ -219,19 +228,25 @@ impl GroupCommit {
 
 async fn flusher(
     mut queue: mpsc::Receiver<Pending>,
-    single: PgProcessRegistry,
+    single: AppendWriter,
     options: GroupCommitOptions,
     stats: Arc<GroupCommitStats>,
+    stop: CancellationToken,
 ) {
     let mut held: Option<Pending> = None;
     loop {
-        let first = match held.take() {
-            Some(pending) => pending,
-            None => match queue.recv().await {
-                Some(pending) => pending,
-                None => return,
+        let next = match held.take() {
+            Some(pending) => Some(pending),
+            None => tokio::select! {
+                next = queue.recv() => next,
+                () = stop.cancelled() => {
+                    // Stopping: take no more, answer what is queued, then end.
+                    queue.close();
+                    queue.recv().await
+                }
             },
         };
+        let Some(first) = next else { return };
         // A caller that gave up (timed out, dropped its future) is not written for: its
         // append was never sent, so its `Unavailable` was the truth.
         if first.reply.is_closed() {
@@ -276,7 +291,7 @@ async fn flusher(
 }
 
 /// Runs one append as a statement of its own and answers its caller.
-async fn alone(single: &PgProcessRegistry, pending: Pending) {
+async fn alone(single: &AppendWriter, pending: Pending) {
     if pending.reply.is_closed() {
         return;
     }
@@ -287,12 +302,12 @@ async fn alone(single: &PgProcessRegistry, pending: Pending) {
         reply,
         ..
     } = pending;
-    let result = single.append_single(&id, requests, &payloads).await;
+    let result = single.single(&id, requests, &payloads).await;
     let _ = reply.send(result);
 }
 
 /// Sends a batch of several appends as one statement and answers each caller.
-async fn flush(single: &PgProcessRegistry, mut batch: Vec<Pending>, stats: &GroupCommitStats) {
+async fn flush(single: &AppendWriter, mut batch: Vec<Pending>, stats: &GroupCommitStats) {
     // One global lock order (process id), stable so one process's appends keep their order.
     batch.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
     let ids: Vec<&str> = batch.iter().map(|p| p.id.as_str()).collect();
@@ -328,10 +343,11 @@ async fn flush(single: &PgProcessRegistry, mut batch: Vec<Pending>, stats: &Grou
         }
         db_error(err)
     };
-    let writer = &single.config().writer;
+    let writer = &single.writer;
     let rows = if keyed {
         single
-            .run_statement(
+            .db
+            .run(
                 "SELECT caller, refusal, detail, seq, event_type, payload, replay_key,
                         occurred_at, lease_generation, replayed, writer
                    FROM proclog.append_group($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -343,7 +359,8 @@ async fn flush(single: &PgProcessRegistry, mut batch: Vec<Pending>, stats: &Grou
             .await
     } else {
         single
-            .run_statement(
+            .db
+            .run(
                 APPEND_GROUP_UNKEYED,
                 &[writer, &ids, &tokens, &starts, &counts, &types, &payloads],
                 on_error,
@@ -373,7 +390,7 @@ async fn flush(single: &PgProcessRegistry, mut batch: Vec<Pending>, stats: &Grou
     };
     let mut by_caller: Vec<Vec<&tokio_postgres::Row>> = vec![Vec::new(); batch.len()];
     for row in &rows {
-        let caller: i32 = row.get(0);
+        let caller: i32 = row.try_get("caller").unwrap_or_default();
         if let Some(slot) = usize::try_from(caller - 1)
             .ok()
             .and_then(|index| by_caller.get_mut(index))
@@ -381,9 +398,8 @@ async fn flush(single: &PgProcessRegistry, mut batch: Vec<Pending>, stats: &Grou
             slot.push(row);
         }
     }
-    let writer = single.config().writer.clone();
     for (pending, rows) in batch.into_iter().zip(by_caller) {
-        let result = outcome(&pending, &rows, &writer);
+        let result = outcome(&pending, &rows, single);
         pending.answer(result);
     }
 }
@@ -392,13 +408,13 @@ async fn flush(single: &PgProcessRegistry, mut batch: Vec<Pending>, stats: &Grou
 fn outcome(
     pending: &Pending,
     rows: &[&tokio_postgres::Row],
-    writer: &str,
+    writer: &AppendWriter,
 ) -> ProcessResult<Vec<AppendOutcome>> {
     let id = &pending.id;
     if let Some(row) = rows.first() {
-        let refusal: Option<String> = row.get(1);
+        let refusal: Option<String> = row.try_get("refusal").map_err(db_error)?;
         if let Some(refusal) = refusal {
-            let detail: Option<String> = row.get(2);
+            let detail: Option<String> = row.try_get("detail").map_err(db_error)?;
             return Err(match refusal.as_str() {
                 "not_found" => ProcessError::NotFound(id.clone()),
                 "terminal" => ProcessError::ProcessTerminal {
@@ -426,30 +442,21 @@ fn outcome(
     rows.iter()
         .zip(&pending.requests)
         .map(|(row, request)| {
-            let replayed: bool = row.try_get(9).map_err(db_error)?;
-            let seq: i64 = row.try_get(3).map_err(db_error)?;
+            let replayed: bool = row.try_get("replayed").map_err(db_error)?;
             let event = if replayed {
+                let seq: i64 = row.try_get("seq").map_err(db_error)?;
                 ProcessEvent {
                     process_id: id.clone(),
                     seq,
-                    event_type: row.try_get(4).map_err(db_error)?,
-                    payload: json_at(row, 5, id, || format!("event {seq} payload"))?,
-                    replay_key: row.try_get(6).map_err(db_error)?,
-                    occurred_at: row.try_get(7).map_err(db_error)?,
-                    writer: row.try_get(10).map_err(db_error)?,
-                    lease_generation: row.try_get(8).map_err(db_error)?,
+                    event_type: row.try_get("event_type").map_err(db_error)?,
+                    payload: json_at(row, "payload", id, || format!("event {seq} payload"))?,
+                    replay_key: row.try_get("replay_key").map_err(db_error)?,
+                    occurred_at: row.try_get("occurred_at").map_err(db_error)?,
+                    writer: row.try_get("writer").map_err(db_error)?,
+                    lease_generation: row.try_get("lease_generation").map_err(db_error)?,
                 }
             } else {
-                ProcessEvent {
-                    process_id: id.clone(),
-                    seq,
-                    event_type: request.event_type.clone(),
-                    payload: request.payload.clone(),
-                    replay_key: request.replay_key.clone(),
-                    occurred_at: row.try_get(7).map_err(db_error)?,
-                    writer: writer.to_owned(),
-                    lease_generation: row.try_get(8).map_err(db_error)?,
-                }
+                writer.stored(id, request.clone(), row)?
             };
             Ok(AppendOutcome { event, replayed })
         })

@@ -12,12 +12,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_postgres::{AsyncMessage, Notification};
+use tokio_util::sync::CancellationToken;
 
 use super::tls::DatabaseTarget;
 use crate::backoff::Backoff;
+use crate::tasks::TaskHandle;
 use crate::watch::hub::ProcessChangeHub;
 use crate::watch::notice::{
     EVENTS_CHANNEL, EventNotice, TERMINAL_CHANNEL, TerminalHint, WORK_CHANNEL,
@@ -83,28 +86,25 @@ impl Default for ListenerOptions {
     }
 }
 
-/// A running listener. Dropping it stops it.
+/// A listener's status and counters. The listening itself is a task: owned by this value
+/// when made by [`PgListener::spawn`] (dropping it stops listening), or by whoever runs the
+/// task [`PgListener::start`] returns.
 pub struct PgListener {
     status: watch::Receiver<ListenerStatus>,
     stats: Arc<ListenerStats>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for PgListener {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    task: Option<TaskHandle>,
 }
 
 impl PgListener {
-    /// Stops listening now (also done on drop). Subscriptions fall back to their safety polls.
-    pub fn stop(&self) {
-        self.task.abort();
+    /// Stops listening now, when this value owns the task (also done on drop).
+    /// Subscriptions fall back to their safety polls.
+    pub fn stop(&mut self) {
+        self.task.take();
     }
 
     /// Starts listening on `target` (a dedicated connection, never from a pool), ticking
     /// `hub` for notices written by pods other than `own_pod`, and notifying `work` for work
-    /// hints from other pods (and after every reconnect).
+    /// hints from other pods (and after every reconnect). The returned value owns the task.
     pub fn spawn(
         target: DatabaseTarget,
         hub: Arc<ProcessChangeHub>,
@@ -112,21 +112,47 @@ impl PgListener {
         own_pod: impl Into<String>,
         options: ListenerOptions,
     ) -> Self {
+        let (mut listener, listen) = Self::start(target, hub, work, own_pod, options);
+        listener.task = Some(TaskHandle::spawn(
+            "listener",
+            listen(CancellationToken::new()),
+        ));
+        listener
+    }
+
+    /// [`PgListener::spawn`] without spawning: the listening task is returned for an owner to
+    /// run; it ends when its token fires.
+    pub fn start(
+        target: DatabaseTarget,
+        hub: Arc<ProcessChangeHub>,
+        work: Arc<Notify>,
+        own_pod: impl Into<String>,
+        options: ListenerOptions,
+    ) -> (
+        Self,
+        impl FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send + 'static,
+    ) {
         let (status_tx, status) = watch::channel(ListenerStatus::Connecting);
         let stats = Arc::new(ListenerStats::default());
-        let task = tokio::spawn(run(
-            target,
-            Targets { hub, work },
-            own_pod.into(),
-            options,
-            status_tx,
-            Arc::clone(&stats),
-        ));
-        Self {
-            status,
-            stats,
-            task,
-        }
+        let task_stats = Arc::clone(&stats);
+        let own_pod = own_pod.into();
+        let listen = move |stop: CancellationToken| {
+            async move {
+                tokio::select! {
+                    () = run(target, Targets { hub, work }, own_pod, options, status_tx, task_stats) => {}
+                    () = stop.cancelled() => {}
+                }
+            }
+            .boxed()
+        };
+        (
+            Self {
+                status,
+                stats,
+                task: None,
+            },
+            listen,
+        )
     }
 
     /// The current status.
@@ -219,7 +245,7 @@ async fn session(
     };
     // The connection future delivers notifications; drive it in its own task.
     let (notifications_tx, mut notifications) = mpsc::unbounded_channel::<Notification>();
-    let driver = tokio::spawn(async move {
+    let driver = TaskHandle::spawn("listener connection", async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
@@ -236,7 +262,7 @@ async fn session(
             }
         }
     });
-    let _abort_driver = AbortOnDrop(driver);
+    let _driver = driver;
 
     let listen =
         format!("LISTEN {EVENTS_CHANNEL}; LISTEN {TERMINAL_CHANNEL}; LISTEN {WORK_CHANNEL}");
@@ -304,12 +330,14 @@ async fn send_probe(target: &DatabaseTarget, probe: &str) -> Result<(), tokio_po
         .config_mut()
         .application_name(format!("{name}-probe"));
     let (client, connection) = target.connect().await?;
-    let driver = tokio::spawn(connection);
+    let driver = TaskHandle::spawn("listener probe", async move {
+        let _ = connection.await;
+    });
     client
         .execute("SELECT pg_notify($1, $2)", &[&EVENTS_CHANNEL, &probe])
         .await?;
     drop(client);
-    let _ = driver.await;
+    driver.join().await;
     Ok(())
 }
 
@@ -351,13 +379,5 @@ fn forward(notification: &Notification, targets: &Targets, own_pod: &str, stats:
     if let Some(id) = process_id {
         stats.notices.fetch_add(1, Ordering::Relaxed);
         targets.hub.tick(&id);
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

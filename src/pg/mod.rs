@@ -1,7 +1,9 @@
 //! The Postgres implementation: connection targets (TLS), pools, the schema migrator and
 //! `PgProcessRegistry`.
 
+mod append;
 mod convert;
+mod db;
 pub mod group;
 pub mod listener;
 pub mod migrate;

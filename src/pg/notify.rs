@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::Pool;
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::model::{ProcessEvent, ProcessId};
@@ -55,18 +58,37 @@ pub struct PgNotifier {
 }
 
 impl PgNotifier {
-    /// Starts the background sender on `pool` (give it a pool of its own, size 1), for pod
-    /// `pod`, with room for `capacity` pending notices. The sender stops when every clone of
-    /// the notifier is dropped.
+    /// Starts a background sender on `pool` (give it a pool of its own, size 1), for pod
+    /// `pod`, with room for `capacity` pending notices, on its own: it stops when every clone
+    /// of the notifier is dropped. A stack owns its sender instead (see [`PgNotifier::start`]).
     pub fn spawn(pool: Pool, pod: impl Into<String>, capacity: usize) -> Self {
+        let (notifier, sender) = Self::start(pool, pod, capacity);
+        tokio::spawn(sender(CancellationToken::new()));
+        notifier
+    }
+
+    /// The notifier and its sender, for an owner to run (e.g. in a [`crate::tasks::TaskSet`]):
+    /// the sender sends what is queued until its token fires, then what was queued by then,
+    /// and ends.
+    pub fn start(
+        pool: Pool,
+        pod: impl Into<String>,
+        capacity: usize,
+    ) -> (
+        Self,
+        impl FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send + 'static,
+    ) {
         let (queue, pending) = mpsc::channel(capacity.max(1));
         let stats = Arc::new(NotifierStats::default());
-        tokio::spawn(send_batches(pool, pending, Arc::clone(&stats)));
-        Self {
+        let sender_stats = Arc::clone(&stats);
+        let sender =
+            move |stop: CancellationToken| send_batches(pool, pending, sender_stats, stop).boxed();
+        let notifier = Self {
             pod: Arc::from(pod.into()),
             queue,
             stats,
-        }
+        };
+        (notifier, sender)
     }
 
     /// The notifier's counters.
@@ -128,10 +150,22 @@ async fn send_batches(
     pool: Pool,
     mut pending: mpsc::Receiver<Outgoing>,
     stats: Arc<NotifierStats>,
+    stop: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while pending.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    loop {
+        let received = tokio::select! {
+            received = pending.recv_many(&mut batch, MAX_BATCH) => received,
+            () = stop.cancelled() => {
+                // Stopping: accept no more, send what is queued, then end.
+                pending.close();
+                pending.recv_many(&mut batch, MAX_BATCH).await
+            }
+        };
+        if received == 0 {
+            return;
+        }
         // Let appenders that are about to emit do so, so that one round trip carries them too.
         tokio::task::yield_now().await;
         if batch.len() < MAX_BATCH {

@@ -2,7 +2,8 @@
 //!
 //! Every write is one statement (appends and completions call the schema's plpgsql functions),
 //! so a write costs one round trip on a warm pooled connection with a cached prepared
-//! statement. Error paths may take a second, diagnostic query.
+//! statement. Error paths may take a second, diagnostic query. Appends are written by an
+//! [`AppendWriter`], alone or in groups by the flushers of [`super::group`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,14 +11,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use deadpool_postgres::{Object, Pool};
+use deadpool_postgres::Pool;
 use tokio_postgres::types::ToSql;
 
+use super::append::AppendWriter;
 use super::convert::{
-    JsonText, PROCESS_COLUMNS, db_error, event_columns, event_from_row, pool_error,
-    process_columns, process_from_row, sized_event_from_row, sized_process_from_row,
-    terminal_from_row, write_error,
+    JsonText, PROCESS_COLUMNS, db_error, event_columns, process_columns, process_from_row,
+    sized_event_from_row, sized_process_from_row, terminal_from_row, write_error,
 };
+use super::db::Db;
 use super::group::{GroupCommit, GroupCommitOptions, GroupCommitStats, Pending};
 use crate::error::{ProcessError, ProcessResult};
 use crate::model::{
@@ -26,76 +28,83 @@ use crate::model::{
     PruneReport, RunnableClaim, TerminalRecord,
 };
 use crate::registry::{ProcessRegistry, RegistryConfig};
+use crate::tasks::TaskSet;
 use crate::validate;
 
 /// The Postgres process registry. Cheap to clone: clones share the pool (and the group
 /// commit flushers).
 #[derive(Clone)]
 pub struct PgProcessRegistry {
-    pool: Pool,
+    db: Db,
     config: RegistryConfig,
-    call_timeout: Option<Duration>,
     /// `None`: every append is its own statement.
     group: Option<Arc<GroupSlot>>,
 }
 
-/// Group commit of a registry and its clones, started at the first append (so that a
-/// registry can be built outside a Tokio runtime).
+/// The group commit of a registry and its clones.
 struct GroupSlot {
     options: GroupCommitOptions,
     stats: Arc<GroupCommitStats>,
-    /// The flushers; started again if the runtime that ran them has gone.
-    running: Mutex<Option<Arc<GroupCommit>>>,
+    state: Mutex<Flushers>,
 }
+
+/// Who runs the flushers.
+enum Flushers {
+    /// Not started: the first append starts them, on the runtime it runs on, and they end
+    /// with the last clone of the registry (a registry used on its own).
+    NotStarted,
+    /// Started by the registry itself, as above; started again if the runtime that ran them
+    /// has gone.
+    OnTheirOwn(Arc<GroupCommit>),
+    /// Started into an owner's [`TaskSet`] (a stack): they end when the owner stops them,
+    /// and an append after that is `Unavailable`.
+    Owned(Arc<GroupCommit>),
+}
+
+/// How long a group-commit flusher waits for its statement when the registry has no call
+/// bound of its own.
+const FLUSHER_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopping flusher may take to answer what was queued.
+const FLUSHER_STOP_GRACE: Duration = Duration::from_secs(5);
 
 impl GroupSlot {
     fn new(options: GroupCommitOptions) -> Arc<Self> {
         Arc::new(Self {
             options,
             stats: Arc::new(GroupCommitStats::default()),
-            running: Mutex::new(None),
+            state: Mutex::new(Flushers::NotStarted),
         })
     }
 
-    fn flushers(&self, single: impl FnOnce() -> PgProcessRegistry) -> Arc<GroupCommit> {
-        let mut running = self
-            .running
+    fn lock(&self) -> std::sync::MutexGuard<'_, Flushers> {
+        self.state
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match running.as_ref() {
-            Some(group) if group.is_running() => Arc::clone(group),
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The running flushers, started now if they run on their own and are not running.
+    fn flushers(&self, writer: impl FnOnce() -> AppendWriter) -> ProcessResult<Arc<GroupCommit>> {
+        let mut state = self.lock();
+        match &*state {
+            Flushers::Owned(group) => Ok(Arc::clone(group)),
+            Flushers::OnTheirOwn(group) if group.is_running() => Ok(Arc::clone(group)),
             _ => {
-                let group = Arc::new(GroupCommit::start(
-                    &self.options,
-                    single(),
-                    Arc::clone(&self.stats),
-                ));
-                *running = Some(Arc::clone(&group));
-                group
+                let (group, tasks) =
+                    GroupCommit::new(&self.options, writer(), Arc::clone(&self.stats));
+                for task in tasks {
+                    tokio::spawn(task(tokio_util::sync::CancellationToken::new()));
+                }
+                let group = Arc::new(group);
+                *state = Flushers::OnTheirOwn(Arc::clone(&group));
+                Ok(group)
             }
         }
     }
 }
 
-/// Appends unkeyed events in one statement: the per-process counter is bumped under the
-/// process row's lock (only if the process is not terminal and the fence, if any, is the live
-/// lease), and the events are inserted at the seqs it yields. Returns nothing when refused.
-const APPEND_UNKEYED: &str = "
-    WITH p AS (
-        UPDATE proclog.processes
-           SET last_seq = last_seq + cardinality($4::text[]),
-               status = CASE WHEN status = 'pending' THEN 'running' ELSE status END,
-               updated_at = now()
-         WHERE process_id = $1
-           AND terminal_state IS NULL
-           AND proclog.fence_holds($3::uuid, lease_token, lease_expires_at)
-        RETURNING last_seq, lease_generation)
-    INSERT INTO proclog.events
-           (process_id, seq, event_type, payload, writer, lease_generation)
-    SELECT $1, p.last_seq - cardinality($4::text[]) + r.ord, r.t, r.p, $2,
-           CASE WHEN $3::uuid IS NULL THEN NULL ELSE p.lease_generation END
-      FROM p, unnest($4::text[], $5::jsonb[]) WITH ORDINALITY AS r(t, p, ord)
-    RETURNING seq, occurred_at, lease_generation";
+fn ttl_millis(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).expect("validated ttl fits")
+}
 
 /// One page of a log: at most `$3` events after seq `$2`, taken while the payloads before
 /// each (by stored size, which `pg_column_size` reads without decompressing) add up to less
@@ -111,23 +120,16 @@ const EVENTS_PAGE: &str = concat!(
      ORDER BY seq"
 );
 
-/// The bound on a group commit flusher's statements when the registry has no call timeout.
-const FLUSHER_CALL_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn ttl_millis(ttl: Duration) -> i64 {
-    i64::try_from(ttl.as_millis()).expect("validated ttl fits")
-}
-
 impl PgProcessRegistry {
     /// A registry over `pool` (whose database must be migrated, see [`crate::pg::migrate()`]).
     ///
     /// Group commit is on, with [`GroupCommitOptions::default`]: see
-    /// [`Self::with_group_commit`].
+    /// [`Self::with_group_commit`]. Its flushers start with the first append, unless an owner
+    /// starts them first ([`Self::start_group_commit`]).
     pub fn new(pool: Pool, config: RegistryConfig) -> Self {
         Self {
-            pool,
+            db: Db::new(pool),
             config,
-            call_timeout: None,
             group: Some(GroupSlot::new(GroupCommitOptions::default())),
         }
     }
@@ -141,60 +143,68 @@ impl PgProcessRegistry {
         self
     }
 
+    /// Starts the group commit flushers now, as tasks of `tasks` (a stack's): they stop when
+    /// the set is shut down (answering what was queued) and are not started again; appends
+    /// after that are `Unavailable`. Does nothing when group commit is off or its flushers
+    /// were started already.
+    pub fn start_group_commit(&self, tasks: &mut TaskSet) {
+        let Some(slot) = &self.group else { return };
+        let mut state = slot.lock();
+        if !matches!(*state, Flushers::NotStarted) {
+            return;
+        }
+        let (group, flushers) = GroupCommit::new(
+            &slot.options,
+            self.flusher_writer(),
+            Arc::clone(&slot.stats),
+        );
+        for flusher in flushers {
+            tasks.spawn("group commit flusher", FLUSHER_STOP_GRACE, flusher);
+        }
+        *state = Flushers::Owned(Arc::new(group));
+    }
+
     /// Counters of group commit (`None` when it is off).
     pub fn group_commit_stats(&self) -> Option<Arc<GroupCommitStats>> {
         self.group.as_ref().map(|slot| Arc::clone(&slot.stats))
     }
 
-    /// The registry without group commit: what the flushers use for batches of one. Its
-    /// calls are always bounded (by the registry's call timeout, else 30 s), so that a
-    /// stalled connection cannot hold every process routed to one flusher.
-    fn single(&self) -> Self {
-        Self {
-            group: None,
-            call_timeout: Some(self.call_timeout.unwrap_or(FLUSHER_CALL_TIMEOUT)),
-            ..self.clone()
+    /// The writer of single appends.
+    fn writer(&self) -> AppendWriter {
+        AppendWriter {
+            db: self.db.clone(),
+            writer: self.config.writer.clone(),
         }
     }
 
-    /// One append as a statement of its own.
-    pub(crate) async fn append_single(
-        &self,
-        id: &ProcessId,
-        requests: Vec<AppendRequest>,
-        payloads: &[JsonText],
-    ) -> ProcessResult<Vec<AppendOutcome>> {
-        if requests.iter().any(|r| r.replay_key.is_some()) {
-            self.append_keyed(id, &requests, payloads).await
-        } else {
-            self.append_unkeyed(id, requests, payloads).await
+    /// The flushers' writer: its calls are always bounded (by the registry's call timeout,
+    /// else 30 s), so that a stalled connection cannot hold every process routed to one
+    /// flusher.
+    fn flusher_writer(&self) -> AppendWriter {
+        AppendWriter {
+            db: self
+                .db
+                .clone()
+                .with_call_timeout(Some(self.db.call_timeout().unwrap_or(FLUSHER_CALL_TIMEOUT))),
+            writer: self.config.writer.clone(),
         }
-    }
-
-    /// [`Self::run`], for the group commit flushers.
-    pub(crate) async fn run_statement(
-        &self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-        on_error: impl FnOnce(tokio_postgres::Error) -> ProcessError,
-    ) -> ProcessResult<Vec<tokio_postgres::Row>> {
-        self.run(sql, params, on_error).await
     }
 
     /// The same registry with a client-side bound on every statement's round trip: past it
-    /// the call is `Unavailable` and its connection is discarded, not returned to the pool.
+    /// the call is `Unavailable` and its connection is discarded, not returned to the pool. A
+    /// grouped append is held to the same bound, its wait in the queue included.
     ///
     /// The server's `statement_timeout` cannot end a call whose packets never reach the
     /// server (a stalled network, a blackholed route); this bound can. A write cut by it may
     /// or may not have committed, like any `Unavailable` write: retry it with its replay key.
     pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
-        self.call_timeout = Some(timeout);
+        self.db = self.db.with_call_timeout(Some(timeout));
         self
     }
 
     /// The pool this registry uses.
     pub fn pool(&self) -> &Pool {
-        &self.pool
+        self.db.pool()
     }
 
     /// The config this registry was built with.
@@ -202,181 +212,23 @@ impl PgProcessRegistry {
         &self.config
     }
 
-    async fn client(&self) -> ProcessResult<Object> {
-        self.pool.get().await.map_err(pool_error)
-    }
-
-    /// Runs `sql` as a cached prepared statement (one round trip once warm), mapping a
-    /// database error with `on_error` and a pool failure to `Unavailable`.
+    /// [`Db::run`].
     async fn run(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
         on_error: impl FnOnce(tokio_postgres::Error) -> ProcessError,
     ) -> ProcessResult<Vec<tokio_postgres::Row>> {
-        let client = self.client().await?;
-        let call = async {
-            let statement = client.prepare_cached(sql).await.map_err(db_error)?;
-            client.query(&statement, params).await.map_err(on_error)
-        };
-        let Some(limit) = self.call_timeout else {
-            return call.await;
-        };
-        match tokio::time::timeout(limit, call).await {
-            Ok(result) => result,
-            Err(_) => {
-                // The connection may still carry the unanswered call: never reuse it.
-                drop(Object::take(client));
-                Err(ProcessError::Unavailable(format!(
-                    "no answer from the database within {limit:?}"
-                )))
-            }
-        }
+        self.db.run(sql, params, on_error).await
     }
 
-    /// Runs `sql` and decodes its rows one at a time with `decode` (which also gives each
-    /// row's size in bytes), stopping once the rows taken reach `budget` bytes: a page held
-    /// to a byte budget in memory even when the statement's own cut (by stored, possibly
-    /// compressed sizes) lets more through. Rows not taken are discarded as they arrive.
-    /// Returns the rows taken and whether any were left.
-    async fn query_page<T>(
-        &self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-        budget: usize,
-        mut decode: impl FnMut(&tokio_postgres::Row) -> ProcessResult<(T, usize)>,
-    ) -> ProcessResult<(Vec<T>, bool)> {
-        let client = self.client().await?;
-        let call = async {
-            let statement = client.prepare_cached(sql).await.map_err(db_error)?;
-            let rows = client
-                .query_raw(&statement, params.iter().copied())
-                .await
-                .map_err(db_error)?;
-            futures::pin_mut!(rows);
-            let mut taken = Vec::new();
-            let mut bytes = 0usize;
-            while let Some(row) = futures::TryStreamExt::try_next(&mut rows)
-                .await
-                .map_err(db_error)?
-            {
-                if bytes >= budget {
-                    return Ok((taken, true));
-                }
-                let (item, size) = decode(&row)?;
-                bytes = bytes.saturating_add(size);
-                taken.push(item);
-            }
-            Ok((taken, false))
-        };
-        let Some(limit) = self.call_timeout else {
-            return call.await;
-        };
-        match tokio::time::timeout(limit, call).await {
-            Ok(result) => result,
-            Err(_) => {
-                drop(Object::take(client));
-                Err(ProcessError::Unavailable(format!(
-                    "no answer from the database within {limit:?}"
-                )))
-            }
-        }
-    }
-
-    /// [`Self::run`] for statements whose errors carry no process-specific meaning.
+    /// [`Db::query`].
     async fn query(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> ProcessResult<Vec<tokio_postgres::Row>> {
-        self.run(sql, params, db_error).await
-    }
-
-    /// The common case: one plain SQL statement. It returns only what the database decided
-    /// (seq, time, generation); the events are rebuilt from the requests. When it writes
-    /// nothing, a second, diagnostic round trip says why (not found, terminal, lease lost).
-    async fn append_unkeyed(
-        &self,
-        id: &ProcessId,
-        requests: Vec<AppendRequest>,
-        payloads: &[JsonText],
-    ) -> ProcessResult<Vec<AppendOutcome>> {
-        let token = requests[0].fence.map(|fence| fence.token);
-        let types: Vec<&str> = requests.iter().map(|r| r.event_type.as_str()).collect();
-        let mut rows = self
-            .query(
-                APPEND_UNKEYED,
-                &[&id.as_str(), &self.config.writer, &token, &types, &payloads],
-            )
-            .await?;
-        if rows.len() != requests.len() {
-            self.run("SELECT proclog.refuse_write($1)", &[&id.as_str()], |err| {
-                write_error(id, err)
-            })
-            .await?;
-            return Err(ProcessError::Database(format!(
-                "append to {id} wrote {} of {} events and no reason was found",
-                rows.len(),
-                requests.len()
-            )));
-        }
-        rows.sort_by_key(|row| row.get::<_, i64>(0));
-        requests
-            .into_iter()
-            .zip(&rows)
-            .map(|(request, row)| {
-                Ok(AppendOutcome {
-                    event: ProcessEvent {
-                        process_id: id.clone(),
-                        seq: row.try_get(0).map_err(db_error)?,
-                        event_type: request.event_type,
-                        payload: request.payload,
-                        replay_key: None,
-                        occurred_at: row.try_get(1).map_err(db_error)?,
-                        writer: self.config.writer.clone(),
-                        lease_generation: row.try_get(2).map_err(db_error)?,
-                    },
-                    replayed: false,
-                })
-            })
-            .collect()
-    }
-
-    /// Batches with replay keys are decided under the process row lock by the schema's
-    /// `proclog.append_events` function; replays come back in request order.
-    async fn append_keyed(
-        &self,
-        id: &ProcessId,
-        requests: &[AppendRequest],
-        payloads: &[JsonText],
-    ) -> ProcessResult<Vec<AppendOutcome>> {
-        let token = requests[0].fence.map(|fence| fence.token);
-        let types: Vec<&str> = requests.iter().map(|r| r.event_type.as_str()).collect();
-        let keys: Vec<Option<&str>> = requests.iter().map(|r| r.replay_key.as_deref()).collect();
-        let rows = self
-            .run(
-                "SELECT seq, event_type, payload, replay_key, occurred_at, writer,
-                        lease_generation, replayed
-                   FROM proclog.append_events($1, $2, $3, $4, $5, $6)",
-                &[
-                    &id.as_str(),
-                    &self.config.writer,
-                    &token,
-                    &types,
-                    &payloads,
-                    &keys,
-                ],
-                |err| write_error(id, err),
-            )
-            .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(AppendOutcome {
-                    event: event_from_row(id, row)?,
-                    replayed: row.try_get(7).map_err(db_error)?,
-                })
-            })
-            .collect()
+        self.db.query(sql, params).await
     }
 
     /// A claimed process whose row cannot be read back (written by hand over SQL) can never
@@ -395,7 +247,7 @@ impl PgProcessRegistry {
             return;
         };
         tracing::error!(process_id = %id, error = %err, "a claimed process cannot be read back: failing it");
-        let generation: i64 = row.try_get(9).unwrap_or_default();
+        let generation: i64 = row.try_get("lease_generation").unwrap_or_default();
         let fence = Lease {
             process_id: id.clone(),
             owner: owner.to_owned(),
@@ -558,8 +410,9 @@ impl ProcessRegistry for PgProcessRegistry {
         );
         let mut found = 0i64;
         let (mut processes, cut) = self
+            .db
             .query_page(&sql, &params, self.config.max_page_bytes, |row| {
-                found = row.try_get(16).map_err(db_error)?;
+                found = row.try_get("found").map_err(db_error)?;
                 sized_process_from_row(row)
             })
             .await?;
@@ -591,9 +444,9 @@ impl ProcessRegistry for PgProcessRegistry {
         )?;
         let payloads: Vec<JsonText> = payloads.into_iter().map(JsonText).collect();
         let Some(slot) = &self.group else {
-            return self.append_single(id, requests, &payloads).await;
+            return self.writer().single(id, requests, &payloads).await;
         };
-        let group = slot.flushers(|| self.single());
+        let group = slot.flushers(|| self.flusher_writer())?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         let pending = Pending {
             id: id.clone(),
@@ -603,20 +456,17 @@ impl ProcessRegistry for PgProcessRegistry {
             reply,
         };
         let appended = group.append(pending, answer);
-        match self.call_timeout {
-            // The flusher's statement has the call bound; this one also covers some wait in
-            // the queue. An append given up on before its batch is sent is never written;
-            // one given up on during its batch may still commit: retry it with its replay key.
-            Some(limit) => {
-                let bound = limit + limit / 2;
-                tokio::time::timeout(bound, appended)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(ProcessError::Unavailable(format!(
-                            "no answer from the database within {bound:?}"
-                        )))
-                    })
-            }
+        match self.db.call_timeout() {
+            // The call bound covers the wait in the queue and the batch's statement alike. An
+            // append given up on before its batch is sent is never written; one given up on
+            // during its batch may still commit: retry it with its replay key.
+            Some(limit) => tokio::time::timeout(limit, appended)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ProcessError::Unavailable(format!(
+                        "no answer from the database within {limit:?}"
+                    )))
+                }),
             None => appended.await,
         }
     }
@@ -630,6 +480,7 @@ impl ProcessRegistry for PgProcessRegistry {
         validate::events_after(after_seq, limit)?;
         let budget = i64::try_from(self.config.max_page_bytes).unwrap_or(i64::MAX);
         let (events, _) = self
+            .db
             .query_page(
                 EVENTS_PAGE,
                 &[&id.as_str(), &after_seq, &i64::from(limit), &budget],
@@ -707,9 +558,9 @@ impl ProcessRegistry for PgProcessRegistry {
                 return Ok(ClaimOutcome::Acquired(Lease {
                     process_id: id.clone(),
                     owner: owner.to_owned(),
-                    token: row.get(0),
-                    generation: row.get(1),
-                    expires_at: row.get(2),
+                    token: row.try_get("lease_token").map_err(db_error)?,
+                    generation: row.try_get("lease_generation").map_err(db_error)?,
+                    expires_at: row.try_get("lease_expires_at").map_err(db_error)?,
                 }));
             }
             let record = self
@@ -746,7 +597,7 @@ impl ProcessRegistry for PgProcessRegistry {
             .await?;
         match rows.first() {
             Some(row) => Ok(Lease {
-                expires_at: row.get(0),
+                expires_at: row.try_get("lease_expires_at").map_err(db_error)?,
                 ..lease.clone()
             }),
             None if self.exists(&lease.process_id).await? => Err(ProcessError::LeaseLost {
@@ -807,18 +658,18 @@ impl ProcessRegistry for PgProcessRegistry {
             .await?;
         let mut claims = Vec::with_capacity(rows.len());
         for row in &rows {
-            let token: uuid::Uuid = row.try_get(16).map_err(db_error)?;
+            let token: uuid::Uuid = row.try_get("lease_token").map_err(db_error)?;
             match process_from_row(row) {
                 Ok(process) => {
                     let lease_info = process.lease.clone().ok_or_else(|| {
                         ProcessError::Database("claimed process has no lease".into())
                     })?;
-                    let old_owner: Option<String> = row.try_get(17).map_err(db_error)?;
+                    let old_owner: Option<String> = row.try_get("old_owner").map_err(db_error)?;
                     let lost_owner = match old_owner {
                         Some(owner) => Some(LostOwner {
                             owner,
-                            generation: row.try_get(18).map_err(db_error)?,
-                            expired_at: row.try_get(19).map_err(db_error)?,
+                            generation: row.try_get("old_generation").map_err(db_error)?,
+                            expired_at: row.try_get("old_expires_at").map_err(db_error)?,
                         }),
                         None => None,
                     };
@@ -849,14 +700,17 @@ impl ProcessRegistry for PgProcessRegistry {
     async fn next_lease_expiry(&self) -> ProcessResult<Option<Duration>> {
         let rows = self
             .query(
-                "SELECT (extract(epoch FROM min(lease_expires_at) - now()) * 1000)::bigint
+                "SELECT (extract(epoch FROM min(lease_expires_at) - now()) * 1000)::bigint AS millis
                    FROM proclog.processes
                   WHERE terminal_state IS NULL AND disposition <> 'external'
                     AND lease_expires_at IS NOT NULL AND lease_expires_at > now()",
                 &[],
             )
             .await?;
-        let millis: Option<i64> = rows.first().and_then(|row| row.get(0));
+        let millis: Option<i64> = match rows.first() {
+            Some(row) => row.try_get("millis").map_err(db_error)?,
+            None => None,
+        };
         Ok(millis.map(|ms| Duration::from_millis(ms.max(0) as u64)))
     }
 
@@ -870,15 +724,15 @@ impl ProcessRegistry for PgProcessRegistry {
                      DELETE FROM proclog.processes
                       WHERE terminal_state IS NOT NULL AND completed_at < $1
                   RETURNING last_seq)
-                 SELECT count(*), coalesce(sum(last_seq), 0)::bigint FROM pruned",
+                 SELECT count(*) AS processes, coalesce(sum(last_seq), 0)::bigint AS events FROM pruned",
                 &[&cutoff],
             )
             .await?;
         let row = rows
             .first()
             .ok_or_else(|| ProcessError::Database("prune returned no row".into()))?;
-        let processes: i64 = row.get(0);
-        let events: i64 = row.get(1);
+        let processes: i64 = row.try_get("processes").map_err(db_error)?;
+        let events: i64 = row.try_get("events").map_err(db_error)?;
         Ok(PruneReport {
             processes: processes as u64,
             events: events as u64,

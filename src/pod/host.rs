@@ -1,20 +1,25 @@
 //! [`Pod`]: a host's engines run under leases on a [`Proclog`] stack, with the same claiming,
-//! recovery, cancellation and bounded drain as `proclog pod`, and optionally the HTTP API.
+//! recovery, cancellation and bounded drain as `proclog pod`. The HTTP API is a face a host
+//! may add over a pod (`proclog::http::HttpServer`, feature `http`); nothing here knows it.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::engine::{Engines, ProcessEngine};
+use super::presence::{Presence, PresenceInfo};
 use super::worker::{Worker, WorkerConfig, WorkerStats};
 use crate::error::ProcessError;
-use crate::http::{ApiState, HttpOptions, router};
+use crate::pod_services::PodServices;
 use crate::stack::Proclog;
 
 /// How long a stopping pod waits for its last hints to go out.
 const HINT_FLUSH: Duration = Duration::from_secs(2);
 
-/// A running pod: a worker running the host's engines and, if asked, the HTTP API.
+/// A running pod: a worker running the host's engines, and its presence.
+///
+/// Dropped without [`Pod::shutdown`], it stops at once, as a killed pod would: no further
+/// claim, renewal or heartbeat; its runs are dropped and their leases expire, and other pods
+/// take their processes over.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), proclog::ProcessError> {
@@ -41,7 +46,6 @@ const HINT_FLUSH: Duration = Duration::from_secs(2);
 /// let pod = Pod::builder(&stack)
 ///     .engine("send-invoice", SendInvoice)
 ///     .concurrency(8)
-///     .serve_http("127.0.0.1:8080".parse().unwrap())
 ///     .start()
 ///     .await?;
 /// // ... until the host stops:
@@ -53,17 +57,8 @@ pub struct Pod {
     pod_id: String,
     worker: Option<Worker>,
     stats: Option<Arc<WorkerStats>>,
-    http: Option<HttpServer>,
-    presence: Option<super::presence::Presence>,
-    stack: Arc<crate::pod_services::PodServices>,
-}
-
-struct HttpServer {
-    address: SocketAddr,
-    stats: Arc<crate::http::ServerStats>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    /// Ends within the server's close grace once stopped (see [`crate::http::server::serve`]).
-    task: tokio::task::JoinHandle<()>,
+    presence: Presence,
+    services: Arc<PodServices>,
 }
 
 /// Settings of a [`Pod`]; see [`Pod::builder`].
@@ -72,9 +67,8 @@ pub struct PodBuilder<'a> {
     stack: &'a Proclog,
     engines: Engines,
     config: WorkerConfig,
-    http: Option<SocketAddr>,
-    http_options: HttpOptions,
     heartbeat_every: Duration,
+    address: Option<String>,
 }
 
 /// Default period of a pod's heartbeat in `proclog.pods`.
@@ -82,7 +76,7 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 
 impl Pod {
     /// A pod on `stack` with no engines yet, running up to 8 processes at once, with the
-    /// stack's pod id and lease TTL, a 10 s drain grace and no HTTP API.
+    /// stack's pod id and lease TTL and a 10 s drain grace.
     pub fn builder(stack: &Proclog) -> PodBuilder<'_> {
         PodBuilder {
             stack,
@@ -91,20 +85,14 @@ impl Pod {
                 lease_ttl: stack.lease_ttl(),
                 ..WorkerConfig::new(stack.pod_id())
             },
-            http: None,
-            http_options: HttpOptions::default(),
             heartbeat_every: DEFAULT_HEARTBEAT,
+            address: None,
         }
     }
 
-    /// The address the HTTP API listens on, when it was asked for.
-    pub fn http_address(&self) -> Option<SocketAddr> {
-        self.http.as_ref().map(|http| http.address)
-    }
-
-    /// The HTTP server's connection counters, when it serves HTTP.
-    pub fn http_stats(&self) -> Option<&Arc<crate::http::ServerStats>> {
-        self.http.as_ref().map(|http| &http.stats)
+    /// The pod id.
+    pub fn pod_id(&self) -> &str {
+        &self.pod_id
     }
 
     /// The worker's counters (`None` for a pod of concurrency 0).
@@ -112,25 +100,25 @@ impl Pod {
         self.stats.as_ref()
     }
 
+    /// Says where this pod serves its API and console, in its presence (the next heartbeat,
+    /// sent at once, carries it). An HTTP face calls it when it starts serving.
+    pub fn advertise(&self, address: Option<String>) {
+        self.presence.advertise(address);
+    }
+
     /// Stops the pod: no more claims; runs get the grace period, then are stopped (released,
     /// or abandoned for `abandon` processes), bounded whatever the engines do; other pods are
-    /// told the released work is available; then the HTTP API closes.
+    /// told the released work is available; the pod's presence is marked stopped. Returns
+    /// when the worker's and the presence's tasks have ended. An HTTP face over the pod keeps
+    /// serving until its own shutdown (after this one).
     pub async fn shutdown(self) {
-        if let Some(presence) = &self.presence {
-            presence.draining();
-        }
+        self.presence.draining();
         if let Some(worker) = self.worker {
             worker.shutdown().await;
-            self.stack.notifier.work_available();
-            self.stack.notifier.flush(HINT_FLUSH).await;
+            self.services.link.work_available();
+            self.services.link.flush(HINT_FLUSH).await;
         }
-        if let Some(http) = self.http {
-            let _ = http.stop.send(());
-            let _ = http.task.await;
-        }
-        if let Some(presence) = self.presence {
-            presence.stopped().await;
-        }
+        self.presence.stopped().await;
         tracing::info!(pod = %self.pod_id, "pod stopped");
     }
 }
@@ -173,32 +161,6 @@ impl PodBuilder<'_> {
         self
     }
 
-    /// Also serves the HTTP API (`/v1`, `/healthz`, `/readyz`, `/metrics`) on `address`
-    /// (port 0: any free port; see [`Pod::http_address`]).
-    pub fn serve_http(mut self, address: SocketAddr) -> Self {
-        self.http = Some(address);
-        self
-    }
-
-    /// Requires `Authorization: Bearer <token>` on `/v1`.
-    pub fn api_token(mut self, token: impl Into<String>) -> Self {
-        self.http_options.token = Some(token.into());
-        self
-    }
-
-    /// The largest HTTP request body, in bytes (default 8 MiB).
-    pub fn max_body_bytes(mut self, limit: usize) -> Self {
-        self.http_options.max_body_bytes = limit;
-        self
-    }
-
-    /// Every setting of the HTTP API at once (token, body and stream caps, connection limits,
-    /// allowed hosts and origins); see [`HttpOptions`].
-    pub fn http_options(mut self, options: HttpOptions) -> Self {
-        self.http_options = options;
-        self
-    }
-
     /// The period of the pod's heartbeat in `proclog.pods` (default 5 s, 100 ms to 10 min).
     /// Other pods and the console call it `gone` after three periods without one.
     pub fn heartbeat_every(mut self, period: Duration) -> Self {
@@ -206,8 +168,13 @@ impl PodBuilder<'_> {
         self
     }
 
-    /// Starts the worker (unless the concurrency is 0) and the HTTP API (if asked for), and
-    /// registers the pod in `proclog.pods`.
+    /// Where the pod serves its API and console, for its presence (see [`Pod::advertise`]).
+    pub fn advertise(mut self, address: impl Into<String>) -> Self {
+        self.address = Some(address.into());
+        self
+    }
+
+    /// Starts the worker (unless the concurrency is 0) and registers the pod's presence.
     pub async fn start(self) -> Result<Pod, ProcessError> {
         if self.config.concurrency > crate::validate::MAX_CONCURRENCY {
             return Err(ProcessError::InvalidInput(format!(
@@ -235,47 +202,11 @@ impl PodBuilder<'_> {
             )
         });
         let stats = worker.as_ref().map(|w| Arc::clone(w.stats()));
-        let http = match self.http {
-            None => None,
-            Some(address) => {
-                let mut options = self.http_options.clone();
-                options.limits.max_connections =
-                    crate::http::server::raise_file_limit(options.limits.max_connections);
-                let state = ApiState::new(Arc::clone(&services), stats.clone(), &options);
-                let listener = tokio::net::TcpListener::bind(address)
-                    .await
-                    .map_err(|err| {
-                        ProcessError::InvalidInput(format!("cannot listen on {address}: {err}"))
-                    })?;
-                let address = listener.local_addr().map_err(|err| {
-                    ProcessError::InvalidInput(format!("cannot listen on {address}: {err}"))
-                })?;
-                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-                let server_stats = Arc::clone(&state.server);
-                let server_stats_handle = Arc::clone(&state.server);
-                let task = tokio::spawn(crate::http::server::serve(
-                    listener,
-                    router(state, options.max_body_bytes),
-                    options.limits.clone(),
-                    server_stats,
-                    async {
-                        let _ = stopped.await;
-                    },
-                ));
-                tracing::info!(pod = %services.pod_id, %address, "serving the API");
-                Some(HttpServer {
-                    address,
-                    stats: server_stats_handle,
-                    stop,
-                    task,
-                })
-            }
-        };
-        let presence = super::presence::Presence::start(
+        let presence = Presence::start(
             Arc::clone(&services.cluster),
-            super::presence::PresenceInfo {
+            PresenceInfo {
                 pod_id: services.pod_id.clone(),
-                address: http.as_ref().map(|http| advertised(http.address)),
+                address: self.address,
                 concurrency: self.config.concurrency,
                 heartbeat_every: self.heartbeat_every,
             },
@@ -285,21 +216,8 @@ impl PodBuilder<'_> {
             pod_id: services.pod_id.clone(),
             worker,
             stats,
-            http,
-            presence: Some(presence),
-            stack: services,
+            presence,
+            services,
         })
-    }
-}
-
-/// The address a pod reports in `proclog.pods`: its listen address, with the host name in
-/// place of an unspecified IP (`0.0.0.0:8080` in a container reads `<hostname>:8080`).
-fn advertised(address: SocketAddr) -> String {
-    if !address.ip().is_unspecified() {
-        return address.to_string();
-    }
-    match std::fs::read_to_string("/proc/sys/kernel/hostname") {
-        Ok(host) if !host.trim().is_empty() => format!("{}:{}", host.trim(), address.port()),
-        _ => address.to_string(),
     }
 }

@@ -33,8 +33,7 @@ const PRUNE_EVERY_BEATS: u64 = 720;
 /// The heartbeat of a running pod. Dropped, its task stops (no further heartbeat).
 pub struct Presence {
     store: Arc<dyn ClusterStore>,
-    record: PresenceRecord,
-    state: watch::Sender<PresenceState>,
+    record: watch::Sender<PresenceRecord>,
     task: TaskHandle,
 }
 
@@ -51,13 +50,14 @@ impl Presence {
             state: PresenceState::Running,
             heartbeat_every: info.heartbeat_every,
         };
-        let (state, mut changes) = watch::channel(PresenceState::Running);
         write(store.as_ref(), &record).await;
         prune(store.as_ref()).await;
+        let period = record.heartbeat_every;
+        let (record, mut changes) = watch::channel(record);
         let task = {
-            let (store, record) = (Arc::clone(&store), record.clone());
+            let store = Arc::clone(&store);
             TaskHandle::spawn("presence", async move {
-                let mut ticks = tokio::time::interval(record.heartbeat_every);
+                let mut ticks = tokio::time::interval(period);
                 ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 ticks.tick().await;
                 let mut beats: u64 = 0;
@@ -70,18 +70,11 @@ impl Presence {
                             }
                         }
                     }
-                    let now = *changes.borrow_and_update();
-                    if now == PresenceState::Stopped {
+                    let now = changes.borrow_and_update().clone();
+                    if now.state == PresenceState::Stopped {
                         return;
                     }
-                    write(
-                        store.as_ref(),
-                        &PresenceRecord {
-                            state: now,
-                            ..record.clone()
-                        },
-                    )
-                    .await;
+                    write(store.as_ref(), &now).await;
                     beats += 1;
                     if beats.is_multiple_of(PRUNE_EVERY_BEATS) {
                         prune(store.as_ref()).await;
@@ -92,25 +85,28 @@ impl Presence {
         Self {
             store,
             record,
-            state,
             task,
         }
     }
 
-    /// Marks the pod draining (it stops claiming); the next heartbeat writes it at once.
+    /// Marks the pod draining (it stops claiming); a heartbeat writes it at once.
     pub fn draining(&self) {
-        self.state.send_replace(PresenceState::Draining);
+        self.record
+            .send_modify(|record| record.state = PresenceState::Draining);
+    }
+
+    /// Says where the pod serves its API; a heartbeat writes it at once.
+    pub fn advertise(&self, address: Option<String>) {
+        self.record.send_modify(|record| record.address = address);
     }
 
     /// Marks the pod stopped and ends the heartbeats (one attempt, bounded); returns once the
     /// heartbeat task has ended.
     pub async fn stopped(self) {
-        self.state.send_replace(PresenceState::Stopped);
+        self.record
+            .send_modify(|record| record.state = PresenceState::Stopped);
         self.task.join().await;
-        let stopped = PresenceRecord {
-            state: PresenceState::Stopped,
-            ..self.record.clone()
-        };
+        let stopped = self.record.borrow().clone();
         write(self.store.as_ref(), &stopped).await;
     }
 }

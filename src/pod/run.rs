@@ -46,6 +46,7 @@ use super::worker::Shared;
 use crate::error::ProcessError;
 use crate::model::{AppendRequest, Completion, Disposition, RunnableClaim, TerminalState};
 use crate::reserved::{self, CANCEL_REQUESTED, STARTED};
+use crate::tasks::TaskHandle;
 
 /// Shortest interval between two reads of the cancel watcher (the most a cancellation
 /// request waits beyond its notice).
@@ -214,13 +215,16 @@ impl Run {
 
     /// Drives the run from `Claimed` to `Done`, keeping the lease all along.
     pub(crate) async fn drive(self) -> RunEnd {
-        let keeper = tokio::spawn(keep_lease(
-            Arc::clone(&self.shared.leases),
-            self.claim.lease.clone(),
-            self.clock.clone(),
-            Arc::clone(&self.shared.stats.write_retries),
-        ));
-        let _stop_keeper = AbortOnDrop(keeper);
+        // Owned by the run: however the run ends (even aborted), the keeper stops with it.
+        let _keeper = TaskHandle::spawn(
+            "lease keeper",
+            keep_lease(
+                Arc::clone(&self.shared.leases),
+                self.claim.lease.clone(),
+                self.clock.clone(),
+                Arc::clone(&self.shared.stats.write_retries),
+            ),
+        );
         let mut phase = Phase::Claimed;
         loop {
             tracing::debug!(phase = phase.name(), "run phase");
@@ -582,15 +586,6 @@ fn engine_panicked(panic: &Box<dyn std::any::Any + Send>) -> Value {
         .unwrap_or_else(|| "a panic without a message".to_owned());
     tracing::error!(%message, "the engine panicked; the process fails");
     json!({"error": format!("the engine panicked: {message}"), "panicked": true})
-}
-
-/// Aborts a helper task when the run that owns it ends, however it ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 #[cfg(test)]

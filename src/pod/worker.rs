@@ -27,6 +27,7 @@ use super::run::{PodStop, Run};
 use crate::backoff::Backoff;
 use crate::model::RunnableClaim;
 use crate::registry::ProcessRegistry;
+use crate::tasks::TaskHandle;
 use crate::watch::ProcessChangeHub;
 
 pub use crate::reserved::{CANCEL_REQUESTED, STARTED};
@@ -105,11 +106,13 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<WorkerStats>,
 }
 
-/// A running worker. Stop it with [`Worker::shutdown`].
+/// A running worker. Stop it with [`Worker::shutdown`]; dropped without it, the worker stops
+/// at once: its claim loop and every run (with its lease keeper) are aborted, writing nothing
+/// more, and their leases expire.
 pub struct Worker {
     stop: CancellationToken,
     stats: Arc<WorkerStats>,
-    task: tokio::task::JoinHandle<()>,
+    task: TaskHandle,
 }
 
 impl Worker {
@@ -147,7 +150,7 @@ impl Worker {
             stats: Arc::clone(&stats),
         });
         let stop = CancellationToken::new();
-        let task = tokio::spawn(claim_loop(shared, work, stop.clone()));
+        let task = TaskHandle::spawn("worker", claim_loop(shared, work, stop.clone()));
         Self { stop, stats, task }
     }
 
@@ -160,7 +163,7 @@ impl Worker {
     /// module doc); returns within `grace + 2 * hard_stop_margin`.
     pub async fn shutdown(self) {
         self.stop.cancel();
-        let _ = self.task.await;
+        self.task.join().await;
     }
 }
 

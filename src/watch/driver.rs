@@ -13,8 +13,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::hub::{ChangeFeed, FeedEvent, ProcessChangeHub};
 use crate::backoff::Backoff;
@@ -73,8 +76,9 @@ struct Waiter {
     reply: oneshot::Sender<Result<TerminalRecord, AwaitError>>,
 }
 
-/// Waits for processes to end. Cheap to clone; clones share one poller, which stops when the
-/// last clone is dropped.
+/// Waits for processes to end. Cheap to clone; clones share one poller, run by its owner
+/// ([`ProcessWorkDriver::start`]; a stack's `TaskSet`) or by itself until the last clone is
+/// dropped ([`ProcessWorkDriver::spawn`]).
 #[derive(Clone)]
 pub struct ProcessWorkDriver {
     waiters: mpsc::UnboundedSender<Waiter>,
@@ -83,8 +87,23 @@ pub struct ProcessWorkDriver {
 }
 
 impl ProcessWorkDriver {
-    /// A driver reading `registry`, woken early by ticks of `hub`.
+    /// A driver reading `registry`, woken early by ticks of `hub`, whose poller runs on its
+    /// own until the last clone is dropped.
     pub fn spawn(registry: Arc<dyn ProcessRegistry>, hub: Arc<ProcessChangeHub>) -> Self {
+        let (driver, poll) = Self::start(registry, hub);
+        tokio::spawn(poll(CancellationToken::new()));
+        driver
+    }
+
+    /// The driver and its poller, for an owner to run: the poller ends when its token fires
+    /// (its waiters then get [`AwaitError::Stopped`]) or the last clone is dropped.
+    pub fn start(
+        registry: Arc<dyn ProcessRegistry>,
+        hub: Arc<ProcessChangeHub>,
+    ) -> (
+        Self,
+        impl FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send + 'static,
+    ) {
         let (waiters, incoming) = mpsc::unbounded_channel();
         let stats = Arc::new(DriverStats::default());
         let last_failure = Arc::new(Mutex::new(None));
@@ -98,12 +117,21 @@ impl ProcessWorkDriver {
             stats: Arc::clone(&stats),
             last_failure: Arc::clone(&last_failure),
         };
-        tokio::spawn(poller.run());
-        Self {
+        let poll = move |stop: CancellationToken| {
+            async move {
+                tokio::select! {
+                    () = poller.run() => {}
+                    () = stop.cancelled() => {}
+                }
+            }
+            .boxed()
+        };
+        let driver = Self {
             waiters,
             stats,
             last_failure,
-        }
+        };
+        (driver, poll)
     }
 
     /// The driver's counters.

@@ -3,6 +3,7 @@
 
 pub mod driver;
 pub mod hub;
+pub mod link;
 pub mod notice;
 pub mod sink;
 pub mod subscribe;
@@ -10,6 +11,7 @@ pub mod watched;
 
 pub use driver::{AwaitError, ProcessWorkDriver};
 pub use hub::{ChangeWatcher, ProcessChangeHub};
-pub use sink::{CompletionHint, NoopSink, ProcessEventSink};
+pub use link::{LinkCounters, LinkStatus, LocalLink, PodLink};
+pub use sink::{CompletionHint, NoopSink, ProcessEventSink, WorkHint};
 pub use subscribe::ProcessSubscriptions;
 pub use watched::WatchedProcessRegistry;

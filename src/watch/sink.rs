@@ -24,6 +24,14 @@ pub trait CompletionHint: Send + Sync {
     fn completed(&self, id: &ProcessId);
 }
 
+/// Told when runnable work may exist: a runnable process was registered, or a lease handed
+/// back. The stack's hint wakes the local worker and tells the other pods, so that every
+/// entry point (library, HTTP, console, CLI) starts work without waiting for a poll.
+pub trait WorkHint: Send + Sync {
+    /// Must not block.
+    fn work_available(&self);
+}
+
 /// A sink that does nothing (a pod without cross-pod freshness).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoopSink;
@@ -35,4 +43,8 @@ impl ProcessEventSink for NoopSink {
 
 impl CompletionHint for NoopSink {
     fn completed(&self, _id: &ProcessId) {}
+}
+
+impl WorkHint for NoopSink {
+    fn work_available(&self) {}
 }

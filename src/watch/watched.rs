@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use futures::FutureExt;
 
 use super::hub::ProcessChangeHub;
-use super::sink::{CompletionHint, NoopSink, ProcessEventSink};
+use super::sink::{CompletionHint, NoopSink, ProcessEventSink, WorkHint};
 use crate::error::ProcessResult;
 use crate::model::{
     AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, ProcessEvent, ProcessFilter,
@@ -34,7 +34,8 @@ pub struct WatchedProcessRegistry<R> {
     hub: Arc<ProcessChangeHub>,
     sink: Arc<dyn ProcessEventSink>,
     hint: Arc<dyn CompletionHint>,
-    sink_panics: AtomicU64,
+    work: Arc<dyn WorkHint>,
+    sink_panics: Arc<AtomicU64>,
     append_latency: Option<crate::metrics::LatencyHistogram>,
 }
 
@@ -46,14 +47,27 @@ impl<R: ProcessRegistry> WatchedProcessRegistry<R> {
             hub,
             sink,
             hint: Arc::new(NoopSink),
-            sink_panics: AtomicU64::new(0),
+            work: Arc::new(NoopSink),
+            sink_panics: Arc::new(AtomicU64::new(0)),
             append_latency: None,
         }
     }
 
-    /// How many `emit` calls panicked (and were contained).
+    /// How many `emit` calls (and completion hints) panicked, and were contained.
     pub fn sink_panics(&self) -> u64 {
         self.sink_panics.load(Ordering::Relaxed)
+    }
+
+    /// The counter behind [`Self::sink_panics`], to read after the registry is shared.
+    pub fn sink_panic_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.sink_panics)
+    }
+
+    /// The same decorator, giving `work` a hint whenever runnable work may exist: after a
+    /// registration of a process pods run (not `external`, not ended) and after a release.
+    pub fn with_work_hint(mut self, work: Arc<dyn WorkHint>) -> Self {
+        self.work = work;
+        self
     }
 
     /// The same decorator, giving `hint` on every completion.
@@ -108,7 +122,11 @@ impl<R: ProcessRegistry> ProcessRegistry for WatchedProcessRegistry<R> {
         &self,
         registration: ProcessRegistration,
     ) -> ProcessResult<ProcessRecord> {
-        self.inner.register_process(registration).await
+        let record = self.inner.register_process(registration).await?;
+        if record.disposition != crate::model::Disposition::External && record.terminal.is_none() {
+            self.work.work_available();
+        }
+        Ok(record)
     }
 
     async fn get_process(&self, id: &ProcessId) -> ProcessResult<Option<ProcessRecord>> {
@@ -177,7 +195,9 @@ impl<R: ProcessRegistry> ProcessRegistry for WatchedProcessRegistry<R> {
     }
 
     async fn release(&self, lease: &Lease) -> ProcessResult<()> {
-        self.inner.release(lease).await
+        self.inner.release(lease).await?;
+        self.work.work_available();
+        Ok(())
     }
 
     async fn claim_runnable(

@@ -118,7 +118,7 @@ pub async fn pgbench_baseline(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
             workloads::register_many(&setup, "pgb", clients, Disposition::External).await?,
         );
         let pod = PodServices::start(url, "bench-pgb", workloads::pod_options(clients))?;
-        workloads::warm(&pod.pool, clients).await?;
+        workloads::warm(pod.pool().expect("postgres"), clients).await?;
         pod.listener_ready().await;
         let ops = [workloads::registry_op(Arc::clone(&pod.registry), ids)];
         let mut results = workloads::interleaved(clients, plan, &ops)

@@ -275,7 +275,7 @@ pub async fn single_appends(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
         let raw_pool = warm_pool(url, concurrency).await?;
         let registry = warm_registry(url, concurrency).await?;
         let pod = PodServices::start(url, "bench-a", pod_options(concurrency))?;
-        warm(&pod.pool, concurrency).await?;
+        warm(pod.pool().expect("postgres"), concurrency).await?;
         pod.listener_ready().await;
         let ops = [
             raw_op(raw_pool.clone(), baseline::APPEND, Arc::clone(&ids)),
@@ -288,10 +288,10 @@ pub async fn single_appends(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
         let (naive, mut naive_latency) = results.next().expect("naive");
         let (plain, mut plain_latency) = results.next().expect("registry");
         let (watched, mut watched_latency) = results.next().expect("watched");
-        let stats = pod.notifier.stats();
-        let dropped = stats.dropped.load(Ordering::Relaxed);
-        let batches = stats.batches.load(Ordering::Relaxed).max(1);
-        let sent = stats.sent.load(Ordering::Relaxed);
+        let stats = pod.link.counters();
+        let dropped = stats.dropped;
+        let batches = stats.batches.max(1);
+        let sent = stats.sent;
         rows.push(
             Row::new("append: registry vs raw SQL", concurrency)
                 .rates(Some(raw), plain)
@@ -618,7 +618,7 @@ pub async fn http_appends(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
             &format!("http-pod-{n}"),
             pod_options(concurrency),
         )?);
-        warm(&services.pool, concurrency).await?;
+        warm(services.pool().expect("postgres"), concurrency).await?;
         let state = ApiState::new(services, None, &proclog::http::HttpOptions::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         bases.push(format!("http://{}", listener.local_addr()?));
