@@ -184,6 +184,18 @@ impl Entry {
         if let Some(key) = &event.replay_key {
             self.replay_keys.insert(key.clone(), self.events.len());
         }
+        // As the trigger `events_record_process_state` does: the first of each kind wins.
+        match event.event_type.as_str() {
+            crate::reserved::STARTED => {
+                self.record.started_at.get_or_insert(at);
+            }
+            crate::reserved::CANCEL_REQUESTED => {
+                self.record
+                    .cancel_request
+                    .get_or_insert_with(|| event.payload.clone());
+            }
+            _ => {}
+        }
         self.events.push(event.clone());
         self.record.updated_at = at;
         event
@@ -439,6 +451,8 @@ impl ProcessRegistry for InMemoryProcessRegistry {
             attempts: 0,
             lease: None,
             terminal: None,
+            started_at: None,
+            cancel_request: None,
         };
         processes.insert(
             id,

@@ -315,6 +315,13 @@ pub struct ProcessRecord {
     pub lease: Option<LeaseInfo>,
     /// The terminal column; `None` until the process ends.
     pub terminal: Option<TerminalRecord>,
+    /// When its first `process.started` was written (`None`: no run ever started it).
+    #[serde(default)]
+    pub started_at: Option<DateTime<Utc>>,
+    /// The first cancellation request made of it (`{reason, by}`), if any: its owner stops
+    /// the run and completes it `cancelled`.
+    #[serde(default)]
+    pub cancel_request: Option<Value>,
 }
 
 /// One event of a process log, as stored.

@@ -48,6 +48,26 @@ pub trait ProcessRegistry: Send + Sync {
         Ok(states)
     }
 
+    /// The cancellation request ([`ProcessRecord::cancel_request`]) of each of `ids` that has
+    /// one; ids absent from the answer have none (or do not exist). Postgres answers any
+    /// number of ids in one query, which is what lets all the runs of a pod share one read.
+    async fn cancel_requests(
+        &self,
+        ids: &[ProcessId],
+    ) -> ProcessResult<HashMap<ProcessId, serde_json::Value>> {
+        let mut requests = HashMap::new();
+        for id in ids {
+            if let Some(request) = self
+                .get_process(id)
+                .await?
+                .and_then(|record| record.cancel_request)
+            {
+                requests.insert(id.clone(), request);
+            }
+        }
+        Ok(requests)
+    }
+
     /// Processes matching `filter`, in `(created_at, id)` order, one page at a time.
     async fn list_processes(&self, filter: ProcessFilter) -> ProcessResult<ProcessPage>;
 
@@ -165,6 +185,13 @@ impl<T: ProcessRegistry + ?Sized> ProcessRegistry for std::sync::Arc<T> {
         ids: &[ProcessId],
     ) -> ProcessResult<HashMap<ProcessId, Option<TerminalRecord>>> {
         (**self).terminal_states(ids).await
+    }
+
+    async fn cancel_requests(
+        &self,
+        ids: &[ProcessId],
+    ) -> ProcessResult<HashMap<ProcessId, serde_json::Value>> {
+        (**self).cancel_requests(ids).await
     }
 
     async fn list_processes(&self, filter: ProcessFilter) -> ProcessResult<ProcessPage> {

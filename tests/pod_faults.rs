@@ -501,7 +501,8 @@ async fn an_abandon_process_handed_back_after_its_start_is_abandoned_not_rerun()
         .unwrap()
         .remove(0);
     // The earlier run's start: reserved types cannot be appended through the API, so an
-    // ordinary fenced event is appended and renamed over SQL.
+    // ordinary fenced event is appended and renamed over SQL, and the row records the start
+    // as the append of a real one would have.
     registry
         .append_event(
             &id,
@@ -512,7 +513,11 @@ async fn an_abandon_process_handed_back_after_its_start_is_abandoned_not_rerun()
     sql_client(&url)
         .await
         .execute(
-            "UPDATE proclog.events SET event_type = 'process.started' WHERE process_id = $1",
+            "WITH renamed AS (
+                 UPDATE proclog.events SET event_type = 'process.started'
+                  WHERE process_id = $1 RETURNING occurred_at)
+             UPDATE proclog.processes SET started_at = (SELECT occurred_at FROM renamed)
+              WHERE process_id = $1",
             &[&id.as_str()],
         )
         .await

@@ -107,6 +107,15 @@ async fn engines_complete_fail_and_unknown_kinds_fail_clearly() {
         log.iter().all(|e| e.lease_generation == Some(1)),
         "all fenced"
     );
+    // The row records the first start (what an `abandon` process's next claim reads).
+    let record = pod
+        .services
+        .registry
+        .get_process(&steps)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.started_at, Some(log[0].occurred_at));
 
     let failed = driver.await_terminal(&failing, WAIT).await.unwrap();
     assert_eq!(failed.state, TerminalState::Failed);

@@ -57,7 +57,7 @@ macro_rules! process_columns {
     () => {
         "process_id, kind, input, disposition, status, last_seq, created_at, updated_at, \
          lease_owner, lease_generation, lease_expires_at, terminal_state, terminal_seq, output, \
-         completed_at, attempts"
+         completed_at, attempts, started_at, cancel_request"
     };
 }
 pub(crate) use process_columns;
@@ -115,15 +115,17 @@ fn sized_json_at(
 ) -> Result<(serde_json::Value, usize), ProcessError> {
     row.try_get::<_, SizedJson>(column)
         .map(|SizedJson(value, size)| (value, size))
-        .map_err(|err| {
-            let reason =
-                std::error::Error::source(&err).map_or_else(|| err.to_string(), |s| s.to_string());
-            ProcessError::Undecodable {
-                id: id.clone(),
-                location: location(),
-                reason,
-            }
-        })
+        .map_err(|err| undecodable(id, location(), &err))
+}
+
+/// The error of a JSON value of `id`'s row that cannot be decoded.
+fn undecodable(id: &ProcessId, location: String, err: &tokio_postgres::Error) -> ProcessError {
+    let reason = std::error::Error::source(err).map_or_else(|| err.to_string(), |s| s.to_string());
+    ProcessError::Undecodable {
+        id: id.clone(),
+        location,
+        reason,
+    }
 }
 
 fn corrupt(what: &str, err: impl std::fmt::Display) -> ProcessError {
@@ -183,6 +185,10 @@ pub(crate) fn sized_process_from_row(row: &Row) -> Result<(ProcessRecord, usize)
     let (terminal, output_size) = sized_terminal_at(row, &id)?;
     let lease_generation = row.try_get("lease_generation").map_err(db_error)?;
     let (input, input_size) = sized_json_at(row, "input", &id, || "input".into())?;
+    let cancel_request = row
+        .try_get::<_, Option<SizedJson>>("cancel_request")
+        .map_err(|err| undecodable(&id, "cancel_request".into(), &err))?
+        .map(|SizedJson(value, _)| value);
     let record = ProcessRecord {
         input,
         id,
@@ -205,6 +211,8 @@ pub(crate) fn sized_process_from_row(row: &Row) -> Result<(ProcessRecord, usize)
             _ => None,
         },
         terminal,
+        started_at: row.try_get("started_at").map_err(db_error)?,
+        cancel_request,
     };
     Ok((record, input_size + output_size))
 }

@@ -369,6 +369,9 @@ fn forward(notification: &Notification, targets: &Targets, own_pod: &str, stats:
                 {
                     stats.notice_latency.observe_since(sent);
                 }
+                if notice.event_type == crate::reserved::CANCEL_REQUESTED {
+                    targets.hub.tick_cancel(&notice.process_id);
+                }
                 notice.process_id
             }),
         TERMINAL_CHANNEL => TerminalHint::from_payload(notification.payload())

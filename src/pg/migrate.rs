@@ -58,6 +58,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0007_least_privilege.sql",
         sql: include_str!("../../migrations/0007_least_privilege.sql"),
     },
+    Migration {
+        version: 8,
+        name: "0008_process_state.sql",
+        sql: include_str!("../../migrations/0008_process_state.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

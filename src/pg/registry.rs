@@ -352,6 +352,32 @@ impl ProcessRegistry for PgProcessRegistry {
         rows.iter().map(terminal_from_row).collect()
     }
 
+    async fn cancel_requests(
+        &self,
+        ids: &[ProcessId],
+    ) -> ProcessResult<HashMap<ProcessId, serde_json::Value>> {
+        let texts: Vec<&str> = ids.iter().map(ProcessId::as_str).collect();
+        let rows = self
+            .query(
+                "SELECT process_id, cancel_request FROM proclog.processes
+                  WHERE process_id = ANY ($1) AND cancel_request IS NOT NULL",
+                &[&texts],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("process_id").map_err(db_error)?;
+                let id = ProcessId::new(id).map_err(|err| {
+                    ProcessError::Database(format!("unexpected process id: {err}"))
+                })?;
+                let request = super::convert::json_at(row, "cancel_request", &id, || {
+                    "cancel_request".into()
+                })?;
+                Ok((id, request))
+            })
+            .collect()
+    }
+
     async fn list_processes(&self, filter: ProcessFilter) -> ProcessResult<ProcessPage> {
         let limit = validate::list_filter(&filter)?;
         let status = filter.status.map(|s| s.as_str());

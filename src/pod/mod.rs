@@ -1,6 +1,7 @@
 //! The pod: leased execution of processes by engines, crash recovery, cancellation.
 
 pub mod cancel;
+mod cancel_watch;
 pub mod demo;
 pub mod engine;
 pub mod host;

@@ -32,7 +32,7 @@
 //! taken over after the TTL.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 
 use futures::FutureExt;
 use serde_json::{Value, json};
@@ -45,12 +45,8 @@ use super::retry::retry_write;
 use super::worker::Shared;
 use crate::error::ProcessError;
 use crate::model::{AppendRequest, Completion, Disposition, RunnableClaim, TerminalState};
-use crate::reserved::{self, CANCEL_REQUESTED, STARTED};
+use crate::reserved::{self, STARTED};
 use crate::tasks::TaskHandle;
-
-/// Shortest interval between two reads of the cancel watcher (the most a cancellation
-/// request waits beyond its notice).
-const CANCEL_CHECK_GAP: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Where a run is.
 #[derive(Clone, Debug, PartialEq)]
@@ -289,16 +285,10 @@ impl Run {
         if process.disposition != Disposition::Abandon || process.attempts <= 1 {
             return Phase::Starting;
         }
-        let started = retry_write(
-            &self.clock,
-            &self.shared.stats.write_retries,
-            "reading the log",
-            || self.started_before(),
-        )
-        .await;
-        match started {
-            Ok(false) => Phase::Starting,
-            Ok(true) => {
+        // The row records the first start (schema version 8): the claim read it.
+        match process.started_at {
+            None => Phase::Starting,
+            Some(_) => {
                 let evidence = match lost {
                     Some(lost) => json!({
                         "reason": "owner lost",
@@ -315,23 +305,6 @@ impl Run {
                     }),
                 };
                 Phase::completing(TerminalState::Abandoned, evidence)
-            }
-            Err(err) => after_refusal(&Phase::Claimed, &err),
-        }
-    }
-
-    /// Whether the log holds a `process.started` (read page by page).
-    async fn started_before(&self) -> crate::ProcessResult<bool> {
-        let id = &self.claim.process.id;
-        let mut after = 0;
-        loop {
-            let events = self.shared.registry.events_after(id, after, 1000).await?;
-            if events.iter().any(|event| event.event_type == STARTED) {
-                return Ok(true);
-            }
-            match events.last() {
-                Some(last) => after = last.seq,
-                None => return Ok(false),
             }
         }
     }
@@ -403,8 +376,7 @@ impl Run {
         let engine_run = std::panic::AssertUnwindSafe(engine.run(context))
             .catch_unwind()
             .map(|finished| finished.unwrap_or_else(|panic| Err(engine_panicked(&panic))));
-        let watched = AtomicI64::new(0);
-        let cancel_watch = self.watch_for_cancel(&watched);
+        let cancel_watch = self.shared.cancels.requested(&process.id);
         tokio::pin!(engine_run, cancel_watch);
         let mut interrupt = None;
         let outcome = loop {
@@ -434,15 +406,13 @@ impl Run {
         if outcome.is_none() {
             tracing::warn!("the engine did not return in time: dropped");
         }
-        // The watch reads behind the log (it coalesces ticks, and a notice can be lost): an
+        // The watch reads behind the row (it coalesces ticks, and a notice can be lost): an
         // engine may return after a request was written but before the watch saw it. One last
-        // read settles it: a request in the log now is one made before the engine's answer
+        // read settles it: a request on the row now is one made before the engine's answer
         // was written, and it wins; one written after this read came after the engine's work.
         if interrupt.is_none()
             && outcome.is_some()
-            && let Some(request) = self
-                .cancel_request_after(watched.load(Ordering::Relaxed))
-                .await
+            && let Some(request) = self.cancel_request_now().await
         {
             tracing::info!("a cancellation came in as the engine returned: it wins");
             interrupt = Some(Interrupt::CancelRequested(request));
@@ -464,64 +434,27 @@ impl Run {
         )
     }
 
-    /// Resolves with the payload of the first `process.cancel_requested` in the log
-    /// (including one written before this run started), woken by hub ticks, with a slow poll
-    /// as the safety net. Read failures are only logged: the next tick or poll reads again.
-    /// `watched` is how far it has read: every event up to that seq holds no request.
-    async fn watch_for_cancel(&self, watched: &AtomicI64) -> Value {
-        let id = &self.claim.process.id;
-        let mut watcher = self.shared.hub.watch(id);
-        let mut after = 0;
-        loop {
-            match self.shared.registry.events_after(id, after, 1000).await {
-                Ok(events) if !events.is_empty() => {
-                    if let Some(request) = events.iter().find(|e| e.event_type == CANCEL_REQUESTED)
-                    {
-                        return request.payload.clone();
-                    }
-                    after = events.last().map_or(after, |e| e.seq);
-                    watched.store(after, Ordering::Relaxed);
-                    continue;
-                }
-                Ok(_) => {}
-                Err(err) => tracing::debug!(error = %err, "cancel watch read failed"),
-            }
-            let caught_up = Instant::now();
-            tokio::select! {
-                _ = watcher.changed() => {}
-                _ = tokio::time::sleep(self.shared.config.poll_interval) => {}
-            }
-            // The engine's own appends tick the hub too: coalesce them, so that a run costs
-            // at most a few reads per second here however fast it writes.
-            tokio::time::sleep_until(caught_up + CANCEL_CHECK_GAP).await;
-        }
-    }
-
-    /// The first `process.cancel_requested` after seq `after`, read to the end of the log now.
-    /// Read failures are retried briefly while the lease is surely live; if the log cannot be
-    /// read, the engine's answer stands (the completion that follows needs the database too).
-    async fn cancel_request_after(&self, mut after: i64) -> Option<Value> {
+    /// The process's cancellation request as the row holds it now (one read, retried briefly
+    /// while the lease is surely live; if the row cannot be read, the engine's answer stands:
+    /// the completion that follows needs the database too).
+    async fn cancel_request_now(&self) -> Option<Value> {
         let id = &self.claim.process.id;
         let mut failures = 0;
         while self.clock.is_live() {
-            match self.shared.registry.events_after(id, after, 1000).await {
-                Ok(events) => {
-                    if let Some(request) = events.iter().find(|e| e.event_type == CANCEL_REQUESTED)
-                    {
-                        return Some(request.payload.clone());
-                    }
-                    match events.last() {
-                        Some(last) => after = last.seq,
-                        None => return None,
-                    }
-                }
+            match self
+                .shared
+                .registry
+                .cancel_requests(std::slice::from_ref(id))
+                .await
+            {
+                Ok(mut requests) => return requests.remove(id),
                 Err(err) => {
                     failures += 1;
                     tracing::debug!(error = %err, "last cancel check failed");
                     if failures >= 3 {
                         return None;
                     }
-                    tokio::time::sleep(CANCEL_CHECK_GAP).await;
+                    tokio::time::sleep(super::cancel_watch::ROUND_GAP).await;
                 }
             }
         }

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::cancel_watch::CancelWatch;
 use super::engine::Engines;
 use super::run::{PodStop, Run};
 use crate::backoff::Backoff;
@@ -100,7 +101,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Arc<dyn ProcessRegistry>,
     /// Renewals and releases: a path of their own, so a busy request pool cannot starve them.
     pub(crate) leases: Arc<dyn ProcessRegistry>,
-    pub(crate) hub: Arc<ProcessChangeHub>,
+    /// The cancellation requests of this worker's runs, read for all at once.
+    pub(crate) cancels: CancelWatch,
     pub(crate) engines: Engines,
     pub(crate) config: WorkerConfig,
     pub(crate) stats: Arc<WorkerStats>,
@@ -141,16 +143,27 @@ impl Worker {
         work: Arc<Notify>,
     ) -> Self {
         let stats = Arc::new(WorkerStats::default());
+        let (cancels, cancel_watch) = CancelWatch::start(
+            Arc::clone(&registry),
+            Arc::clone(&hub),
+            config.poll_interval,
+        );
         let shared = Arc::new(Shared {
             registry,
             leases,
-            hub,
+            cancels,
             engines,
             config,
             stats: Arc::clone(&stats),
         });
         let stop = CancellationToken::new();
-        let task = TaskHandle::spawn("worker", claim_loop(shared, work, stop.clone()));
+        let loop_stop = stop.clone();
+        let task = TaskHandle::spawn("worker", async move {
+            // The claim loop owns the cancel watch: it stops when the loop (and its drain)
+            // is over, or is aborted with it.
+            let _cancel_watch = cancel_watch;
+            claim_loop(shared, work, loop_stop).await;
+        });
         Self { stop, stats, task }
     }
 

@@ -23,6 +23,9 @@ pub struct ProcessChangeHub {
     epoch: watch::Sender<u64>,
     /// Every tick, for watchers of many processes at once (the work driver).
     feed: broadcast::Sender<ProcessId>,
+    /// Ticks of cancellation requests only: what a pod's cancel watch follows, so that the
+    /// runs' own appends do not wake it.
+    cancels: broadcast::Sender<ProcessId>,
 }
 
 impl Default for ProcessChangeHub {
@@ -38,6 +41,7 @@ impl ProcessChangeHub {
             watched: Mutex::new(HashMap::new()),
             epoch: watch::channel(0).0,
             feed: broadcast::channel(FEED_CAPACITY).0,
+            cancels: broadcast::channel(FEED_CAPACITY).0,
         }
     }
 
@@ -53,6 +57,23 @@ impl ProcessChangeHub {
         }
         if self.feed.receiver_count() > 0 {
             let _ = self.feed.send(id.clone());
+        }
+    }
+
+    /// Ticks `id` for a cancellation request: its watchers and the pod-wide feed, and the
+    /// cancel feed.
+    pub fn tick_cancel(&self, id: &ProcessId) {
+        self.tick(id);
+        if self.cancels.receiver_count() > 0 {
+            let _ = self.cancels.send(id.clone());
+        }
+    }
+
+    /// A feed of cancellation ticks (and resyncs) only.
+    pub fn cancel_feed(&self) -> ChangeFeed {
+        ChangeFeed {
+            ticks: self.cancels.subscribe(),
+            epoch: self.epoch.subscribe(),
         }
     }
 

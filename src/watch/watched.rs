@@ -97,7 +97,13 @@ impl<R: ProcessRegistry> WatchedProcessRegistry<R> {
         if outcomes.iter().all(|outcome| outcome.replayed) {
             return;
         }
-        self.hub.tick(id);
+        if outcomes.iter().any(|outcome| {
+            !outcome.replayed && outcome.event.event_type == crate::reserved::CANCEL_REQUESTED
+        }) {
+            self.hub.tick_cancel(id);
+        } else {
+            self.hub.tick(id);
+        }
         for outcome in outcomes {
             if !outcome.replayed {
                 let emitted = AssertUnwindSafe(self.sink.emit(&outcome.event))
@@ -138,6 +144,13 @@ impl<R: ProcessRegistry> ProcessRegistry for WatchedProcessRegistry<R> {
         ids: &[ProcessId],
     ) -> ProcessResult<HashMap<ProcessId, Option<TerminalRecord>>> {
         self.inner.terminal_states(ids).await
+    }
+
+    async fn cancel_requests(
+        &self,
+        ids: &[ProcessId],
+    ) -> ProcessResult<HashMap<ProcessId, serde_json::Value>> {
+        self.inner.cancel_requests(ids).await
     }
 
     async fn list_processes(&self, filter: ProcessFilter) -> ProcessResult<ProcessPage> {

@@ -660,3 +660,31 @@ pub async fn payloads_that_postgres_cannot_store_are_invalid(store: &dyn Store) 
     assert_eq!(log(&*registry, &process.id).await[0].payload, fine);
     assert_eq!(stored.event.payload, fine);
 }
+
+/// A process's row records its first cancellation request, whichever path appends it (with
+/// or without a replay key); later requests change nothing. (Its first start is recorded the
+/// same way: `tests/pod_worker.rs` shows it for runs.)
+pub async fn the_row_records_the_first_cancel_request(store: &dyn Store) {
+    let registry = store.pod("pod-a").await;
+    let process = new_process(&*registry).await;
+    assert_eq!(process.started_at, None);
+    assert_eq!(process.cancel_request, None);
+    // Owned by a live lease: the canceller appends its request and leaves it to the owner.
+    claim(&*registry, &process.id, "owner").await;
+    for (reason, key) in [("first", None), ("second", Some("k2")), ("third", None)] {
+        proclog::pod::cancel_process(&*registry, &process.id, "pod-a", json!(reason), key)
+            .await
+            .unwrap();
+    }
+    let record = registry.get_process(&process.id).await.unwrap().unwrap();
+    assert_eq!(
+        record.cancel_request,
+        Some(json!({"reason": "first", "by": "pod-a"}))
+    );
+    assert!(record.terminal.is_none(), "the owner acts on it");
+    let listed = registry
+        .list_processes(proclog::ProcessFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(listed.processes[0].cancel_request, record.cancel_request);
+}

@@ -83,6 +83,7 @@ conformance! {
     append::terminal_process_is_sealed,
     append::events_after_pages_in_order,
     append::pages_are_bounded_in_bytes,
+    append::the_row_records_the_first_cancel_request,
     append::events_after_refuses_unknown_process_and_bad_bounds,
     append::fenced_appends_record_the_generation,
     append::stale_and_expired_leases_cannot_append,
