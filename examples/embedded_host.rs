@@ -74,7 +74,15 @@ impl ProcessEngine for SendInvoice {
             .append_with_key("invoice.prepared", json!({"order": order}), "prepare")
             .await
             .map_err(failed)?;
-        println!("engine: step 'prepare' recorded at seq {}", prepared.seq);
+        println!(
+            "engine: step 'prepare' {} at seq {}",
+            if prepared.replayed {
+                "found done by an earlier run"
+            } else {
+                "recorded"
+            },
+            prepared.event.seq
+        );
 
         // Step 2, outside the database. Right before the effect: are we still the owner? A pod
         // paused or cut off past its lease must not act; another pod has the process by now.

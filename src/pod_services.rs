@@ -125,6 +125,8 @@ pub struct PodServices {
     pub sink_panics: Arc<AtomicU64>,
     /// Group commit's counters (Postgres with group commit on).
     pub group_commit: Option<Arc<GroupCommitStats>>,
+    /// The dropped events and the panics of a host's bounded sink, once adopted.
+    host_sink: Mutex<Option<(Arc<AtomicU64>, Arc<AtomicU64>)>>,
     pool: Option<Pool>,
     tasks: Mutex<Option<TaskSet>>,
 }
@@ -391,9 +393,58 @@ impl PodServices {
             http_requests: crate::metrics::HttpHistograms::default(),
             sink_panics,
             group_commit: storage.group_commit,
+            host_sink: Mutex::new(None),
             pool: storage.pool,
             tasks: Mutex::new(Some(tasks)),
         }
+    }
+
+    /// Takes over the delivery task of a host's bounded sink (stopped first at shutdown,
+    /// after delivering what was queued) and its counters.
+    pub(crate) fn adopt_host_sink(
+        &self,
+        dropped: Arc<AtomicU64>,
+        panics: Arc<AtomicU64>,
+        deliver: impl FnOnce(
+            tokio_util::sync::CancellationToken,
+        ) -> futures::future::BoxFuture<'static, ()>,
+    ) {
+        if let Some(tasks) = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_mut()
+        {
+            tasks.spawn("host sink", NOTIFIER_STOP_GRACE, deliver);
+        }
+        *self
+            .host_sink
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((dropped, panics));
+    }
+
+    fn host_sink_counts(&self) -> (u64, u64) {
+        self.host_sink
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .map_or((0, 0), |(dropped, panics)| {
+                (
+                    dropped.load(Ordering::Relaxed),
+                    panics.load(Ordering::Relaxed),
+                )
+            })
+    }
+
+    /// Panics of the event sinks and completion hints (a host's bounded sink included),
+    /// each contained.
+    pub fn sink_panic_count(&self) -> u64 {
+        self.sink_panics.load(Ordering::Relaxed) + self.host_sink_counts().1
+    }
+
+    /// Events a host's bounded sink was not told of because its queue was full.
+    pub fn sink_dropped_count(&self) -> u64 {
+        self.host_sink_counts().0
     }
 
     /// The registry's connection pool (`None` in memory).

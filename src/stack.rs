@@ -13,7 +13,13 @@ use crate::model::ProcessEvent;
 use crate::pg::{MigrationError, PgNotifier};
 use crate::pod_services::{PodServices, PodServicesOptions};
 use crate::registry::ProcessRegistry;
-use crate::watch::{ProcessChangeHub, ProcessEventSink, ProcessSubscriptions, ProcessWorkDriver};
+use crate::watch::{
+    BoundedSink, ProcessChangeHub, ProcessEventSink, ProcessSubscriptions, ProcessWorkDriver,
+};
+
+/// Events a host's sink may fall behind by before they are dropped (see
+/// [`ProclogBuilder::sink`]).
+pub const DEFAULT_SINK_QUEUE: usize = 4096;
 
 /// One pod's running stack. Build it with [`Proclog::builder`]; run processes on it with
 /// [`crate::pod::Pod`]; stop it with [`Proclog::shutdown`].
@@ -45,7 +51,7 @@ pub struct ProclogBuilder {
     lease_ttl: Duration,
     options: PodServicesOptions,
     pool_size: Option<usize>,
-    sink: Option<Arc<dyn ProcessEventSink>>,
+    sink: Option<(Arc<dyn ProcessEventSink>, Option<usize>)>,
     migrate: bool,
     startup_timeout: Duration,
 }
@@ -124,9 +130,13 @@ impl Proclog {
     /// How many calls of an event sink (yours included) or completion hint panicked; each
     /// was contained, and its write stood.
     pub fn sink_panics(&self) -> u64 {
-        self.services
-            .sink_panics
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.services.sink_panic_count()
+    }
+
+    /// How many events your sink was not told of because its queue was full
+    /// ([`ProclogBuilder::sink`]).
+    pub fn sink_dropped(&self) -> u64 {
+        self.services.sink_dropped_count()
     }
 
     /// Group commit's counters (`None` in memory, or with group commit off).
@@ -207,10 +217,24 @@ impl ProclogBuilder {
         self
     }
 
-    /// A sink of the host's, called after every committed append next to the NOTIFY
-    /// forwarding (see [`ProcessEventSink`] for its contract: return fast, never fail).
-    pub fn sink(mut self, sink: Arc<dyn ProcessEventSink>) -> Self {
-        self.sink = Some(sink);
+    /// A sink of the host's, told of every committed append (after the NOTIFY forwarding),
+    /// behind a bounded queue of [`DEFAULT_SINK_QUEUE`] events ([`BoundedSink`]): it can never
+    /// slow an append; when it falls that far behind, events are dropped and counted
+    /// ([`Proclog::sink_dropped`]). Its events arrive in order, from a task of the stack's.
+    pub fn sink(self, sink: Arc<dyn ProcessEventSink>) -> Self {
+        self.sink_bounded(sink, DEFAULT_SINK_QUEUE)
+    }
+
+    /// [`ProclogBuilder::sink`] with a queue of `capacity` events.
+    pub fn sink_bounded(mut self, sink: Arc<dyn ProcessEventSink>, capacity: usize) -> Self {
+        self.sink = Some((sink, Some(capacity)));
+        self
+    }
+
+    /// A sink of the host's, awaited inline on every append (see [`ProcessEventSink`] for
+    /// its contract: it must return fast, or it slows every append by its time).
+    pub fn inline_sink(mut self, sink: Arc<dyn ProcessEventSink>) -> Self {
+        self.sink = Some((sink, None));
         self
     }
 
@@ -239,7 +263,15 @@ impl ProclogBuilder {
         if let Some(size) = self.pool_size {
             options.pool_size = size;
         }
-        let host_sink = self.sink;
+        let mut delivery = None;
+        let host_sink = self.sink.map(|(sink, queue)| match queue {
+            None => sink,
+            Some(capacity) => {
+                let (bounded, deliver) = BoundedSink::start(sink, capacity);
+                delivery = Some((bounded.counters(), deliver));
+                Arc::new(bounded) as Arc<dyn ProcessEventSink>
+            }
+        });
         let services = PodServices::start_with_sink(
             &self.database_url,
             &pod_id,
@@ -252,6 +284,9 @@ impl ProclogBuilder {
                 }
             },
         )?;
+        if let Some(((dropped, panics), deliver)) = delivery {
+            services.adopt_host_sink(dropped, panics, deliver);
+        }
         Ok(Proclog {
             services: Arc::new(services),
             lease_ttl: self.lease_ttl,

@@ -278,3 +278,91 @@ async fn bad_host_settings_are_refused_before_anything_runs() {
     );
     stack.shutdown().await;
 }
+
+/// A host sink that waits for a permit per event, records what it got, and panics on
+/// events of type `boom`.
+struct GatedSink {
+    gate: Arc<tokio::sync::Semaphore>,
+    entered: Arc<AtomicU32>,
+    seen: Arc<std::sync::Mutex<Vec<i64>>>,
+}
+
+#[proclog::async_trait]
+impl proclog::ProcessEventSink for GatedSink {
+    async fn emit(&self, event: &proclog::ProcessEvent) {
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        self.gate.acquire().await.unwrap().forget();
+        if event.event_type == "boom" {
+            panic!("the host's sink fails");
+        }
+        self.seen.lock().unwrap().push(event.seq);
+    }
+}
+
+/// A host's sink behind the stack's bounded adapter never holds an append: appends return
+/// while the sink is stuck; past its queue, events are dropped and counted; the rest arrive
+/// in order; a panic in it is contained and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_host_sink_never_slows_an_append() {
+    let url = testing::migrated_database_url().await.unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let entered = Arc::new(AtomicU32::new(0));
+    let stack = Proclog::builder(&url)
+        .pod_id("sink-host")
+        .sink_bounded(
+            Arc::new(GatedSink {
+                gate: Arc::clone(&gate),
+                entered: Arc::clone(&entered),
+                seen: Arc::clone(&seen),
+            }),
+            3,
+        )
+        .start()
+        .await
+        .unwrap();
+    let process = stack
+        .registry()
+        .register_process(
+            ProcessRegistration::new("k", json!({}))
+                .with_disposition(proclog::Disposition::External),
+        )
+        .await
+        .unwrap();
+    // The sink takes the first event and is stuck on it; the appends go on regardless.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for n in 1..=10 {
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            stack
+                .registry()
+                .append_event(&process.id, proclog::AppendRequest::new("step", json!(n))),
+        )
+        .await
+        .expect("an append never waits for the host's sink")
+        .unwrap();
+        while n == 1 && entered.load(Ordering::SeqCst) == 0 {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::task::yield_now().await;
+        }
+    }
+    // One being delivered, three queued, six dropped.
+    assert_eq!(stack.sink_dropped(), 6);
+    gate.add_permits(4);
+    while seen.lock().unwrap().len() < 4 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(*seen.lock().unwrap(), [1, 2, 3, 4]);
+    stack
+        .registry()
+        .append_event(&process.id, proclog::AppendRequest::new("boom", json!(0)))
+        .await
+        .unwrap();
+    gate.add_permits(1);
+    while stack.sink_panics() == 0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::task::yield_now().await;
+    }
+    stack.shutdown().await;
+}

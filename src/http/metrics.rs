@@ -110,7 +110,13 @@ pub(super) async fn render(State(state): State<ApiState>) -> impl IntoResponse {
             name: "proclog_sink_panics",
             kind: Kind::Counter,
             help: "Calls of an event sink or completion hint that panicked (contained; the write stood).",
-            value: load(&services.sink_panics),
+            value: services.sink_panic_count(),
+        },
+        Sample {
+            name: "proclog_sink_dropped",
+            kind: Kind::Counter,
+            help: "Events a host's bounded sink was not told of because its queue was full.",
+            value: services.sink_dropped_count(),
         },
         Sample {
             name: "proclog_notices_sent",

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::lease::LeaseClock;
 use super::retry::retry_write;
 use crate::error::ProcessResult;
-use crate::model::{AppendRequest, Lease, ProcessEvent, ProcessRecord};
+use crate::model::{AppendOutcome, AppendRequest, Lease, ProcessEvent, ProcessRecord};
 use crate::registry::ProcessRegistry;
 
 /// How a run ended: `Ok(output)` completes the process, `Err(output)` fails it.
@@ -114,16 +114,20 @@ impl RunEvents {
     pub async fn append(&self, event_type: &str, payload: Value) -> ProcessResult<ProcessEvent> {
         self.append_request(AppendRequest::new(event_type, payload))
             .await
+            .map(|outcome| outcome.event)
     }
 
     /// Appends one event under the lease with the engine's own replay key: a rerun that
     /// appends the same key and content gets the stored event back instead of a second one.
+    /// The outcome says which: `replayed` is true when the event was already stored (by an
+    /// earlier run, or an earlier try of this one), so an engine can tell a step it already
+    /// did. Other content under a stored key is `ReplayConflict`.
     pub async fn append_with_key(
         &self,
         event_type: &str,
         payload: Value,
         replay_key: &str,
-    ) -> ProcessResult<ProcessEvent> {
+    ) -> ProcessResult<AppendOutcome> {
         self.append_request(AppendRequest::new(event_type, payload).with_replay_key(replay_key))
             .await
     }
@@ -131,7 +135,7 @@ impl RunEvents {
     pub(crate) async fn append_request(
         &self,
         request: AppendRequest,
-    ) -> ProcessResult<ProcessEvent> {
+    ) -> ProcessResult<AppendOutcome> {
         let request = match request.replay_key {
             Some(_) => request,
             None => {
@@ -146,7 +150,6 @@ impl RunEvents {
             self.registry.append_event(id, request.clone())
         })
         .await
-        .map(|outcome| outcome.event)
     }
 
     /// The lease the run writes under.

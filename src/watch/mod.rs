@@ -12,6 +12,6 @@ pub mod watched;
 pub use driver::{AwaitError, ProcessWorkDriver};
 pub use hub::{ChangeWatcher, ProcessChangeHub};
 pub use link::{LinkCounters, LinkStatus, LocalLink, PodLink};
-pub use sink::{CompletionHint, NoopSink, ProcessEventSink, WorkHint};
+pub use sink::{BoundedSink, CompletionHint, NoopSink, ProcessEventSink, WorkHint};
 pub use subscribe::ProcessSubscriptions;
 pub use watched::WatchedProcessRegistry;
