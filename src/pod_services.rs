@@ -319,10 +319,27 @@ impl PodServices {
     ) -> Self {
         let pod_id = registry.config().writer.clone();
         let registry = Arc::new(registry);
+        Self::with_store(
+            &pod_id,
+            Arc::clone(&registry) as Arc<dyn ProcessRegistry>,
+            registry,
+            sink,
+        )
+    }
+
+    /// A pod's services over a registry and a cluster store of the caller's (e.g. a registry
+    /// wrapped to inject faults, as [`crate::testing::EngineHarness`] does), with no other
+    /// pod to tell ([`LocalLink`]). The registry's writer should be `pod_id`.
+    pub fn with_store(
+        pod_id: &str,
+        registry: Arc<dyn ProcessRegistry>,
+        cluster: Arc<dyn ClusterStore>,
+        sink: Option<Arc<dyn ProcessEventSink>>,
+    ) -> Self {
         let storage = Storage {
-            registry: Arc::clone(&registry) as Arc<dyn ProcessRegistry>,
-            leases: Arc::clone(&registry) as Arc<dyn ProcessRegistry>,
-            cluster: registry,
+            leases: Arc::clone(&registry),
+            registry,
+            cluster,
             link: Arc::new(LocalLink::default()),
             sink: sink.unwrap_or_else(|| Arc::new(crate::watch::NoopSink)),
             completion_hint: Arc::new(crate::watch::NoopSink),
@@ -330,7 +347,7 @@ impl PodServices {
             pool: None,
         };
         Self::wire(
-            &pod_id,
+            pod_id,
             storage,
             Arc::new(ProcessChangeHub::new()),
             Arc::new(Notify::new()),

@@ -80,8 +80,13 @@ impl Proclog {
     /// operator views as on Postgres, and nobody else to tell. Its pod id is the registry's
     /// writer; its leases last `lease_ttl`. Call it within a Tokio runtime.
     pub fn in_memory(registry: crate::InMemoryProcessRegistry, lease_ttl: Duration) -> Self {
+        Self::over(PodServices::in_memory(registry, None), lease_ttl)
+    }
+
+    /// A stack over services wired by the caller (see [`PodServices::with_store`]).
+    pub fn over(services: PodServices, lease_ttl: Duration) -> Self {
         Self {
-            services: Arc::new(PodServices::in_memory(registry, None)),
+            services: Arc::new(services),
             lease_ttl,
         }
     }

@@ -244,6 +244,7 @@ impl Run {
 
     fn count(&self, end: RunEnd) {
         let stats = &self.shared.stats;
+        stats.record_end(end);
         match end {
             RunEnd::Ended(state) => {
                 stats.completed.fetch_add(1, Ordering::Relaxed);

@@ -93,6 +93,31 @@ pub struct WorkerStats {
     /// Writes (starts, appends, completions, renewals, releases) tried again after a
     /// transient failure.
     pub write_retries: Arc<AtomicU64>,
+    /// How the latest runs ended (at most [`RECENT_ENDS`], oldest first).
+    recent_ends: std::sync::Mutex<std::collections::VecDeque<super::run::RunEnd>>,
+}
+
+/// How many run ends [`WorkerStats::ends`] keeps.
+pub const RECENT_ENDS: usize = 64;
+
+impl WorkerStats {
+    /// How the latest runs ended, oldest first (at most [`RECENT_ENDS`]).
+    pub fn ends(&self) -> Vec<super::run::RunEnd> {
+        self.recent_ends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    pub(crate) fn record_end(&self, end: super::run::RunEnd) {
+        let mut ends = self.recent_ends.lock().unwrap_or_else(|p| p.into_inner());
+        if ends.len() == RECENT_ENDS {
+            ends.pop_front();
+        }
+        ends.push_back(end);
+    }
 }
 
 /// What every run of a worker shares.

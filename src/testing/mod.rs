@@ -25,6 +25,9 @@
 use std::sync::OnceLock;
 
 pub use crate::local_pg::{LocalPostgres, LocalPostgresOptions};
+pub use harness::{EngineHarness, Fault, HarnessReport};
+
+mod harness;
 
 use crate::error::ProcessError;
 
