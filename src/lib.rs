@@ -133,8 +133,10 @@
 
 pub mod backoff;
 pub mod budget;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod error;
+#[cfg(feature = "http")]
 pub mod http;
 pub mod local_pg;
 pub mod memory;

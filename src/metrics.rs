@@ -46,42 +46,34 @@ impl LatencyHistogram {
     }
 
     /// The underlying histogram, for registration.
-    pub(crate) fn histogram(&self) -> Histogram {
+    pub fn histogram(&self) -> Histogram {
         self.0.clone()
     }
 }
 
 /// Labels of the HTTP request histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct HttpLabels {
+pub struct HttpLabels {
     /// The matched route template (`/v1/processes/{id}`).
-    pub(crate) route: String,
+    pub route: String,
     /// The method.
-    pub(crate) method: String,
+    pub method: String,
     /// The response status code.
-    pub(crate) status: String,
+    pub status: String,
 }
 
 /// The label of a request method: the methods of RFC 9110 by name, anything else `OTHER`
 /// (a method is any token a client invents; a label value per invented method would let
 /// anyone grow `/metrics` without bound).
-pub(crate) fn method_label(method: &axum::http::Method) -> &'static str {
-    use axum::http::Method;
-    const KNOWN: [(Method, &str); 9] = [
-        (Method::GET, "GET"),
-        (Method::HEAD, "HEAD"),
-        (Method::POST, "POST"),
-        (Method::PUT, "PUT"),
-        (Method::DELETE, "DELETE"),
-        (Method::PATCH, "PATCH"),
-        (Method::OPTIONS, "OPTIONS"),
-        (Method::CONNECT, "CONNECT"),
-        (Method::TRACE, "TRACE"),
+pub fn method_label(method: &str) -> &'static str {
+    const KNOWN: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
     ];
     KNOWN
         .iter()
-        .find(|(known, _)| known == method)
-        .map_or("OTHER", |(_, label)| label)
+        .find(|known| **known == method)
+        .copied()
+        .unwrap_or("OTHER")
 }
 
 /// HTTP request durations by route, method and status.
@@ -97,13 +89,7 @@ impl Default for HttpHistograms {
 impl HttpHistograms {
     /// Records one request. `route` must be a route template (a fixed set); the method is
     /// one of the standard ones or `OTHER`, so no request can add label values at will.
-    pub(crate) fn observe(
-        &self,
-        route: &str,
-        method: &axum::http::Method,
-        status: u16,
-        duration: Duration,
-    ) {
+    pub fn observe(&self, route: &str, method: &str, status: u16, duration: Duration) {
         self.0
             .get_or_create(&HttpLabels {
                 route: route.to_owned(),
@@ -114,7 +100,7 @@ impl HttpHistograms {
     }
 
     /// The underlying family, for registration.
-    pub(crate) fn family(&self) -> Family<HttpLabels, Histogram> {
+    pub fn family(&self) -> Family<HttpLabels, Histogram> {
         self.0.clone()
     }
 }

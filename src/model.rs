@@ -28,9 +28,10 @@ use crate::validate;
 /// assert!(ProcessId::new("x".repeat(129)).is_err());
 /// assert_eq!(ProcessId::generate().as_str().len(), 36);
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(transparent)]
-#[schema(value_type = String, pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "order-42")]
+#[cfg_attr(feature = "http", schema(value_type = String, pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "order-42"))]
 pub struct ProcessId(String);
 
 impl ProcessId {
@@ -113,7 +114,8 @@ pub fn json_equal(a: &Value, b: &Value) -> bool {
 macro_rules! text_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
         $(#[$meta])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
         #[serde(rename_all = "snake_case")]
         pub enum $name { $($(#[$vmeta])* $variant),+ }
 
@@ -224,13 +226,14 @@ impl ProcessStatus {
 }
 
 /// What a caller supplies to create a process.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct ProcessRegistration {
     /// The id to use; a UUIDv7 is generated when absent.
     #[serde(default)]
     pub id: Option<ProcessId>,
     /// Which engine runs it: 1 to 128 characters from `[A-Za-z0-9._:-]`.
-    #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
+    #[cfg_attr(feature = "http", schema(pattern = "^[A-Za-z0-9._:-]{1,128}$"))]
     pub kind: String,
     /// Free-form JSON input for the engine (subject to the payload limit).
     #[serde(default)]
@@ -265,7 +268,8 @@ impl ProcessRegistration {
 }
 
 /// The durable terminal column of a process: set once, in the completing transaction.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct TerminalRecord {
     /// How the process ended.
     pub state: TerminalState,
@@ -278,7 +282,8 @@ pub struct TerminalRecord {
 }
 
 /// The lease currently recorded on a process (live or expired, see [`LeaseInfo::expires_at`]).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct LeaseInfo {
     /// Who holds or last held it.
     pub owner: String,
@@ -289,7 +294,8 @@ pub struct LeaseInfo {
 }
 
 /// A process as stored.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct ProcessRecord {
     /// Its id.
     pub id: ProcessId,
@@ -325,7 +331,8 @@ pub struct ProcessRecord {
 }
 
 /// One event of a process log, as stored.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct ProcessEvent {
     /// The process it belongs to.
     pub process_id: ProcessId,
@@ -356,7 +363,8 @@ impl ProcessEvent {
 
 /// Proof of a lease, carried by fenced writes: the write is refused unless this token is the
 /// process's current, live lease.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct LeaseFence {
     /// The token of the acquisition (unique per acquisition).
     pub token: Uuid,
@@ -365,10 +373,11 @@ pub struct LeaseFence {
 }
 
 /// One event to append.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct AppendRequest {
     /// Its type: 1 to 128 printable characters, not starting with `process.`.
-    #[schema(min_length = 1, max_length = 128)]
+    #[cfg_attr(feature = "http", schema(min_length = 1, max_length = 128))]
     pub event_type: String,
     /// Its JSON payload (subject to the payload limit).
     #[serde(default)]
@@ -376,7 +385,7 @@ pub struct AppendRequest {
     /// An idempotency key: a retry with the same key and content returns the stored event.
     /// 1 to 256 printable characters.
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 256)]
+    #[cfg_attr(feature = "http", schema(min_length = 1, max_length = 256))]
     pub replay_key: Option<String>,
     /// When set, the append is fenced by this lease (refused with `LeaseLost` otherwise).
     #[serde(default)]
@@ -426,7 +435,8 @@ impl AppendRequest {
 }
 
 /// The answer to an append: the stored event, and whether it was already stored (a replay).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct AppendOutcome {
     /// The event as stored.
     pub event: ProcessEvent,
@@ -435,7 +445,8 @@ pub struct AppendOutcome {
 }
 
 /// How a process ends.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct Completion {
     /// The terminal state to enter.
     pub state: TerminalState,
@@ -465,7 +476,8 @@ impl Completion {
 }
 
 /// A granted lease on a process.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct Lease {
     /// The process it covers.
     pub process_id: ProcessId,
@@ -504,7 +516,8 @@ pub enum ClaimOutcome {
 }
 
 /// Which processes [`crate::ProcessRegistry::list_processes`] returns, and from where.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct ProcessFilter {
     /// Only processes in this status.
     #[serde(default)]
@@ -527,7 +540,8 @@ pub struct ProcessFilter {
 }
 
 /// A keyset position in the listing order `(created_at, id)`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct ListCursor {
     /// `created_at` of the last process of the previous page.
     pub created_at: DateTime<Utc>,
@@ -536,7 +550,8 @@ pub struct ListCursor {
 }
 
 /// One page of a listing, in `(created_at, id)` order.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct ProcessPage {
     /// The processes of this page.
     pub processes: Vec<ProcessRecord>,
@@ -545,7 +560,8 @@ pub struct ProcessPage {
 }
 
 /// A process claimed by a pod to run, from [`crate::ProcessRegistry::claim_runnable`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct RunnableClaim {
     /// The lease granted to the pod.
     pub lease: Lease,
@@ -556,7 +572,8 @@ pub struct RunnableClaim {
 }
 
 /// The owner a process lost: evidence for recovery.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct LostOwner {
     /// Who held the lease.
     pub owner: String,
@@ -567,7 +584,8 @@ pub struct LostOwner {
 }
 
 /// What a prune removed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct PruneReport {
     /// Terminal processes deleted.
     pub processes: u64,

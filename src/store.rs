@@ -58,7 +58,8 @@ impl PresenceState {
 }
 
 /// A pod as operators see it, with its liveness computed now.
-#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct PodView {
     /// The pod id.
     pub pod_id: String,

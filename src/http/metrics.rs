@@ -87,7 +87,7 @@ pub(super) async fn record_http(
     let response = next.run(request).await;
     state.services.http_requests.observe(
         &route,
-        &method,
+        method.as_str(),
         response.status().as_u16(),
         started.elapsed(),
     );
