@@ -16,7 +16,8 @@ use crate::error::{ProcessError, ProcessResult};
 use crate::model::{
     AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, LeaseFence, LeaseInfo,
     LostOwner, ProcessEvent, ProcessFilter, ProcessId, ProcessPage, ProcessRecord,
-    ProcessRegistration, ProcessStatus, PruneReport, RunnableClaim, TerminalRecord, json_equal,
+    ProcessRegistration, ProcessStatus, PruneReport, RunnableClaim, Suspension, TerminalRecord,
+    json_equal,
 };
 use crate::registry::{ProcessRegistry, RegistryConfig};
 use crate::store::{
@@ -44,6 +45,9 @@ struct PodRow {
 
 struct Entry {
     record: ProcessRecord,
+    /// The wake time as `proclog.processes.wake_at` holds it: [`FOREVER`] for a wait on a
+    /// message alone (the record shows `None` then).
+    wake: Option<DateTime<Utc>>,
     lease_token: Option<Uuid>,
     events: Vec<ProcessEvent>,
     replay_keys: HashMap<String, usize>,
@@ -55,11 +59,23 @@ fn now() -> DateTime<Utc> {
         .expect("the clock is representable")
 }
 
+/// 'infinity', as a wake time.
+const FOREVER: DateTime<Utc> = DateTime::<Utc>::MAX_UTC;
+
+fn millis_delta(millis: u64) -> TimeDelta {
+    TimeDelta::milliseconds(i64::try_from(millis).expect("validated bound"))
+}
+
 fn ttl_delta(ttl: Duration) -> TimeDelta {
     TimeDelta::from_std(ttl).expect("validated ttl fits")
 }
 
 impl Entry {
+    fn set_wake(&mut self, wake: Option<DateTime<Utc>>) {
+        self.wake = wake;
+        self.record.wake_at = wake.filter(|at| *at != FOREVER);
+    }
+
     fn lease_is_live(&self, at: DateTime<Utc>) -> bool {
         self.lease_token.is_some()
             && self
@@ -154,7 +170,10 @@ impl Entry {
             generation: lease.generation,
             expires_at: lease.expires_at,
         });
-        if self.record.status == ProcessStatus::Pending {
+        if matches!(
+            self.record.status,
+            ProcessStatus::Pending | ProcessStatus::Waiting
+        ) {
             self.record.status = ProcessStatus::Running;
         }
         self.record.updated_at = at;
@@ -193,6 +212,17 @@ impl Entry {
                 self.record
                     .cancel_request
                     .get_or_insert_with(|| event.payload.clone());
+            }
+            // A message wakes a process waiting for its topic.
+            crate::reserved::MESSAGE
+                if self.record.waiting_for.is_some()
+                    && crate::registry::is_message_of(
+                        &event,
+                        self.record.waiting_for.as_deref().unwrap_or_default(),
+                    )
+                    && self.wake.is_some_and(|wake| wake > at) =>
+            {
+                self.set_wake(Some(at));
             }
             _ => {}
         }
@@ -431,6 +461,7 @@ impl ProcessRegistry for InMemoryProcessRegistry {
             return if record.kind == registration.kind
                 && json_equal(&record.input, &registration.input)
                 && record.disposition == registration.disposition
+                && record.retry_policy == registration.retry
             {
                 Ok(record.clone())
             } else {
@@ -438,6 +469,12 @@ impl ProcessRegistry for InMemoryProcessRegistry {
             };
         }
         let at = now();
+        let wake = registration
+            .start_at
+            .or_else(|| registration.start_in_ms.map(|ms| at + millis_delta(ms)));
+        let deadline = registration
+            .deadline
+            .or_else(|| registration.timeout_ms.map(|ms| at + millis_delta(ms)));
         let record = ProcessRecord {
             id: id.clone(),
             kind: registration.kind,
@@ -453,11 +490,17 @@ impl ProcessRegistry for InMemoryProcessRegistry {
             terminal: None,
             started_at: None,
             cancel_request: None,
+            wake_at: wake,
+            waiting_for: None,
+            deadline,
+            retries: 0,
+            retry_policy: registration.retry,
         };
         processes.insert(
             id,
             Entry {
                 record: record.clone(),
+                wake,
                 lease_token: None,
                 events: Vec::new(),
                 replay_keys: HashMap::new(),
@@ -707,6 +750,9 @@ impl ProcessRegistry for InMemoryProcessRegistry {
         {
             entry.lease_token = None;
             entry.record.lease = None;
+            if entry.record.status == ProcessStatus::Running && entry.wake.is_some() {
+                entry.record.status = ProcessStatus::Waiting;
+            }
         }
         Ok(())
     }
@@ -720,50 +766,156 @@ impl ProcessRegistry for InMemoryProcessRegistry {
         validate::claim_runnable(owner, ttl, limit)?;
         let at = now();
         let mut processes = self.lock();
-        let mut runnable: Vec<&mut Entry> = processes
+        // The three kinds of claimable work, in Postgres's order: past the deadline
+        // (earliest first), due (earliest wake first), ready (oldest first).
+        let rank = |entry: &Entry| -> Option<(u8, DateTime<Utc>)> {
+            let record = &entry.record;
+            if record.terminal.is_some() || entry.lease_is_live(at) {
+                return None;
+            }
+            if let Some(deadline) = record.deadline.filter(|deadline| *deadline <= at) {
+                return Some((0, deadline));
+            }
+            if record.disposition == crate::Disposition::External {
+                return None;
+            }
+            match entry.wake {
+                Some(wake) if wake <= at => Some((1, wake)),
+                Some(_) => None,
+                None => Some((2, record.created_at)),
+            }
+        };
+        let mut runnable: Vec<((u8, DateTime<Utc>), &mut Entry)> = processes
             .values_mut()
-            .filter(|entry| {
-                entry.record.terminal.is_none()
-                    && entry.record.disposition != crate::Disposition::External
-                    && !entry.lease_is_live(at)
-            })
+            .filter_map(|entry| rank(entry).map(|rank| (rank, entry)))
             .collect();
-        runnable.sort_by(|a, b| {
-            (a.record.created_at, &a.record.id).cmp(&(b.record.created_at, &b.record.id))
+        runnable.sort_by(|(a_rank, a), (b_rank, b)| {
+            (a_rank, &a.record.id).cmp(&(b_rank, &b.record.id))
         });
-        Ok(runnable
+        let mut claims: Vec<RunnableClaim> = runnable
             .into_iter()
             .take(limit as usize)
-            .map(|entry| {
+            .map(|(_, entry)| {
                 let lost_owner = entry.record.lease.as_ref().map(|lost| LostOwner {
                     owner: lost.owner.clone(),
                     generation: lost.generation,
                     expired_at: lost.expires_at,
                 });
+                let resumed =
+                    entry.record.status == ProcessStatus::Waiting && entry.record.attempts > 0;
                 let lease = entry.grant(owner, ttl, at);
-                entry.record.attempts += 1;
+                entry.record.status = ProcessStatus::Running;
+                if !resumed {
+                    entry.record.attempts += 1;
+                }
+                entry.set_wake(None);
+                entry.record.waiting_for = None;
                 RunnableClaim {
                     lease,
                     process: entry.record.clone(),
                     lost_owner,
+                    resumed,
                 }
             })
-            .collect())
+            .collect();
+        claims.sort_by(|a, b| {
+            (a.process.created_at, &a.process.id).cmp(&(b.process.created_at, &b.process.id))
+        });
+        Ok(claims)
     }
 
-    async fn next_lease_expiry(&self) -> ProcessResult<Option<Duration>> {
+    async fn next_wake(&self) -> ProcessResult<Option<Duration>> {
         let at = now();
         Ok(self
             .lock()
             .values()
-            .filter(|entry| {
-                entry.record.terminal.is_none()
-                    && entry.record.disposition != crate::Disposition::External
-                    && entry.lease_is_live(at)
+            .filter(|entry| entry.record.terminal.is_none())
+            .filter_map(|entry| {
+                let runs = entry.record.disposition != crate::Disposition::External;
+                if entry.lease_is_live(at) {
+                    return runs
+                        .then(|| entry.record.lease.as_ref().map(|lease| lease.expires_at))
+                        .flatten();
+                }
+                let wake = entry.wake.filter(|wake| runs && *wake != FOREVER);
+                [wake, entry.record.deadline].into_iter().flatten().min()
             })
-            .filter_map(|entry| entry.record.lease.as_ref().map(|lease| lease.expires_at))
             .min()
-            .map(|expires_at| (expires_at - at).to_std().unwrap_or_default()))
+            .map(|next| (next - at).to_std().unwrap_or_default()))
+    }
+
+    async fn suspend(&self, lease: &Lease, suspension: Suspension) -> ProcessResult<ProcessRecord> {
+        validate::suspension(&suspension, self.config.max_payload_bytes)?;
+        let id = &lease.process_id;
+        let mut processes = self.lock();
+        let entry = processes
+            .get_mut(id)
+            .ok_or_else(|| ProcessError::NotFound(id.clone()))?;
+        let key = crate::reserved::waiting_key(lease.generation);
+        if entry.replay_keys.contains_key(&key) {
+            return Ok(entry.record.clone());
+        }
+        if let Some(refusal) = entry.terminal_refusal() {
+            return Err(refusal);
+        }
+        let at = now();
+        if !entry.fence_holds(&lease.fence(), at) {
+            return Err(ProcessError::LeaseLost { id: id.clone() });
+        }
+        let mut wake = suspension
+            .wake_at
+            .or_else(|| {
+                suspension
+                    .delay
+                    .map(|delay| at + TimeDelta::from_std(delay).expect("validated bound"))
+            })
+            .unwrap_or(FOREVER);
+        let message_waits = suspension.topic.as_deref().is_some_and(|topic| {
+            entry.events.iter().any(|event| {
+                event.seq > suspension.after_seq && crate::registry::is_message_of(event, topic)
+            })
+        });
+        if entry.record.cancel_request.is_some() || message_waits {
+            wake = wake.min(at);
+        }
+        let mut payload = match suspension.reason {
+            serde_json::Value::Object(map) => map,
+            other => {
+                let mut map = serde_json::Map::new();
+                map.insert("reason".into(), other);
+                map
+            }
+        };
+        payload.insert(
+            "wake_at".into(),
+            if wake == FOREVER {
+                serde_json::Value::Null
+            } else {
+                serde_json::to_value(wake).expect("a time serializes")
+            },
+        );
+        payload.insert("topic".into(), serde_json::json!(suspension.topic));
+        entry.push_event(
+            crate::reserved::WAITING.to_owned(),
+            serde_json::Value::Object(payload),
+            Some(key),
+            &self.config.writer,
+            Some(lease.fence()),
+            at,
+        );
+        entry.record.status = ProcessStatus::Waiting;
+        entry.set_wake(Some(wake));
+        entry.record.waiting_for = suspension.topic;
+        if suspension.retry {
+            entry.record.retries += 1;
+        }
+        entry.record.lease = None;
+        entry.lease_token = None;
+        Ok(entry.record.clone())
+    }
+
+    fn payload_limit(&self) -> usize {
+        self.config.max_payload_bytes
     }
 
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {

@@ -156,6 +156,9 @@ text_enum! {
         Pending => "pending",
         /// Claimed by an owner or written to; not yet terminal.
         Running => "running",
+        /// Waiting without a pod (a timer, a message, a retry's backoff): claimable again
+        /// once its `wake_at` has come (a message of the topic it waits for brings it now).
+        Waiting => "waiting",
         /// Ended successfully.
         Completed => "completed",
         /// Ended with an error.
@@ -221,7 +224,10 @@ impl From<TerminalState> for ProcessStatus {
 impl ProcessStatus {
     /// True for the four absorbing states.
     pub fn is_terminal(self) -> bool {
-        !matches!(self, ProcessStatus::Pending | ProcessStatus::Running)
+        !matches!(
+            self,
+            ProcessStatus::Pending | ProcessStatus::Running | ProcessStatus::Waiting
+        )
     }
 }
 
@@ -241,6 +247,133 @@ pub struct ProcessRegistration {
     /// What happens when its owner is lost.
     #[serde(default)]
     pub disposition: Disposition,
+    /// Not claimed before this instant (at most one of `start_at` and `start_in_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_at: Option<DateTime<Utc>>,
+    /// Not claimed before this many milliseconds after registration (database clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_in_ms: Option<u64>,
+    /// Past this instant the process ends `failed` with reason `deadline exceeded`, whatever
+    /// it is doing (at most one of `deadline` and `timeout_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
+    /// The deadline as milliseconds after registration (database clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// How a retryable failure is retried (default: the engine kind's policy, else none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+}
+
+/// How failures an engine marks retryable are retried: after a backoff, the process runs
+/// again with its steps memoized, up to `max_attempts` runs in all; then it ends `failed`.
+///
+/// The `n`th retry (1, 2, ...) waits `min(initial_delay_ms * factor^(n-1), max_delay_ms)`,
+/// shortened by a random share of at most `jitter` (0 to 1), on the database clock.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Runs in all, the first included: 1 to 1,000 (1: no retry).
+    pub max_attempts: u32,
+    /// The first retry's delay, in milliseconds (at most a day).
+    #[serde(default = "RetryPolicy::default_initial_delay_ms")]
+    pub initial_delay_ms: u64,
+    /// How much each delay grows over the previous one: 1 to 10.
+    #[serde(default = "RetryPolicy::default_factor")]
+    pub factor: f64,
+    /// The longest delay, in milliseconds (at most a day).
+    #[serde(default = "RetryPolicy::default_max_delay_ms")]
+    pub max_delay_ms: u64,
+    /// The share of each delay drawn at random and taken off (0 to 1).
+    #[serde(default)]
+    pub jitter: f64,
+}
+
+impl RetryPolicy {
+    fn default_initial_delay_ms() -> u64 {
+        1_000
+    }
+
+    fn default_factor() -> f64 {
+        2.0
+    }
+
+    fn default_max_delay_ms() -> u64 {
+        60_000
+    }
+
+    /// Up to `max_attempts` runs, 1 s doubling to a minute, no jitter.
+    pub fn attempts(max_attempts: u32) -> Self {
+        Self {
+            max_attempts,
+            initial_delay_ms: Self::default_initial_delay_ms(),
+            factor: Self::default_factor(),
+            max_delay_ms: Self::default_max_delay_ms(),
+            jitter: 0.0,
+        }
+    }
+
+    /// The delay before retry `n` (1-based) with `random` in `[0, 1)` drawn for its jitter.
+    pub fn delay(&self, n: u32, random: f64) -> std::time::Duration {
+        let exponent = i32::try_from(n.saturating_sub(1)).unwrap_or(i32::MAX);
+        let base = (self.initial_delay_ms as f64 * self.factor.powi(exponent))
+            .min(self.max_delay_ms as f64);
+        let jittered = base * (1.0 - self.jitter.clamp(0.0, 1.0) * random.clamp(0.0, 1.0));
+        std::time::Duration::from_millis(jittered.max(0.0) as u64)
+    }
+}
+
+/// A message for a process ([`crate::ProcessRegistry::send_message`]): stored in its log as
+/// `process.message {topic, payload}`, received by a run's `recv(topic)` in log order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    /// What it is about: 1 to 128 characters from `[A-Za-z0-9._:-]`.
+    pub topic: String,
+    /// Any JSON value, within the payload limit.
+    #[serde(default)]
+    pub payload: Value,
+    /// Sending again with the same key stores nothing new and answers with the stored
+    /// message (other content under the key is a replay conflict).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_key: Option<String>,
+}
+
+impl Message {
+    /// A message of `topic` carrying `payload`, without a replay key.
+    pub fn new(topic: impl Into<String>, payload: Value) -> Self {
+        Self {
+            topic: topic.into(),
+            payload,
+            replay_key: None,
+        }
+    }
+
+    /// The same message with a replay key.
+    pub fn with_replay_key(mut self, key: impl Into<String>) -> Self {
+        self.replay_key = Some(key.into());
+        self
+    }
+}
+
+/// How a run suspends its process ([`crate::ProcessRegistry::suspend`]): the process becomes
+/// `waiting`, holding no lease, until its wake time or a message of `topic`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Suspension {
+    /// Wake at this instant (database clock) ...
+    pub wake_at: Option<DateTime<Utc>>,
+    /// ... or this long from now (database clock); neither: only a message wakes it.
+    pub delay: Option<std::time::Duration>,
+    /// Wake when a message of this topic is stored after `after_seq` (at once if one is).
+    pub topic: Option<String>,
+    /// The seq after which messages of `topic` count (the last one received).
+    pub after_seq: i64,
+    /// A failure retry: counted in [`ProcessRecord::retries`].
+    pub retry: bool,
+    /// Why, recorded in the `process.waiting` event (a JSON object).
+    pub reason: Value,
 }
 
 impl ProcessRegistration {
@@ -251,7 +384,47 @@ impl ProcessRegistration {
             kind: kind.into(),
             input,
             disposition: Disposition::default(),
+            start_at: None,
+            start_in_ms: None,
+            deadline: None,
+            timeout_ms: None,
+            retry: None,
         }
+    }
+
+    /// The same registration, not started before `delay` has passed (database clock).
+    pub fn start_in(mut self, delay: std::time::Duration) -> Self {
+        self.start_at = None;
+        self.start_in_ms = Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
+    /// The same registration, not started before `at`.
+    pub fn start_at(mut self, at: DateTime<Utc>) -> Self {
+        self.start_in_ms = None;
+        self.start_at = Some(at);
+        self
+    }
+
+    /// The same registration, ended `failed` if it has not ended `timeout` after it was
+    /// registered (database clock).
+    pub fn timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.deadline = None;
+        self.timeout_ms = Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
+    /// The same registration, ended `failed` if it has not ended at `deadline`.
+    pub fn deadline(mut self, deadline: DateTime<Utc>) -> Self {
+        self.timeout_ms = None;
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// The same registration with its own retry policy.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
     }
 
     /// The same registration with an explicit id.
@@ -328,6 +501,22 @@ pub struct ProcessRecord {
     /// the run and completes it `cancelled`.
     #[serde(default)]
     pub cancel_request: Option<Value>,
+    /// Not claimed before this instant (a delayed start, a timer, a retry's backoff, a
+    /// receive's timeout); `None`: claimable now.
+    #[serde(default)]
+    pub wake_at: Option<DateTime<Utc>>,
+    /// The message topic it waits for, while `waiting` on one.
+    #[serde(default)]
+    pub waiting_for: Option<String>,
+    /// Past this instant it ends `failed` with reason `deadline exceeded`.
+    #[serde(default)]
+    pub deadline: Option<DateTime<Utc>>,
+    /// Failure retries made (crash reruns are counted in `attempts`).
+    #[serde(default)]
+    pub retries: i32,
+    /// The retry policy given at registration (`None`: the engine kind's).
+    #[serde(default)]
+    pub retry_policy: Option<RetryPolicy>,
 }
 
 /// One event of a process log, as stored.
@@ -569,6 +758,10 @@ pub struct RunnableClaim {
     pub process: ProcessRecord,
     /// Set when the previous owner was lost: its lease expired without being released.
     pub lost_owner: Option<LostOwner>,
+    /// True when the process was `waiting` (it suspended itself cleanly): this run resumes
+    /// it, it is no crash rerun, and `attempts` was not incremented.
+    #[serde(default)]
+    pub resumed: bool,
 }
 
 /// The owner a process lost: evidence for recovery.

@@ -8,10 +8,13 @@ use chrono::{DateTime, Utc};
 
 use crate::error::ProcessResult;
 use crate::model::{
-    AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, ProcessEvent, ProcessFilter,
-    ProcessId, ProcessPage, ProcessRecord, ProcessRegistration, PruneReport, RunnableClaim,
-    TerminalRecord,
+    AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, Message, ProcessEvent,
+    ProcessFilter, ProcessId, ProcessPage, ProcessRecord, ProcessRegistration, PruneReport,
+    RunnableClaim, Suspension, TerminalRecord,
 };
+
+/// Events read per page when a default method scans a log.
+const SCAN_PAGE: u32 = 1_000;
 
 /// Durable process state: point reads and writes, no waiting, no notification.
 ///
@@ -140,14 +143,18 @@ pub trait ProcessRegistry: Send + Sync {
     /// Releases the lease if it is still the recorded one; otherwise does nothing. Idempotent.
     async fn release(&self, lease: &Lease) -> ProcessResult<()>;
 
-    /// Claims up to `limit` runnable processes for pod `owner`, oldest first: non-terminal,
-    /// not `external`, and either `pending` or `running` without a live lease. Each gets a new
-    /// lease (next generation) and its `attempts` incremented. Processes being claimed by
-    /// another pod at the same instant are skipped, never waited for. A process whose previous
-    /// lease expired without release reports that owner in `lost_owner`. A claimed process
-    /// whose stored row cannot be read back (written by hand over SQL, see
-    /// [`crate::ProcessError::Undecodable`]) is not returned: it is completed `failed` with
-    /// the reason (`{"error", "reason": "undecodable"}`), and the rest of the batch is.
+    /// Claims up to `limit` runnable processes for pod `owner`: non-terminal, without a live
+    /// lease, and either past their deadline (any disposition: the run only fails them), or
+    /// not `external` and due (`wake_at` passed, earliest first) or ready (no `wake_at`,
+    /// oldest first). Each gets a new lease (next generation), becomes `running` with its
+    /// wake time and awaited topic cleared, and has `attempts` incremented, unless it was
+    /// `waiting` after a run of its own ([`RunnableClaim::resumed`]: a resume is no rerun).
+    /// Processes being claimed by another pod at the same instant are skipped, never waited
+    /// for. A process whose previous lease expired without release reports that owner in
+    /// `lost_owner`. A claimed process whose stored row cannot be read back (written by hand
+    /// over SQL, see [`crate::ProcessError::Undecodable`]) is not returned: it is completed
+    /// `failed` with the reason (`{"error", "reason": "undecodable"}`), and the rest of the
+    /// batch is.
     async fn claim_runnable(
         &self,
         owner: &str,
@@ -155,10 +162,85 @@ pub trait ProcessRegistry: Send + Sync {
         limit: u32,
     ) -> ProcessResult<Vec<RunnableClaim>>;
 
-    /// How long until the earliest live lease of a runnable process (non-terminal, not
-    /// `external`) expires, on the database clock; `None` when no such lease exists. Pods
-    /// sleep until then, so the work of a dead pod is taken over as soon as it may be.
-    async fn next_lease_expiry(&self) -> ProcessResult<Option<Duration>>;
+    /// How long until claimable work may next appear, on the database clock: the earliest
+    /// of a live lease of a runnable process expiring, a wake time (start, timer, backoff,
+    /// receive timeout) and a deadline of a process without a live lease; `None` when there
+    /// is none. Pods sleep until then, so the work of a dead pod is taken over, and a timer
+    /// fires, as soon as it may.
+    async fn next_wake(&self) -> ProcessResult<Option<Duration>>;
+
+    /// Suspends the process under `lease` (CONTRACT §9): in one transaction, appends
+    /// `process.waiting` (the reason, the wake time, the topic), makes it `waiting` with its
+    /// wake time and awaited topic, counts a failure retry if `retry`, and releases the lease.
+    /// The wake time is `wake_at`, else now + `delay` (database clock), else never (a message
+    /// of `topic` alone wakes it); it is now when a message of `topic` after `after_seq` is
+    /// already stored, or a cancellation was requested. Retried after a lost answer, a
+    /// suspension that committed returns the row. Refusals: `NotFound`, `ProcessTerminal`,
+    /// `LeaseLost`; a bad topic or delay `InvalidInput`.
+    async fn suspend(&self, lease: &Lease, suspension: Suspension) -> ProcessResult<ProcessRecord>;
+
+    /// Sends `message` to a non-terminal process: appends `process.message {topic,
+    /// payload}` (unfenced), which makes a process waiting for `topic` runnable at once.
+    /// Idempotent by its replay key (stored as `proclog:msg:<key>`). Refusals: `NotFound`,
+    /// `ProcessTerminal`, `InvalidInput` (topic, key), `PayloadTooLarge`.
+    async fn send_message(&self, id: &ProcessId, message: Message) -> ProcessResult<AppendOutcome> {
+        self.append_event(id, message_request(&message, self.payload_limit())?)
+            .await
+    }
+
+    /// The journal of a run: events of the types a run replays ([`crate::reserved::JOURNAL`]:
+    /// steps, timers, receipts) with `seq > after_seq`, ascending, at most `limit`. Unknown
+    /// process: `NotFound`.
+    async fn journal(
+        &self,
+        id: &ProcessId,
+        after_seq: i64,
+        limit: u32,
+    ) -> ProcessResult<Vec<ProcessEvent>> {
+        let mut found = Vec::new();
+        let mut after = after_seq;
+        loop {
+            let page = self.events_after(id, after, SCAN_PAGE).await?;
+            let Some(last) = page.last() else {
+                return Ok(found);
+            };
+            after = last.seq;
+            for event in page {
+                if crate::reserved::JOURNAL.contains(&event.event_type.as_str()) {
+                    found.push(event);
+                    if found.len() >= limit as usize {
+                        return Ok(found);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The oldest message of `topic` stored after seq `after_seq`, if any. Unknown process:
+    /// `NotFound`.
+    async fn next_message(
+        &self,
+        id: &ProcessId,
+        topic: &str,
+        after_seq: i64,
+    ) -> ProcessResult<Option<ProcessEvent>> {
+        let mut after = after_seq;
+        loop {
+            let page = self.events_after(id, after, SCAN_PAGE).await?;
+            let Some(last) = page.last() else {
+                return Ok(None);
+            };
+            after = last.seq;
+            if let Some(message) = page.into_iter().find(|event| is_message_of(event, topic)) {
+                return Ok(Some(message));
+            }
+        }
+    }
+
+    /// The largest payload this registry accepts, in bytes (checked before a write).
+    fn payload_limit(&self) -> usize {
+        crate::validate::DEFAULT_MAX_PAYLOAD_BYTES
+    }
 
     /// Deletes terminal processes completed before `cutoff`, with their events and leases.
     /// Never touches a non-terminal process. Idempotent.
@@ -257,13 +339,69 @@ impl<T: ProcessRegistry + ?Sized> ProcessRegistry for std::sync::Arc<T> {
         (**self).claim_runnable(owner, ttl, limit).await
     }
 
-    async fn next_lease_expiry(&self) -> ProcessResult<Option<Duration>> {
-        (**self).next_lease_expiry().await
+    async fn next_wake(&self) -> ProcessResult<Option<Duration>> {
+        (**self).next_wake().await
+    }
+
+    async fn suspend(&self, lease: &Lease, suspension: Suspension) -> ProcessResult<ProcessRecord> {
+        (**self).suspend(lease, suspension).await
+    }
+
+    async fn send_message(&self, id: &ProcessId, message: Message) -> ProcessResult<AppendOutcome> {
+        (**self).send_message(id, message).await
+    }
+
+    async fn journal(
+        &self,
+        id: &ProcessId,
+        after_seq: i64,
+        limit: u32,
+    ) -> ProcessResult<Vec<ProcessEvent>> {
+        (**self).journal(id, after_seq, limit).await
+    }
+
+    async fn next_message(
+        &self,
+        id: &ProcessId,
+        topic: &str,
+        after_seq: i64,
+    ) -> ProcessResult<Option<ProcessEvent>> {
+        (**self).next_message(id, topic, after_seq).await
+    }
+
+    fn payload_limit(&self) -> usize {
+        (**self).payload_limit()
     }
 
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {
         (**self).prune_terminal_processes(cutoff).await
     }
+}
+
+/// The append that stores `message` (checked against `payload_limit`).
+pub(crate) fn message_request(
+    message: &Message,
+    payload_limit: usize,
+) -> ProcessResult<AppendRequest> {
+    crate::validate::message(message, payload_limit)?;
+    let mut request = AppendRequest::reserved(
+        crate::reserved::MESSAGE,
+        serde_json::json!({"topic": message.topic, "payload": message.payload}),
+    );
+    if let Some(key) = &message.replay_key {
+        request = request.with_replay_key(crate::reserved::message_key(key));
+    }
+    Ok(request)
+}
+
+/// Whether `event` is a message of `topic`.
+pub(crate) fn is_message_of(event: &ProcessEvent, topic: &str) -> bool {
+    event.event_type == crate::reserved::MESSAGE
+        && event
+            .payload
+            .get("topic")
+            .and_then(serde_json::Value::as_str)
+            == Some(topic)
 }
 
 /// Settings shared by every registry implementation.

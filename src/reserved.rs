@@ -12,6 +12,53 @@ pub const STARTED: &str = "process.started";
 /// A cancellation request: `{reason, by}`.
 pub const CANCEL_REQUESTED: &str = "process.cancel_requested";
 
+/// A message sent to the process: `{topic, payload}` (see [`crate::Message`]).
+pub const MESSAGE: &str = "process.message";
+
+/// A run suspended the process: `{reason, ..., wake_at, topic}` (see
+/// [`crate::ProcessRegistry::suspend`]).
+pub const WAITING: &str = "process.waiting";
+
+/// A step's stored output: `{name, output}`, key [`step_key`].
+pub const STEP: &str = "process.step";
+
+/// A durable timer: `{name, duration_ms}` or `{name, until}`, key [`timer_key`]; it is due
+/// at the event's `occurred_at` plus `duration_ms`, or at `until`.
+pub const TIMER: &str = "process.timer";
+
+/// A receipt: the `n`th receive of `topic` in a run took the message at `message_seq`
+/// (`{topic, n, message_seq, payload}`) or timed out (`{topic, n, timed_out: true}`); key
+/// [`receipt_key`].
+pub const RECEIVED: &str = "process.received";
+
+/// The event types a run replays: steps, timers and receipts.
+pub const JOURNAL: &[&str] = &[STEP, TIMER, RECEIVED];
+
+/// The replay key of step `name`: `proclog:step:<name>`.
+pub fn step_key(name: &str) -> String {
+    format!("proclog:step:{name}")
+}
+
+/// The replay key of timer `name`: `proclog:timer:<name>`.
+pub fn timer_key(name: &str) -> String {
+    format!("proclog:timer:{name}")
+}
+
+/// The replay key of the `n`th receive of `topic`: `proclog:recv:<topic>:<n>`.
+pub fn receipt_key(topic: &str, n: u64) -> String {
+    format!("proclog:recv:{topic}:{n}")
+}
+
+/// The replay key of a message sent with the caller's key: `proclog:msg:<key>`.
+pub fn message_key(key: &str) -> String {
+    format!("proclog:msg:{key}")
+}
+
+/// The replay key of the suspension of the run under lease `generation`.
+pub fn waiting_key(generation: i64) -> String {
+    format!("{RUN_KEY_PREFIX}{generation}:waiting")
+}
+
 /// Prefix of the replay keys proclog derives for a run's writes.
 pub const RUN_KEY_PREFIX: &str = "proclog:g";
 

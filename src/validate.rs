@@ -257,7 +257,132 @@ pub fn registration(
     payload_limit: usize,
 ) -> Result<Vec<u8>, ProcessError> {
     kind(&registration.kind)?;
+    if registration.start_at.is_some() && registration.start_in_ms.is_some() {
+        return Err(invalid(
+            "give a start time or a start delay (start_at, start_in_ms), not both".into(),
+        ));
+    }
+    if registration.deadline.is_some() && registration.timeout_ms.is_some() {
+        return Err(invalid(
+            "give a deadline or a timeout (deadline, timeout_ms), not both".into(),
+        ));
+    }
+    if let Some(at) = registration.start_at {
+        timestamp("start_at", at)?;
+    }
+    if let Some(at) = registration.deadline {
+        timestamp("deadline", at)?;
+    }
+    for (what, millis) in [
+        ("start_in_ms", registration.start_in_ms),
+        ("timeout_ms", registration.timeout_ms),
+    ] {
+        if let Some(millis) = millis {
+            duration_millis(what, millis, MAX_SCHEDULE_MILLIS)?;
+        }
+    }
+    if let Some(policy) = &registration.retry {
+        retry_policy(policy)?;
+    }
     payload_bytes(&registration.input, payload_limit)
+}
+
+/// Longest start delay, timeout, sleep or receive timeout: 100 years, in milliseconds.
+pub const MAX_SCHEDULE_MILLIS: u64 = 100 * 366 * 24 * 60 * 60 * 1000;
+/// Longest retry delay: a day, in milliseconds.
+pub const MAX_RETRY_DELAY_MILLIS: u64 = 24 * 60 * 60 * 1000;
+/// Most runs a retry policy may allow.
+pub const MAX_RETRY_ATTEMPTS: u32 = 1_000;
+
+/// A duration in milliseconds, at most `max`.
+pub fn duration_millis(what: &str, millis: u64, max: u64) -> Result<(), ProcessError> {
+    if millis > max {
+        return Err(invalid(format!(
+            "{what} must be at most {max} ms, got {millis}"
+        )));
+    }
+    Ok(())
+}
+
+/// A retry policy: 1 to [`MAX_RETRY_ATTEMPTS`] runs, delays up to
+/// [`MAX_RETRY_DELAY_MILLIS`], a factor from 1 to 10 and a jitter from 0 to 1.
+pub fn retry_policy(policy: &crate::model::RetryPolicy) -> Result<(), ProcessError> {
+    if policy.max_attempts == 0 || policy.max_attempts > MAX_RETRY_ATTEMPTS {
+        return Err(invalid(format!(
+            "retry max_attempts must be 1 to {MAX_RETRY_ATTEMPTS}, got {}",
+            policy.max_attempts
+        )));
+    }
+    duration_millis(
+        "retry initial_delay_ms",
+        policy.initial_delay_ms,
+        MAX_RETRY_DELAY_MILLIS,
+    )?;
+    duration_millis(
+        "retry max_delay_ms",
+        policy.max_delay_ms,
+        MAX_RETRY_DELAY_MILLIS,
+    )?;
+    if !(1.0..=10.0).contains(&policy.factor) {
+        return Err(invalid(format!(
+            "retry factor must be 1 to 10, got {}",
+            policy.factor
+        )));
+    }
+    if !(0.0..=1.0).contains(&policy.jitter) {
+        return Err(invalid(format!(
+            "retry jitter must be 0 to 1, got {}",
+            policy.jitter
+        )));
+    }
+    Ok(())
+}
+
+/// A suspension: a valid topic, a delay or wake time in range, a reason within
+/// `payload_limit`. Returns the reason as the JSON object the `process.waiting` event
+/// starts from (a reason that is no object is put under `"reason"`), serialized.
+pub fn suspension(
+    suspension: &crate::model::Suspension,
+    payload_limit: usize,
+) -> Result<Vec<u8>, ProcessError> {
+    if let Some(topic) = &suspension.topic {
+        durable_name("topic", topic)?;
+    }
+    if let Some(delay) = suspension.delay {
+        let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        duration_millis("wait", millis, MAX_SCHEDULE_MILLIS)?;
+    }
+    if let Some(at) = suspension.wake_at {
+        timestamp("wake_at", at)?;
+    }
+    if suspension.after_seq < 0 {
+        return Err(invalid(format!(
+            "after_seq must be 0 or more, got {}",
+            suspension.after_seq
+        )));
+    }
+    let reason = match &suspension.reason {
+        Value::Object(_) => suspension.reason.clone(),
+        other => serde_json::json!({ "reason": other }),
+    };
+    payload_bytes(&reason, payload_limit)
+}
+
+/// Longest replay key of a message (it is stored under `proclog:msg:<key>`).
+pub const MAX_MESSAGE_KEY_CHARS: usize = MAX_REPLAY_KEY_CHARS - 16;
+
+/// A message topic, step name or timer name: same alphabet and length as an id.
+pub fn durable_name(what: &str, name: &str) -> Result<(), ProcessError> {
+    identifier(what, name)
+}
+
+/// A message: a valid topic, a payload within `payload_limit`, a valid replay key.
+pub fn message(message: &crate::model::Message, payload_limit: usize) -> Result<(), ProcessError> {
+    durable_name("message topic", &message.topic)?;
+    if let Some(key) = &message.replay_key {
+        printable("message replay key", key, MAX_MESSAGE_KEY_CHARS)?;
+    }
+    payload_bytes(&message.payload, payload_limit).map(|_| ())
 }
 
 /// A batch of appends by `writer`: non-empty, at most [`MAX_BATCH_EVENTS`] events and

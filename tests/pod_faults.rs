@@ -150,8 +150,16 @@ impl ProcessRegistry for FaultyRegistry {
     ) -> ProcessResult<Vec<RunnableClaim>> {
         self.inner.claim_runnable(owner, ttl, limit).await
     }
-    async fn next_lease_expiry(&self) -> ProcessResult<Option<Duration>> {
-        self.inner.next_lease_expiry().await
+    async fn next_wake(&self) -> ProcessResult<Option<Duration>> {
+        self.inner.next_wake().await
+    }
+
+    async fn suspend(
+        &self,
+        lease: &proclog::Lease,
+        suspension: proclog::Suspension,
+    ) -> ProcessResult<proclog::ProcessRecord> {
+        self.inner.suspend(lease, suspension).await
     }
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {
         self.inner.prune_terminal_processes(cutoff).await

@@ -641,8 +641,16 @@ impl ProcessRegistry for CountingRegistry {
     ) -> proclog::ProcessResult<Vec<proclog::RunnableClaim>> {
         self.inner.claim_runnable(owner, ttl, limit).await
     }
-    async fn next_lease_expiry(&self) -> proclog::ProcessResult<Option<Duration>> {
-        self.inner.next_lease_expiry().await
+    async fn next_wake(&self) -> proclog::ProcessResult<Option<Duration>> {
+        self.inner.next_wake().await
+    }
+
+    async fn suspend(
+        &self,
+        lease: &proclog::Lease,
+        suspension: proclog::Suspension,
+    ) -> proclog::ProcessResult<proclog::ProcessRecord> {
+        self.inner.suspend(lease, suspension).await
     }
     async fn prune_terminal_processes(
         &self,

@@ -57,7 +57,9 @@ macro_rules! process_columns {
     () => {
         "process_id, kind, input, disposition, status, last_seq, created_at, updated_at, \
          lease_owner, lease_generation, lease_expires_at, terminal_state, terminal_seq, output, \
-         completed_at, attempts, started_at, cancel_request"
+         completed_at, attempts, started_at, cancel_request, \
+         CASE WHEN isfinite(wake_at) THEN wake_at END AS wake_at, waiting_for, deadline, \
+         retries, retry_policy"
     };
 }
 pub(crate) use process_columns;
@@ -189,6 +191,16 @@ pub(crate) fn sized_process_from_row(row: &Row) -> Result<(ProcessRecord, usize)
         .try_get::<_, Option<SizedJson>>("cancel_request")
         .map_err(|err| undecodable(&id, "cancel_request".into(), &err))?
         .map(|SizedJson(value, _)| value);
+    let retry_policy = row
+        .try_get::<_, Option<SizedJson>>("retry_policy")
+        .map_err(|err| undecodable(&id, "retry_policy".into(), &err))?
+        .map(|SizedJson(value, _)| serde_json::from_value(value))
+        .transpose()
+        .map_err(|err| ProcessError::Undecodable {
+            id: id.clone(),
+            location: "retry_policy".into(),
+            reason: err.to_string(),
+        })?;
     let record = ProcessRecord {
         input,
         id,
@@ -213,6 +225,11 @@ pub(crate) fn sized_process_from_row(row: &Row) -> Result<(ProcessRecord, usize)
         terminal,
         started_at: row.try_get("started_at").map_err(db_error)?,
         cancel_request,
+        wake_at: row.try_get("wake_at").map_err(db_error)?,
+        waiting_for: row.try_get("waiting_for").map_err(db_error)?,
+        deadline: row.try_get("deadline").map_err(db_error)?,
+        retries: row.try_get("retries").map_err(db_error)?,
+        retry_policy,
     };
     Ok((record, input_size + output_size))
 }

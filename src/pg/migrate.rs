@@ -63,6 +63,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0008_process_state.sql",
         sql: include_str!("../../migrations/0008_process_state.sql"),
     },
+    Migration {
+        version: 9,
+        name: "0009_durable_execution.sql",
+        sql: include_str!("../../migrations/0009_durable_execution.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

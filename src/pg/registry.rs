@@ -25,7 +25,7 @@ use crate::error::{ProcessError, ProcessResult};
 use crate::model::{
     AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, ListCursor, LostOwner,
     ProcessEvent, ProcessFilter, ProcessId, ProcessPage, ProcessRecord, ProcessRegistration,
-    PruneReport, RunnableClaim, TerminalRecord,
+    PruneReport, RunnableClaim, Suspension, TerminalRecord,
 };
 use crate::registry::{ProcessRegistry, RegistryConfig};
 use crate::tasks::TaskSet;
@@ -115,6 +115,18 @@ const EVENTS_PAGE: &str = concat!(
     " FROM (SELECT e.*, sum(pg_column_size(e.payload)) OVER (ORDER BY e.seq) AS upto
             FROM proclog.events e
            WHERE e.process_id = $1 AND e.seq > $2
+           ORDER BY e.seq LIMIT $3) page
+     WHERE upto - pg_column_size(payload) < $4
+     ORDER BY seq"
+);
+
+/// [`EVENTS_PAGE`] of the journal: only events whose type is in `$5`.
+const JOURNAL_PAGE: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM (SELECT e.*, sum(pg_column_size(e.payload)) OVER (ORDER BY e.seq) AS upto
+            FROM proclog.events e
+           WHERE e.process_id = $1 AND e.seq > $2 AND e.event_type = ANY ($5)
            ORDER BY e.seq LIMIT $3) page
      WHERE upto - pg_column_size(payload) < $4
      ORDER BY seq"
@@ -288,11 +300,24 @@ impl ProcessRegistry for PgProcessRegistry {
     ) -> ProcessResult<ProcessRecord> {
         let input = validate::registration(&registration, self.config.max_payload_bytes)?;
         let id = registration.id.clone().unwrap_or_else(ProcessId::generate);
+        let millis = |ms: Option<u64>| ms.map(|ms| i64::try_from(ms).expect("validated bound"));
+        let retry_policy = registration
+            .retry
+            .as_ref()
+            .map(|policy| serde_json::to_vec(policy).map(JsonText))
+            .transpose()
+            .map_err(|err| ProcessError::InvalidInput(format!("retry policy: {err}")))?;
         let inserted = self
             .query(
                 concat!(
-                    "INSERT INTO proclog.processes (process_id, kind, input, disposition)
-                     VALUES ($1, $2, $3, $4)
+                    "INSERT INTO proclog.processes
+                            (process_id, kind, input, disposition, wake_at, deadline, retry_policy)
+                     VALUES ($1, $2, $3, $4,
+                             coalesce($5::timestamptz,
+                                      now() + $6::bigint * interval '1 millisecond'),
+                             coalesce($7::timestamptz,
+                                      now() + $8::bigint * interval '1 millisecond'),
+                             $9::jsonb)
                      ON CONFLICT (process_id) DO NOTHING
                      RETURNING ",
                     process_columns!()
@@ -302,6 +327,11 @@ impl ProcessRegistry for PgProcessRegistry {
                     &registration.kind,
                     &JsonText(input),
                     &registration.disposition.as_str(),
+                    &registration.start_at,
+                    &millis(registration.start_in_ms),
+                    &registration.deadline,
+                    &millis(registration.timeout_ms),
+                    &retry_policy,
                 ],
             )
             .await?;
@@ -316,6 +346,7 @@ impl ProcessRegistry for PgProcessRegistry {
         if existing.kind == registration.kind
             && crate::model::json_equal(&existing.input, &registration.input)
             && existing.disposition == registration.disposition
+            && existing.retry_policy == registration.retry
         {
             Ok(existing)
         } else {
@@ -571,7 +602,8 @@ impl ProcessRegistry for PgProcessRegistry {
                             lease_token = gen_random_uuid(),
                             lease_generation = lease_generation + 1,
                             lease_expires_at = now() + $3::bigint * interval '1 millisecond',
-                            status = CASE WHEN status = 'pending' THEN 'running' ELSE status END,
+                            status = CASE WHEN status IN ('pending', 'waiting') THEN 'running'
+                                          ELSE status END,
                             updated_at = now()
                       WHERE process_id = $1
                         AND terminal_state IS NULL
@@ -636,7 +668,9 @@ impl ProcessRegistry for PgProcessRegistry {
     async fn release(&self, lease: &Lease) -> ProcessResult<()> {
         self.query(
             "UPDATE proclog.processes
-                SET lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
+                SET lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+                    status = CASE WHEN status = 'running' AND wake_at IS NOT NULL
+                                  THEN 'waiting' ELSE status END
               WHERE process_id = $1 AND lease_token = $2",
             &[&lease.process_id.as_str(), &lease.token],
         )
@@ -654,30 +688,62 @@ impl ProcessRegistry for PgProcessRegistry {
         let rows = self
             .query(
                 concat!(
-                    "WITH candidates AS (
+                    "WITH overdue AS (
                          SELECT process_id AS candidate_id, lease_owner AS old_owner,
                                 lease_generation AS old_generation,
-                                lease_expires_at AS old_expires_at
+                                lease_expires_at AS old_expires_at,
+                                status AS old_status, attempts AS old_attempts
+                           FROM proclog.processes
+                          WHERE terminal_state IS NULL AND deadline <= now()
+                            AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                          ORDER BY deadline
+                          LIMIT $3
+                            FOR UPDATE SKIP LOCKED),
+                     due AS (
+                         SELECT process_id, lease_owner, lease_generation, lease_expires_at,
+                                status, attempts
                            FROM proclog.processes
                           WHERE terminal_state IS NULL AND disposition <> 'external'
+                            AND wake_at <= now()
+                            AND (deadline IS NULL OR deadline > now())
+                            AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                          ORDER BY wake_at
+                          LIMIT $3
+                            FOR UPDATE SKIP LOCKED),
+                     ready AS (
+                         SELECT process_id, lease_owner, lease_generation, lease_expires_at,
+                                status, attempts
+                           FROM proclog.processes
+                          WHERE terminal_state IS NULL AND disposition <> 'external'
+                            AND wake_at IS NULL
+                            AND (deadline IS NULL OR deadline > now())
                             AND (lease_expires_at IS NULL OR lease_expires_at <= now())
                           ORDER BY created_at, process_id
                           LIMIT $3
-                            FOR UPDATE SKIP LOCKED)
+                            FOR UPDATE SKIP LOCKED),
+                     candidates AS (
+                         SELECT * FROM overdue
+                         UNION ALL SELECT * FROM due
+                         UNION ALL SELECT * FROM ready
+                         LIMIT $3)
                      UPDATE proclog.processes
                         SET lease_owner = $1,
                             lease_token = gen_random_uuid(),
                             lease_generation = lease_generation + 1,
                             lease_expires_at = now() + $2::bigint * interval '1 millisecond',
                             status = 'running',
-                            attempts = attempts + 1,
+                            attempts = attempts + CASE WHEN old_status = 'waiting'
+                                                        AND old_attempts > 0 THEN 0 ELSE 1 END,
+                            wake_at = NULL,
+                            waiting_for = NULL,
                             updated_at = now()
                        FROM candidates
                       WHERE process_id = candidate_id
                   RETURNING ",
                     process_columns!(),
                     ", lease_token, old_owner, old_generation,
-                            old_expires_at"
+                            old_expires_at,
+                            (old_status = 'waiting' AND old_attempts > 0) AS resumed"
                 ),
                 &[&owner, &ttl_millis(ttl), &i64::from(limit)],
             )
@@ -709,6 +775,7 @@ impl ProcessRegistry for PgProcessRegistry {
                         },
                         process,
                         lost_owner,
+                        resumed: row.try_get("resumed").map_err(db_error)?,
                     });
                 }
                 Err(err @ ProcessError::Undecodable { .. }) => {
@@ -723,13 +790,23 @@ impl ProcessRegistry for PgProcessRegistry {
         Ok(claims)
     }
 
-    async fn next_lease_expiry(&self) -> ProcessResult<Option<Duration>> {
+    async fn next_wake(&self) -> ProcessResult<Option<Duration>> {
+        // Each term is the head of one partial index; a term whose process a live lease
+        // holds is left to that lease's expiry (its owner acts on it).
         let rows = self
             .query(
-                "SELECT (extract(epoch FROM min(lease_expires_at) - now()) * 1000)::bigint AS millis
-                   FROM proclog.processes
-                  WHERE terminal_state IS NULL AND disposition <> 'external'
-                    AND lease_expires_at IS NOT NULL AND lease_expires_at > now()",
+                "SELECT (extract(epoch FROM least(
+                     (SELECT min(lease_expires_at) FROM proclog.processes
+                       WHERE terminal_state IS NULL AND disposition <> 'external'
+                         AND lease_expires_at IS NOT NULL AND lease_expires_at > now()),
+                     (SELECT min(wake_at) FROM proclog.processes
+                       WHERE terminal_state IS NULL AND disposition <> 'external'
+                         AND wake_at IS NOT NULL AND wake_at < 'infinity'
+                         AND (lease_expires_at IS NULL OR lease_expires_at <= now())),
+                     (SELECT min(deadline) FROM proclog.processes
+                       WHERE terminal_state IS NULL AND deadline IS NOT NULL
+                         AND (lease_expires_at IS NULL OR lease_expires_at <= now())))
+                     - now()) * 1000)::bigint AS millis",
                 &[],
             )
             .await?;
@@ -738,6 +815,94 @@ impl ProcessRegistry for PgProcessRegistry {
             None => None,
         };
         Ok(millis.map(|ms| Duration::from_millis(ms.max(0) as u64)))
+    }
+
+    async fn suspend(&self, lease: &Lease, suspension: Suspension) -> ProcessResult<ProcessRecord> {
+        let checked = validate::suspension(&suspension, self.config.max_payload_bytes)?;
+        let id = &lease.process_id;
+        let delay_ms = suspension
+            .delay
+            .map(|delay| i64::try_from(delay.as_millis()).expect("validated bound"));
+        let rows = self
+            .run(
+                concat!(
+                    "SELECT ",
+                    process_columns!(),
+                    " FROM proclog.suspend_process($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                ),
+                &[
+                    &id.as_str(),
+                    &self.config.writer,
+                    &lease.token,
+                    &crate::reserved::waiting_key(lease.generation),
+                    &suspension.wake_at,
+                    &delay_ms,
+                    &suspension.topic,
+                    &suspension.after_seq,
+                    &suspension.retry,
+                    &JsonText(checked),
+                ],
+                |err| write_error(id, err),
+            )
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| ProcessError::Database("suspend_process returned no row".into()))?;
+        process_from_row(row)
+    }
+
+    async fn journal(
+        &self,
+        id: &ProcessId,
+        after_seq: i64,
+        limit: u32,
+    ) -> ProcessResult<Vec<ProcessEvent>> {
+        validate::events_after(after_seq, limit)?;
+        let budget = i64::try_from(self.config.max_page_bytes).unwrap_or(i64::MAX);
+        let types: Vec<&str> = crate::reserved::JOURNAL.to_vec();
+        let (events, _) = self
+            .db
+            .query_page(
+                JOURNAL_PAGE,
+                &[&id.as_str(), &after_seq, &i64::from(limit), &budget, &types],
+                self.config.max_page_bytes,
+                |row| sized_event_from_row(id, row),
+            )
+            .await?;
+        if events.is_empty() && !self.exists(id).await? {
+            return Err(ProcessError::NotFound(id.clone()));
+        }
+        Ok(events)
+    }
+
+    async fn next_message(
+        &self,
+        id: &ProcessId,
+        topic: &str,
+        after_seq: i64,
+    ) -> ProcessResult<Option<ProcessEvent>> {
+        let rows = self
+            .query(
+                concat!(
+                    "SELECT ",
+                    event_columns!(),
+                    " FROM proclog.events
+                     WHERE process_id = $1 AND seq > $2 AND event_type = $3
+                       AND payload ->> 'topic' = $4
+                     ORDER BY seq LIMIT 1"
+                ),
+                &[&id.as_str(), &after_seq, &crate::reserved::MESSAGE, &topic],
+            )
+            .await?;
+        match rows.first() {
+            Some(row) => Ok(Some(super::convert::event_from_row(id, row)?)),
+            None if self.exists(id).await? => Ok(None),
+            None => Err(ProcessError::NotFound(id.clone())),
+        }
+    }
+
+    fn payload_limit(&self) -> usize {
+        self.config.max_payload_bytes
     }
 
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {

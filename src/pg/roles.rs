@@ -38,6 +38,7 @@ pub const WRITER_FUNCTIONS: &[&str] = &[
     "proclog.append_events(text, text, uuid, text[], jsonb[], text[])",
     "proclog.append_group(text, text[], uuid[], int[], int[], text[], jsonb[], text[])",
     "proclog.complete_process(text, text, uuid, text, jsonb)",
+    "proclog.suspend_process(text, text, uuid, text, timestamptz, bigint, text, bigint, boolean, jsonb)",
 ];
 
 /// Which rights a role is given.

@@ -238,9 +238,7 @@ async fn claim_loop(shared: Arc<Shared>, work: Arc<Notify>, stop: CancellationTo
                     // When every slot was filled there may be more: the pod is full now and
                     // claims again as soon as a run ends. Otherwise, wake when the next lease
                     // may lapse (its owner may be dead).
-                    if !claimed_all
-                        && let Ok(Some(expiry)) = shared.registry.next_lease_expiry().await
-                    {
+                    if !claimed_all && let Ok(Some(expiry)) = shared.registry.next_wake().await {
                         pause = pause.min(expiry + LEASE_EXPIRY_MARGIN);
                     }
                 }

@@ -438,8 +438,21 @@ impl ProcessRegistry for Faulty {
         self.inner.claim_runnable(owner, ttl, limit).await
     }
 
-    async fn next_lease_expiry(&self) -> ProcessResult<Option<Duration>> {
-        self.inner.next_lease_expiry().await
+    async fn next_wake(&self) -> ProcessResult<Option<Duration>> {
+        self.inner.next_wake().await
+    }
+
+    async fn suspend(
+        &self,
+        lease: &Lease,
+        suspension: crate::model::Suspension,
+    ) -> ProcessResult<ProcessRecord> {
+        if self.lost(Some(lease.token)) {
+            return Err(ProcessError::LeaseLost {
+                id: lease.process_id.clone(),
+            });
+        }
+        self.inner.suspend(lease, suspension).await
     }
 
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {

@@ -14,9 +14,9 @@ use super::hub::ProcessChangeHub;
 use super::sink::{CompletionHint, NoopSink, ProcessEventSink, WorkHint};
 use crate::error::ProcessResult;
 use crate::model::{
-    AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, ProcessEvent, ProcessFilter,
-    ProcessId, ProcessPage, ProcessRecord, ProcessRegistration, PruneReport, RunnableClaim,
-    TerminalRecord,
+    AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, Message, ProcessEvent,
+    ProcessFilter, ProcessId, ProcessPage, ProcessRecord, ProcessRegistration, PruneReport,
+    RunnableClaim, Suspension, TerminalRecord,
 };
 use crate::registry::ProcessRegistry;
 
@@ -64,7 +64,8 @@ impl<R: ProcessRegistry> WatchedProcessRegistry<R> {
     }
 
     /// The same decorator, giving `work` a hint whenever runnable work may exist: after a
-    /// registration of a process pods run (not `external`, not ended) and after a release.
+    /// registration of a process pods run (not `external`, not ended), after a release,
+    /// after a message, and after a suspension whose wait is already over.
     pub fn with_work_hint(mut self, work: Arc<dyn WorkHint>) -> Self {
         self.work = work;
         self
@@ -222,8 +223,50 @@ impl<R: ProcessRegistry> ProcessRegistry for WatchedProcessRegistry<R> {
         self.inner.claim_runnable(owner, ttl, limit).await
     }
 
-    async fn next_lease_expiry(&self) -> ProcessResult<Option<Duration>> {
-        self.inner.next_lease_expiry().await
+    async fn next_wake(&self) -> ProcessResult<Option<Duration>> {
+        self.inner.next_wake().await
+    }
+
+    async fn suspend(&self, lease: &Lease, suspension: Suspension) -> ProcessResult<ProcessRecord> {
+        let record = self.inner.suspend(lease, suspension).await?;
+        self.hub.tick(&lease.process_id);
+        // A wait that is over already (a message was there): runnable at once.
+        if record.terminal.is_none() && record.wake_at.is_some_and(|at| at <= chrono::Utc::now()) {
+            self.work.work_available();
+        }
+        Ok(record)
+    }
+
+    async fn send_message(&self, id: &ProcessId, message: Message) -> ProcessResult<AppendOutcome> {
+        let outcome = self.inner.send_message(id, message).await?;
+        self.signal(id, std::slice::from_ref(&outcome)).await;
+        if !outcome.replayed {
+            // The message may make a waiting process runnable: any pod may take it now.
+            self.work.work_available();
+        }
+        Ok(outcome)
+    }
+
+    async fn journal(
+        &self,
+        id: &ProcessId,
+        after_seq: i64,
+        limit: u32,
+    ) -> ProcessResult<Vec<ProcessEvent>> {
+        self.inner.journal(id, after_seq, limit).await
+    }
+
+    async fn next_message(
+        &self,
+        id: &ProcessId,
+        topic: &str,
+        after_seq: i64,
+    ) -> ProcessResult<Option<ProcessEvent>> {
+        self.inner.next_message(id, topic, after_seq).await
+    }
+
+    fn payload_limit(&self) -> usize {
+        self.inner.payload_limit()
     }
 
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {

@@ -8,6 +8,7 @@ mod common;
 mod append;
 mod complete;
 mod concurrency;
+mod durable;
 mod hostile;
 mod leases;
 mod list_prune;
@@ -117,4 +118,14 @@ conformance! {
     hostile::a_batch_is_held_to_its_total_size,
     hostile::instants_out_of_range_are_invalid_input,
     hostile::the_deepest_accepted_value_reads_back_everywhere,
+    durable::a_delayed_start_is_not_claimed_before_its_time,
+    durable::a_suspended_process_waits_without_a_lease_and_resumes,
+    durable::suspension_refusals,
+    durable::a_message_wakes_a_process_waiting_for_its_topic,
+    durable::a_message_already_there_ends_a_suspension_at_once,
+    durable::messages_are_refused_for_ended_and_unknown_processes,
+    durable::a_deadline_makes_any_unleased_process_claimable,
+    durable::retries_are_counted_apart_from_attempts,
+    durable::bad_schedules_are_invalid_input,
+    durable::a_waiting_process_can_be_cancelled,
 }

@@ -203,11 +203,11 @@ pub async fn terminal_states_reads_many_processes_at_once(store: &dyn Store) {
 
 pub async fn next_lease_expiry_reports_the_earliest_live_lease(store: &dyn Store) {
     let registry = store.pod("pod-a").await;
-    assert_eq!(registry.next_lease_expiry().await.unwrap(), None);
+    assert_eq!(registry.next_wake().await.unwrap(), None);
     let external = register(&*registry, "ext", Disposition::External).await;
     claim(&*registry, &external, "client").await;
     assert_eq!(
-        registry.next_lease_expiry().await.unwrap(),
+        registry.next_wake().await.unwrap(),
         None,
         "external processes are never taken over"
     );
@@ -218,20 +218,12 @@ pub async fn next_lease_expiry_reports_the_earliest_live_lease(store: &dyn Store
         .unwrap();
     let sooner = register(&*registry, "sooner", Disposition::Rerun).await;
     claim(&*registry, &sooner, "pod-b").await; // 60 s
-    let next = registry
-        .next_lease_expiry()
-        .await
-        .unwrap()
-        .expect("a live lease");
+    let next = registry.next_wake().await.unwrap().expect("a live lease");
     assert!(next <= MINUTE, "{next:?}");
     assert!(next > Duration::from_secs(30), "{next:?}");
     // An expired lease is not "next": it is already claimable.
     let lapsed = register(&*registry, "lapsed", Disposition::Rerun).await;
     expired_lease(store, &*registry, &lapsed).await;
-    let next = registry
-        .next_lease_expiry()
-        .await
-        .unwrap()
-        .expect("a live lease");
+    let next = registry.next_wake().await.unwrap().expect("a live lease");
     assert!(next > Duration::from_secs(30), "{next:?}");
 }
