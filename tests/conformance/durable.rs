@@ -272,7 +272,7 @@ pub async fn a_message_already_there_ends_a_suspension_at_once(store: &dyn Store
         .unwrap();
     let now = store.now().await;
     assert!(waiting.wake_at.is_some_and(|at| at <= now));
-    assert_eq!(claimable(&*registry).await, [id.clone()]);
+    assert_eq!(claimable(&*registry).await, std::slice::from_ref(&id));
     let next = registry
         .next_message(&id, "go", sent.event.seq)
         .await
