@@ -49,6 +49,12 @@ pub fn receipt_key(topic: &str, n: u64) -> String {
     format!("proclog:recv:{topic}:{n}")
 }
 
+/// The replay key of the timeout timer of the `n`th receive of `topic`:
+/// `proclog:recv-timeout:<topic>:<n>`.
+pub fn receive_timeout_key(topic: &str, n: u64) -> String {
+    format!("proclog:recv-timeout:{topic}:{n}")
+}
+
 /// The replay key of a message sent with the caller's key: `proclog:msg:<key>`.
 pub fn message_key(key: &str) -> String {
     format!("proclog:msg:{key}")

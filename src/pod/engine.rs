@@ -8,10 +8,17 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::future::Future;
+use std::time::Duration;
+
+use super::durable::{Durable, StepCounts, StepError, TimerSpec};
 use super::lease::LeaseClock;
 use super::retry::retry_write;
 use crate::error::ProcessResult;
-use crate::model::{AppendOutcome, AppendRequest, Lease, ProcessEvent, ProcessRecord};
+use crate::model::{AppendOutcome, AppendRequest, Lease, ProcessEvent, ProcessRecord, RetryPolicy};
 use crate::registry::ProcessRegistry;
 
 /// How a run ended: `Ok(output)` completes the process, `Err(output)` fails it.
@@ -61,16 +68,20 @@ pub trait ProcessEngine: Send + Sync {
     async fn run(&self, run: RunContext) -> EngineResult;
 }
 
-/// Everything an engine gets for one attempt.
+/// Everything an engine gets for one run.
 pub struct RunContext {
-    /// The process (input, kind, disposition, ...).
+    /// The process (input, kind, disposition, retries, ...).
     pub process: ProcessRecord,
-    /// 1 for the first run, +1 for every rerun after a lost owner.
+    /// 1 for the first run, +1 for every rerun after a lost owner. A resume after a wait
+    /// and a retry after a failure keep the attempt (see [`ProcessRecord::retries`]).
     pub attempt: i32,
+    /// True when this run resumes the process after a wait or a retry's backoff.
+    pub resumed: bool,
     /// Appends to the process log under the run's lease.
     pub events: RunEvents,
     /// Fires when the run must stop.
     pub cancel: CancellationToken,
+    pub(crate) durable: Arc<Durable>,
 }
 
 impl RunContext {
@@ -79,6 +90,119 @@ impl RunContext {
     pub fn is_owner(&self) -> bool {
         !self.cancel.is_cancelled() && self.events.lease_is_live()
     }
+
+    /// A memoized step (CONTRACT §9): the first run that gets here executes `body` and
+    /// stores its output in the log (`process.step {name, output}`); every later run of the
+    /// process (a rerun after a lost owner, a resume after a wait, a retry after a failure)
+    /// gets the stored output back and does not execute `body`.
+    ///
+    /// Names are unique within a process (a name used twice in a run is `Invalid`); the
+    /// output is JSON within the payload limit. A failing `body` stores nothing
+    /// ([`StepError::Failed`]): a later run executes it again.
+    ///
+    /// **When an effect inside `body` can happen twice**: only when the run that executed it
+    /// was interrupted after the effect and before its output was stored (the pod died, or
+    /// its lease was lost, in between). Check [`RunContext::is_owner`] right before the effect
+    /// to rule out a run that has already lost its lease, and give the effect an idempotency
+    /// key of the process id and the step name where the other side takes one: then even
+    /// that window does the effect once.
+    pub async fn step<T, F, Fut>(&self, name: &str, body: F) -> Result<T, StepError>
+    where
+        T: Serialize + DeserializeOwned + Send,
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = Result<T, Value>> + Send,
+    {
+        // Without retries the body is called at most once.
+        let mut body = Some(body);
+        self.durable
+            .step(name, None, move || {
+                let body = body
+                    .take()
+                    .expect("a step without retries runs its body once");
+                body()
+            })
+            .await
+    }
+
+    /// [`RunContext::step`], executing `body` up to `policy.max_attempts` times in this run,
+    /// with the policy's backoff between attempts, until it succeeds.
+    pub async fn step_with_retry<T, F, Fut>(
+        &self,
+        name: &str,
+        policy: &RetryPolicy,
+        body: F,
+    ) -> Result<T, StepError>
+    where
+        T: Serialize + DeserializeOwned + Send,
+        F: FnMut() -> Fut + Send,
+        Fut: Future<Output = Result<T, Value>> + Send,
+    {
+        self.durable.step(name, Some(policy), body).await
+    }
+
+    /// A durable timer: returns once `duration` has passed on the database clock since the
+    /// first run reached timer `name` (recorded as `process.timer`), never before. A short
+    /// remainder (up to the pod's `suspend_after`) is slept in the run; a longer one suspends
+    /// the process: its lease and slot are given back, it is `waiting` until due, and a run
+    /// on any pod then replays up to here and returns from this call.
+    pub async fn sleep(&self, name: &str, duration: Duration) -> Result<(), StepError> {
+        let millis = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        crate::validate::duration_millis("sleep", millis, crate::validate::MAX_SCHEDULE_MILLIS)
+            .map_err(|err| StepError::Invalid(err.to_string()))?;
+        self.durable
+            .sleep(name, TimerSpec::Duration(duration))
+            .await
+    }
+
+    /// [`RunContext::sleep`] until the instant `at` (database clock).
+    pub async fn sleep_until(&self, name: &str, at: DateTime<Utc>) -> Result<(), StepError> {
+        crate::validate::timestamp("sleep until", at)
+            .map_err(|err| StepError::Invalid(err.to_string()))?;
+        self.durable.sleep(name, TimerSpec::Until(at)).await
+    }
+
+    /// Receives the oldest message of `topic` this process has not yet received, waiting for
+    /// one (without the pod: the process is suspended until a message of the topic arrives,
+    /// which makes it runnable at once) for at most `timeout` (`None`: for ever). `Ok(None)`:
+    /// the timeout passed first. The receipt is recorded (`process.received`), so a later
+    /// run gets the same message at the same point; each message is received at most once.
+    /// Receives of one run are served one at a time, in call order.
+    pub async fn recv(
+        &self,
+        topic: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Option<Value>, StepError> {
+        if let Some(timeout) = timeout {
+            let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+            crate::validate::duration_millis(
+                "receive timeout",
+                millis,
+                crate::validate::MAX_SCHEDULE_MILLIS,
+            )
+            .map_err(|err| StepError::Invalid(err.to_string()))?;
+        }
+        self.durable.recv(topic, timeout).await
+    }
+
+    /// Marks the failure this run is about to return as retryable and returns `error`
+    /// unchanged: `return Err(run.retryable(error))`. With a retry policy (the process's, or
+    /// its kind's, see [`Engines::with_retry`]) that allows another run, the process waits
+    /// for the backoff and runs again with its steps memoized; after the last run it ends
+    /// `failed` with `{"error": <the last error>, "retries": <count>}`.
+    pub fn retryable(&self, error: Value) -> Value {
+        self.durable.mark_retryable();
+        error
+    }
+
+    /// The database clock now, at least (a lower bound learned from this run's statements).
+    pub fn database_now(&self) -> DateTime<Utc> {
+        self.durable.database_now()
+    }
+
+    /// What this run's steps did so far: executed and stored, or found stored.
+    pub fn steps(&self) -> StepCounts {
+        self.durable.step_counts()
+    }
 }
 
 /// Appends made by an engine, fenced by the run's lease and retried through transient
@@ -86,11 +210,11 @@ impl RunContext {
 /// `LeaseLost` and the run is stopped, so a paused or partitioned pod can never write again.
 #[derive(Clone)]
 pub struct RunEvents {
-    registry: Arc<dyn ProcessRegistry>,
+    pub(crate) registry: Arc<dyn ProcessRegistry>,
     lease: Lease,
-    clock: LeaseClock,
+    pub(crate) clock: LeaseClock,
     counter: Arc<AtomicU64>,
-    retries: Arc<AtomicU64>,
+    pub(crate) retries: Arc<AtomicU64>,
 }
 
 impl RunEvents {
@@ -163,10 +287,11 @@ impl RunEvents {
     }
 }
 
-/// The engines a pod knows, by kind.
+/// The engines a pod knows, by kind, with each kind's retry policy.
 #[derive(Clone, Default)]
 pub struct Engines {
     by_kind: HashMap<String, Arc<dyn ProcessEngine>>,
+    retry: HashMap<String, RetryPolicy>,
 }
 
 impl Engines {
@@ -181,9 +306,22 @@ impl Engines {
         self
     }
 
+    /// The same engines, retrying the failures an engine of `kind` marks retryable
+    /// ([`RunContext::retryable`]) by `policy`, unless a process was registered with its own.
+    pub fn with_retry(mut self, kind: &str, policy: RetryPolicy) -> Self {
+        self.retry.insert(kind.to_owned(), policy);
+        self
+    }
+
+    /// The retry policy of `kind`, if it has one.
+    pub fn retry_policy(&self, kind: &str) -> Option<&RetryPolicy> {
+        self.retry.get(kind)
+    }
+
     /// These engines and those of `other` (which win on a shared kind).
     pub fn merged(mut self, other: Engines) -> Self {
         self.by_kind.extend(other.by_kind);
+        self.retry.extend(other.retry);
         self
     }
 

@@ -161,6 +161,13 @@ impl PodBuilder<'_> {
         self
     }
 
+    /// Durable waits up to this long are slept in the run; longer ones suspend the process,
+    /// giving its lease and slot back (default 2 s).
+    pub fn suspend_after(mut self, threshold: Duration) -> Self {
+        self.config.suspend_after = threshold;
+        self
+    }
+
     /// The period of the pod's heartbeat in `proclog.pods` (default 5 s, 100 ms to 10 min).
     /// Other pods and the console call it `gone` after three periods without one.
     pub fn heartbeat_every(mut self, period: Duration) -> Self {

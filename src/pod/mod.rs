@@ -3,6 +3,7 @@
 pub mod cancel;
 mod cancel_watch;
 pub mod demo;
+pub mod durable;
 pub mod engine;
 pub mod host;
 pub mod lease;
@@ -13,6 +14,7 @@ pub mod worker;
 
 pub use cancel::cancel_process;
 pub use demo::{DemoJournal, demo_engines, demo_engines_with};
+pub use durable::{StepCounts, StepError};
 pub use engine::{EngineResult, Engines, ProcessEngine, RunContext, RunEvents};
 pub use host::{Pod, PodBuilder};
 pub use lease::LeaseClock;

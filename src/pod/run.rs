@@ -39,12 +39,17 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use chrono::{DateTime, Utc};
+
+use super::durable::{DbClock, Durable, WaitPolicy, random_share};
 use super::engine::{EngineResult, RunContext, RunEvents};
 use super::lease::{LeaseClock, keep_lease};
 use super::retry::retry_write;
 use super::worker::Shared;
 use crate::error::ProcessError;
-use crate::model::{AppendRequest, Completion, Disposition, RunnableClaim, TerminalState};
+use crate::model::{
+    AppendRequest, Completion, Disposition, RetryPolicy, RunnableClaim, Suspension, TerminalState,
+};
 use crate::reserved::{self, STARTED};
 use crate::tasks::TaskHandle;
 
@@ -67,6 +72,8 @@ pub(crate) enum Phase {
     },
     /// Handing the lease back so that another pod continues at once.
     Releasing,
+    /// Suspending the process: it waits without a lease until its wake time or a message.
+    Suspending(Suspension),
     /// The run is over.
     Done(RunEnd),
 }
@@ -87,6 +94,7 @@ impl Phase {
             Phase::Running => "running",
             Phase::Completing { .. } => "completing",
             Phase::Releasing => "releasing",
+            Phase::Suspending(_) => "suspending",
             Phase::Done(_) => "done",
         }
     }
@@ -103,6 +111,8 @@ pub enum RunEnd {
     LeaseLost,
     /// The process had already ended (or was removed): nothing left to do.
     AlreadyEnded,
+    /// The process was suspended: it waits, without a lease, for its wake time or a message.
+    Suspended,
 }
 
 /// Why a run was asked to stop before its engine returned.
@@ -114,6 +124,10 @@ pub(crate) enum Interrupt {
     CancelRequested(Value),
     /// The pod is stopping and the grace period is over.
     PodStopping,
+    /// The engine waits durably for this: suspend the process.
+    Suspend(Suspension),
+    /// The process's deadline passed.
+    Deadline(DateTime<Utc>),
 }
 
 /// The pod-wide signals a run obeys.
@@ -152,6 +166,50 @@ pub(crate) fn after_engine(
         }
         Some(Interrupt::PodStopping) => Phase::Releasing,
         Some(Interrupt::LeaseUnconfirmed) => Phase::Done(RunEnd::LeaseLost),
+        Some(Interrupt::Suspend(suspension)) => Phase::Suspending(suspension),
+        Some(Interrupt::Deadline(deadline)) => {
+            Phase::completing(TerminalState::Failed, deadline_exceeded(deadline))
+        }
+    }
+}
+
+/// The output of a process that ended at its deadline.
+pub(crate) fn deadline_exceeded(deadline: DateTime<Utc>) -> Value {
+    json!({"error": "deadline exceeded", "deadline": deadline})
+}
+
+/// The decision after the engine failed with `output` and marked it retryable: wait for the
+/// backoff and run again while `policy` allows another run (`retries` were made so far),
+/// otherwise fail with the last error and the count.
+pub(crate) fn retry_or_fail(
+    policy: Option<&RetryPolicy>,
+    retries: i32,
+    output: Value,
+    random: f64,
+) -> Phase {
+    let retries_made = u32::try_from(retries).unwrap_or(0);
+    match policy {
+        Some(policy) if retries_made + 1 < policy.max_attempts => {
+            let delay = policy.delay(retries_made + 1, random);
+            Phase::Suspending(Suspension {
+                wake_at: None,
+                delay: Some(delay),
+                topic: None,
+                after_seq: 0,
+                retry: true,
+                reason: json!({
+                    "reason": "retry",
+                    "retry": retries_made + 1,
+                    "delay_ms": u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "error": output,
+                }),
+            })
+        }
+        Some(policy) if policy.max_attempts > 1 => Phase::completing(
+            TerminalState::Failed,
+            json!({"error": output, "retries": retries_made}),
+        ),
+        _ => Phase::completing(TerminalState::Failed, output),
     }
 }
 
@@ -189,6 +247,9 @@ pub(crate) struct Run {
     clock: LeaseClock,
     pod: PodStop,
     claimed_at: Instant,
+    /// Fires when the engine must stop.
+    stop: CancellationToken,
+    durable: Arc<Durable>,
 }
 
 impl Run {
@@ -200,12 +261,40 @@ impl Run {
         pod: PodStop,
     ) -> Self {
         let clock = LeaseClock::new(shared.config.lease_ttl, sent_at);
+        let stop = CancellationToken::new();
+        // The claim set the lease to expire one TTL after the database's now(): that instant
+        // had passed when its answer arrived, before this.
+        let claimed_on_database = claim.lease.expires_at
+            - chrono::TimeDelta::from_std(shared.config.lease_ttl).unwrap_or_default();
+        let process = &claim.process;
+        let retry_policy = process
+            .retry_policy
+            .clone()
+            .or_else(|| shared.engines.retry_policy(&process.kind).cloned());
+        let events = RunEvents::new(
+            Arc::clone(&shared.registry),
+            claim.lease.clone(),
+            clock.clone(),
+            Arc::clone(&shared.stats.write_retries),
+        );
+        let durable = Arc::new(Durable::new(
+            events,
+            process.started_at.is_some(),
+            DbClock::new(claimed_on_database, Instant::now()),
+            WaitPolicy {
+                suspend_after: shared.config.suspend_after,
+            },
+            stop.clone(),
+            retry_policy,
+        ));
         Self {
             shared,
             claim,
             clock,
             pod,
             claimed_at: sent_at,
+            stop,
+            durable,
         }
     }
 
@@ -234,6 +323,7 @@ impl Run {
                     fallback,
                 } => self.complete(state, output, fallback).await,
                 Phase::Releasing => self.release().await,
+                Phase::Suspending(suspension) => self.suspend(suspension).await,
                 Phase::Done(end) => {
                     self.count(end);
                     return end;
@@ -261,6 +351,10 @@ impl Run {
                 );
             }
             RunEnd::AlreadyEnded => tracing::info!("the process had already ended"),
+            RunEnd::Suspended => {
+                stats.suspended.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("the process waits without a pod");
+            }
         }
     }
 
@@ -283,7 +377,22 @@ impl Run {
                 "recovering a process whose owner was lost"
             );
         }
-        if process.disposition != Disposition::Abandon || process.attempts <= 1 {
+        if let Some(deadline) = process.deadline
+            && deadline <= self.durable.database_now()
+        {
+            return Phase::completing(TerminalState::Failed, deadline_exceeded(deadline));
+        }
+        if process.disposition == Disposition::External {
+            // Claimed for its deadline only, which it turns out not to have passed.
+            return Phase::Releasing;
+        }
+        if let Some(request) = &process.cancel_request {
+            return Phase::completing(TerminalState::Cancelled, json!({ "request": request }));
+        }
+        if self.claim.resumed
+            || process.disposition != Disposition::Abandon
+            || process.attempts <= 1
+        {
             return Phase::Starting;
         }
         // The row records the first start (schema version 8): the claim read it.
@@ -311,12 +420,7 @@ impl Run {
     }
 
     fn events(&self) -> RunEvents {
-        RunEvents::new(
-            Arc::clone(&self.shared.registry),
-            self.claim.lease.clone(),
-            self.clock.clone(),
-            Arc::clone(&self.shared.stats.write_retries),
-        )
+        self.durable.events().clone()
     }
 
     /// `Starting`: `process.started {attempt, pod, generation, recovered_from}`.
@@ -327,6 +431,8 @@ impl Run {
         let lease = &self.claim.lease;
         let started = json!({
             "attempt": self.claim.process.attempts,
+            "resumed": self.claim.resumed,
+            "retries": self.claim.process.retries,
             "pod": self.shared.config.pod_id,
             "generation": lease.generation,
             "recovered_from": self.claim.lost_owner.as_ref().map(|lost| json!({
@@ -365,12 +471,14 @@ impl Run {
                 }),
             );
         };
-        let stop = CancellationToken::new();
+        let stop = self.stop.clone();
         let context = RunContext {
             process: process.clone(),
             attempt: process.attempts,
+            resumed: self.claim.resumed,
             events: self.events(),
             cancel: stop.clone(),
+            durable: Arc::clone(&self.durable),
         };
         // A panicking engine fails its process (its decision, however clumsy), instead of
         // killing the run and leaving the process to be rerun after every lease expiry.
@@ -378,7 +486,30 @@ impl Run {
             .catch_unwind()
             .map(|finished| finished.unwrap_or_else(|panic| Err(engine_panicked(&panic))));
         let cancel_watch = self.shared.cancels.requested(&process.id);
-        tokio::pin!(engine_run, cancel_watch);
+        let suspension = self.durable.suspension_requested();
+        // The deadline, on a lower bound of the database clock: it never fires early.
+        let deadline = process.deadline;
+        let until_deadline = deadline.map(|at| {
+            (at - self.durable.database_now())
+                .to_std()
+                .unwrap_or_default()
+        });
+        let deadline_passed = async {
+            match until_deadline {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => std::future::pending().await,
+            }
+        };
+        // After its deadline an engine gets a quarter of the TTL to return, then it is
+        // dropped: the process ends within one TTL of its deadline.
+        let deadline_grace = tokio::time::sleep(self.shared.config.lease_ttl / 4);
+        tokio::pin!(
+            engine_run,
+            cancel_watch,
+            suspension,
+            deadline_passed,
+            deadline_grace
+        );
         let mut interrupt = None;
         let outcome = loop {
             tokio::select! {
@@ -391,20 +522,42 @@ impl Run {
                     interrupt.get_or_insert(Interrupt::PodStopping);
                     break None;
                 }
+                wait = &mut suspension, if interrupt.is_none() => {
+                    interrupt = Some(Interrupt::Suspend(wait));
+                    break None;
+                }
                 _ = self.clock.write_deadline_passed(), if interrupt.is_none() => {
                     interrupt = Some(Interrupt::LeaseUnconfirmed);
                 }
                 request = &mut cancel_watch, if interrupt.is_none() => {
                     interrupt = Some(Interrupt::CancelRequested(request));
                 }
+                _ = &mut deadline_passed, if interrupt.is_none() => {
+                    interrupt = deadline.map(Interrupt::Deadline);
+                    deadline_grace
+                        .as_mut()
+                        .reset(Instant::now() + self.shared.config.lease_ttl / 4);
+                }
+                _ = &mut deadline_grace, if matches!(interrupt, Some(Interrupt::Deadline(_))) => {
+                    break None;
+                }
                 _ = self.pod.stopping.cancelled(), if interrupt.is_none() => {
+                    // An engine asleep in a durable wait is suspended there rather than
+                    // handed back or abandoned: the wait goes on without a pod.
+                    if let Some(wait) = self.durable.sleeping() {
+                        interrupt = Some(Interrupt::Suspend(wait));
+                        break None;
+                    }
                     interrupt = Some(Interrupt::PodStopping);
                 }
             }
             tracing::info!(?interrupt, "stopping the engine");
             stop.cancel();
         };
-        if outcome.is_none() {
+        if matches!(interrupt, Some(Interrupt::Suspend(_))) {
+            stop.cancel();
+        }
+        if outcome.is_none() && !matches!(interrupt, Some(Interrupt::Suspend(_))) {
             tracing::warn!("the engine did not return in time: dropped");
         }
         // The watch reads behind the row (it coalesces ticks, and a notice can be lost): an
@@ -419,7 +572,9 @@ impl Run {
             interrupt = Some(Interrupt::CancelRequested(request));
         }
         let lease = &self.claim.lease;
-        after_engine(
+        let failed_retryably =
+            interrupt.is_none() && matches!(outcome, Some(Err(_))) && self.durable.is_retryable();
+        let phase = after_engine(
             interrupt,
             outcome,
             process.disposition,
@@ -432,7 +587,28 @@ impl Run {
                     "attempt": process.attempts,
                 })
             },
-        )
+        );
+        let steps = self.durable.step_counts();
+        if steps.executed + steps.replayed > 0 {
+            tracing::info!(
+                executed = steps.executed,
+                replayed = steps.replayed,
+                "steps of this run"
+            );
+        }
+        match phase {
+            Phase::Completing {
+                state: TerminalState::Failed,
+                output,
+                fallback: false,
+            } if failed_retryably => retry_or_fail(
+                self.durable.retry_policy(),
+                process.retries,
+                output,
+                random_share(),
+            ),
+            phase => phase,
+        }
     }
 
     /// The process's cancellation request as the row holds it now (one read, retried briefly
@@ -489,6 +665,26 @@ impl Run {
                     },
                     &err,
                 )
+            }
+        }
+    }
+
+    /// `Suspending`: records the wait and gives the lease back, in one statement retried
+    /// until stored (it is idempotent by the run's key), refused, or the lease is lost.
+    async fn suspend(&self, suspension: Suspension) -> Phase {
+        let lease = &self.claim.lease;
+        let result = retry_write(
+            &self.clock,
+            &self.shared.stats.write_retries,
+            "suspension",
+            || self.shared.registry.suspend(lease, suspension.clone()),
+        )
+        .await;
+        match result {
+            Ok(_) => Phase::Done(RunEnd::Suspended),
+            Err(err) => {
+                tracing::warn!(error = %err, "could not suspend the process");
+                after_refusal(&Phase::Suspending(suspension), &err)
             }
         }
     }

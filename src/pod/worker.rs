@@ -53,10 +53,14 @@ pub struct WorkerConfig {
     /// then how long runs get to release or abandon before they are aborted. A stop takes at
     /// most `grace + 2 * hard_stop_margin`.
     pub hard_stop_margin: Duration,
+    /// Durable waits (timers) up to this long are slept in the run; longer ones suspend the
+    /// process, giving its lease and slot back (CONTRACT §9).
+    pub suspend_after: Duration,
 }
 
 impl WorkerConfig {
-    /// Defaults for `pod_id`: 8 at once, 15 s leases, 2 s poll, 10 s grace, 3 s margin.
+    /// Defaults for `pod_id`: 8 at once, 15 s leases, 2 s poll, 10 s grace, 3 s margin,
+    /// waits over 2 s suspended.
     pub fn new(pod_id: impl Into<String>) -> Self {
         Self {
             pod_id: pod_id.into(),
@@ -65,6 +69,7 @@ impl WorkerConfig {
             poll_interval: Duration::from_secs(2),
             grace: Duration::from_secs(10),
             hard_stop_margin: Duration::from_secs(3),
+            suspend_after: Duration::from_secs(2),
         }
     }
 }
@@ -90,6 +95,8 @@ pub struct WorkerStats {
     pub leases_lost: AtomicU64,
     /// Runs handed back (lease released) because the pod was stopping.
     pub released: AtomicU64,
+    /// Runs that suspended their process (a durable wait, a retry's backoff).
+    pub suspended: AtomicU64,
     /// Writes (starts, appends, completions, renewals, releases) tried again after a
     /// transient failure.
     pub write_retries: Arc<AtomicU64>,

@@ -58,8 +58,9 @@ use crate::registry::{ProcessRegistry, RegistryConfig};
 use crate::stack::Proclog;
 use crate::store::ClusterStore;
 
-/// A fault to inject, counted in the engine's own appends (1 is its first; proclog's
-/// `process.started` does not count). Each fault fires once.
+/// A fault to inject, counted in the engine's own appends, its steps, timers and receipts
+/// included (1 is its first; proclog's `process.started` does not count). Each fault fires
+/// once.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Fault {
     /// The `nth` append fails with a transient error (`Unavailable`): before it is written
@@ -98,6 +99,9 @@ pub struct EngineHarness {
     faults: Vec<Fault>,
     database_url: Option<String>,
     timeout: Duration,
+    suspend_after: Duration,
+    retry: Option<crate::model::RetryPolicy>,
+    shape: Option<Box<dyn FnOnce(ProcessRegistration) -> ProcessRegistration + Send>>,
 }
 
 /// What happened to the process.
@@ -149,7 +153,32 @@ impl EngineHarness {
             faults: Vec::new(),
             database_url: None,
             timeout: Duration::from_secs(60),
+            suspend_after: Duration::from_secs(2),
+            retry: None,
+            shape: None,
         }
+    }
+
+    /// Waits up to `threshold` are slept in the run, longer ones suspend the process
+    /// (default 2 s, as on a pod).
+    pub fn suspend_after(mut self, threshold: Duration) -> Self {
+        self.suspend_after = threshold;
+        self
+    }
+
+    /// The engine kind's retry policy (see [`crate::pod::Engines::with_retry`]).
+    pub fn retry(mut self, policy: crate::model::RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// Shapes the registration (a start time, a deadline, a retry policy of its own).
+    pub fn registration(
+        mut self,
+        shape: impl FnOnce(ProcessRegistration) -> ProcessRegistration + Send + 'static,
+    ) -> Self {
+        self.shape = Some(Box::new(shape));
+        self
     }
 
     /// The process's input.
@@ -217,19 +246,24 @@ impl EngineHarness {
         });
         let services = PodServices::with_store(&pod_id, faulty, cluster, None);
         let stack = Proclog::over(services, self.lease_ttl);
+        let mut engines =
+            crate::pod::Engines::new().with(&self.kind, HarnessEngine(Arc::clone(&self.engine)));
+        if let Some(policy) = self.retry.clone() {
+            engines = engines.with_retry(&self.kind, policy);
+        }
         let pod = Pod::builder(&stack)
-            .engine(&self.kind, HarnessEngine(Arc::clone(&self.engine)))
+            .engines(engines)
             .concurrency(1)
             .poll_interval(Duration::from_millis(50))
+            .suspend_after(self.suspend_after)
             .start()
             .await?;
-        let process = stack
-            .registry()
-            .register_process(
-                ProcessRegistration::new(&self.kind, self.input.clone())
-                    .with_disposition(self.disposition),
-            )
-            .await?;
+        let mut registration = ProcessRegistration::new(&self.kind, self.input.clone())
+            .with_disposition(self.disposition);
+        if let Some(shape) = self.shape {
+            registration = shape(registration);
+        }
+        let process = stack.registry().register_process(registration).await?;
         let _ = stack
             .driver()
             .await_terminal(&process.id, self.timeout)
@@ -340,7 +374,12 @@ impl ProcessRegistry for Faulty {
         if self.lost(fence.map(|f| f.token)) {
             return Err(ProcessError::LeaseLost { id: id.clone() });
         }
-        let engine_append = fence.is_some() && requests.iter().all(|r| !r.is_reserved());
+        // The engine's appends, its steps, timers and receipts included; not the run's own
+        // `process.started`.
+        let engine_append = fence.is_some()
+            && requests
+                .iter()
+                .all(|r| r.event_type != crate::reserved::STARTED);
         if !engine_append {
             return self.inner.append_events(id, requests).await;
         }

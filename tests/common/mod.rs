@@ -193,3 +193,23 @@ impl Store for MemStore {
         Utc::now()
     }
 }
+
+/// The whole log of `id`.
+#[allow(dead_code)]
+pub async fn log_of(
+    registry: &dyn proclog::ProcessRegistry,
+    id: &proclog::ProcessId,
+) -> Vec<proclog::ProcessEvent> {
+    let mut events: Vec<proclog::ProcessEvent> = Vec::new();
+    loop {
+        let after = events.last().map_or(0, |event| event.seq);
+        let page = registry
+            .events_after(id, after, 1000)
+            .await
+            .expect("read log");
+        if page.is_empty() {
+            return events;
+        }
+        events.extend(page);
+    }
+}
