@@ -202,6 +202,19 @@ async fn the_schema_rejects_a_broken_terminal_column() {
             live,
             "processes_disposition_check",
         ),
+        // A waiting process runs nowhere: it holds no lease.
+        (
+            "UPDATE proclog.processes SET status = 'waiting', lease_owner = 'pod',
+                    lease_token = gen_random_uuid(), lease_expires_at = now() + interval '1 min'
+              WHERE process_id = $1",
+            live,
+            "waiting_holds_no_lease",
+        ),
+        (
+            "UPDATE proclog.processes SET retries = -1 WHERE process_id = $1",
+            live,
+            "processes_attempts_check",
+        ),
     ];
     for (sql, id, rule) in cases {
         assert_eq!(broken_rule(&client, sql, id).await, rule, "{sql}");

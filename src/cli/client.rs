@@ -239,6 +239,17 @@ pub struct StartArgs {
     /// rerun, abandon or external.
     #[arg(long, default_value = "rerun")]
     disposition: String,
+    /// Do not start it before this many milliseconds from now (database clock).
+    #[arg(long)]
+    start_in_ms: Option<u64>,
+    /// End it `failed` ("deadline exceeded") if it has not ended this many milliseconds
+    /// from now.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Retry failures its engine marks retryable, up to this many runs in all (1 s
+    /// doubling to a minute between them).
+    #[arg(long)]
+    max_attempts: Option<u32>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -297,6 +308,22 @@ pub struct CancelArgs {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct SendArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The process id.
+    id: String,
+    /// The message topic (what its run receives with `recv(topic)`).
+    topic: String,
+    /// The JSON payload.
+    #[arg(long, default_value = "null")]
+    payload: String,
+    /// A replay key: sending again with it stores nothing new.
+    #[arg(long)]
+    key: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct PruneArgs {
     #[command(flatten)]
     connection: Connection,
@@ -309,6 +336,15 @@ pub async fn start(args: StartArgs) -> CliResult {
     let input: Value = serde_json::from_str(&args.input)
         .map_err(|err| CliError::usage(format!("--input is not JSON: {err}")))?;
     let mut body = json!({"kind": args.kind, "input": input, "disposition": args.disposition});
+    if let Some(ms) = args.start_in_ms {
+        body["start_in_ms"] = json!(ms);
+    }
+    if let Some(ms) = args.timeout_ms {
+        body["timeout_ms"] = json!(ms);
+    }
+    if let Some(max_attempts) = args.max_attempts {
+        body["retry"] = json!({ "max_attempts": max_attempts });
+    }
     if let Some(id) = args.id {
         ProcessId::new(id.as_str()).map_err(|err| CliError::usage(err.to_string()))?;
         body["id"] = json!(id);
@@ -352,6 +388,25 @@ pub async fn await_terminal(args: AwaitArgs) -> CliResult {
 pub async fn cancel(args: CancelArgs) -> CliResult {
     let path = process_path(&args.id, "/cancel")?;
     let body = json!({"reason": args.reason});
+    let connection = &args.connection;
+    connection
+        .call(
+            Method::POST,
+            &path,
+            Some(&body),
+            connection.request_timeout(),
+        )
+        .await
+}
+
+pub async fn send(args: SendArgs) -> CliResult {
+    let path = process_path(&args.id, "/messages")?;
+    let payload: Value = serde_json::from_str(&args.payload)
+        .map_err(|err| CliError::usage(format!("--payload is not JSON: {err}")))?;
+    let mut body = json!({"topic": args.topic, "payload": payload});
+    if let Some(key) = args.key {
+        body["replay_key"] = json!(key);
+    }
     let connection = &args.connection;
     connection
         .call(

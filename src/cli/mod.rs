@@ -105,6 +105,8 @@ enum Command {
     Await(client::AwaitArgs),
     /// Request cancellation of a process.
     Cancel(client::CancelArgs),
+    /// Send a message to a process (its run receives it with `recv(topic)`).
+    Send(client::SendArgs),
     /// Delete terminal processes that ended before a cutoff.
     Prune(client::PruneArgs),
 }
@@ -132,6 +134,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Tail(args) => client::tail(args).await,
         Command::Await(args) => client::await_terminal(args).await,
         Command::Cancel(args) => client::cancel(args).await,
+        Command::Send(args) => client::send(args).await,
         Command::Prune(args) => client::prune(args).await,
     };
     match result {

@@ -443,6 +443,7 @@ fn render_rest(mut out: String, query: &OverviewQuery, processes: &[ProcessSumma
         options = [
             "pending",
             "running",
+            "waiting",
             "completed",
             "failed",
             "cancelled",
@@ -561,16 +562,23 @@ pub(super) async fn process_page(
     }
     let cancel = if record.terminal.is_none() {
         format!(
-            r#"<form method="post" action="/ui/processes/{}/cancel" class="row" id="cancel-form"><label>Reason <input name="reason" value="cancelled from the console" size="30" maxlength="500"></label><button type="submit" class="danger">Cancel this process</button></form>"#,
-            url_part(id.as_str())
+            r#"<form method="post" action="/ui/processes/{id}/messages" class="row" id="message-form"><label>Topic <input name="topic" value="{topic}" size="14" maxlength="128" required></label><label>Payload (JSON) <input name="payload" value="{{}}" size="30" maxlength="4000"></label><button type="submit">Send a message</button></form>
+<form method="post" action="/ui/processes/{id}/cancel" class="row" id="cancel-form"><label>Reason <input name="reason" value="cancelled from the console" size="30" maxlength="500"></label><button type="submit" class="danger">Cancel this process</button></form>"#,
+            id = url_part(id.as_str()),
+            topic = esc(record.waiting_for.as_deref().unwrap_or("")),
         )
     } else {
         String::new()
+    };
+    let steps = match bounded(registry.journal(&id, 0, STEPS_SHOWN)).await {
+        Ok(journal) => render_steps(&journal, &events),
+        Err(_) => String::new(),
     };
     let body = format!(
         r#"<p><a href="/">← all processes</a></p>
 <div id="record" data-refresh="2000">{record_html}</div>
 {cancel}
+{steps}
 <section class="panel"><h2>Timeline</h2>
 <p class="hint">Each event with the pod that wrote it and the lease generation it wrote under: a takeover shows as a new writer and a higher generation.</p>
 {older}<table id="timeline" data-process="{id}" data-after="{last}"><thead><tr><th>seq</th><th>event</th><th>writer</th><th>generation</th><th>at</th><th>payload</th></tr></thead><tbody>{timeline}</tbody></table>
@@ -619,11 +627,44 @@ fn render_record(record: &ProcessRecord) -> String {
         ),
         None => "not ended".into(),
     };
+    let mut schedule = String::new();
+    if record.status == crate::ProcessStatus::Waiting || record.wake_at.is_some() {
+        let until = match (&record.wake_at, &record.waiting_for) {
+            (Some(at), Some(topic)) => {
+                format!("a message of <code>{}</code>, or {}", esc(topic), time(at))
+            }
+            (None, Some(topic)) => format!("a message of <code>{}</code>", esc(topic)),
+            (Some(at), None) => time(at),
+            (None, None) => "now".into(),
+        };
+        let _ = write!(schedule, r#"<dt>waits for</dt><dd id="waits">{until}</dd>"#);
+    }
+    if let Some(deadline) = &record.deadline {
+        let _ = write!(
+            schedule,
+            r#"<dt>deadline</dt><dd id="deadline">{}</dd>"#,
+            time(deadline)
+        );
+    }
+    if record.retries > 0 || record.retry_policy.is_some() {
+        let _ = write!(
+            schedule,
+            r#"<dt>failure retries</dt><dd id="retries">{}{}</dd>"#,
+            record.retries,
+            record
+                .retry_policy
+                .as_ref()
+                .map_or_else(String::new, |policy| format!(
+                    " (at most {} runs)",
+                    policy.max_attempts
+                ))
+        );
+    }
     format!(
         r#"<section class="panel"><h1>{id} <span class="badge {status}" id="status">{status}</span></h1>
 <dl class="record"><dt>kind</dt><dd>{kind}</dd><dt>if its pod dies</dt><dd>{disposition}</dd><dt>attempts</dt><dd id="attempts">{attempts}</dd>
 <dt>lease</dt><dd id="lease">{lease}</dd><dt>latest generation</dt><dd id="generation">{generation}</dd>
-<dt>events</dt><dd>{last_seq}</dd><dt>terminal column</dt><dd id="terminal">{terminal}</dd>
+<dt>events</dt><dd>{last_seq}</dd>{schedule}<dt>terminal column</dt><dd id="terminal">{terminal}</dd>
 <dt>input</dt><dd><code>{input}</code></dd><dt>created</dt><dd>{created}</dd></dl></section>"#,
         id = esc(record.id.as_str()),
         kind = esc(&record.kind),
@@ -633,6 +674,107 @@ fn render_record(record: &ProcessRecord) -> String {
         input = esc(&truncate(&record.input.to_string(), 400)),
         created = time(&record.created_at),
     )
+}
+
+/// Most steps, timers and receipts the process page lists.
+const STEPS_SHOWN: u32 = 200;
+
+/// The journal panel: each stored step, timer and receipt with the run (lease generation)
+/// that stored it, and how many later runs started after it (each of them found it stored
+/// and replayed it, without executing it, when it got there).
+fn render_steps(journal: &[ProcessEvent], recent: &[ProcessEvent]) -> String {
+    if journal.is_empty() {
+        return String::new();
+    }
+    let runs: Vec<i64> = recent
+        .iter()
+        .filter(|event| event.event_type == crate::reserved::STARTED)
+        .filter_map(|event| event.lease_generation)
+        .collect();
+    let mut rows = String::new();
+    for entry in journal {
+        let generation = entry.lease_generation.unwrap_or_default();
+        let later = runs.iter().filter(|run| **run > generation).count();
+        let (kind, name, detail) = match entry.event_type.as_str() {
+            crate::reserved::STEP => (
+                "step",
+                entry.payload["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                truncate(&entry.payload["output"].to_string(), 200),
+            ),
+            crate::reserved::TIMER => (
+                "timer",
+                entry.payload["name"].as_str().map_or_else(
+                    || format!("receive {}", entry.payload["topic"]),
+                    str::to_owned,
+                ),
+                truncate(&entry.payload.to_string(), 200),
+            ),
+            _ => (
+                "receipt",
+                format!(
+                    "{} #{}",
+                    entry.payload["topic"].as_str().unwrap_or_default(),
+                    entry.payload["n"]
+                ),
+                truncate(&entry.payload.to_string(), 200),
+            ),
+        };
+        let _ = write!(
+            rows,
+            r#"<tr class="{kind}"><td>{kind}</td><td>{name}</td><td>{seq}</td><td>g{generation}</td><td>{replayed}</td><td>{at}</td><td><code>{detail}</code></td></tr>"#,
+            name = esc(&name),
+            seq = entry.seq,
+            replayed = if later == 0 {
+                "stored".to_owned()
+            } else {
+                format!("stored; replayed by {later} later run(s)")
+            },
+            at = time(&entry.occurred_at),
+            detail = esc(&detail),
+        );
+    }
+    format!(
+        r#"<section class="panel"><h2>Steps, timers and receipts</h2>
+<p class="hint">What a later run of this process (a rerun, a resume after a wait, a retry) finds stored and does not do again.</p>
+<table id="steps"><thead><tr><th>what</th><th>name</th><th>seq</th><th>stored by run</th><th></th><th>at</th><th>stored</th></tr></thead><tbody>{rows}</tbody></table></section>"#
+    )
+}
+
+#[derive(Deserialize)]
+pub(super) struct MessageForm {
+    topic: String,
+    payload: Option<String>,
+}
+
+/// `POST /ui/processes/{id}/messages`.
+pub(super) async fn send_message(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Form(form): Form<MessageForm>,
+) -> Response {
+    let Ok(id) = ProcessId::new(id) else {
+        return not_a_process_id();
+    };
+    let payload = match form.payload.as_deref().map(str::trim) {
+        None | Some("") => Value::Null,
+        Some(text) => match serde_json::from_str(text) {
+            Ok(payload) => payload,
+            Err(err) => {
+                return error_page(
+                    &state,
+                    &crate::ProcessError::InvalidInput(format!("the payload is not JSON: {err}")),
+                );
+            }
+        },
+    };
+    let message = crate::Message::new(form.topic.trim(), payload);
+    match state.services.registry.send_message(&id, message).await {
+        Ok(_) => Redirect::to(&format!("/ui/processes/{}", url_part(id.as_str()))).into_response(),
+        Err(err) => error_page(&state, &err),
+    }
 }
 
 fn truncate(text: &str, limit: usize) -> String {

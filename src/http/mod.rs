@@ -147,6 +147,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/processes/{id}/stream", get(routes::stream))
         .route("/processes/{id}/complete", post(routes::complete))
         .route("/processes/{id}/cancel", post(routes::cancel))
+        .route("/processes/{id}/messages", post(routes::send_message))
         .route("/processes/{id}/await", get(routes::await_terminal))
         .route("/prune", post(routes::prune))
         .route("/pods", get(routes::pods))
@@ -157,6 +158,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/", get(console::overview))
         .route("/ui/processes/{id}", get(console::process_page))
         .route("/ui/processes/{id}/cancel", post(console::cancel))
+        .route("/ui/processes/{id}/messages", post(console::send_message))
         .route("/ui/demo", post(console::start_demo))
         .route("/ui/logout", post(console::logout))
         .layer(middleware::from_fn_with_state(

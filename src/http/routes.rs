@@ -17,10 +17,12 @@ use utoipa::{IntoParams, ToSchema};
 use super::ApiState;
 use super::body::AdmittedBody;
 use super::error::{ApiError, ApiQuery, path_id};
-use super::openapi::{AppendAnswer, ErrorBody, EventPage, ProcessList, PruneAnswer, SseEvent};
+use super::openapi::{
+    AppendAnswer, Appended, ErrorBody, EventPage, ProcessList, PruneAnswer, SseEvent,
+};
 use crate::model::{
-    AppendOutcome, AppendRequest, Completion, ListCursor, ProcessFilter, ProcessId, ProcessRecord,
-    ProcessRegistration, ProcessStatus, TerminalRecord,
+    AppendOutcome, AppendRequest, Completion, ListCursor, Message, ProcessFilter, ProcessId,
+    ProcessRecord, ProcessRegistration, ProcessStatus, TerminalRecord,
 };
 use crate::pod::cancel_process;
 
@@ -427,6 +429,39 @@ pub(super) async fn cancel(
     )
     .await?;
     Ok(axum::Json(record).into_response())
+}
+
+#[utoipa::path(
+    post, path = "/v1/processes/{id}/messages", tag = "processes",
+    params(("id" = ProcessId, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]")),
+    request_body = Message,
+    responses(
+        (status = 201, description = "Stored as `process.message {topic, payload}`; a process waiting for the topic is runnable at once", body = Appended),
+        (status = 200, description = "Replayed: a message with this replay key is stored", body = Appended),
+        (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
+        (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "Unknown process (`not_found`)", body = ErrorBody),
+        (status = 409, description = "The process has ended (`process_terminal`), or the key holds another message (`replay_conflict`)", body = ErrorBody),
+        (status = 413, description = "Payload or body too large (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "Not JSON (`unsupported_media_type`)", body = ErrorBody),
+        (status = 500, description = "Unexpected failure, logged (`database_error`, `internal_error`)", body = ErrorBody),
+        (status = 503, description = "Database unavailable (`unavailable`)", body = ErrorBody)
+    )
+)]
+pub(super) async fn send_message(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    body: AdmittedBody,
+) -> Result<Response, ApiError> {
+    let id = path_id(&id)?;
+    let message: Message = body.parse()?;
+    let outcome = state.services.registry.send_message(&id, message).await?;
+    let status = if outcome.replayed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, axum::Json(appended(outcome))).into_response())
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -6,8 +6,17 @@
 //! - `sleep`: input `{"ms": D}` (default 1000, at most one hour): waits, then completes with
 //!   `{slept_ms}`.
 //!
-//! An input out of these bounds fails the process with `{error}` at once.
 //! - `fail`: input `{"message": M}`: fails at once with `{error: M}`.
+//! - `order`: durable execution (CONTRACT §9) in five parts. Input `{"work_ms": W,
+//!   "ship_after_ms": S, "declines": F}` (defaults 500, 5000 and 0; W at most 60,000, S at
+//!   most a day, F at most 10). Step `reserve` (W ms of work), then it waits for a message
+//!   of topic `approve` (without holding a pod), step `charge` (W ms; the first F runs that
+//!   get there fail retryably first: the kind retries up to 4 runs, 1 s doubling), a durable
+//!   timer `cooling` of S ms, step `ship` (W ms), and completes with every step's output.
+//!   A message `{"approved": false}` fails the order. Every step runs once per process,
+//!   whatever happens to its pods.
+//!
+//! An input out of these bounds fails the process with `{error}` at once.
 //!
 //! With a [`DemoJournal`] (`proclog pod --demo-journal FILE`), each engine records its effects
 //! (`start`, each `step`) and its return (`stop`) as JSON lines with wall-clock instants, so a
@@ -158,15 +167,106 @@ impl ProcessEngine for FailEngine {
     }
 }
 
-/// `steps`, `sleep` and `fail`.
+/// An order in five durable parts; see the module doc.
+#[derive(Default)]
+pub struct OrderEngine {
+    journal: Option<Arc<DemoJournal>>,
+}
+
+impl OrderEngine {
+    /// The retry policy of the `order` kind: 4 runs, 1 s doubling.
+    pub fn retry_policy() -> crate::model::RetryPolicy {
+        crate::model::RetryPolicy::attempts(4)
+    }
+
+    /// `W` ms of work as step `name`: recorded in the journal each time it executes.
+    async fn work(
+        &self,
+        run: &RunContext,
+        name: &str,
+        output: Value,
+        work: Duration,
+    ) -> EngineResult {
+        let journal = self.journal.clone();
+        let value = run
+            .step(name, || async move {
+                tokio::select! {
+                    _ = run.cancel.cancelled() => return Err(json!({"error": "cancelled"})),
+                    _ = tokio::time::sleep(work) => {}
+                }
+                if !run.is_owner() {
+                    return Err(json!({"error": "stopped"}));
+                }
+                effect(&journal, run, &format!("step:{name}"));
+                Ok(output)
+            })
+            .await?;
+        Ok(value)
+    }
+}
+
+#[async_trait]
+impl ProcessEngine for OrderEngine {
+    async fn run(&self, run: RunContext) -> EngineResult {
+        let input = &run.process.input;
+        let work = Duration::from_millis(number(input, "work_ms", 500, 60_000)?);
+        let ship_after = Duration::from_millis(number(input, "ship_after_ms", 5_000, 86_400_000)?);
+        let declines = number(input, "declines", 0, 10)?;
+        if !run.is_owner() {
+            return Err(json!({"error": "stopped before it began"}));
+        }
+        effect(&self.journal, &run, "start");
+        let reserved = self
+            .work(&run, "reserve", json!({"reserved": run.process.id}), work)
+            .await?;
+        let approval = run.recv("approve", None).await?.unwrap_or(Value::Null);
+        if approval.get("approved") == Some(&Value::Bool(false)) {
+            return Err(json!({"error": "the order was declined", "approval": approval}));
+        }
+        let runs_so_far = u64::try_from(run.process.retries).unwrap_or_default();
+        if runs_so_far < declines {
+            return Err(run.retryable(json!({
+                "error": "the card was declined",
+                "retries": run.process.retries,
+            })));
+        }
+        let charged = self
+            .work(
+                &run,
+                "charge",
+                json!({"charged": true, "approval": approval}),
+                work,
+            )
+            .await?;
+        run.sleep("cooling", ship_after).await?;
+        let shipped = self
+            .work(
+                &run,
+                "ship",
+                json!({"tracking": format!("T-{}", run.process.id)}),
+                work,
+            )
+            .await?;
+        Ok(json!({"reserve": reserved, "charge": charged, "ship": shipped}))
+    }
+}
+
+/// `steps`, `sleep`, `fail` and `order`.
 pub fn demo_engines() -> Engines {
     demo_engines_with(None)
 }
 
-/// [`demo_engines`] whose `steps` engine records its effects in `journal`.
+/// [`demo_engines`] whose `steps` and `order` engines record their effects in `journal`.
 pub fn demo_engines_with(journal: Option<Arc<DemoJournal>>) -> Engines {
     Engines::new()
-        .with("steps", StepsEngine { journal })
+        .with(
+            "steps",
+            StepsEngine {
+                journal: journal.clone(),
+            },
+        )
         .with("sleep", SleepEngine)
         .with("fail", FailEngine)
+        .with("order", OrderEngine { journal })
+        .with_retry("order", OrderEngine::retry_policy())
 }

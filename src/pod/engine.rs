@@ -62,6 +62,16 @@ pub type EngineResult = Result<Value, Value>;
 /// step name. Appends can carry your own replay keys ([`RunEvents::append_with_key`]) so that a
 /// rerun does not duplicate a step's event; appends without a key get one derived from the
 /// lease generation and a per-run counter, which makes the pod's own retries exactly-once.
+///
+/// # Durable execution
+///
+/// Work that must not be done twice goes in [`RunContext::step`]: its output is stored and
+/// every later run of the process gets it back without executing the step. Waits go through
+/// [`RunContext::sleep`] and [`RunContext::recv`]: a long one suspends the process, holding no
+/// pod, and a later run (on any pod) replays the steps, timers and receipts before it and goes
+/// on. So an engine is written as straight-line code from the top, and every run of it
+/// replays to where the last one stopped: code outside steps runs again on every run, and
+/// must be cheap and deterministic enough to reach the same steps in the same order.
 #[async_trait]
 pub trait ProcessEngine: Send + Sync {
     /// Runs one attempt of the process.

@@ -10,8 +10,12 @@
 //!            Running ──(engine returned / cancel requested /────────┘
 //!               │        abandon process drained)
 //!               ├──(rerun process drained)──> Releasing
+//!               ├──(durable wait, retryable failure)──> Suspending ──> Done(Suspended)
 //!               └──(lease lost or unconfirmable)──> Done(LeaseLost)
 //! ```
+//!
+//! `Claimed` also ends a process past its deadline (`Completing` failed) and one whose
+//! cancellation was requested while it waited (`Completing` cancelled).
 //!
 //! Each phase makes at most one kind of write, and every write goes through
 //! `retry::retry_write`: transient failures are retried while the lease is surely
@@ -26,6 +30,7 @@
 //! | Running | engine appends (key `proclog:g<gen>:<n>`) | Done(LeaseLost) | Completing, refused |
 //! | Completing | completion (identical repeat returns the record) | Done(LeaseLost) | Done(AlreadyEnded) |
 //! | Releasing | release (idempotent) | Done(Released) | Done(Released) |
+//! | Suspending | `proclog.suspend_process` (key `proclog:g<gen>:waiting`) | Done(LeaseLost) | Done(AlreadyEnded) |
 //!
 //! A run whose lease cannot be confirmed stops its engine at the write deadline and drops it at
 //! the hard deadline (see [`super::lease`]); it then writes nothing more, and the process is

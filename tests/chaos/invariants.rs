@@ -166,7 +166,7 @@ fn check_abandon_once(snapshot: &Snapshot) -> Vec<Violation> {
             let starts: Vec<i64> = snapshot
                 .log(id)
                 .iter()
-                .filter(|e| e.event_type == "process.started")
+                .filter(|e| e.event_type == "process.started" && e.payload["resumed"] != true)
                 .map(|e| e.seq)
                 .collect();
             (starts.len() > 1).then(|| {
@@ -187,7 +187,8 @@ fn allowed_states(planned: &Planned) -> &'static [&'static str] {
         Plan::Steps => &["completed"],
         Plan::StepsAbandon => &["completed", "abandoned"],
         Plan::Fail => &["failed"],
-        Plan::External => &["completed"],
+        Plan::External | Plan::Order => &["completed"],
+        Plan::OrderDeadline => &["failed"],
         Plan::Cancel => match planned.cancel {
             Some(CancelAnswer::Acknowledged) => &["cancelled"],
             Some(CancelAnswer::Terminal { retried: false }) => &["completed"],
@@ -246,6 +247,8 @@ fn check_outcomes(ledger: &Ledger, snapshot: &Snapshot) -> Vec<Violation> {
         }
         let output_ok = match state {
             "completed" if row.kind == "steps" => output["steps"] == json!(6),
+            "completed" if row.kind == "order" => output["ship"]["tracking"].is_string(),
+            "failed" if row.kind == "order" => output["error"] == json!("deadline exceeded"),
             "failed" => output["error"] == json!("planned failure"),
             _ => true,
         };
@@ -269,6 +272,8 @@ fn check_takeovers(snapshot: &Snapshot, faults: &[FaultRecord]) -> Vec<Violation
         let mut owner: Option<String> = None;
         for event in log {
             match event.event_type.as_str() {
+                // A suspension hands the process back cleanly: the next run is a resume.
+                "process.waiting" => owner = None,
                 "process.started" => {
                     if let Some(previous) = &owner
                         && !explained(previous, event.occurred_ns)
@@ -327,5 +332,6 @@ pub(crate) fn check_all(
     violations.extend(check_abandon_once(snapshot));
     violations.extend(check_outcomes(ledger, snapshot));
     violations.extend(check_takeovers(snapshot, faults));
+    violations.extend(crate::durable::check_durable(ledger, snapshot, faults));
     violations
 }

@@ -59,7 +59,10 @@ fn read_journals(dir: &Path) -> (HashMap<String, BTreeMap<i64, RunSpan>>, Journa
                     run.start_ns = Some(entry.at_ns);
                     run.last_effect_ns = run.last_effect_ns.max(Some(entry.at_ns));
                 }
-                "step" => run.last_effect_ns = run.last_effect_ns.max(Some(entry.at_ns)),
+                // `step` (steps engine), `step:<name>` (order engine).
+                what if what == "step" || what.starts_with("step:") => {
+                    run.last_effect_ns = run.last_effect_ns.max(Some(entry.at_ns));
+                }
                 _ => {}
             }
         }

@@ -28,16 +28,29 @@ pub(crate) enum Plan {
     Cancel,
     /// `external`: the client appends to it and completes it.
     External,
+    /// `order` (durable execution): steps, a receive the client answers with a message, one
+    /// retryable failure, a durable timer; ends completed.
+    Order,
+    /// `order` nobody approves, with a deadline: ends failed, "deadline exceeded".
+    OrderDeadline,
 }
+
+/// The `order` input of the chaos round: its timer is longer than a pod's suspend
+/// threshold (2 s), so it suspends; one retryable failure before the charge.
+pub(crate) const ORDER_INPUT: &str = r#"{"work_ms": 100, "ship_after_ms": 2500, "declines": 1}"#;
+/// The deadline of an `OrderDeadline` process, from its registration.
+pub(crate) const ORDER_TIMEOUT_MS: u64 = 3000;
 
 impl Plan {
     fn pick(rng: &mut Rng) -> Self {
-        match rng.below(20) {
+        match rng.below(25) {
             0..=5 => Plan::Steps,
             6..=9 => Plan::StepsAbandon,
             10..=11 => Plan::Fail,
             12..=14 => Plan::Cancel,
-            _ => Plan::External,
+            15..=19 => Plan::External,
+            20..=23 => Plan::Order,
+            _ => Plan::OrderDeadline,
         }
     }
 
@@ -48,6 +61,17 @@ impl Plan {
             Plan::StepsAbandon => ("steps", steps, "abandon"),
             Plan::Fail => ("fail", json!({"message": "planned failure"}), "rerun"),
             Plan::External => ("external-notes", json!({}), "external"),
+            Plan::Order => (
+                "order",
+                serde_json::from_str(ORDER_INPUT).expect("valid"),
+                "rerun",
+            ),
+            Plan::OrderDeadline => {
+                return json!({
+                    "id": id, "kind": "order", "input": {"work_ms": 100},
+                    "disposition": "rerun", "timeout_ms": ORDER_TIMEOUT_MS,
+                });
+            }
         };
         json!({"id": id, "kind": kind, "input": input, "disposition": disposition})
     }
@@ -166,7 +190,8 @@ async fn live(api: Api, ledger: Arc<Mutex<Ledger>>, id: String, mut rng: Rng) {
     match plan {
         Plan::Cancel => cancel_later(&api, &ledger, &id, &mut rng).await,
         Plan::External => append_and_complete(&api, &ledger, &id, &mut rng).await,
-        Plan::Steps | Plan::StepsAbandon | Plan::Fail => {}
+        Plan::Order => approve_later(&api, &ledger, &id, &mut rng).await,
+        Plan::Steps | Plan::StepsAbandon | Plan::Fail | Plan::OrderDeadline => {}
     }
 }
 
@@ -188,6 +213,40 @@ async fn cancel_later(api: &Api, ledger: &Mutex<Ledger>, id: &str, rng: &mut Rng
     };
     let mut ledger = ledger.lock().unwrap();
     ledger.processes.get_mut(id).expect("planned").cancel = Some(answer);
+}
+
+/// Sends the `approve` message a little later (keyed: a retry stores it once), recorded in
+/// the ledger as an acknowledged write.
+async fn approve_later(api: &Api, ledger: &Mutex<Ledger>, id: &str, rng: &mut Rng) {
+    tokio::time::sleep(rng.millis(100, 1500)).await;
+    let payload = json!({"by": "chaos"});
+    let body = json!({"topic": "approve", "payload": payload, "replay_key": "approve"});
+    let answer = match api
+        .post(&format!("/v1/processes/{id}/messages"), &body)
+        .await
+        .0
+    {
+        Outcome::Acked(answer) => answer,
+        other => return unacknowledged(ledger, id, "message approve", other),
+    };
+    let event = &answer["event"];
+    let stored = json!({"topic": "approve", "payload": payload});
+    let mut ledger = ledger.lock().unwrap();
+    match event["seq"].as_i64() {
+        Some(seq) if event["payload"] == stored => ledger.appends.push(AckedAppend {
+            process: id.to_owned(),
+            seq,
+            event_type: "process.message".into(),
+            payload: stored,
+            replay_key: "proclog:msg:approve".into(),
+            replayed: answer["replayed"].as_bool().unwrap_or(false),
+        }),
+        _ => ledger.violations.push(Violation::new(
+            "a. acknowledged write",
+            id,
+            format!("the approve message was answered with another event: {answer}"),
+        )),
+    }
 }
 
 /// Appends 2 to 5 `note` events with replay keys, then completes the process.

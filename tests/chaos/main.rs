@@ -4,8 +4,10 @@
 //! round), three real `proclog pod` processes (`pod-a` and `pod-b` connected directly, `pod-c`
 //! through a TCP proxy that can cut or stall its traffic), and a load client that keeps
 //! registering processes over HTTP (`steps` with dispositions `rerun` and `abandon`, `fail`,
-//! `steps` it cancels, `external` ones it appends to and completes itself), retrying every
-//! write idempotently and recording every acknowledged write in a ledger.
+//! `steps` it cancels, `external` ones it appends to and completes itself, `order` processes
+//! of durable execution that it approves with a message, and `order` processes nobody
+//! approves that end at their deadline), retrying every write idempotently and recording
+//! every acknowledged write (messages included) in a ledger.
 //!
 //! Meanwhile, one fault at a time, chosen and paced by the seed: SIGKILL, SIGSTOP past the
 //! lease TTL, or SIGTERM of a pod (killed and drained pods are restarted under the same pod
@@ -17,8 +19,10 @@
 //! acknowledged write present exactly once; logs dense, sealed by one terminal event; no
 //! write under a superseded lease; `abandon` runs at most once; every process ends as its
 //! engine decided; reruns and abandonments only after a disruptive fault of the previous
-//! owner; never two engines of one process at once. Every violation is reported (with the
-//! seed) and the test fails once with all of them.
+//! owner; never two engines of one process at once; and for durable execution (see
+//! `durable`): a stored step never executed again, no timer early, every acknowledged message
+//! received once and in order, retries by the policy, deadlines kept within one TTL. Every
+//! violation is reported (with the seed) and the test fails once with all of them.
 //!
 //! The short round (45 s of faults) runs with the other tests:
 //!
@@ -43,6 +47,7 @@ mod common;
 
 mod api;
 mod cluster;
+mod durable;
 mod faults;
 mod invariants;
 mod journals;
@@ -107,6 +112,7 @@ async fn chaos_round() {
     let ledger = std::mem::take(&mut *ledger.lock().unwrap());
     violations.extend(ledger.violations.iter().cloned());
     violations.extend(check_all(&ledger, &snapshot, &faults));
+    violations.extend(durable::check_stored_steps(&dir, &snapshot));
     let (journal_violations, journal) = check_journals(&dir, &snapshot);
     violations.extend(journal_violations);
 

@@ -112,6 +112,8 @@ fn plan_name(plan: Plan) -> &'static str {
         Plan::Fail => "fail",
         Plan::Cancel => "steps_cancelled",
         Plan::External => "external",
+        Plan::Order => "order",
+        Plan::OrderDeadline => "order_deadline",
     }
 }
 

@@ -14,6 +14,10 @@ pub(crate) struct ProcessRow {
     pub(crate) terminal_state: Option<String>,
     pub(crate) terminal_seq: Option<i64>,
     pub(crate) output: Option<Value>,
+    pub(crate) retries: i32,
+    /// The deadline and the completion, in ns since the epoch (database clock).
+    pub(crate) deadline_ns: Option<i64>,
+    pub(crate) completed_ns: Option<i64>,
 }
 
 /// An event as stored.
@@ -33,12 +37,16 @@ pub(crate) struct Snapshot {
     pub(crate) events: HashMap<String, Vec<EventRow>>,
 }
 
+fn nanos(at: Option<chrono::DateTime<chrono::Utc>>) -> Option<i64> {
+    at.and_then(|at| at.timestamp_nanos_opt())
+}
+
 impl Snapshot {
     pub(crate) async fn load(client: &tokio_postgres::Client) -> Self {
         let processes = client
             .query(
                 "SELECT process_id, kind, input, disposition, last_seq, terminal_state,
-                        terminal_seq, output
+                        terminal_seq, output, retries, deadline, completed_at
                    FROM proclog.processes",
                 &[],
             )
@@ -54,6 +62,9 @@ impl Snapshot {
                     terminal_state: row.get(5),
                     terminal_seq: row.get(6),
                     output: row.get(7),
+                    retries: row.get(8),
+                    deadline_ns: nanos(row.get(9)),
+                    completed_ns: nanos(row.get(10)),
                 };
                 (row.get(0), process)
             })
