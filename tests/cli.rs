@@ -239,6 +239,80 @@ async fn client_commands_drive_a_process_and_pod_logs_carry_ids() {
     assert!(run_lines.iter().all(|l| l["span"]["pod"] == "pod-cli"));
 }
 
+/// The `order` demo (durable execution) driven from the command line: it waits for a
+/// message without a pod, `proclog send` wakes it, a retried send stores nothing new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proclog_send_wakes_an_order_waiting_for_approval() {
+    let database = migrated_database_url().await;
+    let pod = PodProcess::start(&database, "pod-send", &["--poll-ms", "100"]).await;
+    let url = pod.url.clone();
+    let run = move |args: &[&str]| {
+        let url = url.clone();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                proclog(&url, &args)
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let started = json_of(
+        &run(&[
+            "start",
+            "order",
+            "--id",
+            "order-1",
+            "--input",
+            r#"{"work_ms": 10, "ship_after_ms": 100, "declines": 1}"#,
+            "--timeout-ms",
+            "600000",
+        ])
+        .await,
+    );
+    assert!(started["deadline"].is_string());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let record = json_of(&run(&["get", "order-1"]).await);
+        if record["status"] == "waiting" {
+            assert_eq!(record["waiting_for"], "approve");
+            assert!(record["lease"].is_null(), "a waiting process holds no pod");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never waited: {record}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let bad = run(&["send", "order-1", "approve", "--payload", "{nope"]).await;
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--payload is not JSON"));
+    let args = [
+        "send",
+        "order-1",
+        "approve",
+        "--payload",
+        r#"{"by": "cli"}"#,
+        "--key",
+        "approval-1",
+    ];
+    let sent = json_of(&run(&args).await);
+    assert_eq!(sent["replayed"], false);
+    let again = json_of(&run(&args).await);
+    assert_eq!(again["replayed"], true);
+    assert_eq!(again["event"]["seq"], sent["event"]["seq"]);
+    let terminal = json_of(&run(&["await", "order-1", "--timeout-ms", "60000"]).await);
+    assert_eq!(terminal["state"], "completed", "{terminal}");
+    assert_eq!(terminal["output"]["charge"]["approval"]["by"], "cli");
+    let record = json_of(&run(&["get", "order-1"]).await);
+    assert_eq!(record["retries"], 1, "one declined charge, retried");
+    assert_eq!(record["attempts"], 1);
+    let late = run(&["send", "order-1", "approve"]).await;
+    assert!(!late.status.success());
+    assert!(String::from_utf8_lossy(&late.stderr).contains("process_terminal"));
+}
+
 #[test]
 fn client_requests_time_out_when_the_pod_never_answers() {
     // Accepts TCP connections (the kernel completes the handshake) but never reads or answers:

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use proclog::http::HttpServer;
 use proclog::pod::{Pod, demo_engines};
-use proclog::{Proclog, testing};
+use proclog::{ProcessId, ProcessRegistration, Proclog, testing};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -363,6 +363,96 @@ async fn the_console_lists_shows_starts_and_cancels() {
 
     pod.shutdown().await;
 
+    http.shutdown().await;
+    stack.shutdown().await;
+}
+
+/// A waiting process on the console: what it waits for, the message form that wakes it, and
+/// the panel of what later runs replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_console_shows_a_wait_and_its_message_form_wakes_it() {
+    let url = testing::migrated_database_url().await.unwrap();
+    let (stack, pod, http) = start_pod(&url, "console-waits", 2, None).await;
+    let client = no_redirects();
+    let home = base(&http);
+    let record = stack
+        .registry()
+        .register_process(
+            ProcessRegistration::new(
+                "order",
+                json!({"work_ms": 1, "ship_after_ms": 10, "declines": 0}),
+            )
+            .timeout(Duration::from_secs(600)),
+        )
+        .await
+        .unwrap();
+    let id = record.id.clone();
+    let page_of = |client: reqwest::Client, home: String, id: ProcessId| async move {
+        client
+            .get(format!("{home}/ui/processes/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let html = eventually("the order waits for approval", || {
+        let page = page_of(client.clone(), home.clone(), id.clone());
+        async move {
+            let html = page.await;
+            html.contains(r#"id="status">waiting"#).then_some(html)
+        }
+    })
+    .await;
+    assert!(
+        html.contains(r#"<dd id="waits">a message of <code>approve</code>"#),
+        "{html}"
+    );
+    assert!(html.contains(r#"id="deadline""#));
+    assert!(html.contains("message-form"));
+    assert!(
+        html.contains(r#"id="steps""#),
+        "the stored step is listed: {html}"
+    );
+    assert!(html.contains("<td>reserve</td>"));
+    let overview = client
+        .get(format!("{home}/?status=waiting"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(overview.contains(&format!(r#"data-process="{id}""#)));
+
+    let bad = client
+        .post(format!("{home}/ui/processes/{id}/messages"))
+        .form(&[("topic", "approve"), ("payload", "{not json")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let sent = client
+        .post(format!("{home}/ui/processes/{id}/messages"))
+        .form(&[("topic", "approve"), ("payload", r#"{"by": "console"}"#)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), StatusCode::SEE_OTHER);
+    let end = stack
+        .driver()
+        .await_terminal(&id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(end.state, proclog::TerminalState::Completed);
+    let html = page_of(client.clone(), home.clone(), id.clone()).await;
+    assert!(html.contains("replayed by 1 later run(s)"), "{html}");
+    assert!(
+        !html.contains("message-form"),
+        "an ended process takes no message"
+    );
+    pod.shutdown().await;
     http.shutdown().await;
     stack.shutdown().await;
 }

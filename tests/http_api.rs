@@ -586,6 +586,109 @@ async fn cancel_over_http_ends_a_process_nobody_runs() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_over_http_are_stored_once_and_refused_when_they_must_be() {
+    let server = Server::start(&migrated_database_url().await, None).await;
+    // A process that waits for nothing yet: the message is stored in its log.
+    let (status, record) = server
+        .post(
+            "/v1/processes",
+            json!({"id": "m", "kind": "k", "start_in_ms": 3_600_000, "timeout_ms": 7_200_000,
+                   "retry": {"max_attempts": 3}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{record}");
+    assert_eq!(record["status"], "pending");
+    assert!(record["wake_at"].is_string() && record["deadline"].is_string());
+    assert_eq!(record["retry_policy"]["max_attempts"], 3);
+    let message = json!({"topic": "approve", "payload": {"by": "ann"}, "replay_key": "k1"});
+    let (status, first) = server
+        .post("/v1/processes/m/messages", message.clone())
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    assert_eq!(first["event"]["event_type"], "process.message");
+    assert_eq!(
+        first["event"]["payload"],
+        json!({"topic": "approve", "payload": {"by": "ann"}})
+    );
+    let (status, again) = server.post("/v1/processes/m/messages", message).await;
+    assert_eq!(status, StatusCode::OK, "a retry with the key: {again}");
+    assert_eq!(again["replayed"], true);
+    assert_eq!(again["event"]["seq"], first["event"]["seq"]);
+
+    let before = common::table_checksum(&server.database).await;
+    for (body, status, error) in [
+        (
+            json!({"topic": "approve", "payload": 2, "replay_key": "k1"}),
+            StatusCode::CONFLICT,
+            "replay_conflict",
+        ),
+        (
+            json!({"topic": "no spaces"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            json!({"payload": 1}),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            json!({"topic": "t", "extra": 1}),
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+        ),
+        (
+            json!({"topic": "t", "payload": "x".repeat(2000)}),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+    ] {
+        let (got, answer) = server.post("/v1/processes/m/messages", body.clone()).await;
+        assert_eq!((got, code(&answer)), (status, error), "{body}: {answer}");
+    }
+    let (status, answer) = server
+        .post("/v1/processes/nobody/messages", json!({"topic": "t"}))
+        .await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    server
+        .post(
+            "/v1/processes/m/complete",
+            json!({"state": "completed", "output": null}),
+        )
+        .await;
+    let after_completion = common::table_checksum(&server.database).await;
+    let (status, answer) = server
+        .post("/v1/processes/m/messages", json!({"topic": "t"}))
+        .await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::CONFLICT, "process_terminal")
+    );
+    assert_eq!(
+        common::table_checksum(&server.database).await,
+        after_completion
+    );
+    assert_ne!(before, after_completion);
+    // Registration schedules out of range are refused.
+    for body in [
+        json!({"kind": "k", "start_in_ms": 1, "start_at": "2030-01-01T00:00:00Z"}),
+        json!({"kind": "k", "timeout_ms": u64::MAX}),
+        json!({"kind": "k", "retry": {"max_attempts": 0}}),
+        json!({"kind": "k", "retry": {"max_attempts": 2, "jitter": 3}}),
+    ] {
+        let (status, answer) = server.post("/v1/processes", body.clone()).await;
+        assert_eq!(
+            (status, code(&answer)),
+            (StatusCode::BAD_REQUEST, "invalid_input"),
+            "{body}"
+        );
+    }
+}
+
 /// A page on another site can make a browser send requests to a pod it reaches: with
 /// DNS rebinding under its own host name, or cross-origin. Neither writes anything; a listed
 /// origin may; every answer carries the anti-framing and no-sniff headers.
@@ -1220,6 +1323,7 @@ async fn the_openapi_document_describes_every_route_and_is_public() {
         ("/v1/processes/{id}/stream", &["get"]),
         ("/v1/processes/{id}/complete", &["post"]),
         ("/v1/processes/{id}/cancel", &["post"]),
+        ("/v1/processes/{id}/messages", &["post"]),
         ("/v1/processes/{id}/await", &["get"]),
         ("/v1/prune", &["post"]),
         ("/v1/pods", &["get"]),

@@ -160,6 +160,7 @@ impl AdmittedBody {
     /// Parses the body as `T`: malformed JSON is `invalid_json`, JSON of the wrong shape
     /// `invalid_input`.
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        require_object(&self.bytes)?;
         serde_json::from_slice(&self.bytes).map_err(|err| {
             let code = if err.is_data() {
                 "invalid_input"
@@ -169,6 +170,25 @@ impl AdmittedBody {
             ApiError::new(StatusCode::BAD_REQUEST, code, err.to_string())
         })
     }
+}
+
+/// Every body of the API is a JSON object: serde would read a struct from an array of its
+/// fields (`[null, null]`), which no client means. Anything else is `invalid_input` (or
+/// `invalid_json` when it is not JSON at all).
+pub(crate) fn require_object(bytes: &[u8]) -> Result<(), ApiError> {
+    let first = bytes.iter().find(|byte| !byte.is_ascii_whitespace());
+    if first == Some(&b'{') {
+        return Ok(());
+    }
+    let code = match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+        Ok(_) => "invalid_input",
+        Err(_) => "invalid_json",
+    };
+    Err(ApiError::new(
+        StatusCode::BAD_REQUEST,
+        code,
+        "the body must be a JSON object",
+    ))
 }
 
 #[cfg(test)]
@@ -182,5 +202,20 @@ mod tests {
         assert_eq!(parse_cost(dense), dense.len() + 5 * BYTES_PER_VALUE);
         let text = br#"{"a": "x,y:[{z\"],"}"#;
         assert_eq!(parse_cost(text), text.len() + 3 * BYTES_PER_VALUE);
+    }
+
+    #[test]
+    fn only_objects_are_bodies() {
+        assert!(require_object(b" {}").is_ok());
+        for (body, code) in [
+            (&b"[null, null]"[..], "invalid_input"),
+            (b"1", "invalid_input"),
+            (b"null", "invalid_input"),
+            (b"[nope", "invalid_json"),
+            (b"", "invalid_json"),
+        ] {
+            let err = require_object(body).unwrap_err();
+            assert_eq!(err.code, code, "{body:?}");
+        }
     }
 }

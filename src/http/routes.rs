@@ -186,6 +186,7 @@ pub(super) async fn append(
     body: AdmittedBody,
 ) -> Result<Response, ApiError> {
     let id = path_id(&id)?;
+    super::body::require_object(&body.bytes)?;
     let body: AppendBody = serde_json::from_slice(&body.bytes).map_err(|err| {
         if err.is_data() {
             ApiError::invalid(format!(

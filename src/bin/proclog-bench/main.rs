@@ -10,6 +10,7 @@
 //! the same run, since absolute numbers on a shared machine drift.
 
 mod baseline;
+mod durable;
 mod pgbench;
 mod report;
 mod workloads;
@@ -132,6 +133,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
     if selected("kill") {
         rows.extend(workloads::kill_recovery(&url, plan).await?);
+    }
+    if selected("durable") || selected("sleeping") {
+        rows.extend(durable::sleeping(&url, plan).await?);
+    }
+    if selected("durable") || selected("resume") {
+        rows.extend(durable::resumes(&url, plan).await?);
+    }
+    if selected("durable") || selected("step") {
+        rows.extend(durable::steps(&url, plan).await?);
     }
 
     println!("{}", report::markdown(&rows));
