@@ -27,14 +27,14 @@ COMMENT ON COLUMN proclog.processes.deadline IS 'past it the process ends failed
 COMMENT ON COLUMN proclog.processes.retries IS 'failure retries made (crash reruns count in attempts)';
 COMMENT ON COLUMN proclog.processes.retry_policy IS 'retry policy given at registration; NULL: the engine kind''s own';
 
--- Claimable work is found through three small indexes instead of one over every live
--- process, so that waiting processes (however many) cost a claim nothing until they are due:
--- ready now (oldest first), due (earliest wake first), past their deadline.
+-- Claimable work is found through two indexes instead of one over every live process:
+-- what is runnable, in the order it became runnable (its wake time, else its creation: so
+-- a due timer and a new process are served first come, first served, and waiting processes,
+-- however many, sit past now() where a claim's scan stops), and what is past its deadline.
 DROP INDEX proclog.processes_runnable;
-CREATE INDEX processes_ready ON proclog.processes (created_at, process_id)
-    WHERE terminal_state IS NULL AND disposition <> 'external' AND wake_at IS NULL;
-CREATE INDEX processes_due ON proclog.processes (wake_at)
-    WHERE terminal_state IS NULL AND disposition <> 'external' AND wake_at IS NOT NULL;
+CREATE INDEX processes_runnable_since
+    ON proclog.processes ((coalesce(wake_at, created_at)), process_id)
+    WHERE terminal_state IS NULL AND disposition <> 'external';
 CREATE INDEX processes_deadline ON proclog.processes (deadline)
     WHERE terminal_state IS NULL AND deadline IS NOT NULL;
 
@@ -93,7 +93,8 @@ BEGIN
               CONSTRAINT = v_rule;
 END $$;
 
--- The columns a suspension and a wake set are rules' business too.
+-- Retries join the columns checked on update (a status change is checked by
+-- processes_check_log; wake_at and waiting_for are under no rule).
 DROP TRIGGER processes_check_update ON proclog.processes;
 CREATE TRIGGER processes_check_update
     BEFORE UPDATE OF process_id, kind, input, disposition, created_at, lease_owner,
@@ -118,10 +119,12 @@ BEGIN
         UPDATE proclog.processes SET cancel_request = NEW.payload
          WHERE process_id = NEW.process_id AND cancel_request IS NULL;
     ELSE
+        -- Whatever its status: a waiting process that a host or a canceller claimed for a
+        -- moment still waits (its release makes it `waiting` again).
         UPDATE proclog.processes SET wake_at = now()
-         WHERE process_id = NEW.process_id AND status = 'waiting'
+         WHERE process_id = NEW.process_id
            AND waiting_for = NEW.payload ->> 'topic'
-           AND (wake_at IS NULL OR wake_at > now());
+           AND wake_at > now();
     END IF;
     RETURN NULL;
 END $$;
@@ -166,7 +169,8 @@ BEGIN
         PERFORM proclog.refuse_write(p_process_id);
     END IF;
     IF EXISTS (SELECT 1 FROM proclog.events e
-                WHERE e.process_id = p_process_id AND e.replay_key = p_key) THEN
+                WHERE e.process_id = p_process_id AND e.replay_key = p_key
+                  AND e.event_type = 'process.waiting') THEN
         RETURN NEXT v_row;
         RETURN;
     END IF;

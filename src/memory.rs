@@ -766,8 +766,8 @@ impl ProcessRegistry for InMemoryProcessRegistry {
         validate::claim_runnable(owner, ttl, limit)?;
         let at = now();
         let mut processes = self.lock();
-        // The three kinds of claimable work, in Postgres's order: past the deadline
-        // (earliest first), due (earliest wake first), ready (oldest first).
+        // Claimable work in Postgres's order: past the deadline (earliest first), then
+        // runnable in the order it became runnable (its wake time, else its creation).
         let rank = |entry: &Entry| -> Option<(u8, DateTime<Utc>)> {
             let record = &entry.record;
             if record.terminal.is_some() || entry.lease_is_live(at) {
@@ -779,11 +779,8 @@ impl ProcessRegistry for InMemoryProcessRegistry {
             if record.disposition == crate::Disposition::External {
                 return None;
             }
-            match entry.wake {
-                Some(wake) if wake <= at => Some((1, wake)),
-                Some(_) => None,
-                None => Some((2, record.created_at)),
-            }
+            let since = entry.wake.unwrap_or(record.created_at);
+            (since <= at).then_some((1, since))
         };
         let mut runnable: Vec<((u8, DateTime<Utc>), &mut Entry)> = processes
             .values_mut()
@@ -852,7 +849,11 @@ impl ProcessRegistry for InMemoryProcessRegistry {
             .get_mut(id)
             .ok_or_else(|| ProcessError::NotFound(id.clone()))?;
         let key = crate::reserved::waiting_key(lease.generation);
-        if entry.replay_keys.contains_key(&key) {
+        if entry
+            .replay_keys
+            .get(&key)
+            .is_some_and(|at| entry.events[*at].event_type == crate::reserved::WAITING)
+        {
             return Ok(entry.record.clone());
         }
         if let Some(refusal) = entry.terminal_refusal() {

@@ -502,7 +502,8 @@ pub struct ProcessRecord {
     #[serde(default)]
     pub cancel_request: Option<Value>,
     /// Not claimed before this instant (a delayed start, a timer, a retry's backoff, a
-    /// receive's timeout); `None`: claimable now.
+    /// receive's timeout). `None`: claimable now, unless the process is `waiting` for a
+    /// message alone (`waiting_for` set): then only a message wakes it.
     #[serde(default)]
     pub wake_at: Option<DateTime<Utc>>,
     /// The message topic it waits for, while `waiting` on one.
@@ -582,6 +583,10 @@ pub struct AppendRequest {
     /// Set only by proclog itself for its own `process.*` events; never from the wire.
     #[serde(skip)]
     pub(crate) reserved: bool,
+    /// Set only by proclog itself when it derived the replay key (`proclog:...`) of a
+    /// caller's event; never from the wire.
+    #[serde(skip)]
+    pub(crate) derived_key: bool,
 }
 
 impl AppendRequest {
@@ -593,6 +598,7 @@ impl AppendRequest {
             replay_key: None,
             fence: None,
             reserved: false,
+            derived_key: false,
         }
     }
 
@@ -608,6 +614,13 @@ impl AppendRequest {
     /// Whether this is one of proclog's own reserved events.
     pub fn is_reserved(&self) -> bool {
         self.reserved
+    }
+
+    /// The same request with a replay key proclog derived (`proclog:...`).
+    pub(crate) fn with_derived_key(mut self, key: String) -> Self {
+        self.replay_key = Some(key);
+        self.derived_key = true;
+        self
     }
 
     /// The same request with an idempotency key.

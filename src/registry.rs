@@ -128,6 +128,8 @@ pub trait ProcessRegistry: Send + Sync {
 
     /// Grants a lease to `owner` for `ttl` (database clock) if none is live, with a generation
     /// one above the last ever granted; otherwise `Busy`. Terminal process: `ProcessTerminal`.
+    /// This is a host's own claim (and a canceller's): it is not held to a start or wake time,
+    /// and a `waiting` process claimed this way keeps its wake time and awaited topic.
     async fn claim(
         &self,
         id: &ProcessId,
@@ -141,12 +143,15 @@ pub trait ProcessRegistry: Send + Sync {
     async fn renew(&self, lease: &Lease, ttl: Duration) -> ProcessResult<Lease>;
 
     /// Releases the lease if it is still the recorded one; otherwise does nothing. Idempotent.
+    /// A process claimed with [`ProcessRegistry::claim`] while it was `waiting` is `waiting`
+    /// again after the release (its wait goes on).
     async fn release(&self, lease: &Lease) -> ProcessResult<()>;
 
     /// Claims up to `limit` runnable processes for pod `owner`: non-terminal, without a live
-    /// lease, and either past their deadline (any disposition: the run only fails them), or
-    /// not `external` and due (`wake_at` passed, earliest first) or ready (no `wake_at`,
-    /// oldest first). Each gets a new lease (next generation), becomes `running` with its
+    /// lease, and either past their deadline (any disposition: the run only fails them;
+    /// earliest deadline first), or not `external` and runnable now, in the order they became
+    /// runnable (their wake time when they had one, else their creation; first come, first
+    /// served). Each gets a new lease (next generation), becomes `running` with its
     /// wake time and awaited topic cleared, and has `attempts` incremented, unless it was
     /// `waiting` after a run of its own ([`RunnableClaim::resumed`]: a resume is no rerun).
     /// Processes being claimed by another pod at the same instant are skipped, never waited

@@ -27,7 +27,7 @@ pub const STEP: &str = "process.step";
 pub const TIMER: &str = "process.timer";
 
 /// A receipt: the `n`th receive of `topic` in a run took the message at `message_seq`
-/// (`{topic, n, message_seq, payload}`) or timed out (`{topic, n, timed_out: true}`); key
+/// (`{topic, n, message_seq}`) or timed out (`{topic, n, timed_out: true}`); key
 /// [`receipt_key`].
 pub const RECEIVED: &str = "process.received";
 

@@ -175,6 +175,22 @@ pub fn replay_key(key: &str) -> Result<(), ProcessError> {
     printable("replay key", key, MAX_REPLAY_KEY_CHARS)
 }
 
+/// Replay keys with this prefix are proclog's own (steps, timers, receipts, a run's derived
+/// keys): a caller's key may not take one, or it could pre-empt a step or a suspension.
+pub const RESERVED_KEY_PREFIX: &str = "proclog:";
+
+/// A replay key given by a caller (an append, a cancellation): a [`replay_key`] outside
+/// proclog's own namespace.
+pub fn caller_replay_key(key: &str) -> Result<(), ProcessError> {
+    replay_key(key)?;
+    if key.starts_with(RESERVED_KEY_PREFIX) {
+        return Err(invalid(format!(
+            "replay key {key:?} is reserved: keys starting with {RESERVED_KEY_PREFIX:?} are proclog's own"
+        )));
+    }
+    Ok(())
+}
+
 /// A lease TTL: between [`MIN_LEASE_TTL`] and [`MAX_LEASE_TTL`].
 pub fn lease_ttl(ttl: Duration) -> Result<(), ProcessError> {
     if ttl < MIN_LEASE_TTL || ttl > MAX_LEASE_TTL {
@@ -414,6 +430,9 @@ pub fn append_batch(
         }
         if let Some(key) = &request.replay_key {
             replay_key(key)?;
+            if !request.is_reserved() && !request.derived_key {
+                caller_replay_key(key)?;
+            }
             if !keys.insert(key.as_str()) {
                 return Err(invalid(format!(
                     "replay key {key:?} appears twice in one batch"

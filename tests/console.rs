@@ -447,7 +447,7 @@ async fn the_console_shows_a_wait_and_its_message_form_wakes_it() {
         .unwrap();
     assert_eq!(end.state, proclog::TerminalState::Completed);
     let html = page_of(client.clone(), home.clone(), id.clone()).await;
-    assert!(html.contains("replayed by 1 later run(s)"), "{html}");
+    assert!(html.contains("1 later run(s) since"), "{html}");
     assert!(
         !html.contains("message-form"),
         "an ended process takes no message"

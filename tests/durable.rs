@@ -583,6 +583,12 @@ async fn messages_are_received_once_each_in_order_across_runs() {
         .map(|message| message.seq)
         .collect();
     assert_eq!(seqs, sent, "each message once, in order");
+    assert!(
+        events_of(&events, "process.received")
+            .iter()
+            .all(|receipt| receipt.payload.get("payload").is_none()),
+        "a receipt names its message, it does not copy it"
+    );
     pod.shutdown().await;
     stack.shutdown().await;
 }
@@ -685,5 +691,111 @@ async fn a_stopping_pod_suspends_a_run_asleep_in_a_durable_wait() {
     );
     let events = common::log_of(stack.registry().as_ref(), &record.id).await;
     assert_eq!(record.wake_at, Some(timer_due(&events)));
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_raced_against_a_timer_suspends_for_both() {
+    // Nobody sends: the timer must still wake the process (the wait for the message does not
+    // replace it); then a second process whose message comes first.
+    let racer = || {
+        engine(|run| async move {
+            let answer = tokio::select! {
+                message = run.recv("approve", None) => json!({"message": message?}),
+                slept = run.sleep("expire", Duration::from_millis(600)) => {
+                    slept?;
+                    json!("expired")
+                }
+            };
+            Ok(answer)
+        })
+    };
+    let make = || EngineHarness::new("race", racer()).suspend_after(Duration::from_millis(50));
+    on_both(make, |report, backend| {
+        assert_eq!(report.state(), Some(TerminalState::Completed), "{backend}");
+        assert_eq!(report.output(), Some(&json!("expired")), "{backend}");
+        let wait = events_of(&report.events, "process.waiting")[0];
+        assert_eq!(
+            wait.payload["topic"], "approve",
+            "both waits: {}",
+            wait.payload
+        );
+        assert!(
+            wait.payload["wake_at"].is_string(),
+            "{backend}: {}",
+            wait.payload
+        );
+    })
+    .await;
+
+    let stack = Proclog::in_memory(
+        InMemoryProcessRegistry::new(RegistryConfig::new("memory-pod")),
+        Duration::from_secs(5),
+    );
+    let pod = Pod::builder(&stack)
+        .engine("race", racer())
+        .suspend_after(Duration::from_millis(50))
+        .start()
+        .await
+        .unwrap();
+    let record = stack
+        .registry()
+        .register_process(ProcessRegistration::new("race", json!(null)))
+        .await
+        .unwrap();
+    let waiting = until_waiting(&stack, &record.id).await;
+    assert_eq!(waiting.waiting_for.as_deref(), Some("approve"));
+    assert!(waiting.wake_at.is_some());
+    stack
+        .registry()
+        .send_message(&record.id, Message::new("approve", json!(7)))
+        .await
+        .unwrap();
+    let end = stack
+        .driver()
+        .await_terminal(&record.id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(end.output, json!({"message": 7}));
+    pod.shutdown().await;
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_retryable_error_is_retried_and_a_bad_kind_policy_stops_the_pod() {
+    let big = engine(|run| async move {
+        if run.process.retries == 0 {
+            return Err(run.retryable(json!("x".repeat(200_000))));
+        }
+        Ok(json!("second run"))
+    });
+    let report = EngineHarness::new("big", big)
+        .retry(quick_policy(2))
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(report.state(), Some(TerminalState::Completed));
+    assert_eq!(report.record.retries, 1);
+    let wait = events_of(&report.events, "process.waiting")[0];
+    assert_eq!(wait.payload["error"]["truncated"], true);
+
+    let stack = Proclog::in_memory(
+        InMemoryProcessRegistry::new(RegistryConfig::new("memory-pod")),
+        Duration::from_secs(5),
+    );
+    let mut wild = RetryPolicy::attempts(3);
+    wild.max_delay_ms = u64::MAX;
+    let refused = Pod::builder(&stack)
+        .engines(
+            proclog::pod::Engines::new()
+                .with("big", engine(|_| async { Ok(Value::Null) }))
+                .with_retry("big", wild),
+        )
+        .start()
+        .await;
+    assert!(matches!(
+        refused,
+        Err(proclog::ProcessError::InvalidInput(_))
+    ));
     stack.shutdown().await;
 }

@@ -680,8 +680,8 @@ fn render_record(record: &ProcessRecord) -> String {
 const STEPS_SHOWN: u32 = 200;
 
 /// The journal panel: each stored step, timer and receipt with the run (lease generation)
-/// that stored it, and how many later runs started after it (each of them found it stored
-/// and replayed it, without executing it, when it got there).
+/// that stored it, and how many later runs started since among the events shown (each that
+/// got that far found it stored and did not execute it again).
 fn render_steps(journal: &[ProcessEvent], recent: &[ProcessEvent]) -> String {
     if journal.is_empty() {
         return String::new();
@@ -730,7 +730,7 @@ fn render_steps(journal: &[ProcessEvent], recent: &[ProcessEvent]) -> String {
             replayed = if later == 0 {
                 "stored".to_owned()
             } else {
-                format!("stored; replayed by {later} later run(s)")
+                format!("stored; {later} later run(s) since")
             },
             at = time(&entry.occurred_at),
             detail = esc(&detail),
@@ -738,7 +738,7 @@ fn render_steps(journal: &[ProcessEvent], recent: &[ProcessEvent]) -> String {
     }
     format!(
         r#"<section class="panel"><h2>Steps, timers and receipts</h2>
-<p class="hint">What a later run of this process (a rerun, a resume after a wait, a retry) finds stored and does not do again.</p>
+<p class="hint">What a later run of this process (a rerun, a resume after a wait, a retry) finds stored and does not do again when it gets there.</p>
 <table id="steps"><thead><tr><th>what</th><th>name</th><th>seq</th><th>stored by run</th><th></th><th>at</th><th>stored</th></tr></thead><tbody>{rows}</tbody></table></section>"#
     )
 }

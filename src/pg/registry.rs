@@ -699,32 +699,20 @@ impl ProcessRegistry for PgProcessRegistry {
                           ORDER BY deadline
                           LIMIT $3
                             FOR UPDATE SKIP LOCKED),
-                     due AS (
+                     runnable AS (
                          SELECT process_id, lease_owner, lease_generation, lease_expires_at,
                                 status, attempts
                            FROM proclog.processes
                           WHERE terminal_state IS NULL AND disposition <> 'external'
-                            AND wake_at <= now()
+                            AND coalesce(wake_at, created_at) <= now()
                             AND (deadline IS NULL OR deadline > now())
                             AND (lease_expires_at IS NULL OR lease_expires_at <= now())
-                          ORDER BY wake_at
-                          LIMIT $3
-                            FOR UPDATE SKIP LOCKED),
-                     ready AS (
-                         SELECT process_id, lease_owner, lease_generation, lease_expires_at,
-                                status, attempts
-                           FROM proclog.processes
-                          WHERE terminal_state IS NULL AND disposition <> 'external'
-                            AND wake_at IS NULL
-                            AND (deadline IS NULL OR deadline > now())
-                            AND (lease_expires_at IS NULL OR lease_expires_at <= now())
-                          ORDER BY created_at, process_id
+                          ORDER BY coalesce(wake_at, created_at), process_id
                           LIMIT $3
                             FOR UPDATE SKIP LOCKED),
                      candidates AS (
                          SELECT * FROM overdue
-                         UNION ALL SELECT * FROM due
-                         UNION ALL SELECT * FROM ready
+                         UNION ALL SELECT * FROM runnable
                          LIMIT $3)
                      UPDATE proclog.processes
                         SET lease_owner = $1,
@@ -799,9 +787,10 @@ impl ProcessRegistry for PgProcessRegistry {
                      (SELECT min(lease_expires_at) FROM proclog.processes
                        WHERE terminal_state IS NULL AND disposition <> 'external'
                          AND lease_expires_at IS NOT NULL AND lease_expires_at > now()),
-                     (SELECT min(wake_at) FROM proclog.processes
+                     (SELECT min(coalesce(wake_at, created_at)) FROM proclog.processes
                        WHERE terminal_state IS NULL AND disposition <> 'external'
-                         AND wake_at IS NOT NULL AND wake_at < 'infinity'
+                         AND coalesce(wake_at, created_at) > now()
+                         AND coalesce(wake_at, created_at) < 'infinity'
                          AND (lease_expires_at IS NULL OR lease_expires_at <= now())),
                      (SELECT min(deadline) FROM proclog.processes
                        WHERE terminal_state IS NULL AND deadline IS NOT NULL

@@ -45,6 +45,9 @@ pub async fn cancel_process(
              {MAX_CANCEL_REASON_BYTES} are accepted"
         )));
     }
+    if let Some(key) = replay_key {
+        crate::validate::caller_replay_key(key)?;
+    }
     let request = json!({"reason": reason, "by": pod});
     let mut append = AppendRequest::reserved(CANCEL_REQUESTED, request.clone());
     if let Some(key) = replay_key {

@@ -159,8 +159,11 @@ struct RunState {
     timers: HashSet<String>,
     receives: HashMap<String, u64>,
     last_received: HashMap<String, i64>,
-    /// Set when the engine asked to suspend; the driver takes it.
+    /// Set when the engine asked to suspend; the driver takes it once no durable wait is
+    /// still on its way to one (`active` is 0).
     suspension: Option<Suspension>,
+    /// Durable waits (sleeps, receives) in progress and not parked in a suspension.
+    active: u32,
     /// The wait the engine is sleeping in, if any: a stopping pod suspends it there.
     sleeping: Option<Suspension>,
     retryable: bool,
@@ -224,15 +227,29 @@ impl Durable {
         self.retry_policy.as_ref()
     }
 
-    /// The suspension the engine asked for, once it asked.
+    /// The suspension the engine asked for, once it asked and every other durable wait it
+    /// awaits at the same time has parked too (so that a receive raced against a timer
+    /// suspends for both).
     pub(crate) async fn suspension_requested(&self) -> Suspension {
         loop {
             let notified = self.suspended.notified();
-            if let Some(suspension) = self.state().suspension.clone() {
-                return suspension;
+            {
+                let state = self.state();
+                if state.active == 0
+                    && let Some(suspension) = state.suspension.clone()
+                {
+                    return suspension;
+                }
             }
             notified.await;
         }
+    }
+
+    /// Counts a durable wait in progress until the guard is dropped (returned, parked, or
+    /// dropped by the engine).
+    fn enter_wait(&self) -> ActiveWait<'_> {
+        self.state().active += 1;
+        ActiveWait(self)
     }
 
     /// The wait the engine sleeps in right now (in the run), if any.
@@ -420,6 +437,7 @@ impl Durable {
 
     pub(crate) async fn sleep(&self, name: &str, timer: TimerSpec) -> Result<(), StepError> {
         self.claim_name("timer name", name, |state| &mut state.timers)?;
+        let active = self.enter_wait();
         let due = self
             .timer_due(reserved::timer_key(name), json!({ "name": name }), timer)
             .await
@@ -435,12 +453,17 @@ impl Durable {
             retry: false,
             reason: json!({"reason": "timer", "timer": name}),
         };
-        self.wait_until(due, wait).await
+        self.wait_until(due, wait, active).await
     }
 
     /// Waits until `due` on the database clock: in the run when that is soon, otherwise
     /// by suspending the process (this future then never completes: the run drops it).
-    async fn wait_until(&self, due: DateTime<Utc>, wait: Suspension) -> Result<(), StepError> {
+    async fn wait_until(
+        &self,
+        due: DateTime<Utc>,
+        wait: Suspension,
+        active: ActiveWait<'_>,
+    ) -> Result<(), StepError> {
         loop {
             let remaining = (due - self.clock.now()).to_std();
             let Ok(remaining) = remaining else {
@@ -450,7 +473,7 @@ impl Durable {
                 return Ok(());
             }
             if remaining > self.policy.suspend_after {
-                return self.suspend(wait).await;
+                return self.suspend(wait, active).await;
             }
             self.state().sleeping = Some(wait.clone());
             let slept = tokio::select! {
@@ -464,11 +487,46 @@ impl Durable {
         }
     }
 
+    /// The payload of the message stored at `seq`.
+    async fn message_at(&self, seq: i64) -> ProcessResult<Value> {
+        let id = self.id().clone();
+        let page = self
+            .read("message read", || {
+                self.events.registry.events_after(&id, seq - 1, 1)
+            })
+            .await?;
+        match page.first() {
+            Some(event) if event.seq == seq && event.event_type == reserved::MESSAGE => {
+                Ok(event.payload["payload"].clone())
+            }
+            _ => Err(ProcessError::Undecodable {
+                id,
+                location: format!("event {seq}"),
+                reason: "a receipt names a seq that holds no message".into(),
+            }),
+        }
+    }
+
     /// Asks the run to suspend the process with `wait`; never returns (the run drops the
-    /// engine's future), unless the run is stopping.
-    async fn suspend(&self, wait: Suspension) -> Result<(), StepError> {
-        self.state().suspension = Some(wait);
-        self.suspended.notify_one();
+    /// engine's future), unless the run is stopping. Waits the engine awaits together (a
+    /// receive raced against a timer) are merged: the earliest wake time, and the topic.
+    async fn suspend(&self, wait: Suspension, active: ActiveWait<'_>) -> Result<(), StepError> {
+        {
+            let mut state = self.state();
+            let merged = match state.suspension.take() {
+                None => wait,
+                Some(earlier) => match merge(earlier.clone(), wait) {
+                    Ok(merged) => merged,
+                    Err(err) => {
+                        state.suspension = Some(earlier);
+                        return Err(err);
+                    }
+                },
+            };
+            state.suspension = Some(merged);
+        }
+        // Parked: the guard's drop counts this wait out and wakes the driver.
+        drop(active);
         self.cancel.cancelled().await;
         Err(StepError::Stopped)
     }
@@ -484,20 +542,34 @@ impl Durable {
             name: topic.to_owned(),
             source,
         };
+        let active = self.enter_wait();
         let _one_at_a_time = self.receiving.lock().await;
-        let n = {
+        // The `n`th receive of the topic counts only once it has an answer: a receive that
+        // fails (and is tried again by the engine) does not skip a number.
+        let n = self
+            .state()
+            .receives
+            .get(topic)
+            .copied()
+            .unwrap_or_default()
+            + 1;
+        let received = |seq: Option<i64>| {
             let mut state = self.state();
-            let n = state.receives.entry(topic.to_owned()).or_default();
-            *n += 1;
-            *n
+            state.receives.insert(topic.to_owned(), n);
+            if let Some(seq) = seq {
+                state.last_received.insert(topic.to_owned(), seq);
+            }
         };
         let key = reserved::receipt_key(topic, n);
         if let Some(receipt) = self.stored(&key).await.map_err(store)? {
-            if let Some(seq) = receipt.payload["message_seq"].as_i64() {
-                self.state().last_received.insert(topic.to_owned(), seq);
-                return Ok(Some(receipt.payload["payload"].clone()));
-            }
-            return Ok(None);
+            let Some(seq) = receipt.payload["message_seq"].as_i64() else {
+                received(None);
+                return Ok(None);
+            };
+            // The receipt names the message; its payload is read from the message itself.
+            let message = self.message_at(seq).await.map_err(store)?;
+            received(Some(seq));
+            return Ok(Some(message));
         }
         let after = self
             .state()
@@ -525,18 +597,17 @@ impl Durable {
             .await
             .map_err(store)?;
         if let Some(message) = message {
-            let payload = message.payload["payload"].clone();
+            // The receipt holds the message's seq, not its payload: it is small whatever the
+            // message's size.
             self.record(
                 reserved::RECEIVED,
-                json!({"topic": topic, "n": n, "message_seq": message.seq, "payload": payload}),
+                json!({"topic": topic, "n": n, "message_seq": message.seq}),
                 key,
             )
             .await
             .map_err(store)?;
-            self.state()
-                .last_received
-                .insert(topic.to_owned(), message.seq);
-            return Ok(Some(payload));
+            received(Some(message.seq));
+            return Ok(Some(message.payload["payload"].clone()));
         }
         if let Some(due) = due
             && due <= self.clock.now()
@@ -548,21 +619,68 @@ impl Durable {
             )
             .await
             .map_err(store)?;
+            received(None);
             return Ok(None);
         }
         // Nothing yet: wait for a message of the topic (or the timeout) without the pod.
         // The suspension itself checks for a message stored in between.
-        self.suspend(Suspension {
-            wake_at: due,
-            delay: None,
-            topic: Some(topic.to_owned()),
-            after_seq: after,
-            retry: false,
-            reason: json!({"reason": "message", "topic": topic, "n": n}),
-        })
+        self.suspend(
+            Suspension {
+                wake_at: due,
+                delay: None,
+                topic: Some(topic.to_owned()),
+                after_seq: after,
+                retry: false,
+                reason: json!({"reason": "message", "topic": topic, "n": n}),
+            },
+            active,
+        )
         .await
         .map(|()| None)
     }
+}
+
+/// A durable wait in progress (see [`Durable::suspension_requested`]).
+struct ActiveWait<'a>(&'a Durable);
+
+impl Drop for ActiveWait<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.state();
+        state.active = state.active.saturating_sub(1);
+        drop(state);
+        self.0.suspended.notify_one();
+    }
+}
+
+/// Two waits awaited at once, as one: woken by the earlier time or by the topic. Two
+/// receives of different topics at once cannot be one wait.
+fn merge(a: Suspension, b: Suspension) -> Result<Suspension, StepError> {
+    let topic = match (&a.topic, &b.topic) {
+        (Some(x), Some(y)) if x != y => {
+            return Err(StepError::Invalid(format!(
+                "a run can wait for one topic at a time, not {x:?} and {y:?} at once"
+            )));
+        }
+        (Some(_), _) => a.topic.clone(),
+        _ => b.topic.clone(),
+    };
+    let after_seq = if a.topic.is_some() {
+        a.after_seq
+    } else {
+        b.after_seq
+    };
+    let wake_at = match (a.wake_at, b.wake_at) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    };
+    Ok(Suspension {
+        wake_at,
+        delay: None,
+        topic,
+        after_seq,
+        retry: false,
+        reason: json!({"reason": "waits", "waits": [a.reason, b.reason]}),
+    })
 }
 
 /// A timer as recorded: a duration from its record, or an instant.

@@ -275,7 +275,7 @@ impl RunEvents {
             None => {
                 let n = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
                 let key = crate::reserved::run_append_key(self.lease.generation, n);
-                request.with_replay_key(key)
+                request.with_derived_key(key)
             }
         }
         .fenced(&self.lease);
@@ -321,6 +321,17 @@ impl Engines {
     pub fn with_retry(mut self, kind: &str, policy: RetryPolicy) -> Self {
         self.retry.insert(kind.to_owned(), policy);
         self
+    }
+
+    /// Checks every kind's retry policy (as a registration's is checked): a pod refuses to
+    /// start with one out of bounds.
+    pub fn validate(&self) -> ProcessResult<()> {
+        for (kind, policy) in &self.retry {
+            crate::validate::retry_policy(policy).map_err(|err| {
+                crate::ProcessError::InvalidInput(format!("the retry policy of kind {kind}: {err}"))
+            })?;
+        }
+        Ok(())
     }
 
     /// The retry policy of `kind`, if it has one.

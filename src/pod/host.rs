@@ -197,6 +197,7 @@ impl PodBuilder<'_> {
                 self.heartbeat_every
             )));
         }
+        self.engines.validate()?;
         let services = Arc::clone(self.stack.services());
         let worker = (self.config.concurrency > 0).then(|| {
             Worker::spawn_with_leases(

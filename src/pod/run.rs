@@ -178,6 +178,9 @@ pub(crate) fn after_engine(
     }
 }
 
+/// Largest engine error copied into the `process.waiting` record of a retry.
+const MAX_ERROR_IN_WAIT_BYTES: usize = 4096;
+
 /// The output of a process that ended at its deadline.
 pub(crate) fn deadline_exceeded(deadline: DateTime<Utc>) -> Value {
     json!({"error": "deadline exceeded", "deadline": deadline})
@@ -196,6 +199,14 @@ pub(crate) fn retry_or_fail(
     match policy {
         Some(policy) if retries_made + 1 < policy.max_attempts => {
             let delay = policy.delay(retries_made + 1, random);
+            // The error goes into the wait's record only when small: the record must fit the
+            // payload limit whatever the engine returned.
+            let size = serde_json::to_vec(&output).map_or(usize::MAX, |text| text.len());
+            let error = if size <= MAX_ERROR_IN_WAIT_BYTES {
+                output
+            } else {
+                json!({ "bytes": size, "truncated": true })
+            };
             Phase::Suspending(Suspension {
                 wake_at: None,
                 delay: Some(delay),
@@ -206,7 +217,7 @@ pub(crate) fn retry_or_fail(
                     "reason": "retry",
                     "retry": retries_made + 1,
                     "delay_ms": u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                    "error": output,
+                    "error": error,
                 }),
             })
         }
@@ -233,6 +244,7 @@ pub(crate) fn after_refusal(phase: &Phase, err: &ProcessError) -> Phase {
                 fallback: false, ..
             }
             | Phase::Starting
+            | Phase::Suspending(_)
             | Phase::Claimed => Phase::Completing {
                 state: TerminalState::Failed,
                 output: json!({

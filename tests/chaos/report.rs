@@ -60,11 +60,22 @@ impl Round<'_> {
             .values()
             .filter(|log| {
                 log.iter()
-                    .filter(|e| e.event_type == "process.started")
+                    .filter(|e| e.event_type == "process.started" && e.payload["resumed"] != true)
                     .count()
                     > 1
             })
             .count();
+        let durable = count_by(self.snapshot.events.values().flat_map(|log| {
+            log.iter().filter_map(|e| match e.event_type.as_str() {
+                "process.step" => Some("steps stored"),
+                "process.timer" => Some("timers recorded"),
+                "process.waiting" => Some("suspensions"),
+                "process.message" => Some("messages"),
+                "process.received" => Some("receipts"),
+                "process.started" if e.payload["resumed"] == true => Some("resumes"),
+                _ => None,
+            })
+        }));
         json!({
             "seed": self.settings.seed,
             "fault_secs": self.settings.fault_time.as_secs(),
@@ -93,6 +104,7 @@ impl Round<'_> {
                 "rerun": reruns,
                 "runs_started_by_pod": starts_by_pod,
                 "by_plan": count_by(ledger.processes.values().map(|p| plan_name(p.plan))),
+                "durable": durable,
             },
             "journal": {
                 "lines": self.journal.lines,
@@ -131,6 +143,11 @@ pub(crate) fn print_summary(report: &Value) {
         &report["processes"]["by_final_state"],
     );
     print_table("process plan", "processes", &report["processes"]["by_plan"]);
+    print_table(
+        "durable execution",
+        "events",
+        &report["processes"]["durable"],
+    );
     print_table(
         "pod",
         "runs started",

@@ -463,3 +463,34 @@ pub async fn a_waiting_process_can_be_cancelled(store: &dyn Store) {
     assert_eq!(claims.len(), 1);
     assert!(claims[0].process.cancel_request.is_some());
 }
+
+pub async fn proclogs_replay_keys_are_not_a_callers(store: &dyn Store) {
+    let registry = store.pod("pod").await;
+    let record = registry
+        .register_process(ProcessRegistration::new("demo", json!(1)))
+        .await
+        .unwrap();
+    for key in ["proclog:step:charge", "proclog:g2:waiting", "proclog:"] {
+        let refused = registry
+            .append_event(
+                &record.id,
+                proclog::AppendRequest::new("x", json!(1)).with_replay_key(key),
+            )
+            .await;
+        assert!(
+            matches!(refused, Err(ProcessError::InvalidInput(_))),
+            "{key}: {refused:?}"
+        );
+        let cancel =
+            proclog::pod::cancel_process(&*registry, &record.id, "pod", json!(null), Some(key))
+                .await;
+        assert!(
+            matches!(cancel, Err(ProcessError::InvalidInput(_))),
+            "{key}"
+        );
+    }
+    assert!(
+        log(&*registry, &record.id).await.is_empty(),
+        "nothing written"
+    );
+}

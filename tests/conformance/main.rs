@@ -128,4 +128,5 @@ conformance! {
     durable::retries_are_counted_apart_from_attempts,
     durable::bad_schedules_are_invalid_input,
     durable::a_waiting_process_can_be_cancelled,
+    durable::proclogs_replay_keys_are_not_a_callers,
 }
