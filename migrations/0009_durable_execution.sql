@@ -13,19 +13,22 @@
 --                 is doing
 --   retries       failure retries made (crash reruns are counted in attempts)
 --   retry_policy  the retry policy given at registration (NULL: the engine kind's own)
+--   trace_parent  the W3C traceparent of whatever registered it: its runs' spans continue it
 
 ALTER TABLE proclog.processes
     ADD COLUMN wake_at timestamptz,
     ADD COLUMN waiting_for text,
     ADD COLUMN deadline timestamptz,
     ADD COLUMN retries integer NOT NULL DEFAULT 0,
-    ADD COLUMN retry_policy jsonb;
+    ADD COLUMN retry_policy jsonb,
+    ADD COLUMN trace_parent text;
 
 COMMENT ON COLUMN proclog.processes.wake_at IS 'not claimed before this instant (delayed start, timer, backoff, receive timeout; infinity: a message alone); NULL: runnable now';
 COMMENT ON COLUMN proclog.processes.waiting_for IS 'the message topic a waiting process waits for';
 COMMENT ON COLUMN proclog.processes.deadline IS 'past it the process ends failed with reason "deadline exceeded"';
 COMMENT ON COLUMN proclog.processes.retries IS 'failure retries made (crash reruns count in attempts)';
 COMMENT ON COLUMN proclog.processes.retry_policy IS 'retry policy given at registration; NULL: the engine kind''s own';
+COMMENT ON COLUMN proclog.processes.trace_parent IS 'W3C traceparent whose trace its runs continue';
 
 -- Claimable work is found through two indexes instead of one over every live process:
 -- what is runnable, in the order it became runnable (its wake time, else its creation: so

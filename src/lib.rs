@@ -150,6 +150,8 @@ pub mod reserved;
 pub mod stack;
 pub mod store;
 pub mod tasks;
+#[cfg(feature = "otlp")]
+pub mod telemetry;
 pub mod testing;
 pub mod validate;
 pub mod watch;

@@ -495,6 +495,7 @@ impl ProcessRegistry for InMemoryProcessRegistry {
             deadline,
             retries: 0,
             retry_policy: registration.retry,
+            trace_parent: registration.trace_parent,
         };
         processes.insert(
             id,

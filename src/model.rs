@@ -263,6 +263,10 @@ pub struct ProcessRegistration {
     /// How a retryable failure is retried (default: the engine kind's policy, else none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
+    /// The W3C `traceparent` (`00-<trace id>-<span id>-<flags>`) whose trace the process's
+    /// runs continue (over HTTP, the request's `traceparent` header when this is absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<String>,
 }
 
 /// How failures an engine marks retryable are retried: after a backoff, the process runs
@@ -389,6 +393,7 @@ impl ProcessRegistration {
             deadline: None,
             timeout_ms: None,
             retry: None,
+            trace_parent: None,
         }
     }
 
@@ -518,6 +523,9 @@ pub struct ProcessRecord {
     /// The retry policy given at registration (`None`: the engine kind's).
     #[serde(default)]
     pub retry_policy: Option<RetryPolicy>,
+    /// The `traceparent` its runs' spans continue, given at registration.
+    #[serde(default)]
+    pub trace_parent: Option<String>,
 }
 
 /// One event of a process log, as stored.

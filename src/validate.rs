@@ -300,7 +300,32 @@ pub fn registration(
     if let Some(policy) = &registration.retry {
         retry_policy(policy)?;
     }
+    if let Some(traceparent) = &registration.trace_parent
+        && !is_traceparent(traceparent)
+    {
+        return Err(invalid(format!(
+            "trace_parent must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>), got {traceparent:?}"
+        )));
+    }
     payload_bytes(&registration.input, payload_limit)
+}
+
+/// Whether `value` is a W3C `traceparent` of version 00 with non-zero ids.
+pub fn is_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |part: &str, len: usize| {
+        part.len() == len
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1].bytes().any(|b| b != b'0')
+        && parts[2].bytes().any(|b| b != b'0')
 }
 
 /// Longest start delay, timeout, sleep or receive timeout: 100 years, in milliseconds.

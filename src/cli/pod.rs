@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::{CliResult, LogFormat, init_logging};
+use super::{CliResult, LogFormat};
 use crate::http::{AccessPolicy, DEFAULT_MAX_BODY_BYTES, HttpOptions, HttpServer, ServerLimits};
 use crate::pod::{DemoJournal, Pod, demo_engines_with};
 use crate::stack::Proclog;
@@ -55,6 +55,10 @@ pub struct PodArgs {
     /// shows a pod as gone after three periods without one.
     #[arg(long, env = "PROCLOG_HEARTBEAT_MS", default_value_t = 5_000)]
     pub heartbeat_ms: u64,
+    /// Durable waits (timers) up to this long, in ms, are slept in the run; longer ones
+    /// suspend the process, giving its lease and slot back.
+    #[arg(long, env = "PROCLOG_SUSPEND_AFTER_MS", default_value_t = 2_000)]
+    pub suspend_after_ms: u64,
     /// How long to keep trying to reach and migrate the database at start, in ms.
     #[arg(long, env = "PROCLOG_STARTUP_TIMEOUT_MS", default_value_t = 60_000)]
     pub startup_timeout_ms: u64,
@@ -119,6 +123,10 @@ pub struct PodArgs {
     /// Log format.
     #[arg(long, env = "PROCLOG_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Export traces (a span per run, per executed step and per wait) to this OTLP/HTTP
+    /// collector, e.g. http://collector:4318; off when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Longest duration a pod setting in milliseconds may name (one day).
@@ -143,6 +151,7 @@ fn check_settings(args: &PodArgs, pod_id: &str) -> Result<(), String> {
         ("--hard-stop-ms", args.hard_stop_ms, 0),
         ("--startup-timeout-ms", args.startup_timeout_ms, 0),
         ("--heartbeat-ms", args.heartbeat_ms, 100),
+        ("--suspend-after-ms", args.suspend_after_ms, 0),
         ("--header-timeout-ms", args.header_timeout_ms, 100),
         ("--body-timeout-ms", args.body_timeout_ms, 100),
     ] {
@@ -199,7 +208,24 @@ fn check_settings(args: &PodArgs, pod_id: &str) -> Result<(), String> {
 }
 
 pub async fn run(args: PodArgs) -> CliResult {
-    init_logging(args.log_format);
+    let telemetry = match non_empty(&args.otlp_endpoint) {
+        Some(endpoint) => Some(
+            crate::telemetry::Telemetry::otlp(&endpoint, std::time::Duration::from_secs(5))
+                .map_err(|err| format!("bad setting: {err}"))?,
+        ),
+        None => None,
+    };
+    super::logging::init_logging_with(args.log_format, telemetry.as_ref());
+    let result = run_pod(args).await;
+    if let Some(telemetry) = telemetry {
+        tokio::task::spawn_blocking(move || telemetry.shutdown())
+            .await
+            .ok();
+    }
+    result
+}
+
+async fn run_pod(args: PodArgs) -> CliResult {
     // An empty variable (`PROCLOG_POD_ID=` in a compose file) means "not set".
     let pod_id = non_empty(&args.pod_id).unwrap_or_else(crate::stack::default_pod_id);
     check_settings(&args, &pod_id).map_err(|err| format!("bad setting: {err}"))?;
@@ -258,7 +284,8 @@ pub async fn run(args: PodArgs) -> CliResult {
         .poll_interval(Duration::from_millis(args.poll_ms))
         .grace(Duration::from_millis(args.grace_ms))
         .hard_stop_margin(Duration::from_millis(args.hard_stop_ms))
-        .heartbeat_every(Duration::from_millis(args.heartbeat_ms));
+        .heartbeat_every(Duration::from_millis(args.heartbeat_ms))
+        .suspend_after(Duration::from_millis(args.suspend_after_ms));
     if args.demo_engines {
         pod = pod.engines(demo_engines_with(journal));
     }

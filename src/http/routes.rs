@@ -47,9 +47,20 @@ const DEFAULT_AWAIT: Duration = Duration::from_secs(30);
 )]
 pub(super) async fn register(
     State(state): State<ApiState>,
+    headers: HeaderMap,
     body: AdmittedBody,
 ) -> Result<Response, ApiError> {
-    let registration: ProcessRegistration = body.parse()?;
+    let mut registration: ProcessRegistration = body.parse()?;
+    // The request's trace, for the process's runs to continue (an invalid header is
+    // ignored, as W3C Trace Context asks).
+    if registration.trace_parent.is_none() {
+        registration.trace_parent = headers
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok())
+            .map(str::trim)
+            .filter(|value| crate::validate::is_traceparent(value))
+            .map(str::to_owned);
+    }
     let record = state
         .services
         .registry

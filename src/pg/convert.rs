@@ -59,7 +59,7 @@ macro_rules! process_columns {
          lease_owner, lease_generation, lease_expires_at, terminal_state, terminal_seq, output, \
          completed_at, attempts, started_at, cancel_request, \
          CASE WHEN isfinite(wake_at) THEN wake_at END AS wake_at, waiting_for, deadline, \
-         retries, retry_policy"
+         retries, retry_policy, trace_parent"
     };
 }
 pub(crate) use process_columns;
@@ -230,6 +230,7 @@ pub(crate) fn sized_process_from_row(row: &Row) -> Result<(ProcessRecord, usize)
         deadline: row.try_get("deadline").map_err(db_error)?,
         retries: row.try_get("retries").map_err(db_error)?,
         retry_policy,
+        trace_parent: row.try_get("trace_parent").map_err(db_error)?,
     };
     Ok((record, input_size + output_size))
 }

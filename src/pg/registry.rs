@@ -311,13 +311,14 @@ impl ProcessRegistry for PgProcessRegistry {
             .query(
                 concat!(
                     "INSERT INTO proclog.processes
-                            (process_id, kind, input, disposition, wake_at, deadline, retry_policy)
+                            (process_id, kind, input, disposition, wake_at, deadline, retry_policy,
+                             trace_parent)
                      VALUES ($1, $2, $3, $4,
                              coalesce($5::timestamptz,
                                       now() + $6::bigint * interval '1 millisecond'),
                              coalesce($7::timestamptz,
                                       now() + $8::bigint * interval '1 millisecond'),
-                             $9::jsonb)
+                             $9::jsonb, $10)
                      ON CONFLICT (process_id) DO NOTHING
                      RETURNING ",
                     process_columns!()
@@ -332,6 +333,7 @@ impl ProcessRegistry for PgProcessRegistry {
                     &registration.deadline,
                     &millis(registration.timeout_ms),
                     &retry_policy,
+                    &registration.trace_parent,
                 ],
             )
             .await?;

@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, OnceCell};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::engine::RunEvents;
 use super::retry::retry_write;
@@ -375,8 +376,9 @@ impl Durable {
         }
         let attempts = retry.map_or(1, |policy| policy.max_attempts.max(1));
         let mut attempt = 1;
+        let span = tracing::info_span!("step", step = name);
         let output = loop {
-            match body().await {
+            match body().instrument(span.clone()).await {
                 Ok(output) => break output,
                 Err(error) if attempt >= attempts || self.cancel.is_cancelled() => {
                     return Err(StepError::Failed {
@@ -436,6 +438,12 @@ impl Durable {
     }
 
     pub(crate) async fn sleep(&self, name: &str, timer: TimerSpec) -> Result<(), StepError> {
+        self.sleep_inner(name, timer)
+            .instrument(tracing::info_span!("wait", timer = name))
+            .await
+    }
+
+    async fn sleep_inner(&self, name: &str, timer: TimerSpec) -> Result<(), StepError> {
         self.claim_name("timer name", name, |state| &mut state.timers)?;
         let active = self.enter_wait();
         let due = self
@@ -532,6 +540,16 @@ impl Durable {
     }
 
     pub(crate) async fn recv(
+        &self,
+        topic: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Option<Value>, StepError> {
+        self.recv_inner(topic, timeout)
+            .instrument(tracing::info_span!("wait", topic = topic))
+            .await
+    }
+
+    async fn recv_inner(
         &self,
         topic: &str,
         timeout: Option<Duration>,

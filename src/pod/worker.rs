@@ -298,11 +298,15 @@ async fn all_ended(runs: &mut JoinSet<()>, limit: Duration) -> bool {
 async fn run_task(shared: Arc<Shared>, claim: RunnableClaim, run: Run) {
     let span = tracing::info_span!(
         "run",
+        kind = %claim.process.kind,
+        resumed = claim.resumed,
         process_id = %claim.process.id,
         pod = %shared.config.pod_id,
         attempt = claim.process.attempts,
         generation = claim.lease.generation,
     );
+    #[cfg(feature = "otlp")]
+    crate::telemetry::continue_trace(&span, claim.process.trace_parent.as_deref());
     shared.stats.active.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard(&shared.stats);
     run.drive().instrument(span).await;

@@ -406,6 +406,10 @@ pub async fn bad_schedules_are_invalid_input(store: &dyn Store) {
     jitter.jitter = 2.0;
     let mut long_delay = RetryPolicy::attempts(2);
     long_delay.max_delay_ms = u64::MAX;
+    let mut bad_trace = ProcessRegistration::new("demo", json!(1));
+    bad_trace.trace_parent = Some("00-00000000000000000000000000000000-b7ad6b7169203331-01".into());
+    let mut not_a_trace = ProcessRegistration::new("demo", json!(1));
+    not_a_trace.trace_parent = Some("hello".into());
     for registration in [
         both,
         two_deadlines,
@@ -414,6 +418,8 @@ pub async fn bad_schedules_are_invalid_input(store: &dyn Store) {
         ProcessRegistration::new("demo", json!(1)).retry(wild),
         ProcessRegistration::new("demo", json!(1)).retry(jitter),
         ProcessRegistration::new("demo", json!(1)).retry(long_delay),
+        bad_trace,
+        not_a_trace,
     ] {
         let refused = registry.register_process(registration.clone()).await;
         assert!(
@@ -426,6 +432,11 @@ pub async fn bad_schedules_are_invalid_input(store: &dyn Store) {
         .await
         .unwrap();
     assert!(listed.processes.is_empty(), "nothing was registered");
+    let mut traced = ProcessRegistration::new("demo", json!(1));
+    let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    traced.trace_parent = Some(parent.into());
+    let record = registry.register_process(traced).await.unwrap();
+    assert_eq!(record.trace_parent.as_deref(), Some(parent));
 }
 
 pub async fn a_waiting_process_can_be_cancelled(store: &dyn Store) {
