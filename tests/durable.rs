@@ -83,6 +83,14 @@ fn three_steps(executions: Executions) -> FnEngine {
     })
 }
 
+/// A stack on the in-memory registry with leases of `ttl`.
+fn memory_stack(ttl: Duration) -> Proclog {
+    Proclog::in_memory(
+        InMemoryProcessRegistry::new(RegistryConfig::new("memory-pod")),
+        ttl,
+    )
+}
+
 /// The harness on both backends.
 async fn on_both(
     make: impl Fn() -> EngineHarness,
@@ -472,10 +480,7 @@ async fn receive_on(stack: &Proclog, poll: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receive_waits_without_a_pod_and_a_message_wakes_it() {
-    let memory = Proclog::in_memory(
-        InMemoryProcessRegistry::new(RegistryConfig::new("memory-pod")),
-        Duration::from_secs(5),
-    );
+    let memory = memory_stack(Duration::from_secs(5));
     receive_on(&memory, Duration::from_secs(3600)).await;
     memory.shutdown().await;
     let url = common::migrated_database_url().await;
@@ -595,10 +600,7 @@ async fn messages_are_received_once_each_in_order_across_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_process_is_cancelled_and_a_deadline_ends_a_wait() {
-    let stack = Proclog::in_memory(
-        InMemoryProcessRegistry::new(RegistryConfig::new("memory-pod")),
-        Duration::from_secs(2),
-    );
+    let stack = memory_stack(Duration::from_secs(2));
     let pod = Pod::builder(&stack)
         .engine("approve", approver())
         .poll_interval(Duration::from_secs(3600))
@@ -642,10 +644,7 @@ async fn a_waiting_process_is_cancelled_and_a_deadline_ends_a_wait() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_pod_suspends_a_run_asleep_in_a_durable_wait() {
-    let stack = Proclog::in_memory(
-        InMemoryProcessRegistry::new(RegistryConfig::new("memory-pod")),
-        Duration::from_secs(5),
-    );
+    let stack = memory_stack(Duration::from_secs(5));
     let pod = Pod::builder(&stack)
         .engine("nap", napper(30_000, Executions::default()))
         .suspend_after(Duration::from_secs(60))
@@ -728,10 +727,7 @@ async fn a_receive_raced_against_a_timer_suspends_for_both() {
     })
     .await;
 
-    let stack = Proclog::in_memory(
-        InMemoryProcessRegistry::new(RegistryConfig::new("memory-pod")),
-        Duration::from_secs(5),
-    );
+    let stack = memory_stack(Duration::from_secs(5));
     let pod = Pod::builder(&stack)
         .engine("race", racer())
         .suspend_after(Duration::from_millis(50))
@@ -779,10 +775,7 @@ async fn a_large_retryable_error_is_retried_and_a_bad_kind_policy_stops_the_pod(
     let wait = events_of(&report.events, "process.waiting")[0];
     assert_eq!(wait.payload["error"]["truncated"], true);
 
-    let stack = Proclog::in_memory(
-        InMemoryProcessRegistry::new(RegistryConfig::new("memory-pod")),
-        Duration::from_secs(5),
-    );
+    let stack = memory_stack(Duration::from_secs(5));
     let mut wild = RetryPolicy::attempts(3);
     wild.max_delay_ms = u64::MAX;
     let refused = Pod::builder(&stack)
