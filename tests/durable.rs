@@ -544,8 +544,9 @@ async fn a_message_sent_on_one_pod_wakes_the_process_on_another_through_the_hint
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_are_received_once_each_in_order_across_runs() {
-    // Receives three messages, losing its lease after the second receipt: the rerun gets
-    // the same two from its journal and the third from the log.
+    // Three messages sent before the run: three receives take them in order, one each, and
+    // the receipts name them (the replay of receipts by a later run is in
+    // `a_receive_waits_without_a_pod_and_a_message_wakes_it` and the chaos round).
     let collector = engine(|run| async move {
         let mut got = Vec::new();
         for _ in 0..3 {
