@@ -544,15 +544,16 @@ async fn a_message_sent_on_one_pod_wakes_the_process_on_another_through_the_hint
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_are_received_once_each_in_order_across_runs() {
-    // Three messages sent before the run: three receives take them in order, one each, and
-    // the receipts name them (the replay of receipts by a later run is in
-    // `a_receive_waits_without_a_pod_and_a_message_wakes_it` and the chaos round).
+    // Three messages sent before the run: three receives take them in order, then a sleep
+    // suspends the process; the resumed run gets all three again from its receipts (the
+    // output is the resumed run's) and takes none twice.
     let collector = engine(|run| async move {
         let mut got = Vec::new();
         for _ in 0..3 {
             got.push(run.recv("item", None).await?.unwrap_or(Value::Null));
         }
-        Ok(Value::from(got))
+        run.sleep("after", Duration::from_millis(300)).await?;
+        Ok(json!({"got": got, "resumed": run.resumed}))
     });
     let url = common::migrated_database_url().await;
     let stack = Proclog::builder(url).start().await.unwrap();
@@ -570,6 +571,7 @@ async fn messages_are_received_once_each_in_order_across_runs() {
     let pod = Pod::builder(&stack)
         .engine("collect", collector)
         .poll_interval(Duration::from_millis(50))
+        .suspend_after(Duration::from_millis(50))
         .start()
         .await
         .unwrap();
@@ -578,7 +580,7 @@ async fn messages_are_received_once_each_in_order_across_runs() {
         .await_terminal(&record.id, Duration::from_secs(60))
         .await
         .unwrap();
-    assert_eq!(end.output, json!([1, 2, 3]));
+    assert_eq!(end.output, json!({"got": [1, 2, 3], "resumed": true}));
     let events = common::log_of(registry.as_ref(), &record.id).await;
     let seqs: Vec<i64> = events_of(&events, "process.received")
         .iter()
