@@ -76,6 +76,32 @@ impl Certificates {
             "-out",
             "server.crt",
         ]);
+        // Self-signed and X.509 version 1 (no extensions), as `CREATE EXTENSION citus` makes
+        // one: OpenSSL 3.0's `x509 -req` without `-extfile` writes version 1.
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "v1.key",
+            "-out",
+            "v1.csr",
+        ]);
+        run(&[
+            "x509", "-req", "-in", "v1.csr", "-signkey", "v1.key", "-days", "2", "-out", "v1.crt",
+        ]);
+        let text = Command::new("openssl")
+            .args(["x509", "-noout", "-text", "-in", "v1.crt"])
+            .current_dir(dir)
+            .output()
+            .expect("openssl x509 -text");
+        assert!(
+            String::from_utf8_lossy(&text.stdout).contains("Version: 1 (0x0)"),
+            "the self-signed certificate is X.509 version 1"
+        );
         Self {
             dir: dir.to_path_buf(),
         }
@@ -100,15 +126,22 @@ fn have_openssl() -> bool {
     found
 }
 
-/// A cluster serving TLS with the certificates (files owned by the server's account, the
-/// key readable by it only, as Postgres demands), and a database `tls` in it.
+/// A cluster serving TLS with the CA-signed certificate, and a database `tls` in it.
 async fn tls_cluster() -> (LocalPostgres, Certificates) {
+    tls_cluster_serving("server", &[]).await
+}
+
+/// A cluster serving TLS with certificate `name` (`<name>.crt`, `<name>.key`; the files
+/// owned by the server's account, the key readable by it only, as Postgres demands) and the
+/// extra `settings`, and a database `tls` in it.
+async fn tls_cluster_serving(name: &str, settings: &[&str]) -> (LocalPostgres, Certificates) {
     let mut cluster = LocalPostgres::start(&LocalPostgresOptions::default()).unwrap();
     let dir = cluster.dir().join("tls");
     std::fs::create_dir_all(&dir).unwrap();
     let certificates = Certificates::make(&dir);
     let owner = std::fs::metadata(cluster.dir()).unwrap();
-    for file in ["server.crt", "server.key", "ca.crt"] {
+    let (crt, key) = (format!("{name}.crt"), format!("{name}.key"));
+    for file in [crt.as_str(), key.as_str(), "ca.crt"] {
         let path = dir.join(file);
         std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid())).unwrap();
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
@@ -124,15 +157,21 @@ async fn tls_cluster() -> (LocalPostgres, Certificates) {
     for statement in [
         format!(
             "ALTER SYSTEM SET ssl_cert_file = '{}'",
-            certificates.path("server.crt")
+            certificates.path(&crt)
         ),
         format!(
             "ALTER SYSTEM SET ssl_key_file = '{}'",
-            certificates.path("server.key")
+            certificates.path(&key)
         ),
         "ALTER SYSTEM SET ssl = on".to_owned(),
         "CREATE DATABASE tls".to_owned(),
-    ] {
+    ]
+    .into_iter()
+    .chain(
+        settings
+            .iter()
+            .map(|setting| format!("ALTER SYSTEM SET {setting}")),
+    ) {
         admin.batch_execute(&statement).await.unwrap();
     }
     drop(admin);
@@ -270,6 +309,43 @@ async fn each_sslmode_connects_or_refuses_as_documented() {
             .unwrap()
     );
     cluster.stop().unwrap();
+}
+
+/// `CREATE EXTENSION citus` serves a self-signed X.509 version 1 certificate; libpq takes it
+/// under `prefer` and `require`, and so does proclog, over TLS 1.3 and TLS 1.2 (whose
+/// handshake signatures are checked apart), while the checking modes refuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_signed_version_1_certificate_is_taken_by_prefer_and_require() {
+    if !have_openssl() {
+        return;
+    }
+    for settings in [&[][..], &["ssl_max_protocol_version = 'TLSv1.2'"][..]] {
+        let (cluster, certs) = tls_cluster_serving("v1", settings).await;
+        for query in ["", "sslmode=prefer", "sslmode=require"] {
+            assert!(
+                encrypted(&url(&cluster, "localhost", query))
+                    .await
+                    .unwrap_or_else(|err| panic!("{query:?} with {settings:?}: {err}")),
+                "{query:?} with {settings:?} connects over TLS"
+            );
+        }
+        // Checking modes: the certificate is not signed by the CA given.
+        let checked = url(
+            &cluster,
+            "localhost",
+            &format!("sslmode=verify-full&sslrootcert={}", certs.path("ca.crt")),
+        );
+        assert!(encrypted(&checked).await.is_err(), "{settings:?}");
+        // The whole stack (pool, listener, migrations) comes up under the default mode.
+        let stack = Proclog::builder(url(&cluster, "localhost", ""))
+            .pod_id("tls-v1-pod")
+            .start()
+            .await
+            .expect("the stack starts on a version 1 certificate");
+        assert_eq!(stack.listener_ready().await, ListenerStatus::Listening);
+        stack.shutdown().await;
+        cluster.stop().unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -21,9 +21,9 @@ use std::time::Duration;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::crypto::{CryptoProvider, verify_tls13_signature_with_raw_key};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, SubjectPublicKeyInfoDer, UnixTime};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
@@ -619,10 +619,30 @@ impl ServerCertVerifier for ChainOnly {
 }
 
 /// `prefer` / `require`: encryption without authentication of the server (libpq's meaning
-/// of these modes); the handshake's signatures are still verified.
+/// of these modes); the handshake's signatures are still verified, with the public key of
+/// the certificate the server sent.
+///
+/// The key is read from the certificate with `x509-cert`, not webpki, because webpki reads
+/// version 3 certificates only, and servers present others: `CREATE EXTENSION citus` makes
+/// a self-signed X.509 version 1 certificate, which libpq accepts under these modes.
 #[derive(Debug)]
 struct UncheckedCertificate {
     provider: Arc<CryptoProvider>,
+}
+
+/// The DER `SubjectPublicKeyInfo` of `cert`, whatever its X.509 version.
+fn subject_public_key(cert: &CertificateDer<'_>) -> Result<Vec<u8>, rustls::Error> {
+    use x509_cert::der::{Decode, Encode};
+    let bad_encoding = |_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding);
+    let cert = x509_cert::Certificate::from_der(cert.as_ref()).map_err(bad_encoding)?;
+    cert.tbs_certificate
+        .subject_public_key_info
+        .to_der()
+        .map_err(bad_encoding)
+}
+
+fn bad_signature(_: webpki::Error) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::BadSignature)
 }
 
 impl ServerCertVerifier for UncheckedCertificate {
@@ -637,18 +657,32 @@ impl ServerCertVerifier for UncheckedCertificate {
         Ok(ServerCertVerified::assertion())
     }
 
+    /// As rustls's `verify_tls12_signature`: every algorithm the scheme maps to is tried.
     fn verify_tls12_signature(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        let spki = SubjectPublicKeyInfoDer::from(subject_public_key(cert)?);
+        let key = webpki::RawPublicKeyEntity::try_from(&spki).map_err(bad_signature)?;
+        let candidates = self
+            .provider
+            .signature_verification_algorithms
+            .mapping
+            .iter()
+            .filter(|(scheme, _)| *scheme == dss.scheme)
+            .flat_map(|(_, algorithms)| algorithms.iter());
+        for algorithm in candidates {
+            match key.verify_signature(*algorithm, message, dss.signature()) {
+                Ok(()) => return Ok(HandshakeSignatureValid::assertion()),
+                Err(webpki::Error::UnsupportedSignatureAlgorithmForPublicKeyContext(_)) => {}
+                Err(err) => return Err(bad_signature(err)),
+            }
+        }
+        Err(rustls::Error::PeerMisbehaved(
+            rustls::PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -657,9 +691,10 @@ impl ServerCertVerifier for UncheckedCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
+        let spki = SubjectPublicKeyInfoDer::from(subject_public_key(cert)?);
+        verify_tls13_signature_with_raw_key(
             message,
-            cert,
+            &spki,
             dss,
             &self.provider.signature_verification_algorithms,
         )
@@ -675,6 +710,20 @@ impl ServerCertVerifier for UncheckedCertificate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_certificate_that_is_not_der_has_no_key_to_check_with() {
+        let err = subject_public_key(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3]));
+        assert!(
+            matches!(
+                err,
+                Err(rustls::Error::InvalidCertificate(
+                    CertificateError::BadEncoding
+                ))
+            ),
+            "{err:?}"
+        );
+    }
 
     #[test]
     fn tls_settings_are_taken_out_of_urls() {
