@@ -248,7 +248,10 @@ pub trait ProcessRegistry: Send + Sync {
     }
 
     /// Deletes terminal processes completed before `cutoff`, with their events and leases.
-    /// Never touches a non-terminal process. Idempotent.
+    /// Never touches a non-terminal process. Idempotent. Postgres deletes in bounded batches
+    /// (up to 1,000 processes and about 50,000 events), each its own short transaction, so
+    /// concurrent writes never wait behind one long delete; a prune interrupted between
+    /// batches has deleted part of what it would, and running it again finishes the job.
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport>;
 }
 

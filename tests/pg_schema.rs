@@ -592,3 +592,118 @@ async fn a_reader_role_can_read_every_table_and_write_none() {
         .await;
     assert!(refused.is_err());
 }
+
+/// A prune deletes in bounded batches, each its own transaction: at most 1,000 processes,
+/// and about 50,000 events (a bigger log goes alone). A trigger of the test's own records
+/// each DELETE statement's transaction and what it deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prune_deletes_in_bounded_batches_of_their_own() {
+    use futures::StreamExt;
+    let url = migrated_database_url().await;
+    let pool = connect_pool(&url, 8).unwrap();
+    let registry = std::sync::Arc::new(PgProcessRegistry::new(pool, RegistryConfig::new("pruner")));
+    let ended = |registry: std::sync::Arc<PgProcessRegistry>, events: usize| async move {
+        let record = registry
+            .register_process(ProcessRegistration::new("retention", json!(null)))
+            .await
+            .unwrap();
+        for chunk in (0..events).collect::<Vec<_>>().chunks(10_000) {
+            let batch = chunk
+                .iter()
+                .map(|n| AppendRequest::new("test.filler", json!(n)))
+                .collect();
+            registry.append_events(&record.id, batch).await.unwrap();
+        }
+        registry
+            .complete_process(
+                &record.id,
+                Completion::new(TerminalState::Completed, json!(null)),
+            )
+            .await
+            .unwrap();
+        record.id
+    };
+    // Two big logs first (oldest), then 2,100 small ones: 2 + 1 + 1,000 + 1,000 + 100.
+    let big = [
+        ended(registry.clone(), 60_000).await,
+        ended(registry.clone(), 60_000).await,
+    ];
+    let small: Vec<ProcessId> = futures::stream::iter(0..2_100)
+        .map(|_| ended(registry.clone(), 1))
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    let client = sql_client(&url).await;
+    let cutoff: chrono::DateTime<chrono::Utc> =
+        client.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    // Kept: one that ended after the cutoff, one that has not ended.
+    let later = ended(registry.clone(), 1).await;
+    let live = registry
+        .register_process(ProcessRegistration::new("retention", json!(null)))
+        .await
+        .unwrap()
+        .id;
+    client
+        .batch_execute(
+            "CREATE TABLE public.prune_batches (txid bigint, processes bigint, events bigint);
+             CREATE FUNCTION public.note_prune_batch() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO public.prune_batches
+                 SELECT txid_current(), count(*), coalesce(sum(last_seq), 0) FROM old_rows;
+                 RETURN NULL;
+             END $$;
+             CREATE TRIGGER note_prune_batch AFTER DELETE ON proclog.processes
+                 REFERENCING OLD TABLE AS old_rows
+                 FOR EACH STATEMENT EXECUTE FUNCTION public.note_prune_batch();",
+        )
+        .await
+        .unwrap();
+
+    let report = registry.prune_terminal_processes(cutoff).await.unwrap();
+    // A log is its appends and its terminal event (registration writes none).
+    assert_eq!(report.processes, 2 + 2_100);
+    assert_eq!(report.events, 2 * 60_001 + 2_100 * 2);
+    let batches: Vec<(i64, i64, i64)> = client
+        .query(
+            "SELECT txid, processes, events FROM public.prune_batches ORDER BY txid",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    let txids: std::collections::HashSet<i64> = batches.iter().map(|b| b.0).collect();
+    assert_eq!(txids.len(), batches.len(), "one transaction per batch");
+    let deleting: Vec<(i64, i64)> = batches
+        .iter()
+        .filter(|b| b.1 > 0)
+        .map(|b| (b.1, b.2))
+        .collect();
+    assert_eq!(
+        deleting,
+        vec![
+            (1, 60_001),
+            (1, 60_001),
+            (1_000, 2_000),
+            (1_000, 2_000),
+            (100, 200)
+        ],
+        "the big logs alone, then batches of 1,000 processes"
+    );
+    for id in big.iter().chain(&small) {
+        assert!(registry.get_process(id).await.unwrap().is_none(), "{id}");
+    }
+    for id in [&later, &live] {
+        assert!(registry.get_process(id).await.unwrap().is_some(), "{id}");
+    }
+    let left: i64 = client
+        .query_one(
+            "SELECT count(*) FROM proclog.events WHERE process_id <> ALL ($1)",
+            &[&vec![later.as_str(), live.as_str()]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the pruned logs went with their processes");
+}

@@ -132,6 +132,12 @@ const JOURNAL_PAGE: &str = concat!(
      ORDER BY seq"
 );
 
+/// The most processes one prune batch deletes.
+const PRUNE_BATCH_PROCESSES: i64 = 1_000;
+/// About the most events one prune batch deletes (a batch takes processes while the events
+/// before them add up to less; it always takes one).
+const PRUNE_BATCH_EVENTS: i64 = 50_000;
+
 impl PgProcessRegistry {
     /// A registry over `pool` (whose database must be migrated, see [`crate::pg::migrate()`]).
     ///
@@ -898,26 +904,56 @@ impl ProcessRegistry for PgProcessRegistry {
 
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {
         validate::timestamp("prune cutoff", cutoff)?;
-        // Events go with their process (the trigger processes_delete_events); a log is dense from 1, so a
+        // In batches, each its own transaction (PRUNE_BATCH_PROCESSES processes, and about
+        // PRUNE_BATCH_EVENTS events: at least one process), so that no append, claim or
+        // vacuum waits behind one long delete. The cutoff is held to the database clock of
+        // the first batch: completions during the prune are not chased. Events go with their
+        // process (the trigger processes_delete_events); a log is dense from 1, so a
         // process's event count is its last_seq.
-        let rows = self
-            .query(
-                "WITH pruned AS (
-                     DELETE FROM proclog.processes
-                      WHERE terminal_state IS NOT NULL AND completed_at < $1
-                  RETURNING last_seq)
-                 SELECT count(*) AS processes, coalesce(sum(last_seq), 0)::bigint AS events FROM pruned",
-                &[&cutoff],
-            )
-            .await?;
-        let row = rows
-            .first()
-            .ok_or_else(|| ProcessError::Database("prune returned no row".into()))?;
-        let processes: i64 = row.try_get("processes").map_err(db_error)?;
-        let events: i64 = row.try_get("events").map_err(db_error)?;
-        Ok(PruneReport {
-            processes: processes as u64,
-            events: events as u64,
-        })
+        let mut report = PruneReport {
+            processes: 0,
+            events: 0,
+        };
+        let mut until: Option<DateTime<Utc>> = None;
+        loop {
+            let rows = self
+                .query(
+                    "WITH candidates AS (
+                         SELECT process_id, last_seq, completed_at
+                           FROM proclog.processes
+                          WHERE terminal_state IS NOT NULL
+                            AND completed_at < least($1::timestamptz, coalesce($4, now()))
+                          ORDER BY completed_at
+                          LIMIT $2::bigint
+                            FOR UPDATE SKIP LOCKED),
+                     batch AS (
+                         SELECT process_id FROM (
+                             SELECT process_id,
+                                    (sum(last_seq) OVER (ORDER BY completed_at, process_id))::bigint
+                                        - last_seq AS events_before
+                               FROM candidates) c
+                          WHERE events_before < $3::bigint),
+                     pruned AS (
+                         DELETE FROM proclog.processes
+                          WHERE process_id IN (SELECT process_id FROM batch)
+                      RETURNING last_seq)
+                     SELECT count(*) AS processes, coalesce(sum(last_seq), 0)::bigint AS events,
+                            least($1::timestamptz, coalesce($4, now())) AS until
+                       FROM pruned",
+                    &[&cutoff, &PRUNE_BATCH_PROCESSES, &PRUNE_BATCH_EVENTS, &until],
+                )
+                .await?;
+            let row = rows
+                .first()
+                .ok_or_else(|| ProcessError::Database("prune returned no row".into()))?;
+            let processes: i64 = row.try_get("processes").map_err(db_error)?;
+            let events: i64 = row.try_get("events").map_err(db_error)?;
+            until = Some(row.try_get("until").map_err(db_error)?);
+            report.processes += processes as u64;
+            report.events += events as u64;
+            if processes == 0 {
+                return Ok(report);
+            }
+        }
     }
 }
