@@ -120,6 +120,7 @@
 //!   cancellation, demo engines; [`stack`]: [`Proclog`]; [`pod_services`]: the wiring
 //!   underneath; [`http`]: the HTTP API a pod can serve.
 //! - [`cli`]: the `proclog` binary's commands; [`local_pg`]: a throwaway Postgres cluster;
+//!   [`local_citus`]: a throwaway Citus cluster (a coordinator and workers);
 //!   [`backoff`]: retry delays.
 //!
 //! `ARCHITECTURE.md` describes the layers and the invariants and how each is enforced.
@@ -138,6 +139,7 @@ pub mod cli;
 pub mod error;
 #[cfg(feature = "http")]
 pub mod http;
+pub mod local_citus;
 pub mod local_pg;
 pub mod memory;
 pub mod metrics;

@@ -140,6 +140,10 @@ impl LocalPostgres {
                 "unix_socket_directories=",
             ])
             .args(["-c", "max_connections=300"])
+            // The server's own libpq connections (Citus's to other nodes) look for client
+            // certificates under $HOME, which must be a directory the server's account may
+            // read, not the caller's (root's) home.
+            .env("HOME", &self.dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -7,6 +7,8 @@
 //!   right to create databases).
 //! - [`LocalPostgres`]: a cluster of the test's own, which it can stop, start again and crash
 //!   ([`LocalPostgres::restart_immediate`]) to exercise recovery paths.
+//! - [`LocalCitus`]: a Citus coordinator and workers of the test's own (when the extension is
+//!   installed: [`LocalCitus::available`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), proclog::ProcessError> {
@@ -24,6 +26,7 @@
 
 use std::sync::OnceLock;
 
+pub use crate::local_citus::LocalCitus;
 pub use crate::local_pg::{LocalPostgres, LocalPostgresOptions};
 pub use harness::{EngineHarness, Fault, HarnessReport};
 

@@ -1,0 +1,183 @@
+//! A throwaway local Citus cluster: a coordinator and N workers, each a [`LocalPostgres`] on
+//! a loopback port with `citus` preloaded, the extension created in their `postgres`
+//! database, and the workers added to the coordinator.
+//!
+//! Citus is not packaged for every machine: [`LocalCitus::available`] says whether the
+//! extension is installed next to the PostgreSQL server binaries (`.ci/run` builds and
+//! installs it from the vendored source when it is missing). Like every throwaway cluster,
+//! the nodes stop and their directories go when the value is dropped, or when this process
+//! dies.
+//!
+//! `CREATE EXTENSION citus` turns TLS on in each node with a self-signed certificate (X.509
+//! version 1); the coordinator's URL is reached with the default `sslmode=prefer`, and the
+//! nodes talk to each other with Citus's default `citus.node_conninfo` (`sslmode=require`).
+
+use std::io;
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::local_pg::{LocalPostgres, LocalPostgresOptions, find_bin_dir};
+
+/// The database every node serves proclog from (Citus wants the same name on every node).
+pub const DATABASE: &str = "postgres";
+
+/// A running coordinator and its workers.
+pub struct LocalCitus {
+    coordinator: LocalPostgres,
+    workers: Vec<LocalPostgres>,
+    options: LocalPostgresOptions,
+}
+
+impl LocalCitus {
+    /// Whether the `citus` extension is installed for the PostgreSQL server binaries that
+    /// [`LocalPostgres`] uses (`citus.so` in `pg_config --pkglibdir`).
+    pub fn available() -> bool {
+        library_dir().is_ok_and(|dir| dir.join("citus.so").is_file())
+    }
+
+    /// Starts a coordinator and `workers` workers and returns once the coordinator lists
+    /// every worker as an active node. `options.settings` go to every node.
+    pub async fn start(workers: usize, options: &LocalPostgresOptions) -> io::Result<Self> {
+        let mut options = options.clone();
+        options
+            .settings
+            .retain(|(name, _)| name != "shared_preload_libraries");
+        options
+            .settings
+            .push(("shared_preload_libraries".into(), "citus".into()));
+        let coordinator = start_node(&options).await?;
+        let mut cluster = LocalCitus {
+            coordinator,
+            workers: Vec::new(),
+            options,
+        };
+        let port = i32::from(cluster.coordinator.port());
+        cluster
+            .coordinator_sql(
+                "SELECT citus_set_coordinator_host('127.0.0.1', $1)",
+                &[&port],
+            )
+            .await?;
+        for _ in 0..workers {
+            cluster.add_worker().await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Starts one more worker and adds it to the cluster (`citus_add_node`); it holds no
+    /// shard until a rebalance moves some there. Returns its index in [`LocalCitus::workers`].
+    pub async fn add_worker(&mut self) -> io::Result<usize> {
+        let worker = start_node(&self.options).await?;
+        let port = i32::from(worker.port());
+        self.workers.push(worker);
+        self.coordinator_sql("SELECT citus_add_node('127.0.0.1', $1)", &[&port])
+            .await?;
+        Ok(self.workers.len() - 1)
+    }
+
+    /// The coordinator: the node proclog connects to.
+    pub fn coordinator(&self) -> &LocalPostgres {
+        &self.coordinator
+    }
+
+    /// The coordinator, to stop, start or crash it.
+    pub fn coordinator_mut(&mut self) -> &mut LocalPostgres {
+        &mut self.coordinator
+    }
+
+    /// The workers, in the order they were added.
+    pub fn workers(&self) -> &[LocalPostgres] {
+        &self.workers
+    }
+
+    /// The workers, to stop, start or crash one.
+    pub fn workers_mut(&mut self) -> &mut [LocalPostgres] {
+        &mut self.workers
+    }
+
+    /// The coordinator's URL for [`DATABASE`], as the superuser (default `sslmode`).
+    pub fn url(&self) -> String {
+        self.coordinator.url(DATABASE)
+    }
+
+    /// Stops every node (fast shutdown) and deletes their directories.
+    pub fn stop(self) -> io::Result<()> {
+        let LocalCitus {
+            coordinator,
+            workers,
+            ..
+        } = self;
+        let mut result = coordinator.stop();
+        for worker in workers {
+            result = result.and(worker.stop());
+        }
+        result
+    }
+
+    async fn coordinator_sql(
+        &self,
+        statement: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> io::Result<()> {
+        let client = connect(&self.coordinator).await?;
+        client
+            .execute(statement, params)
+            .await
+            .map_err(|err| io::Error::other(format!("{statement}: {}", describe(&err))))?;
+        Ok(())
+    }
+}
+
+/// `pg_config --pkglibdir` of the server binaries [`LocalPostgres`] uses, else the `lib`
+/// directory beside them (Debian's layout).
+fn library_dir() -> io::Result<PathBuf> {
+    let bin = find_bin_dir()?;
+    let Ok(output) = Command::new(bin.join("pg_config"))
+        .arg("--pkglibdir")
+        .output()
+    else {
+        return Ok(bin.join("../lib"));
+    };
+    if !output.status.success() {
+        return Err(io::Error::other("pg_config --pkglibdir failed"));
+    }
+    Ok(PathBuf::from(
+        String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+    ))
+}
+
+/// A node: a throwaway cluster with `citus` preloaded and the extension created.
+async fn start_node(options: &LocalPostgresOptions) -> io::Result<LocalPostgres> {
+    let options = options.clone();
+    let node = tokio::task::spawn_blocking(move || LocalPostgres::start(&options))
+        .await
+        .map_err(io::Error::other)??;
+    let client = connect(&node).await?;
+    client
+        .batch_execute("CREATE EXTENSION citus")
+        .await
+        .map_err(|err| io::Error::other(format!("CREATE EXTENSION citus: {}", describe(&err))))?;
+    Ok(node)
+}
+
+/// A plain connection to a node's [`DATABASE`] as the superuser (loopback, no TLS needed).
+async fn connect(node: &LocalPostgres) -> io::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(
+        &format!("{}?sslmode=disable", node.url(DATABASE)),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .map_err(|err| io::Error::other(format!("connect to a Citus node: {err}")))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// The server's message of a database error (tokio-postgres's `Display` says "db error").
+fn describe(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => err.to_string(),
+    }
+}
