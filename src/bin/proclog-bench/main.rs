@@ -13,6 +13,7 @@ mod baseline;
 mod durable;
 mod pgbench;
 mod report;
+mod retention;
 mod workloads;
 
 use std::time::Duration;
@@ -142,6 +143,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
     if selected("durable") || selected("step") {
         rows.extend(durable::steps(&url, plan).await?);
+    }
+    if selected("prune") {
+        rows.extend(retention::prune(&url, plan).await?);
     }
 
     println!("{}", report::markdown(&rows));

@@ -155,7 +155,7 @@ async fn warm_pool(url: &str, size: usize) -> BenchResult<deadpool_postgres::Poo
     Ok(pool)
 }
 
-async fn warm_registry(url: &str, size: usize) -> BenchResult<Arc<dyn ProcessRegistry>> {
+pub(crate) async fn warm_registry(url: &str, size: usize) -> BenchResult<Arc<dyn ProcessRegistry>> {
     Ok(Arc::new(PgProcessRegistry::new(
         warm_pool(url, size).await?,
         RegistryConfig::new("bench"),

@@ -1,0 +1,214 @@
+//! Retention: what pruning a large history costs the appends that run beside it, with
+//! proclog's prune (bounded batches, each its own transaction) against one `DELETE`
+//! statement over the same history (how the prune worked before).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use proclog::{AppendRequest, Disposition, ProcessId, ProcessRegistry};
+use serde_json::json;
+
+use crate::Plan;
+use crate::baseline::BenchResult;
+use crate::report::{Latency, Row};
+use crate::workloads::{register_many, warm_registry};
+
+/// Appenders running beside the prune, each on a process of its own.
+const APPENDERS: usize = 8;
+/// Events per pruned process.
+const EVENTS_PER_PROCESS: i64 = 100;
+
+/// Workload: appends alone, during proclog's prune of a seeded history, and during one
+/// `DELETE` of the same history.
+pub async fn prune(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
+    let history: i64 = if plan.waiters >= 10_000 {
+        2_000_000
+    } else {
+        100_000
+    };
+    let registry = warm_registry(url, APPENDERS + 2).await?;
+    let ids = Arc::new(
+        register_many(
+            &*registry,
+            "retention-live",
+            APPENDERS,
+            Disposition::External,
+        )
+        .await?,
+    );
+    let admin = proclog::pg::connect_pool(url, 1)?;
+    let mut rows = Vec::new();
+
+    let window = plan.measure;
+    let alone = appends_during(&registry, &ids, || {
+        Box::pin(async move {
+            tokio::time::sleep(window).await;
+            Ok(String::new())
+        })
+    })
+    .await?;
+    rows.push(
+        Row::new("appends beside no prune", APPENDERS)
+            .rates(None, alone.rate)
+            .latency(&Latency::of(&mut alone.latencies.clone())),
+    );
+
+    for one_statement in [false, true] {
+        let cutoff = seed(&admin, history).await?;
+        let pruner = Arc::clone(&registry);
+        let admin = admin.clone();
+        let during = appends_during(&registry, &ids, move || {
+            Box::pin(async move {
+                if one_statement {
+                    let client = admin.get().await?;
+                    let deleted = client
+                        .execute(
+                            "DELETE FROM proclog.processes
+                              WHERE terminal_state IS NOT NULL AND completed_at < $1",
+                            &[&cutoff],
+                        )
+                        .await?;
+                    Ok(format!("{deleted} processes"))
+                } else {
+                    let report = pruner.prune_terminal_processes(cutoff).await?;
+                    Ok(format!(
+                        "{} processes, {} events",
+                        report.processes, report.events
+                    ))
+                }
+            })
+        })
+        .await?;
+        let name = if one_statement {
+            format!("appends beside one DELETE of {history} events")
+        } else {
+            format!("appends beside proclog's prune of {history} events")
+        };
+        rows.push(
+            Row::new(name, APPENDERS)
+                .rates(None, during.rate)
+                .latency(&Latency::of(&mut during.latencies.clone()))
+                .note(format!(
+                    "the prune took {:.1} s ({:.0} events/s; {})",
+                    during.took.as_secs_f64(),
+                    history as f64 / during.took.as_secs_f64(),
+                    during.what
+                )),
+        );
+    }
+    Ok(rows)
+}
+
+/// Terminal processes of `EVENTS_PER_PROCESS` events each, `events` in all, completed a day
+/// ago (written set-based, as the registry would have left them); returns a cutoff after
+/// them.
+async fn seed(pool: &deadpool_postgres::Pool, events: i64) -> BenchResult<DateTime<Utc>> {
+    let processes = events / EVENTS_PER_PROCESS;
+    eprintln!("{processes} terminal processes of {EVENTS_PER_PROCESS} events ...");
+    let client = pool.get().await?;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    client
+        .execute(
+            "INSERT INTO proclog.processes
+                    (process_id, kind, input, disposition, status, last_seq, terminal_state,
+                     terminal_seq, output, completed_at, created_at)
+             SELECT 'old-' || $1 || '-' || g, 'bench-old', 'null', 'external', 'completed',
+                    $3, 'completed', $3, 'null', now() - interval '1 day',
+                    now() - interval '2 days'
+               FROM generate_series(1, $2::bigint) g",
+            &[&tag, &processes, &EVENTS_PER_PROCESS],
+        )
+        .await?;
+    // In slices, as the history was written: no single huge transaction.
+    let slice = 1_000i64;
+    let mut from = 1i64;
+    while from <= processes {
+        let to = (from + slice - 1).min(processes);
+        client
+            .execute(
+                "INSERT INTO proclog.events (process_id, seq, event_type, payload, writer)
+                 SELECT 'old-' || $1 || '-' || g, s,
+                        CASE WHEN s = $4 THEN 'process.completed' ELSE 'bench' END,
+                        CASE WHEN s = $4 THEN 'null'::jsonb
+                             ELSE '{\"i\": 1, \"note\": \"a small event payload\"}' END,
+                        'seed'
+                   FROM generate_series($2::bigint, $3::bigint) g,
+                        generate_series(1, $4::bigint) s",
+                &[&tag, &from, &to, &EVENTS_PER_PROCESS],
+            )
+            .await?;
+        from = to + 1;
+    }
+    for statement in [
+        "VACUUM ANALYZE proclog.processes",
+        "VACUUM ANALYZE proclog.events",
+    ] {
+        client.batch_execute(statement).await?;
+    }
+    // A checkpoint now rather than in the middle of the measurement (superuser only).
+    let _ = client.batch_execute("CHECKPOINT").await;
+    let now: DateTime<Utc> = client.query_one("SELECT now()", &[]).await?.get(0);
+    Ok(now - chrono::TimeDelta::hours(1))
+}
+
+struct During {
+    rate: f64,
+    latencies: Vec<Duration>,
+    took: Duration,
+    what: String,
+}
+
+type Task = BoxFuture<'static, BenchResult<String>>;
+
+/// Runs `APPENDERS` closed loops of single appends while `task` runs; returns the appends'
+/// rate and latencies over the task's span, and the task's duration and answer.
+async fn appends_during(
+    registry: &Arc<dyn ProcessRegistry>,
+    ids: &Arc<Vec<ProcessId>>,
+    task: impl FnOnce() -> Task,
+) -> BenchResult<During> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut appenders = Vec::with_capacity(APPENDERS);
+    for worker in 0..APPENDERS {
+        let (registry, ids, stop) = (Arc::clone(registry), Arc::clone(ids), Arc::clone(&stop));
+        appenders.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let began = Instant::now();
+                registry
+                    .append_event(
+                        &ids[worker],
+                        AppendRequest::new("bench", json!({"i": i, "note": "beside a prune"})),
+                    )
+                    .await?;
+                samples.push((began, began.elapsed()));
+                i += 1;
+            }
+            BenchResult::Ok(samples)
+        }));
+    }
+    // The appenders reach their pace first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let what = task().await?;
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    for appender in appenders {
+        for (began, latency) in appender.await?? {
+            if began >= started && began < started + took {
+                latencies.push(latency);
+            }
+        }
+    }
+    Ok(During {
+        rate: latencies.len() as f64 / took.as_secs_f64(),
+        latencies,
+        took,
+        what,
+    })
+}
