@@ -38,13 +38,26 @@ impl LocalCitus {
     /// Starts a coordinator and `workers` workers and returns once the coordinator lists
     /// every worker as an active node. `options.settings` go to every node.
     pub async fn start(workers: usize, options: &LocalPostgresOptions) -> io::Result<Self> {
+        // Citus must come first among the preloaded libraries; the caller's follow it.
         let mut options = options.clone();
+        let mut preload = vec!["citus".to_owned()];
+        options.settings.retain(|(name, value)| {
+            if name == "shared_preload_libraries" {
+                preload.extend(
+                    value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|library| !library.is_empty() && *library != "citus")
+                        .map(str::to_owned),
+                );
+                false
+            } else {
+                true
+            }
+        });
         options
             .settings
-            .retain(|(name, _)| name != "shared_preload_libraries");
-        options
-            .settings
-            .push(("shared_preload_libraries".into(), "citus".into()));
+            .push(("shared_preload_libraries".into(), preload.join(",")));
         let coordinator = start_node(&options).await?;
         let mut cluster = LocalCitus {
             coordinator,
@@ -69,9 +82,10 @@ impl LocalCitus {
     pub async fn add_worker(&mut self) -> io::Result<usize> {
         let worker = start_node(&self.options).await?;
         let port = i32::from(worker.port());
-        self.workers.push(worker);
+        // On failure the worker is dropped (stopped and removed), never listed.
         self.coordinator_sql("SELECT citus_add_node('127.0.0.1', $1)", &[&port])
             .await?;
+        self.workers.push(worker);
         Ok(self.workers.len() - 1)
     }
 

@@ -249,9 +249,12 @@ pub trait ProcessRegistry: Send + Sync {
 
     /// Deletes terminal processes completed before `cutoff`, with their events and leases.
     /// Never touches a non-terminal process. Idempotent. Postgres deletes in bounded batches
-    /// (up to 1,000 processes and about 50,000 events), each its own short transaction, so
-    /// concurrent writes never wait behind one long delete; a prune interrupted between
-    /// batches has deleted part of what it would, and running it again finishes the job.
+    /// (up to 1,000 processes and 50,000 events; a longer log in slices from its end, then
+    /// its row), each its own short transaction, so no statement meets the statement
+    /// timeout, holds vacuum back for long or writes one burst of WAL, whatever the history.
+    /// Rows locked by someone else at that instant (a late append being refused, a repeated
+    /// completion) are skipped and left for the next prune. A prune interrupted between
+    /// batches has deleted part of what it would; running it again finishes the job.
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport>;
 }
 

@@ -593,9 +593,10 @@ async fn a_reader_role_can_read_every_table_and_write_none() {
     assert!(refused.is_err());
 }
 
-/// A prune deletes in bounded batches, each its own transaction: at most 1,000 processes,
-/// and about 50,000 events (a bigger log goes alone). A trigger of the test's own records
-/// each DELETE statement's transaction and what it deleted.
+/// A prune deletes in bounded batches, each its own transaction: at most 1,000 processes
+/// and 50,000 events; a longer log is deleted in slices, then its row. Rows locked by someone
+/// else are skipped, not waited for. Triggers of the test's own record each DELETE
+/// statement's transaction and what it deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_prune_deletes_in_bounded_batches_of_their_own() {
     use futures::StreamExt;
@@ -654,15 +655,61 @@ async fn a_prune_deletes_in_bounded_batches_of_their_own() {
              END $$;
              CREATE TRIGGER note_prune_batch AFTER DELETE ON proclog.processes
                  REFERENCING OLD TABLE AS old_rows
-                 FOR EACH STATEMENT EXECUTE FUNCTION public.note_prune_batch();",
+                 FOR EACH STATEMENT EXECUTE FUNCTION public.note_prune_batch();
+             CREATE TABLE public.pruned_events (txid bigint, events bigint);
+             CREATE FUNCTION public.note_pruned_events() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO public.pruned_events SELECT txid_current(), count(*) FROM old_rows;
+                 RETURN NULL;
+             END $$;
+             CREATE TRIGGER note_pruned_events AFTER DELETE ON proclog.events
+                 REFERENCING OLD TABLE AS old_rows
+                 FOR EACH STATEMENT EXECUTE FUNCTION public.note_pruned_events();",
         )
         .await
         .unwrap();
 
+    // Someone holds one of the small processes' rows: the prune goes round it.
+    let mut holder = sql_client(&url).await;
+    let holding = holder.transaction().await.unwrap();
+    holding
+        .execute(
+            "SELECT 1 FROM proclog.processes WHERE process_id = $1 FOR UPDATE",
+            &[&small[0].as_str()],
+        )
+        .await
+        .unwrap();
     let report = registry.prune_terminal_processes(cutoff).await.unwrap();
     // A log is its appends and its terminal event (registration writes none).
-    assert_eq!(report.processes, 2 + 2_100);
-    assert_eq!(report.events, 2 * 60_001 + 2_100 * 2);
+    assert_eq!(report.processes, 2 + 2_099);
+    assert_eq!(report.events, 2 * 60_001 + 2_099 * 2);
+    assert!(registry.get_process(&small[0]).await.unwrap().is_some());
+    holding.rollback().await.unwrap();
+    let report = registry.prune_terminal_processes(cutoff).await.unwrap();
+    assert_eq!(
+        (report.processes, report.events),
+        (1, 2),
+        "the held one, once free"
+    );
+    let per_transaction: Vec<i64> = client
+        .query(
+            "SELECT sum(events)::bigint FROM public.pruned_events GROUP BY txid",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        per_transaction.iter().all(|&events| events <= 50_000),
+        "no transaction deletes more than 50,000 events: {per_transaction:?}"
+    );
+    assert_eq!(
+        per_transaction.iter().sum::<i64>(),
+        2 * 60_001 + 2_100 * 2,
+        "every pruned event is counted once"
+    );
     let batches: Vec<(i64, i64, i64)> = client
         .query(
             "SELECT txid, processes, events FROM public.prune_batches ORDER BY txid",
@@ -687,9 +734,10 @@ async fn a_prune_deletes_in_bounded_batches_of_their_own() {
             (1, 60_001),
             (1_000, 2_000),
             (1_000, 2_000),
-            (100, 200)
+            (99, 198),
+            (1, 2)
         ],
-        "the big logs alone, then batches of 1,000 processes"
+        "the long logs' rows alone (their events sliced before), batches of 1,000, the held one"
     );
     for id in big.iter().chain(&small) {
         assert!(registry.get_process(id).await.unwrap().is_none(), "{id}");

@@ -134,11 +134,65 @@ const JOURNAL_PAGE: &str = concat!(
 
 /// The most processes one prune batch deletes.
 const PRUNE_BATCH_PROCESSES: i64 = 1_000;
-/// About the most events one prune batch deletes (a batch takes processes while the events
-/// before them add up to less; it always takes one).
+/// The most events one prune transaction deletes: a batch takes processes while their logs
+/// add up to no more; a longer log is deleted in slices of this size.
 const PRUNE_BATCH_EVENTS: i64 = 50_000;
 
 impl PgProcessRegistry {
+    /// Prunes the oldest terminal process completed before `until` when its log is longer
+    /// than a prune batch: its events in slices of `PRUNE_BATCH_EVENTS` from the end (so
+    /// what remains is a dense prefix), each slice its own transaction, then its row.
+    /// Returns what it deleted, or `None` when there is no such process (none left, or the
+    /// oldest fits a batch: it is locked by someone else, and the prune stops there).
+    async fn prune_long_log(&self, until: DateTime<Utc>) -> ProcessResult<Option<PruneReport>> {
+        let rows = self
+            .query(
+                "SELECT process_id, last_seq FROM proclog.processes
+                  WHERE terminal_state IS NOT NULL AND completed_at < $1
+                  ORDER BY completed_at, process_id
+                  LIMIT 1
+                    FOR UPDATE SKIP LOCKED",
+                &[&until],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let id: String = row.try_get("process_id").map_err(db_error)?;
+        let last_seq: i64 = row.try_get("last_seq").map_err(db_error)?;
+        if last_seq <= PRUNE_BATCH_EVENTS {
+            return Ok(None);
+        }
+        let mut above = last_seq;
+        while above > 0 {
+            above = (above - PRUNE_BATCH_EVENTS).max(0);
+            self.query(
+                "DELETE FROM proclog.events e
+                  WHERE e.process_id = $1 AND e.seq > $2
+                    AND EXISTS (SELECT 1 FROM proclog.processes p
+                                 WHERE p.process_id = $1 AND p.terminal_state IS NOT NULL)",
+                &[&id, &above],
+            )
+            .await?;
+        }
+        let deleted = self
+            .query(
+                "DELETE FROM proclog.processes WHERE process_id = $1 AND terminal_state IS NOT NULL
+                 RETURNING last_seq",
+                &[&id],
+            )
+            .await?;
+        // Another prune may have deleted the row in between: then it counted it.
+        Ok(Some(PruneReport {
+            processes: deleted.len() as u64,
+            events: if deleted.is_empty() {
+                0
+            } else {
+                last_seq as u64
+            },
+        }))
+    }
+
     /// A registry over `pool` (whose database must be migrated, see [`crate::pg::migrate()`]).
     ///
     /// Group commit is on, with [`GroupCommitOptions::default`]: see
@@ -904,12 +958,14 @@ impl ProcessRegistry for PgProcessRegistry {
 
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {
         validate::timestamp("prune cutoff", cutoff)?;
-        // In batches, each its own transaction (PRUNE_BATCH_PROCESSES processes, and about
-        // PRUNE_BATCH_EVENTS events: at least one process), so that no append, claim or
-        // vacuum waits behind one long delete. The cutoff is held to the database clock of
-        // the first batch: completions during the prune are not chased. Events go with their
-        // process (the trigger processes_delete_events); a log is dense from 1, so a
-        // process's event count is its last_seq.
+        // In batches, each its own short transaction (up to PRUNE_BATCH_PROCESSES processes
+        // whose logs add up to PRUNE_BATCH_EVENTS events at most), so that no statement runs
+        // into the statement timeout, holds vacuum back for long or writes one burst of WAL.
+        // A log longer than a batch is deleted in slices from its end, then its row. Rows
+        // locked by someone else at that instant are skipped. The cutoff is held to the
+        // database clock of the first batch: completions during the prune are not chased.
+        // Events go with their process (the trigger processes_delete_events); a log is dense
+        // from 1, so a process's event count is its last_seq.
         let mut report = PruneReport {
             processes: 0,
             events: 0,
@@ -923,16 +979,16 @@ impl ProcessRegistry for PgProcessRegistry {
                            FROM proclog.processes
                           WHERE terminal_state IS NOT NULL
                             AND completed_at < least($1::timestamptz, coalesce($4, now()))
-                          ORDER BY completed_at
+                          ORDER BY completed_at, process_id
                           LIMIT $2::bigint
                             FOR UPDATE SKIP LOCKED),
                      batch AS (
                          SELECT process_id FROM (
                              SELECT process_id,
                                     (sum(last_seq) OVER (ORDER BY completed_at, process_id))::bigint
-                                        - last_seq AS events_before
+                                        AS events_through
                                FROM candidates) c
-                          WHERE events_before < $3::bigint),
+                          WHERE events_through <= $3::bigint),
                      pruned AS (
                          DELETE FROM proclog.processes
                           WHERE process_id IN (SELECT process_id FROM batch)
@@ -948,11 +1004,20 @@ impl ProcessRegistry for PgProcessRegistry {
                 .ok_or_else(|| ProcessError::Database("prune returned no row".into()))?;
             let processes: i64 = row.try_get("processes").map_err(db_error)?;
             let events: i64 = row.try_get("events").map_err(db_error)?;
-            until = Some(row.try_get("until").map_err(db_error)?);
+            let pinned: DateTime<Utc> = row.try_get("until").map_err(db_error)?;
+            until = Some(pinned);
             report.processes += processes as u64;
             report.events += events as u64;
-            if processes == 0 {
-                return Ok(report);
+            if processes > 0 {
+                continue;
+            }
+            // Nothing fitted a batch: done, or the oldest candidate's log alone is too long.
+            match self.prune_long_log(pinned).await? {
+                Some(long) => {
+                    report.processes += long.processes;
+                    report.events += long.events;
+                }
+                None => return Ok(report),
             }
         }
     }

@@ -39,7 +39,14 @@ pub async fn prune(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
         )
         .await?,
     );
-    let admin = proclog::pg::connect_pool(url, 1)?;
+    // No statement timeout: the one-statement DELETE and the seeding's VACUUM run long.
+    let admin = proclog::pg::connect_pool_with(
+        url,
+        &proclog::pg::PoolOptions {
+            statement_timeout: None,
+            ..proclog::pg::PoolOptions::new(1)
+        },
+    )?;
     let mut rows = Vec::new();
 
     let window = plan.measure;
