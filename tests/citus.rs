@@ -87,3 +87,239 @@ async fn the_harness_cluster_has_its_workers_and_takes_proclog_over_tls() {
     );
     cluster.stop().unwrap();
 }
+
+/// Distributes `processes` and `events` by process id, co-located (their triggers fire on
+/// the shards, which `citus.enable_unsafe_triggers` allows).
+async fn distribute(url: &str) {
+    let (client, connection) =
+        tokio_postgres::connect(&format!("{url}?sslmode=disable"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "SET citus.enable_unsafe_triggers = on;
+             SELECT create_distributed_table('proclog.processes', 'process_id');
+             SELECT create_distributed_table('proclog.events', 'process_id',
+                                             colocate_with => 'proclog.processes');",
+        )
+        .await
+        .unwrap();
+}
+
+/// With `processes` and `events` distributed, a process's life runs through its shards: the
+/// row rules and the state triggers fire there (schema version 10 lets them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_lives_on_its_shards_when_the_tables_are_distributed() {
+    if !citus_installed() {
+        return;
+    }
+    let cluster = LocalCitus::start(2, &LocalPostgresOptions::default())
+        .await
+        .unwrap();
+    let url = cluster.url();
+    let pool = connect_pool(&url, 4).unwrap();
+    migrate(&pool).await.unwrap();
+    distribute(&url).await;
+    let registry = PgProcessRegistry::new(pool.clone(), RegistryConfig::new("citus-pod"));
+    for n in 0..8 {
+        let record = registry
+            .register_process(ProcessRegistration::new("citus-dist", json!({"n": n})))
+            .await
+            .unwrap();
+        registry
+            .append_event(&record.id, AppendRequest::new("test.one", json!(1)))
+            .await
+            .unwrap();
+        registry
+            .append_events(
+                &record.id,
+                vec![
+                    AppendRequest::new("test.batch", json!(2)),
+                    AppendRequest::new("test.batch", json!(3)).with_replay_key("k3"),
+                ],
+            )
+            .await
+            .unwrap();
+        let replay = registry
+            .append_event(
+                &record.id,
+                AppendRequest::new("test.batch", json!(3)).with_replay_key("k3"),
+            )
+            .await
+            .unwrap();
+        assert!(replay.replayed);
+        let done = registry
+            .complete_process(
+                &record.id,
+                Completion::new(TerminalState::Completed, json!(n)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(done.last_seq, 4);
+        let seqs: Vec<i64> = registry
+            .events_after(&record.id, 0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
+    }
+    // The rows are on the workers' shards, not on the coordinator.
+    let client = pool.get().await.unwrap();
+    let placed: i64 = client
+        .query_one(
+            "SELECT count(DISTINCT nodeport) FROM citus_shards
+              WHERE table_name = 'proclog.processes'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(placed, 2, "the shards of processes are on both workers");
+    drop(client);
+    cluster.stop().unwrap();
+}
+
+/// Statements run by the coordinator since the last reset, by kind: (single-shard,
+/// multi-shard), from `citus_stat_counters` (`citus.enable_stat_counters`).
+async fn executions(client: &deadpool_postgres::Object) -> (i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT query_execution_single_shard, query_execution_multi_shard
+               FROM citus_stat_counters WHERE name = current_database()",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Every call on the run path of one process runs on one shard (CONTRACT §11): counted by
+/// Citus itself, call by call, on distributed tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_on_one_process_runs_on_one_shard() {
+    use proclog::{ClaimOutcome, Message, Suspension};
+    if !citus_installed() {
+        return;
+    }
+    let cluster = LocalCitus::start(
+        2,
+        &LocalPostgresOptions {
+            settings: vec![("citus.enable_stat_counters".into(), "on".into())],
+            ..LocalPostgresOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let url = cluster.url();
+    let pool = connect_pool(&url, 4).unwrap();
+    migrate(&pool).await.unwrap();
+    distribute(&url).await;
+    let registry = PgProcessRegistry::new(pool.clone(), RegistryConfig::new("citus-pod"));
+    let counters = pool.get().await.unwrap();
+    let ttl = std::time::Duration::from_secs(30);
+
+    let mut calls: Vec<(&str, (i64, i64))> = Vec::new();
+    macro_rules! counted {
+        ($name:expr, $call:expr) => {{
+            counters
+                .batch_execute("SELECT citus_stat_counters_reset()")
+                .await
+                .unwrap();
+            let value = $call.await.unwrap();
+            calls.push(($name, executions(&counters).await));
+            value
+        }};
+    }
+
+    let record = counted!(
+        "register",
+        registry.register_process(ProcessRegistration::new("citus-one", json!({"n": 1})))
+    );
+    let id = record.id.clone();
+    counted!("get", registry.get_process(&id));
+    let lease = match counted!(
+        "claim (chosen process)",
+        registry.claim(&id, "citus-pod", ttl)
+    ) {
+        ClaimOutcome::Acquired(lease) => lease,
+        other => panic!("{other:?}"),
+    };
+    let lease = counted!("renew", registry.renew(&lease, ttl));
+    counted!(
+        "append (fenced)",
+        registry.append_event(&id, AppendRequest::new("test.one", json!(1)).fenced(&lease))
+    );
+    counted!(
+        "append batch (keyed)",
+        registry.append_events(
+            &id,
+            vec![
+                AppendRequest::new("test.two", json!(2)).with_replay_key("k2"),
+                AppendRequest::new("test.three", json!(3)),
+            ],
+        )
+    );
+    counted!(
+        "append (replayed key)",
+        registry.append_event(
+            &id,
+            AppendRequest::new("test.two", json!(2)).with_replay_key("k2")
+        )
+    );
+    counted!("events after", registry.events_after(&id, 0, 100));
+    counted!(
+        "suspend",
+        registry.suspend(
+            &lease,
+            Suspension {
+                wake_at: None,
+                delay: None,
+                topic: Some("go".into()),
+                after_seq: 0,
+                retry: false,
+                reason: json!({"why": "test"}),
+            },
+        )
+    );
+    counted!(
+        "send message",
+        registry.send_message(&id, Message::new("go", json!({"x": 1})))
+    );
+    counted!("next message", registry.next_message(&id, "go", 0));
+    counted!("journal", registry.journal(&id, 0, 100));
+    let lease = match counted!("claim again", registry.claim(&id, "citus-pod", ttl)) {
+        ClaimOutcome::Acquired(lease) => lease,
+        other => panic!("{other:?}"),
+    };
+    counted!("release", registry.release(&lease));
+    counted!(
+        "cancel (request, claim, complete)",
+        proclog::pod::cancel_process(&registry, &id, "citus-pod", json!("stop"), None)
+    );
+
+    let report: Vec<String> = calls
+        .iter()
+        .map(|(name, (single, multi))| {
+            format!("{name}: {single} single-shard, {multi} multi-shard")
+        })
+        .collect();
+    eprintln!("{}", report.join("\n"));
+    for (name, (single, multi)) in &calls {
+        assert_eq!(
+            *multi,
+            0,
+            "{name} ran a multi-shard statement:\n{}",
+            report.join("\n")
+        );
+        assert!(
+            *single >= 1,
+            "{name} ran on no shard:\n{}",
+            report.join("\n")
+        );
+    }
+    drop(counters);
+    cluster.stop().unwrap();
+}

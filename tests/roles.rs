@@ -87,6 +87,12 @@ fn attacks() -> Vec<String> {
              FOR EACH STATEMENT EXECUTE FUNCTION proclog.delete_events_of_deleted();
          INSERT INTO victims SELECT process_id FROM proclog.processes;
          DELETE FROM victims",
+        // Named like a Citus shard of processes (which the guards accept), but not in proclog.
+        "CREATE TEMP TABLE processes_102008 (process_id text);
+         CREATE TRIGGER steal AFTER DELETE ON processes_102008 REFERENCING OLD TABLE AS removed
+             FOR EACH STATEMENT EXECUTE FUNCTION proclog.delete_events_of_deleted();
+         INSERT INTO processes_102008 SELECT process_id FROM proclog.processes;
+         DELETE FROM processes_102008",
         "CREATE TEMP TABLE rows_of_mine (x int);
          CREATE TRIGGER mine BEFORE INSERT ON rows_of_mine
              FOR EACH ROW EXECUTE FUNCTION proclog.check_process_row()",

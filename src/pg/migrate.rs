@@ -68,6 +68,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0009_durable_execution.sql",
         sql: include_str!("../../migrations/0009_durable_execution.sql"),
     },
+    Migration {
+        version: 10,
+        name: "0010_citus_shards.sql",
+        sql: include_str!("../../migrations/0010_citus_shards.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

@@ -655,13 +655,16 @@ impl ProcessRegistry for PgProcessRegistry {
     ) -> ProcessResult<ClaimOutcome> {
         validate::claim(owner, ttl)?;
         // The UPDATE grants the lease if none is live. When it matches nothing, the row says
-        // why; if the lease was released in between, the claim is simply tried again.
+        // why; if the lease was released in between, the claim is simply tried again. The
+        // token is made here, not by gen_random_uuid(): Citus refuses a volatile function in
+        // an UPDATE of a distributed table.
         loop {
+            let token = uuid::Uuid::new_v4();
             let rows = self
                 .query(
                     "UPDATE proclog.processes
                         SET lease_owner = $2,
-                            lease_token = gen_random_uuid(),
+                            lease_token = $4,
                             lease_generation = lease_generation + 1,
                             lease_expires_at = now() + $3::bigint * interval '1 millisecond',
                             status = CASE WHEN status IN ('pending', 'waiting') THEN 'running'
@@ -671,7 +674,7 @@ impl ProcessRegistry for PgProcessRegistry {
                         AND terminal_state IS NULL
                         AND (lease_expires_at IS NULL OR lease_expires_at <= now())
                   RETURNING lease_token, lease_generation, lease_expires_at",
-                    &[&id.as_str(), &owner, &ttl_millis(ttl)],
+                    &[&id.as_str(), &owner, &ttl_millis(ttl), &token],
                 )
                 .await?;
             if let Some(row) = rows.first() {
