@@ -323,3 +323,60 @@ async fn every_call_on_one_process_runs_on_one_shard() {
     drop(counters);
     cluster.stop().unwrap();
 }
+
+/// LISTEN/NOTIFY go through the coordinator: on distributed tables, events appended through
+/// pod A's stack reach a subscriber on pod B promptly (woken by notices, the safety poll an
+/// hour long), exactly once and in order, the terminal event last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn notices_through_the_coordinator_reach_another_pods_subscriber() {
+    use futures::StreamExt;
+    use proclog::pg::ListenerStatus;
+    use proclog::pod_services::{PodServices, PodServicesOptions};
+    if !citus_installed() {
+        return;
+    }
+    let cluster = LocalCitus::start(2, &LocalPostgresOptions::default())
+        .await
+        .unwrap();
+    let url = cluster.url();
+    migrate(&connect_pool(&url, 1).unwrap()).await.unwrap();
+    distribute(&url).await;
+    let a = PodServices::start(&url, "pod-a", PodServicesOptions::default()).unwrap();
+    let b = PodServices::start(&url, "pod-b", PodServicesOptions::default()).unwrap();
+    assert_eq!(a.listener_ready().await, ListenerStatus::Listening);
+    assert_eq!(b.listener_ready().await, ListenerStatus::Listening);
+    let subscriptions = b
+        .subscriptions
+        .clone()
+        .with_safety_poll(std::time::Duration::from_secs(3600));
+    let id = a
+        .registry
+        .register_process(ProcessRegistration::new("citus-notify", json!(null)))
+        .await
+        .unwrap()
+        .id;
+    let subscriber = tokio::spawn(
+        subscriptions
+            .subscribe(id.clone(), 0)
+            .map(|item| item.expect("subscription item"))
+            .collect::<Vec<_>>(),
+    );
+    for n in 1..=20 {
+        a.registry
+            .append_event(&id, AppendRequest::new("step", json!({"n": n})))
+            .await
+            .unwrap();
+    }
+    a.registry
+        .complete_process(&id, Completion::new(TerminalState::Completed, json!("ok")))
+        .await
+        .unwrap();
+    let events = subscriber.await.unwrap();
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=21).collect::<Vec<_>>());
+    assert!(events.last().unwrap().is_terminal());
+    assert!(b.link.counters().received > 0, "woken by notices");
+    a.shutdown().await;
+    b.shutdown().await;
+    cluster.stop().unwrap();
+}
