@@ -380,3 +380,93 @@ async fn notices_through_the_coordinator_reach_another_pods_subscriber() {
     b.shutdown().await;
     cluster.stop().unwrap();
 }
+
+/// Appends two events and makes one step, then ends with its input.
+struct TwoEventsAndAStep;
+
+#[proclog::async_trait]
+impl proclog::pod::ProcessEngine for TwoEventsAndAStep {
+    async fn run(&self, run: proclog::pod::RunContext) -> proclog::pod::EngineResult {
+        for (event_type, n) in [("work.one", 1), ("work.two", 2)] {
+            run.events
+                .append(event_type, json!(n))
+                .await
+                .map_err(|err| json!({"error": err.to_string()}))?;
+        }
+        let done: serde_json::Value = run.step("finish", || async { Ok(json!("done")) }).await?;
+        Ok(json!({"input": run.process.input, "step": done}))
+    }
+}
+
+/// Two pods run processes on distributed tables: claims go process by process (detected),
+/// each process runs once (attempt 1), its log dense and written by one pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_pods_run_processes_on_distributed_tables() {
+    use proclog::pod::Pod;
+    use proclog::{ProcessId, Proclog};
+    if !citus_installed() {
+        return;
+    }
+    let cluster = LocalCitus::start(2, &LocalPostgresOptions::default())
+        .await
+        .unwrap();
+    let url = cluster.url();
+    migrate(&connect_pool(&url, 1).unwrap()).await.unwrap();
+    distribute(&url).await;
+    let mut stacks = Vec::new();
+    let mut pods = Vec::new();
+    for name in ["pod-a", "pod-b"] {
+        let stack = Proclog::builder(url.clone())
+            .pod_id(name)
+            .start()
+            .await
+            .unwrap();
+        let pod = Pod::builder(&stack)
+            .engine("citus-work", TwoEventsAndAStep)
+            .concurrency(4)
+            .start()
+            .await
+            .unwrap();
+        stacks.push(stack);
+        pods.push(pod);
+    }
+    let registry = stacks[0].registry().clone();
+    let mut ids: Vec<ProcessId> = Vec::new();
+    for n in 0..40 {
+        ids.push(
+            registry
+                .register_process(ProcessRegistration::new("citus-work", json!(n)))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    for id in &ids {
+        let terminal = stacks[1]
+            .driver()
+            .await_terminal(id, std::time::Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|err| panic!("{id}: {err:?}"));
+        assert_eq!(terminal.state, TerminalState::Completed, "{id}");
+    }
+    let mut writers = std::collections::HashSet::new();
+    for id in &ids {
+        let record = registry.get_process(id).await.unwrap().unwrap();
+        assert_eq!(record.attempts, 1, "{id} ran once");
+        let events = registry.events_after(id, 0, 100).await.unwrap();
+        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>(), "{id}");
+        let owners: std::collections::HashSet<&str> =
+            events.iter().map(|e| e.writer.as_str()).collect();
+        assert_eq!(owners.len(), 1, "{id} was written by one pod: {owners:?}");
+        writers.extend(owners.into_iter().map(str::to_owned));
+    }
+    for pod in pods {
+        pod.shutdown().await;
+    }
+    for stack in stacks {
+        stack.shutdown().await;
+    }
+    eprintln!("pods that ran processes: {writers:?}");
+    cluster.stop().unwrap();
+}

@@ -19,7 +19,7 @@ pub use listener::{ListenerOptions, ListenerStatus, PgListener};
 pub use migrate::{MigrationError, MigrationReport, migrate};
 pub use notify::PgNotifier;
 pub use pool::{PoolOptions, client_config, connect_pool, connect_pool_with};
-pub use registry::PgProcessRegistry;
+pub use registry::{ClaimStrategy, PgProcessRegistry};
 pub use roles::{grant_reader, grant_writer};
 pub use store::PgClusterStore;
 pub use tls::{DatabaseTarget, TlsMode, redacted, with_root_cert};

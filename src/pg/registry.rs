@@ -28,8 +28,11 @@ use crate::model::{
     PruneReport, RunnableClaim, Suspension, TerminalRecord,
 };
 use crate::registry::{ProcessRegistry, RegistryConfig};
+
+mod claim;
 use crate::tasks::TaskSet;
 use crate::validate;
+pub use claim::ClaimStrategy;
 
 /// The Postgres process registry. Cheap to clone: clones share the pool (and the group
 /// commit flushers).
@@ -39,6 +42,9 @@ pub struct PgProcessRegistry {
     config: RegistryConfig,
     /// `None`: every append is its own statement.
     group: Option<Arc<GroupSlot>>,
+    /// How `claim_runnable` takes work; `Detect` is resolved once, at the first claim.
+    claims: ClaimStrategy,
+    detected: Arc<tokio::sync::OnceCell<ClaimStrategy>>,
 }
 
 /// The group commit of a registry and its clones.
@@ -139,6 +145,56 @@ const PRUNE_BATCH_PROCESSES: i64 = 1_000;
 const PRUNE_BATCH_EVENTS: i64 = 50_000;
 
 impl PgProcessRegistry {
+    /// The claims of the rows a claim statement returned (the process's columns, then
+    /// `lease_token`, `old_owner`, `old_generation`, `old_expires_at`, `resumed`), in order of
+    /// registration. A row that cannot be read back is failed with the reason, not returned.
+    async fn claims_from_rows(
+        &self,
+        rows: &[tokio_postgres::Row],
+        owner: &str,
+    ) -> ProcessResult<Vec<RunnableClaim>> {
+        let mut claims = Vec::with_capacity(rows.len());
+        for row in rows {
+            let token: uuid::Uuid = row.try_get("lease_token").map_err(db_error)?;
+            match process_from_row(row) {
+                Ok(process) => {
+                    let lease_info = process.lease.clone().ok_or_else(|| {
+                        ProcessError::Database("claimed process has no lease".into())
+                    })?;
+                    let old_owner: Option<String> = row.try_get("old_owner").map_err(db_error)?;
+                    let lost_owner = match old_owner {
+                        Some(owner) => Some(LostOwner {
+                            owner,
+                            generation: row.try_get("old_generation").map_err(db_error)?,
+                            expired_at: row.try_get("old_expires_at").map_err(db_error)?,
+                        }),
+                        None => None,
+                    };
+                    claims.push(RunnableClaim {
+                        lease: Lease {
+                            process_id: process.id.clone(),
+                            owner: lease_info.owner,
+                            token,
+                            generation: lease_info.generation,
+                            expires_at: lease_info.expires_at,
+                        },
+                        process,
+                        lost_owner,
+                        resumed: row.try_get("resumed").map_err(db_error)?,
+                    });
+                }
+                Err(err @ ProcessError::Undecodable { .. }) => {
+                    self.fail_unreadable(row, token, owner, err).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        claims.sort_by(|a, b| {
+            (a.process.created_at, &a.process.id).cmp(&(b.process.created_at, &b.process.id))
+        });
+        Ok(claims)
+    }
+
     /// Prunes the oldest terminal process completed before `until` when its log is longer
     /// than a prune batch: its events in slices of `PRUNE_BATCH_EVENTS` from the end (so
     /// what remains is a dense prefix), each slice its own transaction, then its row.
@@ -203,7 +259,16 @@ impl PgProcessRegistry {
             db: Db::new(pool),
             config,
             group: Some(GroupSlot::new(GroupCommitOptions::default())),
+            claims: ClaimStrategy::Detect,
+            detected: Arc::new(tokio::sync::OnceCell::new()),
         }
+    }
+
+    /// The same registry with `claim_runnable` taking work as `strategy` says, instead of
+    /// the strategy detected at the first claim ([`ClaimStrategy::Detect`], the default).
+    pub fn with_claim_strategy(mut self, strategy: ClaimStrategy) -> Self {
+        self.claims = strategy;
+        self
     }
 
     /// The same registry with group commit set by `options`, or off (`None`): then every
@@ -750,6 +815,9 @@ impl ProcessRegistry for PgProcessRegistry {
         limit: u32,
     ) -> ProcessResult<Vec<RunnableClaim>> {
         validate::claim_runnable(owner, ttl, limit)?;
+        if self.claim_strategy().await == ClaimStrategy::PerProcess {
+            return self.claim_runnable_per_process(owner, ttl, limit).await;
+        }
         let rows = self
             .query(
                 concat!(
@@ -801,46 +869,7 @@ impl ProcessRegistry for PgProcessRegistry {
                 &[&owner, &ttl_millis(ttl), &i64::from(limit)],
             )
             .await?;
-        let mut claims = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let token: uuid::Uuid = row.try_get("lease_token").map_err(db_error)?;
-            match process_from_row(row) {
-                Ok(process) => {
-                    let lease_info = process.lease.clone().ok_or_else(|| {
-                        ProcessError::Database("claimed process has no lease".into())
-                    })?;
-                    let old_owner: Option<String> = row.try_get("old_owner").map_err(db_error)?;
-                    let lost_owner = match old_owner {
-                        Some(owner) => Some(LostOwner {
-                            owner,
-                            generation: row.try_get("old_generation").map_err(db_error)?,
-                            expired_at: row.try_get("old_expires_at").map_err(db_error)?,
-                        }),
-                        None => None,
-                    };
-                    claims.push(RunnableClaim {
-                        lease: Lease {
-                            process_id: process.id.clone(),
-                            owner: lease_info.owner,
-                            token,
-                            generation: lease_info.generation,
-                            expires_at: lease_info.expires_at,
-                        },
-                        process,
-                        lost_owner,
-                        resumed: row.try_get("resumed").map_err(db_error)?,
-                    });
-                }
-                Err(err @ ProcessError::Undecodable { .. }) => {
-                    self.fail_unreadable(row, token, owner, err).await;
-                }
-                Err(err) => return Err(err),
-            }
-        }
-        claims.sort_by(|a, b| {
-            (a.process.created_at, &a.process.id).cmp(&(b.process.created_at, &b.process.id))
-        });
-        Ok(claims)
+        self.claims_from_rows(&rows, owner).await
     }
 
     async fn next_wake(&self) -> ProcessResult<Option<Duration>> {

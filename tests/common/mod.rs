@@ -108,7 +108,8 @@ impl Store for PgStore {
 }
 
 /// A migrated Postgres database, registries with group commit off (every append a statement
-/// of its own); each pod gets a pool of 8.
+/// of its own) that claim runnable work process by process (`ClaimStrategy::PerProcess`, the
+/// strategy of distributed tables); each pod gets a pool of 8.
 pub struct UngroupedPgStore {
     inner: PgStore,
 }
@@ -125,7 +126,11 @@ impl UngroupedPgStore {
 impl Store for UngroupedPgStore {
     async fn pod_with(&self, config: RegistryConfig) -> Arc<dyn ProcessRegistry> {
         let pool = proclog::pg::connect_pool(&self.inner.url, 8).expect("pool");
-        Arc::new(PgProcessRegistry::new(pool, config).with_group_commit(None))
+        Arc::new(
+            PgProcessRegistry::new(pool, config)
+                .with_group_commit(None)
+                .with_claim_strategy(proclog::pg::ClaimStrategy::PerProcess),
+        )
     }
 
     async fn now(&self) -> DateTime<Utc> {

@@ -17,7 +17,8 @@ mod runnable;
 mod support;
 
 /// Generates one `#[tokio::test]` per case and backend: `pg::<case>` (every append through the
-/// group commit statement), `ungrouped::<case>` (group commit off), `memory::<case>` and `watched::<case>`
+/// group commit statement), `ungrouped::<case>` (group commit off, and runnable work claimed
+/// process by process as on distributed tables), `memory::<case>` and `watched::<case>`
 /// (Postgres behind `WatchedProcessRegistry` with the NOTIFY sink, which must change no
 /// result).
 macro_rules! conformance {

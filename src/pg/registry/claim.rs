@@ -1,0 +1,172 @@
+//! How `claim_runnable` takes work: one statement that locks its candidates, or (where the
+//! table is distributed and rows of several shards cannot be locked in one statement) a scan
+//! without locks, then a statement on each chosen process's own row.
+
+use std::time::Duration;
+
+use super::{PgProcessRegistry, ttl_millis};
+use crate::error::ProcessResult;
+use crate::model::RunnableClaim;
+use crate::pg::convert::process_columns;
+
+/// How [`crate::ProcessRegistry::claim_runnable`] takes work. Both give the same guarantees:
+/// a process is claimed by one pod at a time (each claim is a conditional update of its row
+/// under its row lock), overdue deadlines first, then runnable work in the order it became
+/// runnable; a row another claimer holds is skipped, never waited for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimStrategy {
+    /// Decided at the first claim: [`ClaimStrategy::PerProcess`] when `proclog.processes`
+    /// is a Citus distributed table (or that cannot be read), else
+    /// [`ClaimStrategy::OneStatement`]. The default.
+    Detect,
+    /// One statement picks the candidates with `FOR UPDATE SKIP LOCKED` and claims them:
+    /// one round trip on a single Postgres.
+    OneStatement,
+    /// A scan without locks picks up to twice `limit` candidates, in claim order; each is
+    /// then claimed by a statement on its own row (`FOR UPDATE SKIP LOCKED`, its claimable
+    /// conditions checked again under the lock), until `limit` are claimed. Every statement
+    /// but the scan runs on one shard.
+    PerProcess,
+}
+
+/// Claims one chosen process if it is still claimable: `$1` owner, `$2` TTL in
+/// milliseconds, `$3` process id, `$4` the new lease token. The same conditions and updates
+/// as the one-statement claim, for one row.
+const CLAIM_ONE: &str = concat!(
+    "WITH candidate AS (
+         SELECT process_id AS candidate_id, lease_owner AS old_owner,
+                lease_generation AS old_generation, lease_expires_at AS old_expires_at,
+                status AS old_status, attempts AS old_attempts
+           FROM proclog.processes
+          WHERE process_id = $3 AND terminal_state IS NULL
+            AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+            AND (deadline <= now()
+                 OR (disposition <> 'external' AND coalesce(wake_at, created_at) <= now()))
+            FOR UPDATE SKIP LOCKED)
+     UPDATE proclog.processes
+        SET lease_owner = $1,
+            lease_token = $4,
+            lease_generation = lease_generation + 1,
+            lease_expires_at = now() + $2::bigint * interval '1 millisecond',
+            status = 'running',
+            attempts = attempts + CASE WHEN old_status = 'waiting'
+                                        AND old_attempts > 0 THEN 0 ELSE 1 END,
+            wake_at = NULL,
+            waiting_for = NULL,
+            updated_at = now()
+       FROM candidate
+      WHERE process_id = $3 AND process_id = candidate_id
+  RETURNING ",
+    process_columns!(),
+    ", lease_token, old_owner, old_generation, old_expires_at,
+       (old_status = 'waiting' AND old_attempts > 0) AS resumed"
+);
+
+impl PgProcessRegistry {
+    /// The strategy in force: the configured one, or the detected one.
+    pub(super) async fn claim_strategy(&self) -> ClaimStrategy {
+        if self.claims != ClaimStrategy::Detect {
+            return self.claims;
+        }
+        *self
+            .detected
+            .get_or_init(|| async {
+                match self.processes_are_distributed().await {
+                    Ok(true) => ClaimStrategy::PerProcess,
+                    Ok(false) => ClaimStrategy::OneStatement,
+                    Err(err) => {
+                        // The per-process claim is right on every backend.
+                        tracing::warn!(error = %err, "cannot tell whether the tables are distributed: claiming process by process");
+                        ClaimStrategy::PerProcess
+                    }
+                }
+            })
+            .await
+    }
+
+    /// Whether `proclog.processes` is a Citus distributed table.
+    async fn processes_are_distributed(&self) -> ProcessResult<bool> {
+        let rows = self
+            .query(
+                "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')",
+                &[],
+            )
+            .await?;
+        let citus: bool = rows.first().is_some_and(|row| row.get(0));
+        if !citus {
+            return Ok(false);
+        }
+        let rows = self
+            .query(
+                "SELECT EXISTS (SELECT 1 FROM pg_dist_partition
+                                 WHERE logicalrelid = 'proclog.processes'::regclass)",
+                &[],
+            )
+            .await?;
+        Ok(rows.first().is_some_and(|row| row.get(0)))
+    }
+
+    /// [`ClaimStrategy::PerProcess`].
+    pub(super) async fn claim_runnable_per_process(
+        &self,
+        owner: &str,
+        ttl: Duration,
+        limit: u32,
+    ) -> ProcessResult<Vec<RunnableClaim>> {
+        let scan = i64::from(limit) * 2;
+        let mut candidates: Vec<String> = self
+            .query(
+                "SELECT process_id FROM proclog.processes
+                  WHERE terminal_state IS NULL AND deadline <= now()
+                    AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                  ORDER BY deadline, process_id
+                  LIMIT $1",
+                &[&scan],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        if candidates.len() < limit as usize {
+            let runnable = self
+                .query(
+                    "SELECT process_id FROM proclog.processes
+                      WHERE terminal_state IS NULL AND disposition <> 'external'
+                        AND coalesce(wake_at, created_at) <= now()
+                        AND (deadline IS NULL OR deadline > now())
+                        AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                      ORDER BY coalesce(wake_at, created_at), process_id
+                      LIMIT $1",
+                    &[&scan],
+                )
+                .await?;
+            for row in &runnable {
+                let id: String = row.get(0);
+                if !candidates.contains(&id) {
+                    candidates.push(id);
+                }
+            }
+        }
+        let mut rows = Vec::with_capacity(limit as usize);
+        for id in &candidates {
+            if rows.len() >= limit as usize {
+                break;
+            }
+            let token = uuid::Uuid::new_v4();
+            match self
+                .query(CLAIM_ONE, &[&owner, &ttl_millis(ttl), id, &token])
+                .await
+            {
+                Ok(claimed) => rows.extend(claimed),
+                // What is claimed already is answered (a lost answer would strand it until
+                // its lease lapses); the failure is the answer only when nothing was.
+                Err(err) if rows.is_empty() => return Err(err),
+                Err(err) => {
+                    tracing::debug!(error = %err, "a claim failed; answering the claims made");
+                    break;
+                }
+            }
+        }
+        self.claims_from_rows(&rows, owner).await
+    }
+}
