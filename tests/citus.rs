@@ -470,3 +470,62 @@ async fn two_pods_run_processes_on_distributed_tables() {
     eprintln!("pods that ran processes: {writers:?}");
     cluster.stop().unwrap();
 }
+
+/// Group commit on distributed tables: appends of many processes at once, coalesced into
+/// group statements, keyed and unkeyed, leave every log dense and every key once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_commit_on_distributed_tables_keeps_every_log_dense() {
+    if !citus_installed() {
+        return;
+    }
+    let cluster = LocalCitus::start(2, &LocalPostgresOptions::default())
+        .await
+        .unwrap();
+    let url = cluster.url();
+    let pool = connect_pool(&url, 16).unwrap();
+    migrate(&pool).await.unwrap();
+    distribute(&url).await;
+    let registry = std::sync::Arc::new(PgProcessRegistry::new(
+        pool,
+        RegistryConfig::new("citus-group"),
+    ));
+    let mut ids = Vec::new();
+    for n in 0..16 {
+        ids.push(
+            registry
+                .register_process(ProcessRegistration::new("citus-group", json!(n)))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let mut appenders = Vec::new();
+    for (n, id) in ids.iter().enumerate() {
+        let (registry, id) = (registry.clone(), id.clone());
+        appenders.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let mut request = AppendRequest::new("test.group", json!(i));
+                if n % 2 == 0 {
+                    request = request.with_replay_key(format!("k{i}"));
+                }
+                registry.append_event(&id, request).await.unwrap();
+            }
+        }));
+    }
+    for appender in appenders {
+        appender.await.unwrap();
+    }
+    let stats = registry.group_commit_stats().expect("group commit is on");
+    for id in &ids {
+        let seqs: Vec<i64> = registry
+            .events_after(id, 0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, (1..=25).collect::<Vec<_>>(), "{id}");
+    }
+    eprintln!("group commit: {stats:?}");
+    cluster.stop().unwrap();
+}
