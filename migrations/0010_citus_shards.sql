@@ -5,7 +5,10 @@
 --    named <table>_<shard id> on the workers. The guards that keep each trigger function to
 --    its own table (so that nobody can put it on a table of their own) accept those names
 --    too; only the schema's owner can create tables in proclog. The bodies are otherwise
---    those of versions 7 and 9.
+--    those of versions 7 and 9, but on a shard, where Citus lets no statement start a
+--    distributed query: there the triggers that write the other table (the state of a
+--    process on its row, the events of deleted processes) write its co-located shard, on
+--    the same node, by name.
 -- 2. Citus refuses a statement on a distributed table with a non-immutable function inside
 --    CASE or COALESCE (it evaluates now() and its like before routing). The lease fence,
 --    inlined into every fenced write, said coalesce(expires_at > now(), false); it now says
@@ -72,30 +75,55 @@ END $$;
 
 CREATE OR REPLACE FUNCTION proclog.record_process_state() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_shard text;
 BEGIN
     IF TG_TABLE_SCHEMA IS DISTINCT FROM 'proclog' OR TG_TABLE_NAME !~ '^events(_[0-9]+)?$' THEN
         RAISE EXCEPTION 'proclog.record_process_state runs only as a trigger of proclog.events'
             USING ERRCODE = 'insufficient_privilege';
     END IF;
+    IF TG_TABLE_NAME = 'events' THEN
+        IF NEW.event_type = 'process.started' THEN
+            UPDATE proclog.processes SET started_at = NEW.occurred_at
+             WHERE process_id = NEW.process_id AND started_at IS NULL;
+        ELSIF NEW.event_type = 'process.cancel_requested' THEN
+            UPDATE proclog.processes SET cancel_request = NEW.payload
+             WHERE process_id = NEW.process_id AND cancel_request IS NULL;
+        ELSE
+            -- Whatever its status: a waiting process that a host or a canceller claimed for
+            -- a moment still waits (its release makes it `waiting` again).
+            UPDATE proclog.processes SET wake_at = now()
+             WHERE process_id = NEW.process_id
+               AND waiting_for = NEW.payload ->> 'topic'
+               AND wake_at > now();
+        END IF;
+        RETURN NULL;
+    END IF;
+    -- On a Citus shard: a shard may not start a distributed query, so the same updates go
+    -- to the co-located shard of processes, on this node.
+    v_shard := shard_name('proclog.processes'::regclass,
+                          get_shard_id_for_distribution_column('proclog.processes'::regclass,
+                                                               NEW.process_id));
     IF NEW.event_type = 'process.started' THEN
-        UPDATE proclog.processes SET started_at = NEW.occurred_at
-         WHERE process_id = NEW.process_id AND started_at IS NULL;
+        EXECUTE format('UPDATE %s SET started_at = $1
+                         WHERE process_id = $2 AND started_at IS NULL', v_shard)
+            USING NEW.occurred_at, NEW.process_id;
     ELSIF NEW.event_type = 'process.cancel_requested' THEN
-        UPDATE proclog.processes SET cancel_request = NEW.payload
-         WHERE process_id = NEW.process_id AND cancel_request IS NULL;
+        EXECUTE format('UPDATE %s SET cancel_request = $1
+                         WHERE process_id = $2 AND cancel_request IS NULL', v_shard)
+            USING NEW.payload, NEW.process_id;
     ELSE
-        -- Whatever its status: a waiting process that a host or a canceller claimed for a
-        -- moment still waits (its release makes it `waiting` again).
-        UPDATE proclog.processes SET wake_at = now()
-         WHERE process_id = NEW.process_id
-           AND waiting_for = NEW.payload ->> 'topic'
-           AND wake_at > now();
+        EXECUTE format('UPDATE %s SET wake_at = now()
+                         WHERE process_id = $1 AND waiting_for = $2 AND wake_at > now()', v_shard)
+            USING NEW.process_id, NEW.payload ->> 'topic';
     END IF;
     RETURN NULL;
 END $$;
 
 CREATE OR REPLACE FUNCTION proclog.delete_events_of_deleted() RETURNS trigger
 LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_removed text[];
 BEGIN
     IF TG_TABLE_SCHEMA IS DISTINCT FROM 'proclog'
        OR TG_TABLE_NAME !~ '^processes(_[0-9]+)?$'
@@ -105,6 +133,20 @@ BEGIN
         RAISE EXCEPTION 'proclog.delete_events_of_deleted runs only as the statement trigger of proclog.processes'
             USING ERRCODE = 'insufficient_privilege';
     END IF;
-    DELETE FROM proclog.events e USING removed r WHERE e.process_id = r.process_id;
+    IF TG_TABLE_NAME = 'processes' THEN
+        DELETE FROM proclog.events e USING removed r WHERE e.process_id = r.process_id;
+    ELSE
+        -- On a Citus shard: a shard may not start a distributed query, so the events go
+        -- from the co-located shard of events, on this node (one shard: every removed row
+        -- hashes to it).
+        SELECT array_agg(process_id) INTO v_removed FROM removed;
+        IF v_removed IS NOT NULL THEN
+            EXECUTE format('DELETE FROM %s WHERE process_id = ANY ($1)',
+                           shard_name('proclog.events'::regclass,
+                                      get_shard_id_for_distribution_column(
+                                          'proclog.events'::regclass, v_removed[1])))
+                USING v_removed;
+        END IF;
+    END IF;
     RETURN NULL;
 END $$;

@@ -1,5 +1,6 @@
 //! proclog on a local Citus cluster (a coordinator and two workers on loopback, started by
-//! the test): the cluster the harness gives, and what proclog does on it.
+//! the test): `proclog migrate` distributes the tables, and every call on one process runs on
+//! one shard; claims, group commit, notices and pods work on them.
 //!
 //! These tests need the `citus` extension installed for the PostgreSQL server binaries;
 //! `.ci/run` builds it from the vendored source and sets `PROCLOG_CITUS=required`, under
@@ -27,7 +28,7 @@ fn citus_installed() -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_harness_cluster_has_its_workers_and_takes_proclog_over_tls() {
+async fn migrate_distributes_the_tables_and_a_process_lives_on_the_cluster() {
     if !citus_installed() {
         return;
     }
@@ -58,9 +59,31 @@ async fn the_harness_cluster_has_its_workers_and_takes_proclog_over_tls() {
     assert_eq!(workers, 2, "both workers are active nodes");
     drop(client);
 
-    // proclog's migrations and a process's whole life run through the coordinator.
+    // proclog's migrations distribute processes and events, co-located; a second run finds
+    // them so.
     let report = migrate(&pool).await.expect("the migrations run on Citus");
     assert!(!report.applied.is_empty());
+    assert!(report.citus.coordinator && report.citus.distributed);
+    assert_eq!(
+        report.citus.distributed_now,
+        vec!["proclog.processes", "proclog.events"]
+    );
+    let again = migrate(&pool).await.unwrap();
+    assert!(again.applied.is_empty() && again.citus.distributed);
+    assert!(again.citus.distributed_now.is_empty());
+    let client = pool.get().await.unwrap();
+    let colocated: i64 = client
+        .query_one(
+            "SELECT count(DISTINCT colocation_id) FROM citus_tables
+              WHERE table_name IN ('proclog.processes'::regclass, 'proclog.events'::regclass)
+                AND citus_table_type = 'distributed' AND distribution_column = 'process_id'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(colocated, 1, "distributed by process_id, co-located");
+    drop(client);
     let registry = PgProcessRegistry::new(pool, RegistryConfig::new("citus-pod"));
     let record = registry
         .register_process(ProcessRegistration::new("citus-smoke", json!({"n": 1})))
@@ -85,26 +108,43 @@ async fn the_harness_cluster_has_its_workers_and_takes_proclog_over_tls() {
         vec![1, 2],
         "a dense log"
     );
-    cluster.stop().unwrap();
-}
 
-/// Distributes `processes` and `events` by process id, co-located (their triggers fire on
-/// the shards, which `citus.enable_unsafe_triggers` allows).
-async fn distribute(url: &str) {
-    let (client, connection) =
-        tokio_postgres::connect(&format!("{url}?sslmode=disable"), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    client
-        .batch_execute(
-            "SET citus.enable_unsafe_triggers = on;
-             SELECT create_distributed_table('proclog.processes', 'process_id');
-             SELECT create_distributed_table('proclog.events', 'process_id',
-                                             colocate_with => 'proclog.processes');",
+    // The row rules fire on the shards: a hand-written UPDATE breaking one is refused by name.
+    let client = connect_pool(&url, 1).unwrap().get().await.unwrap();
+    let refused = client
+        .execute(
+            "UPDATE proclog.processes SET last_seq = 1 WHERE process_id = $1",
+            &[&record.id.as_str()],
         )
         .await
+        .expect_err("last_seq never decreases");
+    assert!(
+        refused
+            .to_string()
+            .contains("processes_last_seq_never_decreases")
+            || refused
+                .as_db_error()
+                .is_some_and(|db| db.message().contains("processes_last_seq_never_decreases")),
+        "{refused:?}"
+    );
+    // A prune takes the process and its log from the shards.
+    let report = registry
+        .prune_terminal_processes(chrono::Utc::now() + chrono::TimeDelta::hours(1))
+        .await
         .unwrap();
+    assert_eq!((report.processes, report.events), (1, 2));
+    assert!(registry.get_process(&record.id).await.unwrap().is_none());
+    let left: i64 = client
+        .query_one(
+            "SELECT count(*) FROM proclog.events WHERE process_id = $1",
+            &[&record.id.as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    drop(client);
+    cluster.stop().unwrap();
 }
 
 /// With `processes` and `events` distributed, a process's life runs through its shards: the
@@ -120,7 +160,6 @@ async fn a_process_lives_on_its_shards_when_the_tables_are_distributed() {
     let url = cluster.url();
     let pool = connect_pool(&url, 4).unwrap();
     migrate(&pool).await.unwrap();
-    distribute(&url).await;
     let registry = PgProcessRegistry::new(pool.clone(), RegistryConfig::new("citus-pod"));
     for n in 0..8 {
         let record = registry
@@ -216,7 +255,6 @@ async fn every_call_on_one_process_runs_on_one_shard() {
     let url = cluster.url();
     let pool = connect_pool(&url, 4).unwrap();
     migrate(&pool).await.unwrap();
-    distribute(&url).await;
     let registry = PgProcessRegistry::new(pool.clone(), RegistryConfig::new("citus-pod"));
     let counters = pool.get().await.unwrap();
     let ttl = std::time::Duration::from_secs(30);
@@ -340,7 +378,6 @@ async fn notices_through_the_coordinator_reach_another_pods_subscriber() {
         .unwrap();
     let url = cluster.url();
     migrate(&connect_pool(&url, 1).unwrap()).await.unwrap();
-    distribute(&url).await;
     let a = PodServices::start(&url, "pod-a", PodServicesOptions::default()).unwrap();
     let b = PodServices::start(&url, "pod-b", PodServicesOptions::default()).unwrap();
     assert_eq!(a.listener_ready().await, ListenerStatus::Listening);
@@ -412,7 +449,6 @@ async fn two_pods_run_processes_on_distributed_tables() {
         .unwrap();
     let url = cluster.url();
     migrate(&connect_pool(&url, 1).unwrap()).await.unwrap();
-    distribute(&url).await;
     let mut stacks = Vec::new();
     let mut pods = Vec::new();
     for name in ["pod-a", "pod-b"] {
@@ -484,7 +520,6 @@ async fn group_commit_on_distributed_tables_keeps_every_log_dense() {
     let url = cluster.url();
     let pool = connect_pool(&url, 16).unwrap();
     migrate(&pool).await.unwrap();
-    distribute(&url).await;
     let registry = std::sync::Arc::new(PgProcessRegistry::new(
         pool,
         RegistryConfig::new("citus-group"),
@@ -525,6 +560,35 @@ async fn group_commit_on_distributed_tables_keeps_every_log_dense() {
             .map(|e| e.seq)
             .collect();
         assert_eq!(seqs, (1..=25).collect::<Vec<_>>(), "{id}");
+    }
+    // Messages and cancellations at once: their events fire the state trigger on the shards
+    // inside group statements spanning shards.
+    let mut senders = Vec::new();
+    for id in &ids {
+        let (registry, id) = (registry.clone(), id.clone());
+        senders.push(tokio::spawn(async move {
+            registry
+                .send_message(&id, proclog::Message::new("go", json!(1)))
+                .await
+                .unwrap();
+            proclog::pod::cancel_process(&*registry, &id, "citus-group", json!("stop"), None)
+                .await
+                .unwrap()
+        }));
+    }
+    for sender in senders {
+        let record = sender.await.unwrap();
+        assert_eq!(
+            record.status,
+            proclog::ProcessStatus::Cancelled,
+            "{}",
+            record.id
+        );
+        assert_eq!(
+            record.cancel_request,
+            Some(json!({"reason": "stop", "by": "citus-group"})),
+            "the trigger recorded the request on the row"
+        );
     }
     eprintln!("group commit: {stats:?}");
     cluster.stop().unwrap();

@@ -269,6 +269,22 @@ async fn migrate(
         "schema at version {} (applied now: {:?})",
         report.version, report.applied
     );
+    if report.citus.coordinator {
+        if !report.citus.distributed {
+            println!(
+                "on Citus: the tables are not distributed (this role may not distribute them)"
+            );
+        } else if report.citus.distributed_now.is_empty() {
+            println!(
+                "on Citus: proclog.processes and proclog.events are distributed by process_id"
+            );
+        } else {
+            println!(
+                "on Citus: distributed {} by process_id (co-located); pods, readers, writers and schema_migrations stay on the coordinator",
+                report.citus.distributed_now.join(" and ")
+            );
+        }
+    }
     for (role, access) in roles {
         if let Some(role) = role.filter(|r| !r.is_empty()) {
             crate::pg::roles::grant(&pool, &role, access).await?;

@@ -124,6 +124,8 @@ pub struct MigrationReport {
     pub applied: Vec<i32>,
     /// The schema version after the run.
     pub version: i32,
+    /// On a Citus coordinator: the layout, and the tables this run distributed.
+    pub citus: super::citus::CitusLayout,
 }
 
 /// Applies every pending migration. Safe to call from many pods at once.
@@ -145,6 +147,7 @@ pub async fn migrate(pool: &Pool) -> Result<MigrationReport, MigrationError> {
         return Ok(MigrationReport {
             applied: Vec::new(),
             version: current,
+            citus: distribute_if_owner(pool).await?,
         });
     }
     let mut client = pool.get().await.map_err(pool_error)?;
@@ -209,10 +212,32 @@ pub async fn migrate(pool: &Pool) -> Result<MigrationReport, MigrationError> {
         super::roles::reapply_privileges(&tx).await?;
     }
     tx.commit().await.map_err(db_error)?;
+    // The pool may hold one connection: hand this one back first.
+    drop(client);
     Ok(MigrationReport {
         applied,
         version: current.max(known),
+        citus: super::citus::distribute(pool, MIGRATION_LOCK_KEY).await?,
     })
+}
+
+/// On a current schema: distributes the tables on a Citus coordinator where they are not
+/// yet, when the role may (a pod's writer role may not: then the tables stay as they are,
+/// with a warning, and the pod starts).
+async fn distribute_if_owner(pool: &Pool) -> Result<super::citus::CitusLayout, MigrationError> {
+    match super::citus::distribute(pool, MIGRATION_LOCK_KEY).await {
+        Err(MigrationError::Database(ProcessError::Database(message)))
+            if message.starts_with(INSUFFICIENT_PRIVILEGE) =>
+        {
+            tracing::warn!(%message, "the tables are not distributed on this Citus coordinator, and this role may not distribute them: run `proclog migrate` as the schema's owner");
+            Ok(super::citus::CitusLayout {
+                coordinator: true,
+                distributed: false,
+                distributed_now: Vec::new(),
+            })
+        }
+        other => other,
+    }
 }
 
 /// The schema version recorded in the database (0 when proclog was never migrated there).

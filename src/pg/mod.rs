@@ -2,6 +2,7 @@
 //! `PgProcessRegistry`.
 
 mod append;
+pub mod citus;
 mod convert;
 mod db;
 pub mod group;

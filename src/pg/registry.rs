@@ -203,11 +203,18 @@ impl PgProcessRegistry {
     async fn prune_long_log(&self, until: DateTime<Utc>) -> ProcessResult<Option<PruneReport>> {
         let rows = self
             .query(
-                "SELECT process_id, last_seq FROM proclog.processes
-                  WHERE terminal_state IS NOT NULL AND completed_at < $1
-                  ORDER BY completed_at, process_id
-                  LIMIT 1
-                    FOR UPDATE SKIP LOCKED",
+                &format!(
+                    "SELECT process_id, last_seq FROM proclog.processes
+                      WHERE terminal_state IS NOT NULL AND completed_at < $1
+                      ORDER BY completed_at, process_id
+                      LIMIT 1
+                      {}",
+                    if self.claim_strategy().await == ClaimStrategy::PerProcess {
+                        ""
+                    } else {
+                        "FOR UPDATE SKIP LOCKED"
+                    }
+                ),
                 &[&until],
             )
             .await?;
@@ -1002,18 +1009,23 @@ impl ProcessRegistry for PgProcessRegistry {
             processes: 0,
             events: 0,
         };
-        let mut until: Option<DateTime<Utc>> = None;
-        loop {
-            let rows = self
-                .query(
-                    "WITH candidates AS (
+        // On distributed tables rows of several shards cannot be locked in one statement:
+        // the scan takes no lock (a terminal row changes no more; a DELETE meeting a row
+        // held by someone waits for it instead of skipping it).
+        let lock = if self.claim_strategy().await == ClaimStrategy::PerProcess {
+            ""
+        } else {
+            "FOR UPDATE SKIP LOCKED"
+        };
+        let batch = format!(
+            "WITH candidates AS (
                          SELECT process_id, last_seq, completed_at
                            FROM proclog.processes
                           WHERE terminal_state IS NOT NULL
                             AND completed_at < least($1::timestamptz, coalesce($4, now()))
                           ORDER BY completed_at, process_id
                           LIMIT $2::bigint
-                            FOR UPDATE SKIP LOCKED),
+                          {lock}),
                      batch AS (
                          SELECT process_id FROM (
                              SELECT process_id,
@@ -1027,7 +1039,13 @@ impl ProcessRegistry for PgProcessRegistry {
                       RETURNING last_seq)
                      SELECT count(*) AS processes, coalesce(sum(last_seq), 0)::bigint AS events,
                             least($1::timestamptz, coalesce($4, now())) AS until
-                       FROM pruned",
+                       FROM pruned"
+        );
+        let mut until: Option<DateTime<Utc>> = None;
+        loop {
+            let rows = self
+                .query(
+                    &batch,
                     &[&cutoff, &PRUNE_BATCH_PROCESSES, &PRUNE_BATCH_EVENTS, &until],
                 )
                 .await?;
