@@ -13,6 +13,7 @@
 --    CASE or COALESCE (it evaluates now() and its like before routing). The lease fence,
 --    inlined into every fenced write, said coalesce(expires_at > now(), false); it now says
 --    the same without COALESCE. Never NULL, as before.
+-- 3. The pods view (below).
 
 CREATE OR REPLACE FUNCTION proclog.fence_holds(p_fence uuid, p_token uuid, p_expires_at timestamptz)
 RETURNS boolean LANGUAGE sql STABLE PARALLEL SAFE
@@ -150,3 +151,27 @@ BEGIN
     END IF;
     RETURN NULL;
 END $$;
+
+-- 3. The pods view counted each pod's leases with a correlated subquery, which Citus cannot
+--    run over a distributed table: the same count, grouped once and joined.
+CREATE OR REPLACE VIEW proclog.pod_status AS
+SELECT p.pod_id,
+       CASE WHEN p.state = 'stopped' THEN 'stopped'
+            WHEN p.heartbeat_at < now() - 3 * p.heartbeat_every THEN 'gone'
+            ELSE p.state END AS status,
+       p.address,
+       p.version,
+       p.concurrency,
+       p.started_at,
+       p.heartbeat_at,
+       now() - p.heartbeat_at AS heartbeat_age,
+       p.stopped_at,
+       -- Live leases exist only on runnable rows: the partial index processes_lease_expiry
+       -- holds exactly those, so this reads few rows whatever the table's size.
+       coalesce(l.leases_held, 0) AS leases_held
+  FROM proclog.pods p
+  LEFT JOIN (SELECT lease_owner, count(*) AS leases_held
+               FROM proclog.processes
+              WHERE lease_expires_at > now() AND terminal_state IS NULL
+                AND disposition <> 'external' AND lease_expires_at IS NOT NULL
+              GROUP BY lease_owner) l ON l.lease_owner = p.pod_id;

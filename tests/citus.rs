@@ -66,7 +66,7 @@ async fn migrate_distributes_the_tables_and_a_process_lives_on_the_cluster() {
     assert!(report.citus.coordinator && report.citus.distributed);
     assert_eq!(
         report.citus.distributed_now,
-        vec!["proclog.processes", "proclog.events"]
+        vec!["proclog.processes", "proclog.events", "proclog.pods"]
     );
     let again = migrate(&pool).await.unwrap();
     assert!(again.applied.is_empty() && again.citus.distributed);
@@ -485,6 +485,24 @@ async fn two_pods_run_processes_on_distributed_tables() {
             .unwrap_or_else(|err| panic!("{id}: {err:?}"));
         assert_eq!(terminal.state, TerminalState::Completed, "{id}");
     }
+    // The operator's views work on the cluster: the pods (a reference table joined with the
+    // distributed processes) and a page of processes.
+    let pods_seen = stacks[0].cluster().pods().await.unwrap();
+    let mut names: Vec<&str> = pods_seen.iter().map(|p| p.pod_id.as_str()).collect();
+    names.sort();
+    assert_eq!(names, vec!["pod-a", "pod-b"]);
+    assert!(
+        pods_seen.iter().all(|p| p.status == "running"),
+        "{pods_seen:?}"
+    );
+    let page = registry
+        .list_processes(proclog::ProcessFilter {
+            limit: Some(10),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.processes.len(), 10);
     let mut writers = std::collections::HashSet::new();
     for id in &ids {
         let record = registry.get_process(id).await.unwrap().unwrap();

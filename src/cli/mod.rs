@@ -280,8 +280,8 @@ async fn migrate(
             );
         } else {
             println!(
-                "on Citus: distributed {} by process_id (co-located); pods, readers, writers and schema_migrations stay on the coordinator",
-                report.citus.distributed_now.join(" and ")
+                "on Citus: distributed proclog.processes and proclog.events by process_id (co-located), proclog.pods replicated to every node; readers, writers and schema_migrations stay on the coordinator (placed now: {})",
+                report.citus.distributed_now.join(", ")
             );
         }
     }

@@ -11,6 +11,7 @@ use tokio::process::{Child, Command};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{CliError, CliResult};
+use crate::local_citus::LocalCitus;
 use crate::local_pg::{LocalPostgres, LocalPostgresOptions};
 
 /// Database created in the throwaway cluster.
@@ -37,6 +38,34 @@ pub struct UpArgs {
     /// Processes each pod runs at once.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Start a throwaway Citus cluster instead: a coordinator and this many workers, with
+    /// proclog's tables distributed (needs the citus extension installed).
+    #[arg(long, default_value_t = 0, conflicts_with = "database_url")]
+    citus_workers: usize,
+}
+
+/// The throwaway database `up` started, if any.
+enum Local {
+    Postgres(LocalPostgres),
+    Citus(LocalCitus),
+}
+
+impl Local {
+    fn dir(&self) -> &std::path::Path {
+        match self {
+            Local::Postgres(pg) => pg.dir(),
+            Local::Citus(citus) => citus.coordinator().dir(),
+        }
+    }
+
+    async fn stop(self) -> CliResult {
+        tokio::task::spawn_blocking(move || match self {
+            Local::Postgres(pg) => pg.stop(),
+            Local::Citus(citus) => citus.stop(),
+        })
+        .await??;
+        Ok(())
+    }
 }
 
 struct Pod {
@@ -60,8 +89,26 @@ pub async fn run(args: UpArgs) -> CliResult {
         ))
         .into());
     }
+    if args.citus_workers > 0 && !LocalCitus::available() {
+        return Err(CliError::usage(
+            "--citus-workers needs the citus extension installed next to the PostgreSQL server binaries",
+        )
+        .into());
+    }
     let (database_url, local) = match &args.database_url {
         Some(url) => (url.clone(), None),
+        None if args.citus_workers > 0 => {
+            println!(
+                "starting a throwaway Citus cluster (a coordinator and {} workers) ...",
+                args.citus_workers
+            );
+            let options = LocalPostgresOptions {
+                durable: true,
+                ..Default::default()
+            };
+            let cluster = LocalCitus::start(args.citus_workers, &options).await?;
+            (cluster.url(), Some(Local::Citus(cluster)))
+        }
         None => {
             println!("starting a throwaway Postgres ...");
             let local = tokio::task::spawn_blocking(|| {
@@ -72,12 +119,15 @@ pub async fn run(args: UpArgs) -> CliResult {
             })
             .await??;
             create_database(&local.url("postgres")).await?;
-            (local.url(DATABASE), Some(local))
+            (local.url(DATABASE), Some(Local::Postgres(local)))
         }
     };
     let pool = crate::pg::connect_pool(&database_url, 1)?;
-    crate::pg::migrate(&pool).await?;
+    let report = crate::pg::migrate(&pool).await?;
     drop(pool);
+    if report.citus.distributed {
+        println!("on Citus: proclog.processes and proclog.events are distributed by process_id");
+    }
 
     let mut pods = Vec::with_capacity(args.pods);
     if let Err(err) = start_pods(&args, &database_url, &mut pods).await {
@@ -101,6 +151,11 @@ pub async fn run(args: UpArgs) -> CliResult {
     // Never the password: the banner ends up in terminals' scrollback and CI logs.
     let printable_url = crate::pg::redacted(&database_url);
     match &local {
+        Some(Local::Citus(citus)) => println!(
+            "  database: {printable_url}  (throwaway Citus coordinator with {} workers, in {})",
+            citus.workers().len(),
+            citus.coordinator().dir().display()
+        ),
         Some(pg) => println!(
             "  database: {printable_url}  (throwaway, in {})",
             pg.dir().display()
@@ -203,7 +258,7 @@ async fn start_pods(args: &UpArgs, database_url: &str, pods: &mut Vec<Pod>) -> C
 }
 
 /// Stops the pods (SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]), then the throwaway database.
-async fn stop(pods: &mut [Pod], local: Option<LocalPostgres>) -> CliResult {
+async fn stop(pods: &mut [Pod], local: Option<Local>) -> CliResult {
     for pod in pods.iter() {
         // `None` once the child was reaped: its pid may belong to another process by now.
         if let Some(pid) = pod.child.id() {
@@ -220,7 +275,7 @@ async fn stop(pods: &mut [Pod], local: Option<LocalPostgres>) -> CliResult {
         }
     }
     if let Some(local) = local {
-        tokio::task::spawn_blocking(move || local.stop()).await??;
+        local.stop().await?;
     }
     Ok(())
 }

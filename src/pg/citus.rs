@@ -1,8 +1,9 @@
 //! proclog on Citus: detected, not configured. A database whose `citus` extension is
 //! installed, reached on its coordinator, gets `processes` and `events` distributed by
 //! process id, co-located (every statement on one process then runs on one shard, with its
-//! triggers firing there); the small tables (`pods`, `readers`, `writers`,
-//! `schema_migrations`) stay on the coordinator. [`crate::pg::migrate()`] does it after the
+//! triggers firing there); `pods` becomes a reference table (replicated to every node, as
+//! the pods view joins it with `processes`); `readers`, `writers` and `schema_migrations`
+//! stay on the coordinator. [`crate::pg::migrate()`] does it after the
 //! migrations, once, under the migration lock; a plain Postgres is left alone.
 
 use deadpool_postgres::Pool;
@@ -13,6 +14,10 @@ use super::migrate::MigrationError;
 /// The tables distributed by process id, in order (the first is the co-location anchor).
 pub const DISTRIBUTED_TABLES: &[&str] = &["proclog.processes", "proclog.events"];
 
+/// The small tables joined with distributed ones, replicated to every node (Citus reference
+/// tables): `pods` (the view `pod_status` counts each pod's leases in `processes`).
+pub const REFERENCE_TABLES: &[&str] = &["proclog.pods"];
+
 /// What [`distribute`] found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CitusLayout {
@@ -21,8 +26,8 @@ pub struct CitusLayout {
     pub coordinator: bool,
     /// [`DISTRIBUTED_TABLES`] are distributed after the run.
     pub distributed: bool,
-    /// Tables distributed by this run ([`DISTRIBUTED_TABLES`]; empty when they were
-    /// already, or on a plain Postgres).
+    /// Tables distributed or replicated by this run ([`DISTRIBUTED_TABLES`],
+    /// [`REFERENCE_TABLES`]; empty when they were already, or on a plain Postgres).
     pub distributed_now: Vec<String>,
 }
 
@@ -91,6 +96,27 @@ pub(crate) async fn distribute(pool: &Pool, lock_key: i64) -> Result<CitusLayout
         .map_err(db_error)?;
         tracing::info!(table, "distributed by process_id on Citus");
         layout.distributed_now.push((*table).to_owned());
+    }
+    for table in REFERENCE_TABLES {
+        let placed: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_dist_partition
+                                 WHERE logicalrelid = $1::text::regclass)",
+                &[table],
+            )
+            .await
+            .map_err(db_error)?
+            .get(0);
+        if !placed {
+            tx.execute(
+                "SELECT create_reference_table($1::text::regclass)",
+                &[table],
+            )
+            .await
+            .map_err(db_error)?;
+            tracing::info!(table, "replicated to every node (a Citus reference table)");
+            layout.distributed_now.push((*table).to_owned());
+        }
     }
     tx.commit().await.map_err(db_error)?;
     Ok(layout)

@@ -24,7 +24,10 @@ const UPSERT_PRESENCE: &str = "
     INSERT INTO proclog.pods AS p (pod_id, incarnation, address, version, concurrency, state,
                                    heartbeat_every, stopped_at)
     VALUES ($1, $2, $3, $4, $5, $6, make_interval(secs => $7),
-            CASE WHEN $6 = 'stopped' THEN now() END)
+            -- now() when stopped, else NULL. No function inside a CASE or in DO UPDATE SET:
+            -- Citus refuses both in a write to a reference table (the times come from the
+            -- proposed row's defaults, now(), instead).
+            now() + CASE WHEN $6 = 'stopped' THEN interval '0' END)
     ON CONFLICT (pod_id) DO UPDATE
        SET incarnation = EXCLUDED.incarnation,
            address = EXCLUDED.address,
@@ -36,8 +39,8 @@ const UPSERT_PRESENCE: &str = "
                               OR p.state = 'draining' AND EXCLUDED.state = 'running')
                         THEN p.state ELSE EXCLUDED.state END,
            started_at = CASE WHEN p.incarnation = EXCLUDED.incarnation THEN p.started_at
-                             ELSE now() END,
-           heartbeat_at = now(),
+                             ELSE EXCLUDED.started_at END,
+           heartbeat_at = EXCLUDED.heartbeat_at,
            heartbeat_every = EXCLUDED.heartbeat_every,
            stopped_at = CASE WHEN p.incarnation = EXCLUDED.incarnation
                               AND p.state = 'stopped' THEN p.stopped_at
