@@ -611,3 +611,58 @@ async fn group_commit_on_distributed_tables_keeps_every_log_dense() {
     eprintln!("group commit: {stats:?}");
     cluster.stop().unwrap();
 }
+
+/// `proclog up --citus-workers 1`: a coordinator, a worker and a pod, ready and serving;
+/// Ctrl-C stops all of it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_citus_workers_starts_serves_and_stops() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    if !citus_installed() {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_proclog"))
+        .args(["up", "--citus-workers", "1", "--pods", "1"])
+        .args(["--base-port", &port.to_string()])
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut banner = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let ready = line == "ready";
+        banner.push(line);
+        if ready {
+            break;
+        }
+    }
+    let banner = banner.join("\n");
+    assert!(banner.contains("ready"), "{banner}");
+    assert!(
+        banner.contains("distributed by process_id")
+            && banner.contains("Citus coordinator with 1 workers"),
+        "{banner}"
+    );
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert_eq!(rest.last().map(String::as_str), Some("stopped"), "{rest:?}");
+}
