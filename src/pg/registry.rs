@@ -42,9 +42,11 @@ pub struct PgProcessRegistry {
     config: RegistryConfig,
     /// `None`: every append is its own statement.
     group: Option<Arc<GroupSlot>>,
-    /// How `claim_runnable` takes work; `Detect` is resolved once, at the first claim.
+    /// How `claim_runnable` takes work; `Detect` follows the tables' layout.
     claims: ClaimStrategy,
-    detected: Arc<tokio::sync::OnceCell<ClaimStrategy>>,
+    /// Whether `processes` is a Citus distributed table, read once, at the first call that
+    /// needs to know.
+    distributed: Arc<tokio::sync::OnceCell<bool>>,
 }
 
 /// The group commit of a registry and its clones.
@@ -209,7 +211,7 @@ impl PgProcessRegistry {
                       ORDER BY completed_at, process_id
                       LIMIT 1
                       {}",
-                    if self.claim_strategy().await == ClaimStrategy::PerProcess {
+                    if self.distributed().await {
                         ""
                     } else {
                         "FOR UPDATE SKIP LOCKED"
@@ -267,7 +269,7 @@ impl PgProcessRegistry {
             config,
             group: Some(GroupSlot::new(GroupCommitOptions::default())),
             claims: ClaimStrategy::Detect,
-            detected: Arc::new(tokio::sync::OnceCell::new()),
+            distributed: Arc::new(tokio::sync::OnceCell::new()),
         }
     }
 
@@ -634,8 +636,11 @@ impl ProcessRegistry for PgProcessRegistry {
             self.config.max_payload_bytes,
         )?;
         let payloads: Vec<JsonText> = payloads.into_iter().map(JsonText).collect();
-        let Some(slot) = &self.group else {
-            return self.writer().single(id, requests, &payloads).await;
+        // On distributed tables a group statement would span shards: every append goes
+        // alone, on its process's shard.
+        let slot = match &self.group {
+            Some(slot) if !self.distributed().await => slot,
+            _ => return self.writer().single(id, requests, &payloads).await,
         };
         let group = slot.flushers(|| self.flusher_writer())?;
         let (reply, answer) = tokio::sync::oneshot::channel();
@@ -1012,7 +1017,7 @@ impl ProcessRegistry for PgProcessRegistry {
         // On distributed tables rows of several shards cannot be locked in one statement:
         // the scan takes no lock (a terminal row changes no more; a DELETE meeting a row
         // held by someone waits for it instead of skipping it).
-        let lock = if self.claim_strategy().await == ClaimStrategy::PerProcess {
+        let lock = if self.distributed().await {
             ""
         } else {
             "FOR UPDATE SKIP LOCKED"

@@ -15,9 +15,9 @@ use crate::pg::convert::process_columns;
 /// runnable; a row another claimer holds is skipped, never waited for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClaimStrategy {
-    /// Decided at the first claim: [`ClaimStrategy::PerProcess`] when `proclog.processes`
-    /// is a Citus distributed table (or that cannot be read), else
-    /// [`ClaimStrategy::OneStatement`]. The default.
+    /// [`ClaimStrategy::PerProcess`] when `proclog.processes` is a Citus distributed table
+    /// (read once, at the first call that needs to know; taken as distributed when that
+    /// cannot be read), else [`ClaimStrategy::OneStatement`]. The default.
     Detect,
     /// One statement picks the candidates with `FOR UPDATE SKIP LOCKED` and claims them:
     /// one round trip on a single Postgres.
@@ -63,25 +63,30 @@ const CLAIM_ONE: &str = concat!(
 );
 
 impl PgProcessRegistry {
-    /// The strategy in force: the configured one, or the detected one.
+    /// The strategy in force: the configured one, or the one the tables' layout calls for.
     pub(super) async fn claim_strategy(&self) -> ClaimStrategy {
-        if self.claims != ClaimStrategy::Detect {
-            return self.claims;
+        match self.claims {
+            ClaimStrategy::Detect if self.distributed().await => ClaimStrategy::PerProcess,
+            ClaimStrategy::Detect => ClaimStrategy::OneStatement,
+            configured => configured,
         }
-        *self
-            .detected
-            .get_or_init(|| async {
-                match self.processes_are_distributed().await {
-                    Ok(true) => ClaimStrategy::PerProcess,
-                    Ok(false) => ClaimStrategy::OneStatement,
-                    Err(err) => {
-                        // The per-process claim is right on every backend.
-                        tracing::warn!(error = %err, "cannot tell whether the tables are distributed: claiming process by process");
-                        ClaimStrategy::PerProcess
-                    }
-                }
-            })
+    }
+
+    /// Whether `proclog.processes` is a Citus distributed table, read once and kept. While
+    /// it cannot be read (the database unreachable), a call takes it as distributed, which is
+    /// right on a single Postgres too, and the next call reads again.
+    pub(in crate::pg) async fn distributed(&self) -> bool {
+        match self
+            .distributed
+            .get_or_try_init(|| self.processes_are_distributed())
             .await
+        {
+            Ok(distributed) => *distributed,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot tell yet whether the tables are distributed");
+                true
+            }
+        }
     }
 
     /// Whether `proclog.processes` is a Citus distributed table.
