@@ -673,3 +673,127 @@ async fn up_with_citus_workers_starts_serves_and_stops() {
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert_eq!(rest.last().map(String::as_str), Some("stopped"), "{rest:?}");
 }
+
+/// Online growth: a third worker joins and the shards are rebalanced onto it while appenders
+/// write. Every acknowledged append is in its log, every log dense; the longest append (the
+/// write pause a move causes) is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shards_move_to_a_new_worker_under_load_and_lose_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if !citus_installed() {
+        return;
+    }
+    // Non-blocking shard moves replicate logically; 8 shards keep the moves few (about 3).
+    let mut cluster = LocalCitus::start(
+        2,
+        &LocalPostgresOptions {
+            settings: vec![
+                ("wal_level".into(), "logical".into()),
+                ("citus.shard_count".into(), "8".into()),
+            ],
+            ..LocalPostgresOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let url = cluster.url();
+    let pool = connect_pool(&url, 16).unwrap();
+    migrate(&pool).await.unwrap();
+    let registry = Arc::new(PgProcessRegistry::new(
+        pool.clone(),
+        RegistryConfig::new("citus-grow"),
+    ));
+    let mut ids = Vec::new();
+    for n in 0..8 {
+        ids.push(
+            registry
+                .register_process(ProcessRegistration::new("citus-grow", json!(n)))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut appenders = Vec::new();
+    for id in ids.clone() {
+        let (registry, stop) = (registry.clone(), stop.clone());
+        appenders.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            let mut longest = std::time::Duration::ZERO;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let began = std::time::Instant::now();
+                // A transient failure during a move is retried with the same key: once.
+                let request =
+                    AppendRequest::new("test.grow", json!(i)).with_replay_key(format!("grow-{i}"));
+                match registry.append_event(&id, request).await {
+                    Ok(outcome) => {
+                        acknowledged.push(outcome.event.seq);
+                        longest = longest.max(began.elapsed());
+                        i += 1;
+                    }
+                    Err(proclog::ProcessError::Unavailable(_)) => continue,
+                    Err(err) => panic!("{id}: {err}"),
+                }
+            }
+            (id, acknowledged, longest)
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let third = cluster.add_worker().await.unwrap();
+    let third_port = i32::from(cluster.workers()[third].port());
+    let client = pool.get().await.unwrap();
+    // The moves take longer than the pool's statement timeout.
+    client
+        .batch_execute("SET statement_timeout = 0; SELECT rebalance_table_shards()")
+        .await
+        .unwrap();
+    let moved: i64 = client
+        .query_one(
+            "SELECT count(*) FROM citus_shards
+              WHERE table_name = 'proclog.events'::regclass AND nodeport = $1",
+            &[&third_port],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(moved > 0, "shards of events moved to the new worker");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut pause = std::time::Duration::ZERO;
+    let mut total = 0;
+    for appender in appenders {
+        let (id, acknowledged, longest) = appender.await.unwrap();
+        pause = pause.max(longest);
+        total += acknowledged.len();
+        let seqs: Vec<i64> = registry
+            .events_after(&id, 0, 10_000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as i64).collect::<Vec<_>>(),
+            "{id} is dense"
+        );
+        for seq in &acknowledged {
+            assert!(
+                seqs.contains(seq),
+                "{id}: acknowledged seq {seq} is in the log"
+            );
+        }
+        assert_eq!(
+            seqs.len(),
+            acknowledged.len(),
+            "{id}: every stored event was acknowledged once"
+        );
+    }
+    eprintln!(
+        "rebalanced {moved} shards of events onto a third worker under {total} appends; longest append {pause:?}"
+    );
+    drop(client);
+    cluster.stop().unwrap();
+}
