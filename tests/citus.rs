@@ -27,6 +27,26 @@ fn citus_installed() -> bool {
     false
 }
 
+/// A coordinator and two workers with the server `settings`, migrated (so the tables are
+/// distributed), its URL and a pool of `size` connections to it.
+async fn migrated_cluster(
+    settings: &[(&str, &str)],
+    size: usize,
+) -> (LocalCitus, String, deadpool_postgres::Pool) {
+    let options = LocalPostgresOptions {
+        settings: settings
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect(),
+        ..LocalPostgresOptions::default()
+    };
+    let cluster = LocalCitus::start(2, &options).await.unwrap();
+    let url = cluster.url();
+    let pool = connect_pool(&url, size).unwrap();
+    migrate(&pool).await.unwrap();
+    (cluster, url, pool)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_distributes_the_tables_and_a_process_lives_on_the_cluster() {
     if !citus_installed() {
@@ -154,12 +174,7 @@ async fn a_process_lives_on_its_shards_when_the_tables_are_distributed() {
     if !citus_installed() {
         return;
     }
-    let cluster = LocalCitus::start(2, &LocalPostgresOptions::default())
-        .await
-        .unwrap();
-    let url = cluster.url();
-    let pool = connect_pool(&url, 4).unwrap();
-    migrate(&pool).await.unwrap();
+    let (cluster, _url, pool) = migrated_cluster(&[], 4).await;
     let registry = PgProcessRegistry::new(pool.clone(), RegistryConfig::new("citus-pod"));
     for n in 0..8 {
         let record = registry
@@ -243,18 +258,7 @@ async fn every_call_on_one_process_runs_on_one_shard() {
     if !citus_installed() {
         return;
     }
-    let cluster = LocalCitus::start(
-        2,
-        &LocalPostgresOptions {
-            settings: vec![("citus.enable_stat_counters".into(), "on".into())],
-            ..LocalPostgresOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    let url = cluster.url();
-    let pool = connect_pool(&url, 4).unwrap();
-    migrate(&pool).await.unwrap();
+    let (cluster, _url, pool) = migrated_cluster(&[("citus.enable_stat_counters", "on")], 4).await;
     let registry = PgProcessRegistry::new(pool.clone(), RegistryConfig::new("citus-pod"));
     let counters = pool.get().await.unwrap();
     let ttl = std::time::Duration::from_secs(30);
@@ -373,11 +377,7 @@ async fn notices_through_the_coordinator_reach_another_pods_subscriber() {
     if !citus_installed() {
         return;
     }
-    let cluster = LocalCitus::start(2, &LocalPostgresOptions::default())
-        .await
-        .unwrap();
-    let url = cluster.url();
-    migrate(&connect_pool(&url, 1).unwrap()).await.unwrap();
+    let (cluster, url, _pool) = migrated_cluster(&[], 1).await;
     let a = PodServices::start(&url, "pod-a", PodServicesOptions::default()).unwrap();
     let b = PodServices::start(&url, "pod-b", PodServicesOptions::default()).unwrap();
     assert_eq!(a.listener_ready().await, ListenerStatus::Listening);
@@ -444,11 +444,7 @@ async fn two_pods_run_processes_on_distributed_tables() {
     if !citus_installed() {
         return;
     }
-    let cluster = LocalCitus::start(2, &LocalPostgresOptions::default())
-        .await
-        .unwrap();
-    let url = cluster.url();
-    migrate(&connect_pool(&url, 1).unwrap()).await.unwrap();
+    let (cluster, url, _pool) = migrated_cluster(&[], 1).await;
     let mut stacks = Vec::new();
     let mut pods = Vec::new();
     for name in ["pod-a", "pod-b"] {
@@ -533,12 +529,7 @@ async fn concurrent_appends_on_distributed_tables_keep_every_log_dense() {
     if !citus_installed() {
         return;
     }
-    let cluster = LocalCitus::start(2, &LocalPostgresOptions::default())
-        .await
-        .unwrap();
-    let url = cluster.url();
-    let pool = connect_pool(&url, 16).unwrap();
-    migrate(&pool).await.unwrap();
+    let (cluster, _url, pool) = migrated_cluster(&[], 16).await;
     let registry = std::sync::Arc::new(PgProcessRegistry::new(
         pool,
         RegistryConfig::new("citus-group"),
@@ -684,22 +675,9 @@ async fn shards_move_to_a_new_worker_under_load_and_lose_nothing() {
     if !citus_installed() {
         return;
     }
-    // Non-blocking shard moves replicate logically; 8 shards keep the moves few (about 3).
-    let mut cluster = LocalCitus::start(
-        2,
-        &LocalPostgresOptions {
-            settings: vec![
-                ("wal_level".into(), "logical".into()),
-                ("citus.shard_count".into(), "8".into()),
-            ],
-            ..LocalPostgresOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    let url = cluster.url();
-    let pool = connect_pool(&url, 16).unwrap();
-    migrate(&pool).await.unwrap();
+    // Non-blocking shard moves replicate logically; 8 shards keep the moves few.
+    let (mut cluster, _url, pool) =
+        migrated_cluster(&[("wal_level", "logical"), ("citus.shard_count", "8")], 16).await;
     let registry = Arc::new(PgProcessRegistry::new(
         pool.clone(),
         RegistryConfig::new("citus-grow"),
