@@ -693,9 +693,11 @@ async fn shards_move_to_a_new_worker_under_load_and_lose_nothing() {
         );
     }
     let stop = Arc::new(AtomicBool::new(false));
+    let (acked, acked_count) = tokio::sync::watch::channel(0u64);
+    let acked = Arc::new(acked);
     let mut appenders = Vec::new();
     for id in ids.clone() {
-        let (registry, stop) = (registry.clone(), stop.clone());
+        let (registry, stop, acked) = (registry.clone(), stop.clone(), acked.clone());
         appenders.push(tokio::spawn(async move {
             let mut acknowledged = Vec::new();
             let mut longest = std::time::Duration::ZERO;
@@ -708,6 +710,7 @@ async fn shards_move_to_a_new_worker_under_load_and_lose_nothing() {
                 match registry.append_event(&id, request).await {
                     Ok(outcome) => {
                         acknowledged.push(outcome.event.seq);
+                        acked.send_modify(|count| *count += 1);
                         longest = longest.max(began.elapsed());
                         i += 1;
                     }
@@ -718,7 +721,14 @@ async fn shards_move_to_a_new_worker_under_load_and_lose_nothing() {
             (id, acknowledged, longest)
         }));
     }
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Every appender is writing before the worker joins, and goes on after the moves.
+    let acked_at_least = |count: u64| {
+        let mut acked_count = acked_count.clone();
+        async move {
+            acked_count.wait_for(|acked| *acked >= count).await.unwrap();
+        }
+    };
+    acked_at_least(200).await;
     let third = cluster.add_worker().await.unwrap();
     let third_port = i32::from(cluster.workers()[third].port());
     let client = pool.get().await.unwrap();
@@ -737,7 +747,8 @@ async fn shards_move_to_a_new_worker_under_load_and_lose_nothing() {
         .unwrap()
         .get(0);
     assert!(moved > 0, "shards of events moved to the new worker");
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let after_moves = *acked_count.borrow();
+    acked_at_least(after_moves + 200).await;
     stop.store(true, Ordering::Relaxed);
     let mut pause = std::time::Duration::ZERO;
     let mut total = 0;

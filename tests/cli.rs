@@ -616,3 +616,35 @@ async fn secrets_are_never_printed() {
     );
     assert!(banner.contains("proclog:***@"), "{banner}");
 }
+
+/// `proclog up --citus-workers` where the server binaries have no Citus (here: a directory
+/// with none) is a usage error naming what is missing, and starts nothing; with
+/// `--database-url` it is refused as a conflict.
+#[test]
+fn up_with_citus_workers_needs_citus_and_no_database_url() {
+    let empty = std::env::temp_dir().join(format!("proclog-no-citus-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut command = client_command("http://127.0.0.1:9", &["up", "--citus-workers", "1"]);
+    command
+        .env("PROCLOG_PG_BIN", &empty)
+        .env_remove("DATABASE_URL");
+    let output = output_within_limit(command);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("citus extension"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("starting"));
+
+    let output = output_within_limit(client_command(
+        "http://127.0.0.1:9",
+        &[
+            "up",
+            "--citus-workers",
+            "1",
+            "--database-url",
+            "postgres://x@127.0.0.1/x",
+        ],
+    ));
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot be used with"));
+    let _ = std::fs::remove_dir_all(&empty);
+}
