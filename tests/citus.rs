@@ -362,6 +362,42 @@ async fn every_call_on_one_process_runs_on_one_shard() {
             report.join("\n")
         );
     }
+
+    // The calls whose statements write under the process row's lock are functions Citus
+    // delegates whole to the worker of the process's shard: distributed by their first
+    // argument, co-located with the tables; the plan of the append is one task that is
+    // the function's call, not a pull of rows to the coordinator between two statements.
+    for function in proclog::pg::citus::DELEGATED_FUNCTIONS {
+        let colocated: bool = counters
+            .query_one(
+                "SELECT o.distribution_argument_index = 0
+                        AND o.colocationid = (SELECT colocationid FROM pg_dist_partition
+                                               WHERE logicalrelid = 'proclog.processes'::regclass)
+                   FROM pg_dist_object o
+                  WHERE o.classid = 'pg_proc'::regclass AND o.objid = $1::text::regprocedure",
+                &[function],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(colocated, "{function} is delegated by its process id");
+    }
+    let plan: Vec<String> = counters
+        .query(
+            "EXPLAIN SELECT seq FROM proclog.append_unkeyed($1, 'w', NULL, ARRAY['t'], ARRAY['1'::jsonb])",
+            &[&id.as_str()],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("Task Count: 1") && plan.contains("Function Scan on append_unkeyed"),
+        "the append runs whole on one worker:\n{plan}"
+    );
+    assert!(!plan.contains("pull to coordinator"), "{plan}");
     drop(counters);
     cluster.stop().unwrap();
 }

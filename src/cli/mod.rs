@@ -284,6 +284,12 @@ async fn migrate(
                 report.citus.distributed_now.join(", ")
             );
         }
+        if !report.citus.delegated_now.is_empty() {
+            println!(
+                "on Citus: calls on one process now run on its worker: {}",
+                report.citus.delegated_now.join(", ")
+            );
+        }
     }
     for (role, access) in roles {
         if let Some(role) = role.filter(|r| !r.is_empty()) {

@@ -6,8 +6,12 @@
 //!   fence, if any, holds) and inserts the events at the seqs that yields. It returns only
 //!   what the database decided; the events are rebuilt from the requests. When it writes
 //!   nothing, a second round trip (`proclog.refuse_write`) names the reason.
+//!   On distributed tables (Citus) the same statement is the body of `proclog.append_unkeyed`,
+//!   a function Citus delegates to the worker of the process's shard ([`APPEND_DELEGATED`]);
+//!   inline, Citus would pull the bumped row to the coordinator between the two statements,
+//!   holding the row lock across the round trips.
 //! - Appends with replay keys call `proclog.append_events`, which decides replays under the
-//!   row lock.
+//!   row lock (delegated the same way on Citus).
 //! - Batches of several callers go through [`super::group`], which runs its statements on the
 //!   same [`Db`].
 
@@ -37,6 +41,11 @@ pub(crate) const APPEND_UNKEYED: &str = "
       FROM p, unnest($4::text[], $5::jsonb[]) WITH ORDINALITY AS r(t, p, ord)
     RETURNING seq, occurred_at, lease_generation";
 
+/// [`APPEND_UNKEYED`] as the schema's function, for distributed tables (see the module doc).
+pub(crate) const APPEND_DELEGATED: &str = "
+    SELECT seq, occurred_at, lease_generation
+      FROM proclog.append_unkeyed($1, $2, $3, $4, $5)";
+
 /// Appends with replay keys, decided under the process row lock by the schema's function.
 const APPEND_KEYED: &str = "
     SELECT seq, event_type, payload, replay_key, occurred_at, writer, lease_generation, replayed
@@ -47,6 +56,8 @@ const APPEND_KEYED: &str = "
 pub(crate) struct AppendWriter {
     pub(crate) db: Db,
     pub(crate) writer: String,
+    /// The tables are distributed: unkeyed appends call [`APPEND_DELEGATED`].
+    pub(crate) delegated: bool,
 }
 
 impl AppendWriter {
@@ -75,7 +86,11 @@ impl AppendWriter {
         let mut rows = self
             .db
             .query(
-                APPEND_UNKEYED,
+                if self.delegated {
+                    APPEND_DELEGATED
+                } else {
+                    APPEND_UNKEYED
+                },
                 &[&id.as_str(), &self.writer, &token, &types, &payloads],
             )
             .await?;

@@ -3,8 +3,14 @@
 //! process id, co-located (every statement on one process then runs on one shard, with its
 //! triggers firing there); `pods` becomes a reference table (replicated to every node, as
 //! the pods view joins it with `processes`); `readers`, `writers` and `schema_migrations`
-//! stay on the coordinator. [`crate::pg::migrate()`] does it after the
-//! migrations, once, under the migration lock; a plain Postgres is left alone.
+//! stay on the coordinator. The functions that write one process under its row lock
+//! ([`DELEGATED_FUNCTIONS`]) are distributed by their process id, so that Citus delegates
+//! each call whole to the worker holding the process's shard. [`crate::pg::migrate()`] does
+//! it after the migrations, once, under the migration lock; a plain Postgres is left alone.
+//!
+//! A delegated call evaluates `now()` on its worker, a router statement on the coordinator:
+//! lease expiry is compared on both, so the nodes' clocks must agree (NTP), as the pods'
+//! clocks need not.
 
 use deadpool_postgres::Pool;
 
@@ -18,6 +24,19 @@ pub const DISTRIBUTED_TABLES: &[&str] = &["proclog.processes", "proclog.events"]
 /// tables): `pods` (the view `pod_status` counts each pod's leases in `processes`).
 pub const REFERENCE_TABLES: &[&str] = &["proclog.pods"];
 
+/// The functions on one process (their first argument, `p_process_id`), distributed by it
+/// and co-located with [`DISTRIBUTED_TABLES`]: a call is delegated to the worker holding that
+/// process's shard and runs there whole, its row locks never held across a round trip to
+/// the coordinator.
+pub const DELEGATED_FUNCTIONS: &[&str] = &[
+    "proclog.append_unkeyed(text, text, uuid, text[], jsonb[])",
+    "proclog.append_events(text, text, uuid, text[], jsonb[], text[])",
+    "proclog.complete_process(text, text, uuid, text, jsonb)",
+    "proclog.suspend_process(text, text, uuid, text, timestamptz, bigint, text, bigint, boolean, jsonb)",
+    "proclog.write_refusal(text)",
+    "proclog.refuse_write(text)",
+];
+
 /// What [`distribute`] found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CitusLayout {
@@ -29,6 +48,8 @@ pub struct CitusLayout {
     /// Tables distributed or replicated by this run ([`DISTRIBUTED_TABLES`],
     /// [`REFERENCE_TABLES`]; empty when they were already, or on a plain Postgres).
     pub distributed_now: Vec<String>,
+    /// [`DELEGATED_FUNCTIONS`] distributed by this run (empty when they were already).
+    pub delegated_now: Vec<String>,
 }
 
 /// Distributes [`DISTRIBUTED_TABLES`] when the database is a Citus coordinator and they are
@@ -57,7 +78,7 @@ pub(crate) async fn distribute(pool: &Pool, lock_key: i64) -> Result<CitusLayout
     let mut layout = CitusLayout {
         coordinator: true,
         distributed: true,
-        distributed_now: Vec::new(),
+        ..CitusLayout::default()
     };
     let tx = client.transaction().await.map_err(db_error)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key])
@@ -116,6 +137,37 @@ pub(crate) async fn distribute(pool: &Pool, lock_key: i64) -> Result<CitusLayout
             .map_err(db_error)?;
             tracing::info!(table, "replicated to every node (a Citus reference table)");
             layout.distributed_now.push((*table).to_owned());
+        }
+    }
+    tx.commit().await.map_err(db_error)?;
+    // In a transaction of its own: Citus refuses function commands after the parallel
+    // operations of create_distributed_table in the same transaction.
+    let tx = client.transaction().await.map_err(db_error)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key])
+        .await
+        .map_err(db_error)?;
+    for function in DELEGATED_FUNCTIONS {
+        let delegated: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_dist_object
+                                 WHERE classid = 'pg_proc'::regclass
+                                   AND objid = $1::text::regprocedure
+                                   AND distribution_argument_index = 0)",
+                &[function],
+            )
+            .await
+            .map_err(db_error)?
+            .get(0);
+        if !delegated {
+            tx.execute(
+                "SELECT create_distributed_function($1::text::regprocedure, '$1',
+                                                 colocate_with => $2::text)",
+                &[function, &DISTRIBUTED_TABLES[0]],
+            )
+            .await
+            .map_err(db_error)?;
+            tracing::info!(function, "delegated to the worker of its process on Citus");
+            layout.delegated_now.push((*function).to_owned());
         }
     }
     tx.commit().await.map_err(db_error)?;

@@ -73,6 +73,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0010_citus_shards.sql",
         sql: include_str!("../../migrations/0010_citus_shards.sql"),
     },
+    Migration {
+        version: 11,
+        name: "0011_citus_delegation.sql",
+        sql: include_str!("../../migrations/0011_citus_delegation.sql"),
+    },
 ];
 
 /// The schema version this binary expects.
@@ -233,7 +238,7 @@ async fn distribute_if_owner(pool: &Pool) -> Result<super::citus::CitusLayout, M
             Ok(super::citus::CitusLayout {
                 coordinator: true,
                 distributed: false,
-                distributed_now: Vec::new(),
+                ..Default::default()
             })
         }
         other => other,

@@ -315,11 +315,12 @@ impl PgProcessRegistry {
         self.group.as_ref().map(|slot| Arc::clone(&slot.stats))
     }
 
-    /// The writer of single appends.
-    fn writer(&self) -> AppendWriter {
+    /// The writer of single appends (`distributed`: the tables are distributed on Citus).
+    fn writer(&self, distributed: bool) -> AppendWriter {
         AppendWriter {
             db: self.db.clone(),
             writer: self.config.writer.clone(),
+            delegated: distributed,
         }
     }
 
@@ -333,6 +334,7 @@ impl PgProcessRegistry {
                 .clone()
                 .with_call_timeout(Some(self.db.call_timeout().unwrap_or(FLUSHER_CALL_TIMEOUT))),
             writer: self.config.writer.clone(),
+            delegated: false,
         }
     }
 
@@ -638,9 +640,10 @@ impl ProcessRegistry for PgProcessRegistry {
         let payloads: Vec<JsonText> = payloads.into_iter().map(JsonText).collect();
         // On distributed tables a group statement would span shards: every append goes
         // alone, on its process's shard.
+        let distributed = self.distributed().await;
         let slot = match &self.group {
-            Some(slot) if !self.distributed().await => slot,
-            _ => return self.writer().single(id, requests, &payloads).await,
+            Some(slot) if !distributed => slot,
+            _ => return self.writer(distributed).single(id, requests, &payloads).await,
         };
         let group = slot.flushers(|| self.flusher_writer())?;
         let (reply, answer) = tokio::sync::oneshot::channel();

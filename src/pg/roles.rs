@@ -36,6 +36,7 @@ pub const WRITER_FUNCTIONS: &[&str] = &[
     "proclog.refuse_write(text)",
     "proclog.write_refusal(text)",
     "proclog.append_events(text, text, uuid, text[], jsonb[], text[])",
+    "proclog.append_unkeyed(text, text, uuid, text[], jsonb[])",
     "proclog.append_group(text, text[], uuid[], int[], int[], text[], jsonb[], text[])",
     "proclog.complete_process(text, text, uuid, text, jsonb)",
     "proclog.suspend_process(text, text, uuid, text, timestamptz, bigint, text, bigint, boolean, jsonb)",
