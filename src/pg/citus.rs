@@ -10,7 +10,7 @@
 //!
 //! A delegated call evaluates `now()` on its worker, a router statement on the coordinator:
 //! lease expiry is compared on both, so the nodes' clocks must agree (NTP), as the pods'
-//! clocks need not.
+//! clocks need not agree with them.
 
 use deadpool_postgres::Pool;
 

@@ -9,6 +9,9 @@
 //!   ([`LocalPostgres::restart_immediate`]) to exercise recovery paths.
 //! - [`LocalCitus`]: a Citus coordinator and workers of the test's own (when the extension is
 //!   installed: [`LocalCitus::available`]).
+//! - [`citus_database_url`] / [`migrated_citus_database_url`]: a new database for one test on
+//!   one Citus cluster (a coordinator and two workers) shared by the whole test binary, so a
+//!   suite written for Postgres runs unchanged on distributed tables.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), proclog::ProcessError> {
@@ -101,7 +104,47 @@ pub async fn fresh_database_url() -> Result<String, ProcessError> {
 
 /// A new database on the shared server, with proclog's schema.
 pub async fn migrated_database_url() -> Result<String, ProcessError> {
-    let url = fresh_database_url().await?;
+    migrate_database(fresh_database_url().await?).await
+}
+
+static CITUS: tokio::sync::OnceCell<Result<LocalCitus, String>> =
+    tokio::sync::OnceCell::const_new();
+
+/// Workers of the shared Citus cluster.
+pub const SHARED_CITUS_WORKERS: usize = 2;
+
+/// A new, empty database on the Citus cluster of this test binary (a coordinator and
+/// [`SHARED_CITUS_WORKERS`] workers on loopback, started on first use, removed when the binary
+/// exits): the database exists on every node, with the extension and the workers added, and
+/// the URL names the coordinator. `Unavailable` when the `citus` extension is not installed
+/// ([`LocalCitus::available`]).
+pub async fn citus_database_url() -> Result<String, ProcessError> {
+    let cluster = CITUS
+        .get_or_init(|| async {
+            if !LocalCitus::available() {
+                return Err("the citus extension is not installed".to_owned());
+            }
+            LocalCitus::start(SHARED_CITUS_WORKERS, &LocalPostgresOptions::default())
+                .await
+                .map_err(|err| format!("cannot start a throwaway Citus cluster: {err}"))
+        })
+        .await;
+    let cluster = cluster
+        .as_ref()
+        .map_err(|err| ProcessError::Unavailable(err.clone()))?;
+    let name = format!("proclog_test_{}", uuid::Uuid::new_v4().simple());
+    cluster
+        .create_database(&name)
+        .await
+        .map_err(|err| ProcessError::Unavailable(err.to_string()))
+}
+
+/// A new database on the shared Citus cluster with proclog's schema, its tables distributed.
+pub async fn migrated_citus_database_url() -> Result<String, ProcessError> {
+    migrate_database(citus_database_url().await?).await
+}
+
+async fn migrate_database(url: String) -> Result<String, ProcessError> {
     let pool = crate::pg::connect_pool(&url, 1)?;
     crate::pg::migrate(&pool).await.map_err(|err| match err {
         crate::pg::MigrationError::Database(err) => err,

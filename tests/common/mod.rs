@@ -138,6 +138,57 @@ impl Store for UngroupedPgStore {
     }
 }
 
+/// Whether the Citus backend can run here: the extension is installed. Without it a test
+/// says it is skipped, unless `PROCLOG_CITUS=required` (set by `.ci/run`), which fails it.
+pub fn citus_installed() -> bool {
+    if proclog::testing::LocalCitus::available() {
+        return true;
+    }
+    assert!(
+        std::env::var("PROCLOG_CITUS").as_deref() != Ok("required"),
+        "PROCLOG_CITUS=required but the citus extension is not installed"
+    );
+    eprintln!("skipped: the citus extension is not installed (see .ci/run)");
+    false
+}
+
+/// A migrated database on the binary's shared Citus cluster (a coordinator and two
+/// workers): `processes` and `events` distributed by process id. Each pod gets the default
+/// registry (the layout detected: claims process by process, group commit stepping aside)
+/// with a pool of 8. `None` when Citus is not installed (see [`citus_installed`]).
+pub struct CitusStore {
+    pub url: String,
+}
+
+impl CitusStore {
+    pub async fn new() -> Option<Self> {
+        if !citus_installed() {
+            return None;
+        }
+        let url = proclog::testing::migrated_citus_database_url()
+            .await
+            .expect("a migrated database on the shared Citus cluster");
+        Some(Self { url })
+    }
+}
+
+#[async_trait]
+impl Store for CitusStore {
+    async fn pod_with(&self, config: RegistryConfig) -> Arc<dyn ProcessRegistry> {
+        let pool = proclog::pg::connect_pool(&self.url, 8).expect("pool");
+        Arc::new(PgProcessRegistry::new(pool, config))
+    }
+
+    async fn now(&self) -> DateTime<Utc> {
+        sql_client(&self.url)
+            .await
+            .query_one("SELECT now()", &[])
+            .await
+            .expect("read the clock")
+            .get(0)
+    }
+}
+
 /// Postgres behind `WatchedProcessRegistry` with a real NOTIFY sink and completion hint.
 pub struct WatchedPgStore {
     inner: PgStore,

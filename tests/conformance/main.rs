@@ -20,7 +20,8 @@ mod support;
 /// group commit statement), `ungrouped::<case>` (group commit off, and runnable work claimed
 /// process by process as on distributed tables), `memory::<case>` and `watched::<case>`
 /// (Postgres behind `WatchedProcessRegistry` with the NOTIFY sink, which must change no
-/// result).
+/// result), and `citus::<case>` (a database of its own on a Citus cluster shared by the
+/// binary, a coordinator and two workers, the tables distributed; skipped without Citus).
 macro_rules! conformance {
     ($($module:ident :: $case:ident),+ $(,)?) => {
         mod pg {
@@ -46,6 +47,17 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $case() {
                     let store = crate::common::WatchedPgStore::new().await;
+                    crate::$module::$case(&store).await;
+                }
+            )+
+        }
+        mod citus {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let Some(store) = crate::common::CitusStore::new().await else {
+                        return;
+                    };
                     crate::$module::$case(&store).await;
                 }
             )+
