@@ -6,26 +6,16 @@
 //! `.ci/run` builds it from the vendored source and sets `PROCLOG_CITUS=required`, under
 //! which a missing extension fails the test instead of skipping it.
 
+mod common;
+
+use common::citus_installed;
 use proclog::pg::{connect_pool, migrate};
 use proclog::testing::{LocalCitus, LocalPostgresOptions};
 use proclog::{
-    AppendRequest, Completion, PgProcessRegistry, ProcessRegistration, ProcessRegistry,
-    RegistryConfig, TerminalState,
+    AppendRequest, Completion, PgProcessRegistry, ProcessError, ProcessId, ProcessRegistration,
+    ProcessRegistry, RegistryConfig, TerminalState,
 };
 use serde_json::json;
-
-/// Whether the Citus tests can run here; says why not when they cannot.
-fn citus_installed() -> bool {
-    if LocalCitus::available() {
-        return true;
-    }
-    assert!(
-        std::env::var("PROCLOG_CITUS").as_deref() != Ok("required"),
-        "PROCLOG_CITUS=required but the citus extension is not installed"
-    );
-    eprintln!("skipped: the citus extension is not installed (see .ci/run)");
-    false
-}
 
 /// A coordinator and two workers with the server `settings`, migrated (so the tables are
 /// distributed), its URL and a pool of `size` connections to it.
@@ -701,9 +691,11 @@ async fn up_with_citus_workers_starts_serves_and_stops() {
     assert_eq!(rest.last().map(String::as_str), Some("stopped"), "{rest:?}");
 }
 
-/// Online growth: a third worker joins and the shards are rebalanced onto it while appenders
-/// write. Every acknowledged append is in its log, every log dense; the longest append (the
-/// write pause a move causes) is printed.
+/// Online growth: a third worker joins and the shards are rebalanced onto it while
+/// appenders write and end their processes (each outcome decided by the test, a new process
+/// after every one) and a pod runs `steps` processes. Every acknowledged append is in its log,
+/// every log dense, every process ends as decided (the pod's: completed by their first run);
+/// the longest append (the write pause a move causes) is printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shards_move_to_a_new_worker_under_load_and_lose_nothing() {
     use std::sync::Arc;
@@ -712,29 +704,52 @@ async fn shards_move_to_a_new_worker_under_load_and_lose_nothing() {
         return;
     }
     // Non-blocking shard moves replicate logically; 8 shards keep the moves few.
-    let (mut cluster, _url, pool) =
+    let (mut cluster, url, pool) =
         migrated_cluster(&[("wal_level", "logical"), ("citus.shard_count", "8")], 16).await;
     let registry = Arc::new(PgProcessRegistry::new(
         pool.clone(),
         RegistryConfig::new("citus-grow"),
     ));
-    let mut ids = Vec::new();
-    for n in 0..8 {
-        ids.push(
+    let pod = common::pods::PodProcess::start(
+        &url,
+        "pod-grow",
+        &[
+            "--lease-ttl-ms",
+            "5000",
+            "--poll-ms",
+            "200",
+            "--concurrency",
+            "4",
+        ],
+    )
+    .await;
+    let mut run_by_pod = Vec::new();
+    for n in 0..24 {
+        run_by_pod.push(
             registry
-                .register_process(ProcessRegistration::new("citus-grow", json!(n)))
+                .register_process(ProcessRegistration::new(
+                    "steps",
+                    json!({"steps": 8, "delay_ms": 100, "n": n}),
+                ))
                 .await
                 .unwrap()
                 .id,
         );
     }
+    let mut ids = Vec::new();
+    for task in 0..8 {
+        ids.push(register_retried(&registry, format!("grow-{task}-0")).await);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let (acked, acked_count) = tokio::sync::watch::channel(0u64);
     let acked = Arc::new(acked);
     let mut appenders = Vec::new();
-    for id in ids.clone() {
+    for (task, first) in ids.clone().into_iter().enumerate() {
         let (registry, stop, acked) = (registry.clone(), stop.clone(), acked.clone());
         appenders.push(tokio::spawn(async move {
+            // (process, acknowledged seqs, decided completion)
+            let mut processes: Vec<(ProcessId, Vec<i64>, Completion)> = Vec::new();
+            let mut id = first;
             let mut acknowledged = Vec::new();
             let mut longest = std::time::Duration::ZERO;
             let mut i = 0u64;
@@ -750,11 +765,21 @@ async fn shards_move_to_a_new_worker_under_load_and_lose_nothing() {
                         longest = longest.max(began.elapsed());
                         i += 1;
                     }
-                    Err(proclog::ProcessError::Unavailable(_)) => continue,
+                    Err(ProcessError::Unavailable(_)) => continue,
                     Err(err) => panic!("{id}: {err}"),
                 }
+                if i.is_multiple_of(25) {
+                    let completion = decided(processes.len());
+                    end_as_decided(&registry, &id, &completion).await;
+                    processes.push((id, std::mem::take(&mut acknowledged), completion));
+                    id = register_retried(&registry, format!("grow-{task}-{}", processes.len()))
+                        .await;
+                }
             }
-            (id, acknowledged, longest)
+            let completion = decided(processes.len());
+            end_as_decided(&registry, &id, &completion).await;
+            processes.push((id, acknowledged, completion));
+            (processes, longest)
         }));
     }
     // Every appender is writing before the worker joins, and goes on after the moves.
@@ -787,38 +812,117 @@ async fn shards_move_to_a_new_worker_under_load_and_lose_nothing() {
     acked_at_least(after_moves + 200).await;
     stop.store(true, Ordering::Relaxed);
     let mut pause = std::time::Duration::ZERO;
-    let mut total = 0;
+    let (mut total, mut ended) = (0, 0);
     for appender in appenders {
-        let (id, acknowledged, longest) = appender.await.unwrap();
+        let (processes, longest) = appender.await.unwrap();
         pause = pause.max(longest);
-        total += acknowledged.len();
-        let seqs: Vec<i64> = registry
-            .events_after(&id, 0, 10_000)
-            .await
-            .unwrap()
-            .iter()
-            .map(|e| e.seq)
-            .collect();
-        assert_eq!(
-            seqs,
-            (1..=seqs.len() as i64).collect::<Vec<_>>(),
-            "{id} is dense"
-        );
-        for seq in &acknowledged {
-            assert!(
-                seqs.contains(seq),
-                "{id}: acknowledged seq {seq} is in the log"
+        for (id, acknowledged, completion) in processes {
+            total += acknowledged.len();
+            ended += 1;
+            let events = registry.events_after(&id, 0, 10_000).await.unwrap();
+            let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+            assert_eq!(
+                seqs,
+                (1..=seqs.len() as i64).collect::<Vec<_>>(),
+                "{id} is dense"
+            );
+            for seq in &acknowledged {
+                assert!(
+                    seqs.contains(seq),
+                    "{id}: acknowledged seq {seq} is in the log"
+                );
+            }
+            assert_eq!(
+                seqs.len(),
+                acknowledged.len() + 1,
+                "{id}: every stored event was acknowledged once, then the terminal one"
+            );
+            let terminal = registry.get_process(&id).await.unwrap().unwrap().terminal;
+            let terminal = terminal.map(|t| (t.state, t.output));
+            assert_eq!(
+                terminal,
+                Some((completion.state, completion.output)),
+                "{id} ended as decided"
             );
         }
-        assert_eq!(
-            seqs.len(),
-            acknowledged.len(),
-            "{id}: every stored event was acknowledged once"
-        );
     }
+    // The pod's processes: each completed, by its first run (no lease was lost to a move).
+    let client_check = pool.get().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    loop {
+        let open: i64 = client_check
+            .query_one(
+                "SELECT count(*) FROM proclog.processes WHERE kind = 'steps' AND terminal_state IS NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if open == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{open} steps processes still running"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    for id in &run_by_pod {
+        let terminal = registry
+            .get_process(id)
+            .await
+            .unwrap()
+            .unwrap()
+            .terminal
+            .unwrap();
+        assert_eq!(terminal.state, TerminalState::Completed, "{id}");
+        assert_eq!(terminal.output["attempt"], json!(1), "{id}: one run");
+    }
+    drop(client_check);
+    drop(pod);
     eprintln!(
-        "rebalanced {moved} shards of events onto a third worker under {total} appends; longest append {pause:?}"
+        "rebalanced {moved} shards of events onto a third worker under {total} appends ending {ended} processes as decided, with {} steps processes run by a pod; longest append {pause:?}",
+        run_by_pod.len()
     );
     drop(client);
     cluster.stop().unwrap();
+}
+
+/// The outcome the rebalance test decides for its `n`th process of a task.
+fn decided(n: usize) -> Completion {
+    let state = [
+        TerminalState::Completed,
+        TerminalState::Failed,
+        TerminalState::Cancelled,
+    ][n % 3];
+    Completion::new(state, json!({"decided": n}))
+}
+
+/// Ends `id` with `completion`, retried while the database is unavailable (an identical
+/// completion is idempotent).
+async fn end_as_decided(registry: &PgProcessRegistry, id: &ProcessId, completion: &Completion) {
+    loop {
+        match registry.complete_process(id, completion.clone()).await {
+            Ok(_) => return,
+            Err(ProcessError::Unavailable(_)) => continue,
+            Err(err) => panic!("{id}: {err}"),
+        }
+    }
+}
+
+/// Registers process `id`, retried while the database is unavailable (an identical
+/// registration is idempotent).
+async fn register_retried(registry: &PgProcessRegistry, id: String) -> ProcessId {
+    let id = ProcessId::new(id).unwrap();
+    loop {
+        // External: the test runs it, no pod claims it.
+        let registration = ProcessRegistration::new("citus-grow", json!(null))
+            .with_id(id.clone())
+            .with_disposition(proclog::Disposition::External);
+        match registry.register_process(registration).await {
+            Ok(record) => return record.id,
+            Err(ProcessError::Unavailable(_)) => continue,
+            Err(err) => panic!("{id}: {err}"),
+        }
+    }
 }

@@ -1,11 +1,13 @@
-//! The cluster of a round: a throwaway Postgres, the proxy and the three pods; their start,
-//! their return to readiness after each fault, their logs, and plain SQL access to it.
+//! The cluster of a round: a throwaway Postgres (or a Citus coordinator and two workers), the
+//! proxy and the three pods; their start, their return to readiness after each fault, their
+//! logs, and plain SQL access to it.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use proclog::local_pg::{LocalPostgres, LocalPostgresOptions, SUPERUSER};
+use proclog::testing::LocalCitus;
 use tokio::time::Instant;
 
 use crate::common::pods::{PodProcess, free_port};
@@ -14,9 +16,83 @@ use crate::schedule::{FaultKind, FaultRecord, now_ns};
 use crate::settings::{POD_FLAGS, POD_NAMES, PROXIED, READY_LIMIT, SQL_LIMIT, seed_tag};
 use crate::violation::Violation;
 
-/// Postgres, the proxy and the three pods of one round.
+/// The database of a round.
+pub(crate) enum Database {
+    /// One Postgres server.
+    Postgres(LocalPostgres),
+    /// A Citus coordinator (the pods' server) and two workers.
+    Citus(LocalCitus),
+}
+
+impl Database {
+    /// Starts the database of `backend`.
+    async fn start(backend: Backend) -> Self {
+        let options = LocalPostgresOptions::default();
+        match backend {
+            Backend::Postgres => Database::Postgres(
+                tokio::task::block_in_place(|| LocalPostgres::start(&options))
+                    .expect("start a throwaway Postgres (is postgresql installed?)"),
+            ),
+            Backend::Citus => Database::Citus(
+                LocalCitus::start(2, &options)
+                    .await
+                    .expect("start a throwaway Citus cluster"),
+            ),
+        }
+    }
+
+    /// The server the pods connect to (the coordinator on Citus).
+    pub(crate) fn server(&self) -> &LocalPostgres {
+        match self {
+            Database::Postgres(pg) => pg,
+            Database::Citus(citus) => citus.coordinator(),
+        }
+    }
+
+    /// The server the pods connect to, to crash it.
+    pub(crate) fn server_mut(&mut self) -> &mut LocalPostgres {
+        match self {
+            Database::Postgres(pg) => pg,
+            Database::Citus(citus) => citus.coordinator_mut(),
+        }
+    }
+
+    /// The Citus workers (none on plain Postgres).
+    pub(crate) fn workers_mut(&mut self) -> &mut [LocalPostgres] {
+        match self {
+            Database::Postgres(_) => &mut [],
+            Database::Citus(citus) => citus.workers_mut(),
+        }
+    }
+
+    /// Every server's log, by a file name to keep it under.
+    fn logs(&self) -> Vec<(String, std::path::PathBuf)> {
+        let mut logs = vec![(
+            "postgres.log".to_owned(),
+            self.server().dir().join("postgres.log"),
+        )];
+        if let Database::Citus(citus) = self {
+            for (index, worker) in citus.workers().iter().enumerate() {
+                logs.push((
+                    format!("worker-{index}.log"),
+                    worker.dir().join("postgres.log"),
+                ));
+            }
+        }
+        logs
+    }
+}
+
+/// Which database a round runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Backend {
+    Postgres,
+    Citus,
+}
+
+/// The database, the proxy and the three pods of one round.
 pub(crate) struct Cluster {
-    pub(crate) pg: LocalPostgres,
+    pub(crate) db: Database,
     pub(crate) proxy: TcpProxy,
     pub(crate) pods: Vec<PodProcess>,
     http: reqwest::Client,
@@ -25,12 +101,11 @@ pub(crate) struct Cluster {
 }
 
 impl Cluster {
-    /// Starts and migrates a throwaway Postgres, the proxy and the pods, whose journals go to
-    /// `dir`.
-    pub(crate) async fn start(dir: &Path) -> Self {
-        let pg =
-            tokio::task::block_in_place(|| LocalPostgres::start(&LocalPostgresOptions::default()))
-                .expect("start a throwaway Postgres (is postgresql installed?)");
+    /// Starts and migrates the database of `backend` (on Citus the migration distributes
+    /// the tables), the proxy and the pods, whose journals go to `dir`.
+    pub(crate) async fn start(dir: &Path, backend: Backend) -> Self {
+        let db = Database::start(backend).await;
+        let pg = db.server();
         let direct = pg.url("postgres");
         let pool = proclog::pg::connect_pool(&direct, 1).expect("pool");
         proclog::pg::migrate(&pool).await.expect("migrate");
@@ -55,7 +130,7 @@ impl Cluster {
             .build()
             .expect("HTTP client");
         Self {
-            pg,
+            db,
             proxy,
             pods,
             http,
@@ -63,8 +138,16 @@ impl Cluster {
         }
     }
 
+    /// The backend the round runs on.
+    pub(crate) fn backend(&self) -> Backend {
+        match self.db {
+            Database::Postgres(_) => Backend::Postgres,
+            Database::Citus(_) => Backend::Citus,
+        }
+    }
+
     pub(crate) fn direct_url(&self) -> String {
-        self.pg.url("postgres")
+        self.db.server().url("postgres")
     }
 
     pub(crate) fn pod_urls(&self) -> Vec<String> {
@@ -130,12 +213,14 @@ impl Cluster {
         }
     }
 
-    /// Copies the pods' logs and the Postgres log into `dir` (kept after a failure).
+    /// Copies the pods' logs and the servers' logs into `dir` (kept after a failure).
     pub(crate) fn keep_logs(&self, dir: &Path) {
         for pod in &self.pods {
             let _ = std::fs::copy(&pod.log, dir.join(format!("{}.log", pod.name)));
         }
-        let _ = std::fs::copy(self.pg.dir().join("postgres.log"), dir.join("postgres.log"));
+        for (name, log) in self.db.logs() {
+            let _ = std::fs::copy(log, dir.join(name));
+        }
     }
 }
 

@@ -1,11 +1,12 @@
 //! Injecting each kind of fault into the cluster: signals to a pod, the killing of its
-//! sessions, the crash restart of Postgres, and the proxy's cuts and stalls of pod-c.
+//! sessions, the crash restart of Postgres (or of a Citus coordinator or worker), and the
+//! proxy's cuts and stalls of pod-c.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::cluster::{Cluster, sql_connect};
+use crate::cluster::{Backend, Cluster, sql_connect};
 use crate::common::proxy::Mode;
 use crate::schedule::{FaultKind, FaultRecord, nanos};
 use crate::settings::{BUSY_LIMIT, EXIT_LIMIT, POD_NAMES, PROXIED, TTL};
@@ -35,8 +36,18 @@ impl Cluster {
             FaultKind::Term => record.note = self.terminate(target, violations).await,
             FaultKind::TerminateBackends => record.note = self.cut_sessions(target).await,
             FaultKind::PgRestart => {
-                tokio::task::block_in_place(|| self.pg.restart_immediate())
+                tokio::task::block_in_place(|| self.db.server_mut().restart_immediate())
                     .expect("restart Postgres");
+                if self.backend() == Backend::Citus {
+                    record.note = "the coordinator".into();
+                }
+            }
+            FaultKind::WorkerRestart => {
+                let workers = self.db.workers_mut();
+                let index = target;
+                tokio::task::block_in_place(|| workers[index].restart_immediate())
+                    .expect("restart a Citus worker");
+                record.note = format!("worker {index}");
             }
             FaultKind::ProxyDrop => self.proxy.drop_connections(),
             FaultKind::ProxyStallShort => self.stall(Duration::from_secs(1)).await,
@@ -49,9 +60,14 @@ impl Cluster {
         if idle {
             record.note = format!("target idle; {}", record.note);
         }
-        if kind == FaultKind::PgRestart {
+        if matches!(kind, FaultKind::PgRestart | FaultKind::WorkerRestart) {
             let outage = record.end_ns - record.start_ns;
-            record.note = format!("outage {} ms", outage / 1_000_000);
+            let what = std::mem::take(&mut record.note);
+            record.note = format!(
+                "{what}{}outage {} ms",
+                if what.is_empty() { "" } else { ", " },
+                outage / 1_000_000
+            );
             // An outage within the documented tolerance (0.7 TTL) must change nothing; past it,
             // a run may legitimately lose its lease.
             if outage as f64 >= nanos(TTL) as f64 * proclog::pod::lease::FAULT_TOLERANCE {
@@ -149,7 +165,7 @@ impl Cluster {
         let ports: Vec<i32> = if target == PROXIED {
             self.proxy.upstream_client_ports()
         } else {
-            postgres_client_ports(self.pods[target].pid(), self.pg.port())
+            postgres_client_ports(self.pods[target].pid(), self.db.server().port())
         }
         .into_iter()
         .map(i32::from)

@@ -24,16 +24,22 @@
 //! received once and in order, retries by the policy, deadlines kept within one TTL. Every
 //! violation is reported (with the seed) and the test fails once with all of them.
 //!
-//! The short round (45 s of faults) runs with the other tests:
+//! A second round runs the same on Citus (`chaos_round_on_citus`, when the extension is
+//! installed): the pods reach a coordinator with two workers and the tables distributed, and
+//! the faults add an immediate restart of a worker (`citus_worker_restart_immediate`); the
+//! Postgres restart is the coordinator's. The two rounds run one after the other.
+//!
+//! The short rounds (45 s of faults each) run with the other tests:
 //!
 //! ```text
 //! cargo test --test chaos -- --nocapture
 //! ```
 //!
-//! The long form:
+//! The long forms:
 //!
 //! ```text
-//! PROCLOG_CHAOS_SECS=1800 cargo test --release --test chaos -- --nocapture
+//! PROCLOG_CHAOS_SECS=1800 cargo test --release --test chaos chaos_round_on_postgres -- --nocapture
+//! PROCLOG_CHAOS_SECS=1800 cargo test --release --test chaos chaos_round_on_citus -- --nocapture
 //! ```
 //!
 //! `PROCLOG_CHAOS_SEED=<n>` replays the schedule of a round (the seed is printed at the start
@@ -65,29 +71,49 @@ use proclog::local_pg::{LocalPostgres, LocalPostgresOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::Api;
-use crate::cluster::{Cluster, sql_connect};
+use crate::cluster::{Backend, Cluster, sql_connect};
 use crate::invariants::check_all;
 use crate::journals::check_journals;
 use crate::load::{Ledger, run_load};
 use crate::report::{Round, print_summary};
-use crate::settings::{SEED, Settings, announce_seed_on_panic};
+use crate::settings::{Settings, announce_seed_on_panic};
 use crate::settle::{await_all_terminal, complete_open_externals, finish_load};
 use crate::snapshot::Snapshot;
 
+/// One round at a time: two at once on two cores would starve the pods of their leases.
+static ONE_ROUND_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn chaos_round() {
+async fn chaos_round_on_postgres() {
+    let _turn = ONE_ROUND_AT_A_TIME.lock().await;
+    chaos_round(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_round_on_citus() {
+    if !common::citus_installed() {
+        return;
+    }
+    let _turn = ONE_ROUND_AT_A_TIME.lock().await;
+    chaos_round(Backend::Citus).await;
+}
+
+async fn chaos_round(backend: Backend) {
     let settings = Settings::from_env();
     let seed = settings.seed;
-    let _ = SEED.set(seed);
     announce_seed_on_panic(seed);
     println!(
-        "chaos: seed {seed}, {} s of faults (replay with PROCLOG_CHAOS_SEED={seed})",
+        "chaos: {backend:?}, seed {seed}, {} s of faults (replay with PROCLOG_CHAOS_SEED={seed})",
         settings.fault_time.as_secs()
     );
-    let dir = std::env::temp_dir().join(format!("proclog-chaos-{}-{seed}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "proclog-chaos-{}-{}-{seed}",
+        format!("{backend:?}").to_lowercase(),
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).expect("chaos directory");
 
-    let mut cluster = Cluster::start(&dir).await;
+    let mut cluster = Cluster::start(&dir, backend).await;
     let api = Api::new(cluster.pod_urls());
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop_load = CancellationToken::new();
@@ -118,6 +144,7 @@ async fn chaos_round() {
 
     let report = Round {
         settings: &settings,
+        backend,
         faults: &faults,
         ledger: &ledger,
         stats: &api.stats,

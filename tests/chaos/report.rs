@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use serde_json::{Value, json};
 
 use crate::api::ClientStats;
+use crate::cluster::Backend;
 use crate::journals::JournalStats;
 use crate::load::{CancelAnswer, Ledger, Plan};
 use crate::schedule::FaultRecord;
@@ -17,6 +18,7 @@ use crate::violation::Violation;
 /// Everything the summary reports.
 pub(crate) struct Round<'a> {
     pub(crate) settings: &'a Settings,
+    pub(crate) backend: Backend,
     pub(crate) faults: &'a [FaultRecord],
     pub(crate) ledger: &'a Ledger,
     pub(crate) stats: &'a ClientStats,
@@ -78,6 +80,7 @@ impl Round<'_> {
         }));
         json!({
             "seed": self.settings.seed,
+            "backend": format!("{:?}", self.backend).to_lowercase(),
             "fault_secs": self.settings.fault_time.as_secs(),
             "faults": count_by(self.faults.iter().map(|f| f.kind.name())),
             "fault_log": self.faults.iter().map(FaultRecord::to_json).collect::<Vec<_>>(),

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Backend, Cluster};
 use crate::settings::{POD_NAMES, PROXIED, TAKEOVER_SLACK, TTL};
 use crate::violation::Violation;
 
@@ -62,7 +62,11 @@ pub(crate) enum FaultKind {
     Pause,
     Term,
     TerminateBackends,
+    /// An immediate (crash) restart of the server the pods reach: Postgres, or the Citus
+    /// coordinator.
     PgRestart,
+    /// An immediate restart of a Citus worker (Citus rounds only).
+    WorkerRestart,
     ProxyDrop,
     ProxyStallShort,
     ProxyStallLong,
@@ -73,7 +77,7 @@ pub(crate) enum FaultKind {
 }
 
 impl FaultKind {
-    const SCHEDULED: [FaultKind; 8] = [
+    const SCHEDULED_ON_POSTGRES: [FaultKind; 8] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Term,
@@ -84,6 +88,15 @@ impl FaultKind {
         FaultKind::ProxyStallLong,
     ];
 
+    /// The faults a round on `backend` draws from: on Citus, worker restarts too.
+    pub(crate) fn scheduled(backend: Backend) -> Vec<FaultKind> {
+        let mut kinds = Self::SCHEDULED_ON_POSTGRES.to_vec();
+        if backend == Backend::Citus {
+            kinds.push(FaultKind::WorkerRestart);
+        }
+        kinds
+    }
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             FaultKind::Kill => "sigkill",
@@ -91,6 +104,7 @@ impl FaultKind {
             FaultKind::Term => "sigterm",
             FaultKind::TerminateBackends => "terminate_backends",
             FaultKind::PgRestart => "pg_restart_immediate",
+            FaultKind::WorkerRestart => "citus_worker_restart_immediate",
             FaultKind::ProxyDrop => "proxy_drop",
             FaultKind::ProxyStallShort => "proxy_stall_short",
             FaultKind::ProxyStallLong => "proxy_stall_past_ttl",
@@ -212,12 +226,14 @@ impl Cluster {
         while Instant::now() < deadline {
             tokio::time::sleep(rng.millis(2000, 4000)).await;
             if bag.is_empty() {
-                bag = FaultKind::SCHEDULED.to_vec();
+                bag = FaultKind::scheduled(self.backend());
                 rng.shuffle(&mut bag);
             }
             let kind = bag.pop().expect("refilled");
             let target = if kind.picks_a_pod() {
                 rng.below(POD_NAMES.len() as u64) as usize
+            } else if kind == FaultKind::WorkerRestart {
+                rng.below(self.db.workers_mut().len() as u64) as usize
             } else {
                 PROXIED
             };

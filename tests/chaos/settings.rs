@@ -2,7 +2,7 @@
 //! (seed, length, report, kept logs), and the seed that tags every failure message.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::schedule::{Rng, now_ns};
@@ -51,10 +51,10 @@ pub(crate) const TERMINAL_TYPES: [&str; 4] = [
 ];
 
 /// The seed of the running round, for every failure message.
-pub(crate) static SEED: OnceLock<u64> = OnceLock::new();
+pub(crate) static SEED: Mutex<Option<u64>> = Mutex::new(None);
 
 pub(crate) fn seed_tag() -> String {
-    match SEED.get() {
+    match *SEED.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) {
         Some(seed) => format!("seed={seed}"),
         None => "seed=?".into(),
     }
@@ -96,11 +96,19 @@ impl Settings {
     }
 }
 
-/// Prints the seed before any panic's message, whatever panics.
+/// Sets the seed of the running round and, once per binary, a panic hook that prints it
+/// before any panic's message, whatever panics.
 pub(crate) fn announce_seed_on_panic(seed: u64) {
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        eprintln!("chaos: seed {seed} (replay with PROCLOG_CHAOS_SEED={seed})");
-        previous(info);
-    }));
+    *SEED.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(seed);
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            eprintln!(
+                "chaos: {} (replay with PROCLOG_CHAOS_SEED=<seed>)",
+                seed_tag()
+            );
+            previous(info);
+        }));
+    });
 }
