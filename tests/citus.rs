@@ -926,3 +926,119 @@ async fn register_retried(registry: &PgProcessRegistry, id: String) -> ProcessId
         }
     }
 }
+
+/// Least privilege on Citus: roles made on the coordinator reach the workers, and the
+/// grants `proclog migrate --writer-role/--reader-role` give work there too. A writer
+/// registers, appends (plain and keyed: calls delegated to a worker, run there as the
+/// writer), claims, suspends, is sent a message and completes; a reader reads everything and
+/// writes nothing, through the delegated functions or around them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_and_reader_roles_work_on_every_node() {
+    use proclog::{ClaimOutcome, Message, Suspension};
+    if !citus_installed() {
+        return;
+    }
+    let (cluster, url, pool) = migrated_cluster(&[], 2).await;
+    pool.get()
+        .await
+        .unwrap()
+        .batch_execute("CREATE ROLE proclog_pod LOGIN; CREATE ROLE proclog_ro LOGIN")
+        .await
+        .unwrap();
+    proclog::pg::grant_writer(&pool, "proclog_pod")
+        .await
+        .unwrap();
+    proclog::pg::grant_reader(&pool, "proclog_ro")
+        .await
+        .unwrap();
+    let as_role = |role: &str| {
+        let url = url.replacen("://proclog@", &format!("://{role}@"), 1);
+        assert_ne!(url, cluster.url(), "the URL names the role");
+        PgProcessRegistry::new(connect_pool(&url, 2).unwrap(), RegistryConfig::new("pod"))
+    };
+    let writer = as_role("proclog_pod");
+    let id = writer
+        .register_process(ProcessRegistration::new("citus-roles", json!(1)))
+        .await
+        .unwrap()
+        .id;
+    writer
+        .append_event(&id, AppendRequest::new("test.plain", json!(1)))
+        .await
+        .unwrap();
+    writer
+        .append_event(
+            &id,
+            AppendRequest::new("test.keyed", json!(2)).with_replay_key("k"),
+        )
+        .await
+        .unwrap();
+    let ttl = std::time::Duration::from_secs(30);
+    let ClaimOutcome::Acquired(lease) = writer.claim(&id, "pod", ttl).await.unwrap() else {
+        panic!("the writer claims");
+    };
+    writer
+        .suspend(
+            &lease,
+            Suspension {
+                wake_at: None,
+                delay: None,
+                topic: Some("go".into()),
+                after_seq: 0,
+                retry: false,
+                reason: json!(null),
+            },
+        )
+        .await
+        .unwrap();
+    writer
+        .send_message(&id, Message::new("go", json!(3)))
+        .await
+        .unwrap();
+    assert_eq!(
+        writer.claim_runnable("pod", ttl, 10).await.unwrap().len(),
+        1
+    );
+
+    let reader = as_role("proclog_ro");
+    let before = reader.events_after(&id, 0, 100).await.unwrap();
+    assert_eq!(
+        before.len(),
+        writer.get_process(&id).await.unwrap().unwrap().last_seq as usize
+    );
+    assert!(
+        reader
+            .append_event(&id, AppendRequest::new("test.no", json!(0)))
+            .await
+            .is_err()
+    );
+    assert!(
+        reader
+            .append_event(
+                &id,
+                AppendRequest::new("test.no", json!(0)).with_replay_key("r")
+            )
+            .await
+            .is_err()
+    );
+    assert!(
+        reader
+            .complete_process(&id, Completion::new(TerminalState::Failed, json!(0)))
+            .await
+            .is_err()
+    );
+    assert!(
+        reader
+            .register_process(ProcessRegistration::new("citus-roles", json!(0)))
+            .await
+            .is_err()
+    );
+    assert_eq!(reader.events_after(&id, 0, 100).await.unwrap(), before);
+
+    let done = writer
+        .complete_process(&id, Completion::new(TerminalState::Completed, json!("ok")))
+        .await
+        .unwrap();
+    assert_eq!(done.terminal.unwrap().state, TerminalState::Completed);
+    cluster.stop().unwrap();
+}

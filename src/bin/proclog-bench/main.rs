@@ -10,6 +10,7 @@
 //! the same run, since absolute numbers on a shared machine drift.
 
 mod baseline;
+mod citus;
 mod durable;
 mod pgbench;
 mod report;
@@ -146,6 +147,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
     if selected("prune") {
         rows.extend(retention::prune(&url, plan).await?);
+    }
+    if selected("prune") || selected("partition") {
+        rows.extend(retention::partitioning(&url, plan).await?);
+    }
+    if selected("citus") {
+        rows.extend(citus::compare(plan).await?);
     }
 
     println!("{}", report::markdown(&rows));

@@ -219,3 +219,164 @@ async fn appends_during(
         what,
     })
 }
+
+/// Partitions of the partitioned copy of `events` ([`partitioning`]): a month of daily
+/// registration buckets.
+const BUCKETS: i32 = 30;
+
+/// Workload: what partitioning `events` by a registration-time bucket would give and cost,
+/// on a copy beside proclog's table: pruning by dropping a whole bucket of the same history
+/// (with the appends beside it, as above), and reading a page of one log by process id
+/// when the bucket is not known (every partition's index probed) against the table as it is.
+pub async fn partitioning(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
+    let history: i64 = if plan.waiters >= 10_000 {
+        2_000_000
+    } else {
+        100_000
+    };
+    let registry = warm_registry(url, APPENDERS + 2).await?;
+    let ids = Arc::new(
+        register_many(
+            &*registry,
+            "partition-live",
+            APPENDERS + 1,
+            Disposition::External,
+        )
+        .await?,
+    );
+    let admin = proclog::pg::connect_pool_with(
+        url,
+        &proclog::pg::PoolOptions {
+            statement_timeout: None,
+            ..proclog::pg::PoolOptions::new(17)
+        },
+    )?;
+    let client = admin.get().await?;
+    eprintln!("a copy of events in {BUCKETS} daily partitions, {history} events in the oldest ...");
+    client
+        .batch_execute(
+            "DROP SCHEMA IF EXISTS bench_partition CASCADE;
+             CREATE SCHEMA bench_partition;
+             CREATE TABLE bench_partition.events (
+                 bucket int NOT NULL, process_id text NOT NULL, seq bigint NOT NULL,
+                 event_type text NOT NULL, payload jsonb NOT NULL,
+                 occurred_at timestamptz NOT NULL DEFAULT now(), writer text NOT NULL,
+                 PRIMARY KEY (bucket, process_id, seq)) PARTITION BY RANGE (bucket);
+             CREATE INDEX ON bench_partition.events (process_id, seq);",
+        )
+        .await?;
+    for bucket in 0..BUCKETS {
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE bench_partition.events_{bucket} PARTITION OF bench_partition.events
+                     FOR VALUES FROM ({bucket}) TO ({})",
+                bucket + 1
+            ))
+            .await?;
+    }
+    let processes = history / EVENTS_PER_PROCESS;
+    let mut from = 1i64;
+    while from <= processes {
+        let to = (from + 999).min(processes);
+        client
+            .execute(
+                "INSERT INTO bench_partition.events
+                        (bucket, process_id, seq, event_type, payload, writer)
+                 SELECT 0, 'old-' || g, s, 'bench',
+                        '{\"i\": 1, \"note\": \"a small event payload\"}', 'seed'
+                   FROM generate_series($1::bigint, $2::bigint) g,
+                        generate_series(1, $3::bigint) s",
+                &[&from, &to, &EVENTS_PER_PROCESS],
+            )
+            .await?;
+        from = to + 1;
+    }
+    // One live log of 1,000 events in each table (the newest bucket in the copy).
+    let live = ids[APPENDERS].clone();
+    for chunk in 0..10u64 {
+        let batch = (0..100)
+            .map(|n| AppendRequest::new("bench", json!({"n": chunk * 100 + n})))
+            .collect();
+        registry.append_events(&live, batch).await?;
+    }
+    client
+        .execute(
+            "INSERT INTO bench_partition.events
+                    (bucket, process_id, seq, event_type, payload, writer)
+             SELECT $1, process_id, seq, event_type, payload, writer
+               FROM proclog.events WHERE process_id = $2",
+            &[&(BUCKETS - 1), &live.as_str()],
+        )
+        .await?;
+    client
+        .batch_execute("VACUUM ANALYZE bench_partition.events; VACUUM ANALYZE proclog.events")
+        .await?;
+    let _ = client.batch_execute("CHECKPOINT").await;
+
+    let mut rows = Vec::new();
+    let mut rates = Vec::new();
+    for table in ["proclog.events", "bench_partition.events"] {
+        let sql: &'static str = if table == "proclog.events" {
+            "SELECT seq, payload FROM proclog.events
+              WHERE process_id = $1 AND seq > $2 ORDER BY seq LIMIT 100"
+        } else {
+            "SELECT seq, payload FROM bench_partition.events
+              WHERE process_id = $1 AND seq > $2 ORDER BY seq LIMIT 100"
+        };
+        let (pool, id) = (admin.clone(), live.to_string());
+        let op: crate::workloads::Op = Arc::new(move |_, i| {
+            let (pool, id) = (pool.clone(), id.clone());
+            Box::pin(async move {
+                let client = pool.get().await?;
+                let after = (i % 9) as i64 * 100;
+                client.query(sql, &[&id, &after]).await?;
+                Ok(1)
+            })
+        });
+        let (rate, mut latencies) = crate::workloads::closed_loop(16, plan, op).await?;
+        rates.push((rate, Latency::of(&mut latencies)));
+    }
+    rows.push(
+        Row::new(
+            format!("page of 100 by process id, {BUCKETS} partitions, bucket unknown"),
+            16,
+        )
+        .rates(Some(rates[0].0), rates[1].0)
+        .latency(&rates[1].1)
+        .note("baseline = the same page from proclog.events as it is (unpartitioned)"),
+    );
+
+    let drop_admin = admin.clone();
+    let during = appends_during(&registry, &ids, move || {
+        Box::pin(async move {
+            let client = drop_admin.get().await?;
+            client
+                .batch_execute(
+                    "ALTER TABLE bench_partition.events
+                         DETACH PARTITION bench_partition.events_0 CONCURRENTLY",
+                )
+                .await?;
+            client
+                .batch_execute("DROP TABLE bench_partition.events_0")
+                .await?;
+            Ok(String::new())
+        })
+    })
+    .await?;
+    rows.push(
+        Row::new(
+            format!("appends beside dropping a partition of {history} events"),
+            APPENDERS,
+        )
+        .rates(None, during.rate)
+        .latency(&Latency::of(&mut during.latencies.clone()))
+        .note(format!(
+            "DETACH ... CONCURRENTLY, then DROP: {:.0} ms",
+            during.took.as_secs_f64() * 1000.0
+        )),
+    );
+    client
+        .batch_execute("DROP SCHEMA bench_partition CASCADE")
+        .await?;
+    Ok(rows)
+}

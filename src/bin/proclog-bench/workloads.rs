@@ -21,11 +21,15 @@ use crate::Plan;
 use crate::baseline::{self, BenchResult};
 use crate::report::{Latency, Row};
 
-type Op = Arc<dyn Fn(usize, u64) -> BoxFuture<'static, BenchResult<u64>> + Send + Sync>;
+pub(crate) type Op = Arc<dyn Fn(usize, u64) -> BoxFuture<'static, BenchResult<u64>> + Send + Sync>;
 
 /// Runs `op` in `concurrency` closed loops for warmup + measure; returns units per second over
 /// the measured window and the latency of every measured call.
-async fn closed_loop(concurrency: usize, plan: Plan, op: Op) -> BenchResult<(f64, Vec<Duration>)> {
+pub(crate) async fn closed_loop(
+    concurrency: usize,
+    plan: Plan,
+    op: Op,
+) -> BenchResult<(f64, Vec<Duration>)> {
     let start = Instant::now();
     let measured_from = start + plan.warmup;
     let end = measured_from + plan.measure;
