@@ -35,8 +35,13 @@ fn accepted_env(command: &[&str]) -> BTreeSet<String> {
 }
 
 fn rendered_kubernetes() -> Option<Vec<Value>> {
+    rendered("deploy/kubernetes")
+}
+
+/// `kubectl kustomize` of the directory `dir` of the repository, as documents.
+fn rendered(dir: &str) -> Option<Vec<Value>> {
     let output = match Command::new("kubectl")
-        .args(["kustomize", &format!("{ROOT}/deploy/kubernetes")])
+        .args(["kustomize", &format!("{ROOT}/{dir}")])
         .output()
     {
         Ok(output) => output,
@@ -309,4 +314,56 @@ fn compose_and_dockerfile_use_names_the_binary_accepts() {
     assert!(check.contains("http://127.0.0.1:8080/readyz"));
     assert!(dockerfile.contains("CMD [\"pod\"]"));
     assert!(dockerfile.contains("USER 10001"));
+}
+
+/// The Citus overlay is the base with the database URLs read from `proclog-citus-db`: the
+/// same documents otherwise, and no reference to the base's database Secret left.
+#[test]
+fn the_citus_overlay_is_the_base_pointed_at_the_coordinator() {
+    let (Some(base), Some(citus)) = (
+        rendered("deploy/kubernetes"),
+        rendered("deploy/kubernetes-citus"),
+    ) else {
+        return;
+    };
+    // Patched lists (env) come out in another order: compare them sorted by name.
+    let base_text = serde_json::to_string(&sorted_by_name(base)).unwrap();
+    let citus_text = serde_json::to_string(&sorted_by_name(citus)).unwrap();
+    assert!(
+        !citus_text.contains("\"proclog-db\""),
+        "no reference to proclog-db is left"
+    );
+    assert_eq!(
+        citus_text.matches("\"proclog-citus-db\"").count(),
+        base_text.matches("\"proclog-db\"").count(),
+        "every reference moved to proclog-citus-db"
+    );
+    assert_eq!(
+        citus_text.replace("\"proclog-citus-db\"", "\"proclog-db\""),
+        base_text,
+        "nothing else differs"
+    );
+}
+
+/// `documents` with every list of named items sorted by name, recursively.
+fn sorted_by_name(documents: Vec<Value>) -> Vec<Value> {
+    fn sort(value: &mut Value) {
+        match value {
+            Value::Array(items) => {
+                items.iter_mut().for_each(sort);
+                if items.iter().all(|item| item["name"].is_string()) {
+                    items.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+                }
+            }
+            Value::Object(map) => map.values_mut().for_each(sort),
+            _ => {}
+        }
+    }
+    documents
+        .into_iter()
+        .map(|mut document| {
+            sort(&mut document);
+            document
+        })
+        .collect()
 }
