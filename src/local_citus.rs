@@ -123,11 +123,12 @@ impl LocalCitus {
             "SELECT citus_set_coordinator_host('127.0.0.1', $1)",
             i32::from(self.coordinator.port()),
         )];
-        statements.extend(
-            self.workers
-                .iter()
-                .map(|worker| ("SELECT citus_add_node('127.0.0.1', $1)", i32::from(worker.port()))),
-        );
+        statements.extend(self.workers.iter().map(|worker| {
+            (
+                "SELECT citus_add_node('127.0.0.1', $1)",
+                i32::from(worker.port()),
+            )
+        }));
         for (statement, port) in statements {
             // A node's first connection to a database just created on another node can fail
             // while that node's maintenance daemon starts there; a few tries, then the error.

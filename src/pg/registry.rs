@@ -643,7 +643,12 @@ impl ProcessRegistry for PgProcessRegistry {
         let distributed = self.distributed().await;
         let slot = match &self.group {
             Some(slot) if !distributed => slot,
-            _ => return self.writer(distributed).single(id, requests, &payloads).await,
+            _ => {
+                return self
+                    .writer(distributed)
+                    .single(id, requests, &payloads)
+                    .await;
+            }
         };
         let group = slot.flushers(|| self.flusher_writer())?;
         let (reply, answer) = tokio::sync::oneshot::channel();

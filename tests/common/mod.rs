@@ -98,13 +98,18 @@ impl Store for PgStore {
     }
 
     async fn now(&self) -> DateTime<Utc> {
-        sql_client(&self.url)
-            .await
-            .query_one("SELECT now()", &[])
-            .await
-            .expect("read the clock")
-            .get(0)
+        database_now(&self.url).await
     }
+}
+
+/// The clock of the database at `url`.
+async fn database_now(url: &str) -> DateTime<Utc> {
+    sql_client(url)
+        .await
+        .query_one("SELECT now()", &[])
+        .await
+        .expect("read the clock")
+        .get(0)
 }
 
 /// A migrated Postgres database, registries with group commit off (every append a statement
@@ -180,12 +185,7 @@ impl Store for CitusStore {
     }
 
     async fn now(&self) -> DateTime<Utc> {
-        sql_client(&self.url)
-            .await
-            .query_one("SELECT now()", &[])
-            .await
-            .expect("read the clock")
-            .get(0)
+        database_now(&self.url).await
     }
 }
 

@@ -279,9 +279,19 @@ impl Backend {
                 })
             }),
             Workload::Claim(_) => {
-                // Enough pending work that no claimer runs dry within the run.
-                let wanted = ((plan.warmup + plan.measure).as_secs_f64() * 2_000.0) as usize;
-                register_many(&*registry, "c-claim", wanted, Disposition::Rerun).await?;
+                // Enough pending work that no claimer runs dry within the run (20,000
+                // claims/s at most), registered set-based.
+                let wanted = ((plan.warmup + plan.measure).as_secs_f64() * 20_000.0) as i64;
+                let pool = connect_pool(&self.url, 1)?;
+                pool.get()
+                    .await?
+                    .execute(
+                        "INSERT INTO proclog.processes (process_id, kind, input, disposition)
+                         SELECT 'c-claim-' || g, 'bench', 'null', 'rerun'
+                           FROM generate_series(1, $1::bigint) g",
+                        &[&wanted],
+                    )
+                    .await?;
                 Arc::new(move |worker, _| {
                     let registry = Arc::clone(&registry);
                     Box::pin(async move {

@@ -24,29 +24,12 @@ const EVENTS_PER_PROCESS: i64 = 100;
 /// Workload: appends alone, during proclog's prune of a seeded history, and during one
 /// `DELETE` of the same history.
 pub async fn prune(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
-    let history: i64 = if plan.waiters >= 10_000 {
-        2_000_000
-    } else {
-        100_000
-    };
-    let registry = warm_registry(url, APPENDERS + 2).await?;
-    let ids = Arc::new(
-        register_many(
-            &*registry,
-            "retention-live",
-            APPENDERS,
-            Disposition::External,
-        )
-        .await?,
-    );
-    // No statement timeout: the one-statement DELETE and the seeding's VACUUM run long.
-    let admin = proclog::pg::connect_pool_with(
-        url,
-        &proclog::pg::PoolOptions {
-            statement_timeout: None,
-            ..proclog::pg::PoolOptions::new(1)
-        },
-    )?;
+    let Setup {
+        history,
+        registry,
+        ids,
+        admin,
+    } = Setup::new(url, plan, "retention-live", APPENDERS, 1).await?;
     let mut rows = Vec::new();
 
     let window = plan.measure;
@@ -107,6 +90,49 @@ pub async fn prune(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
         );
     }
     Ok(rows)
+}
+
+/// What both retention workloads start from.
+struct Setup {
+    /// Events of the history to prune (2,000,000 in `--full`, else 100,000).
+    history: i64,
+    registry: Arc<dyn ProcessRegistry>,
+    /// Live `external` processes for the appenders.
+    ids: Arc<Vec<ProcessId>>,
+    /// A pool of `admin_size` connections without a statement timeout (a one-statement
+    /// `DELETE` and the seeding's `VACUUM` run long).
+    admin: deadpool_postgres::Pool,
+}
+
+impl Setup {
+    async fn new(
+        url: &str,
+        plan: Plan,
+        prefix: &str,
+        live: usize,
+        admin_size: usize,
+    ) -> BenchResult<Self> {
+        let history = if plan.waiters >= 10_000 {
+            2_000_000
+        } else {
+            100_000
+        };
+        let registry = warm_registry(url, APPENDERS + 2).await?;
+        let ids = Arc::new(register_many(&*registry, prefix, live, Disposition::External).await?);
+        let admin = proclog::pg::connect_pool_with(
+            url,
+            &proclog::pg::PoolOptions {
+                statement_timeout: None,
+                ..proclog::pg::PoolOptions::new(admin_size)
+            },
+        )?;
+        Ok(Self {
+            history,
+            registry,
+            ids,
+            admin,
+        })
+    }
 }
 
 /// Terminal processes of `EVENTS_PER_PROCESS` events each, `events` in all, completed a day
@@ -229,28 +255,12 @@ const BUCKETS: i32 = 30;
 /// (with the appends beside it, as above), and reading a page of one log by process id
 /// when the bucket is not known (every partition's index probed) against the table as it is.
 pub async fn partitioning(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
-    let history: i64 = if plan.waiters >= 10_000 {
-        2_000_000
-    } else {
-        100_000
-    };
-    let registry = warm_registry(url, APPENDERS + 2).await?;
-    let ids = Arc::new(
-        register_many(
-            &*registry,
-            "partition-live",
-            APPENDERS + 1,
-            Disposition::External,
-        )
-        .await?,
-    );
-    let admin = proclog::pg::connect_pool_with(
-        url,
-        &proclog::pg::PoolOptions {
-            statement_timeout: None,
-            ..proclog::pg::PoolOptions::new(17)
-        },
-    )?;
+    let Setup {
+        history,
+        registry,
+        ids,
+        admin,
+    } = Setup::new(url, plan, "partition-live", APPENDERS + 1, 17).await?;
     let client = admin.get().await?;
     eprintln!("a copy of events in {BUCKETS} daily partitions, {history} events in the oldest ...");
     client
