@@ -226,8 +226,16 @@ impl Cluster {
         while Instant::now() < deadline {
             tokio::time::sleep(rng.millis(2000, 4000)).await;
             if bag.is_empty() {
+                let first = log.is_empty();
                 bag = FaultKind::scheduled(self.backend());
                 rng.shuffle(&mut bag);
+                if first {
+                    // The database's restarts come first, so that even a short round has
+                    // crashed every kind of node (the bag is drawn from its end).
+                    bag.sort_by_key(|kind| {
+                        matches!(kind, FaultKind::PgRestart | FaultKind::WorkerRestart)
+                    });
+                }
             }
             let kind = bag.pop().expect("refilled");
             let target = if kind.picks_a_pod() {
