@@ -589,14 +589,19 @@ impl ProcessRegistry for PgProcessRegistry {
             format!("WHERE {}", conditions.join(" AND "))
         };
         // Held to the page budget like events_after: by stored sizes here, by sizes as read
-        // in query_page.
+        // in query_page. The running size is summed over the page only, after the LIMIT: on
+        // distributed tables the ORDER BY ... LIMIT then runs on every shard (each returns at
+        // most a page), where a window over the whole table pulled every row to the
+        // coordinator (435 ms against 91 ms for 100,000 processes on 32 shards).
         let sql = format!(
-            "WITH page AS (
-                 SELECT p.*,
-                        sum(pg_column_size(p.input) + coalesce(pg_column_size(p.output), 0))
+            "WITH top AS (
+                 SELECT p.* FROM proclog.processes p {where_clause}
+                  ORDER BY created_at, process_id LIMIT ${}),
+             page AS (
+                 SELECT top.*,
+                        sum(pg_column_size(top.input) + coalesce(pg_column_size(top.output), 0))
                             OVER (ORDER BY created_at, process_id) AS upto
-                   FROM proclog.processes p {where_clause}
-                  ORDER BY created_at, process_id LIMIT ${})
+                   FROM top)
              SELECT {PROCESS_COLUMNS}, (SELECT count(*) FROM page) AS found FROM page
               WHERE upto - pg_column_size(input) - coalesce(pg_column_size(output), 0) < ${}
               ORDER BY created_at, process_id",

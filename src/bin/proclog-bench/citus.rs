@@ -85,11 +85,14 @@ enum Workload {
     Lifecycle(usize),
     /// `claim_runnable` of up to 10 pending processes (a scan of every shard on Citus).
     Claim(usize),
+    /// `claim_runnable` when nothing is runnable: a pod's idle poll (scans of every shard
+    /// on Citus), calls/s.
+    IdlePoll(usize),
     /// The first page (50) of the process list (a scan of every shard on Citus).
     List(usize),
 }
 
-const WORKLOADS: [Workload; 10] = [
+const WORKLOADS: [Workload; 11] = [
     Workload::Append(1),
     Workload::Append(16),
     Workload::Append(64),
@@ -99,6 +102,7 @@ const WORKLOADS: [Workload; 10] = [
     Workload::Read(16),
     Workload::Lifecycle(16),
     Workload::Claim(4),
+    Workload::IdlePoll(1),
     Workload::List(4),
 ];
 
@@ -112,6 +116,7 @@ impl Workload {
             Workload::Read(_) => "citus vs postgres: events_after page of 100",
             Workload::Lifecycle(_) => "citus vs postgres: register + complete",
             Workload::Claim(_) => "citus vs postgres: claim_runnable (claims/s)",
+            Workload::IdlePoll(_) => "citus vs postgres: idle claim poll (calls/s)",
             Workload::List(_) => "citus vs postgres: list page of 50",
         }
     }
@@ -125,6 +130,7 @@ impl Workload {
             | Workload::Read(n)
             | Workload::Lifecycle(n)
             | Workload::Claim(n)
+            | Workload::IdlePoll(n)
             | Workload::List(n) => n,
         }
     }
@@ -303,6 +309,31 @@ impl Backend {
                             )
                             .await?;
                         Ok(claims.len() as u64)
+                    })
+                })
+            }
+            Workload::IdlePoll(_) => {
+                // Nothing runnable: what the claim workload left unclaimed goes (what it
+                // claimed stays leased for 600 s, so the scans still pass over it).
+                connect_pool(&self.url, 1)?
+                    .get()
+                    .await?
+                    .execute(
+                        "DELETE FROM proclog.processes
+                          WHERE process_id LIKE 'c-claim-%' AND lease_owner IS NULL",
+                        &[],
+                    )
+                    .await?;
+                Arc::new(move |_, _| {
+                    let registry = Arc::clone(&registry);
+                    Box::pin(async move {
+                        let claims = registry
+                            .claim_runnable("bench-idle", Duration::from_secs(600), 10)
+                            .await?;
+                        if !claims.is_empty() {
+                            return Err("the idle poll found runnable work".into());
+                        }
+                        Ok(1)
                     })
                 })
             }

@@ -318,9 +318,11 @@ pub async fn partitioning(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
             &[&(BUCKETS - 1), &live.as_str()],
         )
         .await?;
-    client
-        .batch_execute("VACUUM ANALYZE bench_partition.events; VACUUM ANALYZE proclog.events")
-        .await?;
+    for table in ["bench_partition.events", "proclog.events"] {
+        client
+            .batch_execute(&format!("VACUUM ANALYZE {table}"))
+            .await?;
+    }
     let _ = client.batch_execute("CHECKPOINT").await;
 
     let mut rows = Vec::new();
