@@ -160,7 +160,11 @@ pub fn citus_installed() -> bool {
 /// A migrated database on the binary's shared Citus cluster (a coordinator and two
 /// workers): `processes` and `events` distributed by process id. Each pod gets the default
 /// registry (the layout detected: claims process by process, group commit stepping aside)
-/// with a pool of 8. `None` when Citus is not installed (see [`citus_installed`]).
+/// with a pool of 8 whose statements may run 60 s: 24 writers on one process queue on its
+/// row on one worker, which shares the two cores with the other servers and the rest of the
+/// suite, and the default 5 s cut some appends as `Unavailable` there (a transient answer the
+/// contract allows, which the concurrency cases do not retry). `None` when Citus is not
+/// installed (see [`citus_installed`]).
 pub struct CitusStore {
     pub url: String,
 }
@@ -180,7 +184,11 @@ impl CitusStore {
 #[async_trait]
 impl Store for CitusStore {
     async fn pod_with(&self, config: RegistryConfig) -> Arc<dyn ProcessRegistry> {
-        let pool = proclog::pg::connect_pool(&self.url, 8).expect("pool");
+        let options = proclog::pg::PoolOptions {
+            statement_timeout: Some(std::time::Duration::from_secs(60)),
+            ..proclog::pg::PoolOptions::new(8)
+        };
+        let pool = proclog::pg::connect_pool_with(&self.url, &options).expect("pool");
         Arc::new(PgProcessRegistry::new(pool, config))
     }
 
