@@ -1000,6 +1000,30 @@ async fn writer_and_reader_roles_work_on_every_node() {
         1
     );
 
+    // On every node, only the writer may execute the delegated functions (the workers'
+    // copies included: PUBLIC has no EXECUTE there).
+    let admin = pool.get().await.unwrap();
+    for function in proclog::pg::citus::DELEGATED_FUNCTIONS {
+        for (role, expected) in [("proclog_pod", "t"), ("proclog_ro", "f")] {
+            let answers: Vec<String> = admin
+                .query(
+                    "SELECT result FROM run_command_on_workers(
+                         format('SELECT has_function_privilege(%L, %L, ''EXECUTE'')', $1::text, $2::text))",
+                    &[&role, function],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            assert_eq!(
+                answers,
+                vec![expected; 2],
+                "{role} EXECUTE {function} on the workers"
+            );
+        }
+    }
+    drop(admin);
     let reader = as_role("proclog_ro");
     let before = reader.events_after(&id, 0, 100).await.unwrap();
     assert_eq!(

@@ -169,6 +169,11 @@ pub(crate) async fn distribute(pool: &Pool, lock_key: i64) -> Result<CitusLayout
             tracing::info!(function, "delegated to the worker of its process on Citus");
             layout.delegated_now.push((*function).to_owned());
         }
+        // Citus makes the workers' copies with the coordinator's grants but not its revokes:
+        // PUBLIC would keep EXECUTE there. Revoked again, and Citus carries it to every node.
+        tx.batch_execute(&format!("REVOKE ALL ON FUNCTION {function} FROM PUBLIC"))
+            .await
+            .map_err(db_error)?;
     }
     tx.commit().await.map_err(db_error)?;
     Ok(layout)
