@@ -233,6 +233,59 @@ impl Entry {
 }
 
 impl InMemoryProcessRegistry {
+    /// Writes the terminal event and column (the completion without its parent's message).
+    fn complete_locally(
+        &self,
+        id: &ProcessId,
+        completion: Completion,
+    ) -> ProcessResult<ProcessRecord> {
+        validate::completion(
+            &self.config.writer,
+            &completion,
+            self.config.max_payload_bytes,
+        )?;
+        let mut processes = self.lock();
+        let entry = processes
+            .get_mut(id)
+            .ok_or_else(|| ProcessError::NotFound(id.clone()))?;
+        if let Some(terminal) = &entry.record.terminal {
+            return if terminal.state == completion.state
+                && json_equal(&terminal.output, &completion.output)
+            {
+                Ok(entry.record.clone())
+            } else {
+                Err(ProcessError::AlreadyTerminal {
+                    id: id.clone(),
+                    state: terminal.state,
+                })
+            };
+        }
+        let at = now();
+        if let Some(fence) = &completion.fence
+            && !entry.fence_holds(fence, at)
+        {
+            return Err(ProcessError::LeaseLost { id: id.clone() });
+        }
+        let event = entry.push_event(
+            completion.state.event_type().to_owned(),
+            completion.output.clone(),
+            None,
+            &self.config.writer,
+            completion.fence,
+            at,
+        );
+        entry.record.status = completion.state.into();
+        entry.record.terminal = Some(TerminalRecord {
+            state: completion.state,
+            seq: event.seq,
+            output: completion.output,
+            completed_at: at,
+        });
+        entry.record.lease = None;
+        entry.lease_token = None;
+        Ok(entry.record.clone())
+    }
+
     /// An empty registry with `config`.
     pub fn new(config: RegistryConfig) -> Self {
         Self {
@@ -462,11 +515,18 @@ impl ProcessRegistry for InMemoryProcessRegistry {
                 && json_equal(&record.input, &registration.input)
                 && record.disposition == registration.disposition
                 && record.retry_policy == registration.retry
+                && record.parent == registration.parent
             {
                 Ok(record.clone())
             } else {
                 Err(ProcessError::Conflict { id })
             };
+        }
+        if let Some(parent) = &registration.parent {
+            let parent_ended = processes
+                .get(parent)
+                .map(|entry| entry.record.terminal.is_some());
+            crate::registry::check_parent(&id, parent, parent_ended)?;
         }
         let at = now();
         let wake = registration
@@ -496,6 +556,7 @@ impl ProcessRegistry for InMemoryProcessRegistry {
             retries: 0,
             retry_policy: registration.retry,
             trace_parent: registration.trace_parent,
+            parent: registration.parent,
         };
         processes.insert(
             id,
@@ -523,6 +584,10 @@ impl ProcessRegistry for InMemoryProcessRegistry {
             .filter(|record| {
                 filter.status.is_none_or(|status| record.status == status)
                     && filter.kind.as_ref().is_none_or(|kind| &record.kind == kind)
+                    && filter
+                        .parent
+                        .as_ref()
+                        .is_none_or(|parent| record.parent.as_ref() == Some(parent))
                     && filter
                         .created_after
                         .is_none_or(|after| record.created_at >= after)
@@ -645,51 +710,9 @@ impl ProcessRegistry for InMemoryProcessRegistry {
         id: &ProcessId,
         completion: Completion,
     ) -> ProcessResult<ProcessRecord> {
-        validate::completion(
-            &self.config.writer,
-            &completion,
-            self.config.max_payload_bytes,
-        )?;
-        let mut processes = self.lock();
-        let entry = processes
-            .get_mut(id)
-            .ok_or_else(|| ProcessError::NotFound(id.clone()))?;
-        if let Some(terminal) = &entry.record.terminal {
-            return if terminal.state == completion.state
-                && json_equal(&terminal.output, &completion.output)
-            {
-                Ok(entry.record.clone())
-            } else {
-                Err(ProcessError::AlreadyTerminal {
-                    id: id.clone(),
-                    state: terminal.state,
-                })
-            };
-        }
-        let at = now();
-        if let Some(fence) = &completion.fence
-            && !entry.fence_holds(fence, at)
-        {
-            return Err(ProcessError::LeaseLost { id: id.clone() });
-        }
-        let event = entry.push_event(
-            completion.state.event_type().to_owned(),
-            completion.output.clone(),
-            None,
-            &self.config.writer,
-            completion.fence,
-            at,
-        );
-        entry.record.status = completion.state.into();
-        entry.record.terminal = Some(TerminalRecord {
-            state: completion.state,
-            seq: event.seq,
-            output: completion.output,
-            completed_at: at,
-        });
-        entry.record.lease = None;
-        entry.lease_token = None;
-        Ok(entry.record.clone())
+        let record = self.complete_locally(id, completion)?;
+        crate::registry::tell_parent(self, &record).await;
+        Ok(record)
     }
 
     async fn claim(

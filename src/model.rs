@@ -267,6 +267,11 @@ pub struct ProcessRegistration {
     /// runs continue (over HTTP, the request's `traceparent` header when this is absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_parent: Option<String>,
+    /// The process that starts this one, recorded as its parent (it must exist): when this
+    /// one ends, the parent's log gets a `process.child` message, and cancelling the parent
+    /// requests cancellation of this one. A run's [`crate::RunContext::spawn`] sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ProcessId>,
 }
 
 /// How failures an engine marks retryable are retried: after a backoff, the process runs
@@ -394,7 +399,14 @@ impl ProcessRegistration {
             timeout_ms: None,
             retry: None,
             trace_parent: None,
+            parent: None,
         }
+    }
+
+    /// The same registration, recorded as a child of `parent`.
+    pub fn with_parent(mut self, parent: ProcessId) -> Self {
+        self.parent = Some(parent);
+        self
     }
 
     /// The same registration, not started before `delay` has passed (database clock).
@@ -526,6 +538,9 @@ pub struct ProcessRecord {
     /// The `traceparent` its runs' spans continue, given at registration.
     #[serde(default)]
     pub trace_parent: Option<String>,
+    /// The process that started it ([`ProcessRegistration::parent`]), if any.
+    #[serde(default)]
+    pub parent: Option<ProcessId>,
 }
 
 /// One event of a process log, as stored.
@@ -741,6 +756,9 @@ pub struct ProcessFilter {
     /// Only processes created before this instant.
     #[serde(default)]
     pub created_before: Option<DateTime<Utc>>,
+    /// Only the children of this process ([`ProcessRecord::parent`]).
+    #[serde(default)]
+    pub parent: Option<ProcessId>,
     /// Continue after this cursor (from [`ProcessPage::next`]).
     #[serde(default)]
     pub after: Option<ListCursor>,

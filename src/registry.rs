@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::error::ProcessResult;
+use crate::error::{ProcessError, ProcessResult};
 use crate::model::{
     AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, Message, ProcessEvent,
     ProcessFilter, ProcessId, ProcessPage, ProcessRecord, ProcessRegistration, PruneReport,
@@ -390,6 +390,53 @@ impl<T: ProcessRegistry + ?Sized> ProcessRegistry for std::sync::Arc<T> {
 }
 
 /// The append that stores `message` (checked against `payload_limit`).
+/// Whether `id` may be registered as a child of `parent`, which is unknown (`None`), ended
+/// (`Some(true)`) or live (`Some(false)`): only a live parent other than itself takes children.
+pub(crate) fn check_parent(
+    id: &ProcessId,
+    parent: &ProcessId,
+    parent_ended: Option<bool>,
+) -> ProcessResult<()> {
+    match parent_ended {
+        _ if parent == id => Err(ProcessError::InvalidInput(format!(
+            "process {id} cannot be its own parent"
+        ))),
+        None => Err(ProcessError::InvalidInput(format!(
+            "parent process {parent} does not exist"
+        ))),
+        Some(true) => Err(ProcessError::InvalidInput(format!(
+            "parent process {parent} has ended: it can start no more children"
+        ))),
+        Some(false) => Ok(()),
+    }
+}
+
+/// Tells the parent of `child` (just ended) that it ended: a `process.message` of topic
+/// [`crate::reserved::CHILD_TOPIC`], `{child, state}`, idempotent by the child's id, which
+/// makes a parent waiting in a join runnable. Best effort: the child's end stands whatever
+/// happens here (a parent that ended meanwhile wants nothing; a failure is logged, and a
+/// joining parent reads its children's terminal columns when it wakes to look again).
+pub(crate) async fn tell_parent(registry: &(dyn ProcessRegistry + '_), child: &ProcessRecord) {
+    let (Some(parent), Some(terminal)) = (&child.parent, &child.terminal) else {
+        return;
+    };
+    let request = AppendRequest::reserved(
+        crate::reserved::MESSAGE,
+        serde_json::json!({
+            "topic": crate::reserved::CHILD_TOPIC,
+            "payload": {"child": child.id, "state": terminal.state},
+        }),
+    )
+    .with_replay_key(crate::reserved::child_ended_key(child.id.as_str()));
+    match registry.append_event(parent, request).await {
+        Ok(_) | Err(ProcessError::ProcessTerminal { .. }) | Err(ProcessError::NotFound(_)) => {}
+        Err(err) => tracing::warn!(
+            process_id = %child.id, parent = %parent, error = %err,
+            "could not tell the parent that its child ended; a join looks again later"
+        ),
+    }
+}
+
 pub(crate) fn message_request(
     message: &Message,
     payload_limit: usize,

@@ -31,8 +31,15 @@ pub const TIMER: &str = "process.timer";
 /// [`receipt_key`].
 pub const RECEIVED: &str = "process.received";
 
+/// A spawned child: `{name, child}`, key [`spawn_key`].
+pub const SPAWNED: &str = "process.spawned";
+
+/// The topic of the [`MESSAGE`] a parent gets when a child ends: payload `{child, state}`,
+/// key [`child_ended_key`]. A run joining its children waits for it.
+pub const CHILD_TOPIC: &str = "process.child";
+
 /// The event types a run replays: steps, timers and receipts.
-pub const JOURNAL: &[&str] = &[STEP, TIMER, RECEIVED];
+pub const JOURNAL: &[&str] = &[STEP, TIMER, RECEIVED, SPAWNED];
 
 /// The replay key of step `name`: `proclog:step:<name>`.
 pub fn step_key(name: &str) -> String {
@@ -53,6 +60,17 @@ pub fn receipt_key(topic: &str, n: u64) -> String {
 /// `proclog:recv-timeout:<topic>:<n>`.
 pub fn receive_timeout_key(topic: &str, n: u64) -> String {
     format!("proclog:recv-timeout:{topic}:{n}")
+}
+
+/// The replay key of the spawn of child `name`: `proclog:spawn:<name>`.
+pub fn spawn_key(name: &str) -> String {
+    format!("proclog:spawn:{name}")
+}
+
+/// The replay key of the message telling a parent that `child` ended:
+/// `proclog:child:<child>`.
+pub fn child_ended_key(child: &str) -> String {
+    format!("proclog:child:{child}")
 }
 
 /// The replay key of a message sent with the caller's key: `proclog:msg:<key>`.

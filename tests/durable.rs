@@ -795,3 +795,260 @@ async fn a_large_retryable_error_is_retried_and_a_bad_kind_policy_stops_the_pod(
     ));
     stack.shutdown().await;
 }
+
+// CONTRACT §10, children: spawned once per name, joined without a pod, cancelled with their
+// parent.
+
+/// Spawns three children (the first with an id of its own, new on every call: only the
+/// memoized spawn keeps it from being started again by a later run), joins them all and
+/// answers the sum of their outputs.
+fn parent_of_three() -> FnEngine {
+    engine(|run| async move {
+        let mut children = Vec::new();
+        for n in 0..3 {
+            let mut registration = ProcessRegistration::new("child", json!(n));
+            if n == 0 {
+                registration = registration.with_id(ProcessId::generate());
+            }
+            children.push(run.spawn(&format!("c{n}"), registration).await?);
+        }
+        let ended = run.join_all(&children).await?;
+        let sum: i64 = ended.iter().map(|end| end.output.as_i64().unwrap()).sum();
+        Ok(json!({"sum": sum, "children": children}))
+    })
+}
+
+/// Waits for a `go` message, then answers ten times its input.
+fn child_waiting_for_go() -> FnEngine {
+    engine(|run| async move {
+        run.recv("go", None).await?;
+        Ok(json!(run.process.input.as_i64().unwrap() * 10))
+    })
+}
+
+async fn children_of(stack: &Proclog, parent: &ProcessId) -> Vec<ProcessRecord> {
+    stack
+        .registry()
+        .list_processes(proclog::ProcessFilter {
+            parent: Some(parent.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .processes
+}
+
+async fn spawn_and_join_on(stack: &Proclog) {
+    let pod = Pod::builder(stack)
+        .engine("parent", parent_of_three())
+        .engine("child", child_waiting_for_go())
+        .poll_interval(Duration::from_secs(3600))
+        .start()
+        .await
+        .unwrap();
+    let registry = stack.registry();
+    let parent = registry
+        .register_process(ProcessRegistration::new("parent", json!(null)))
+        .await
+        .unwrap();
+    let waiting = until_waiting(stack, &parent.id).await;
+    assert_eq!(waiting.waiting_for.as_deref(), Some("process.child"));
+    assert!(waiting.lease.is_none(), "a join holds no pod");
+    let children = children_of(stack, &parent.id).await;
+    assert_eq!(children.len(), 3);
+    for child in &children {
+        assert_eq!(child.parent.as_ref(), Some(&parent.id));
+        until_waiting(stack, &child.id).await;
+    }
+    assert!(
+        children
+            .iter()
+            .any(|child| child.id.as_str() == format!("{}.c1", parent.id)),
+        "an id not given is derived from the parent's and the name"
+    );
+    // The children end one by one; each end wakes the parent, which looks and waits again.
+    for child in &children {
+        registry
+            .send_message(&child.id, Message::new("go", json!(null)))
+            .await
+            .unwrap();
+    }
+    let end = stack
+        .driver()
+        .await_terminal(&parent.id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(end.state, TerminalState::Completed);
+    assert_eq!(end.output["sum"], 30);
+    assert_eq!(
+        children_of(stack, &parent.id).await.len(),
+        3,
+        "runs that resumed the parent spawned nothing again"
+    );
+    let events = common::log_of(registry.as_ref(), &parent.id).await;
+    assert_eq!(events_of(&events, "process.spawned").len(), 3);
+    let told: Vec<_> = events_of(&events, "process.message")
+        .into_iter()
+        .filter(|event| event.payload["topic"] == "process.child")
+        .collect();
+    assert_eq!(told.len(), 3, "each child's end reached the parent once");
+    assert!(
+        told.iter()
+            .all(|event| event.payload["payload"]["state"] == "completed")
+    );
+    assert_eq!(
+        registry
+            .get_process(&parent.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .attempts,
+        1,
+        "resumes are not reruns"
+    );
+    pod.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_spawns_children_once_and_joins_them_without_a_pod() {
+    let memory = memory_stack(Duration::from_secs(5));
+    spawn_and_join_on(&memory).await;
+    memory.shutdown().await;
+    let url = common::migrated_database_url().await;
+    let pg = Proclog::builder(url).start().await.unwrap();
+    spawn_and_join_on(&pg).await;
+    pg.shutdown().await;
+}
+
+/// Spawns a child that ends at once and one that waits for `go`, then joins both.
+fn parent_of_two() -> FnEngine {
+    engine(|run| async move {
+        let quick = run
+            .spawn("quick", ProcessRegistration::new("quick", json!(null)))
+            .await?;
+        let slow = run
+            .spawn("slow", ProcessRegistration::new("child", json!(1)))
+            .await?;
+        run.join_all(&[quick, slow]).await?;
+        Ok(json!("joined"))
+    })
+}
+
+async fn cancel_cascade_on(stack: &Proclog) {
+    let pod = Pod::builder(stack)
+        .engine("parent", parent_of_two())
+        .engine("child", child_waiting_for_go())
+        .engine("quick", engine(|_run| async move { Ok(json!("done")) }))
+        .poll_interval(Duration::from_secs(3600))
+        .start()
+        .await
+        .unwrap();
+    let registry = stack.registry();
+    let parent = registry
+        .register_process(ProcessRegistration::new("parent", json!(null)))
+        .await
+        .unwrap();
+    let quick = ProcessId::new(format!("{}.quick", parent.id)).unwrap();
+    let slow = ProcessId::new(format!("{}.slow", parent.id)).unwrap();
+    until_waiting(stack, &parent.id).await;
+    stack
+        .driver()
+        .await_terminal(&quick, Duration::from_secs(60))
+        .await
+        .unwrap();
+    until_waiting(stack, &slow).await;
+    until_waiting(stack, &parent.id).await;
+    let record = proclog::pod::cancel_process(
+        registry.as_ref(),
+        &parent.id,
+        "test",
+        json!("changed my mind"),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(record.status, ProcessStatus::Cancelled);
+    let slow_end = stack
+        .driver()
+        .await_terminal(&slow, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(slow_end.state, TerminalState::Cancelled);
+    assert_eq!(
+        slow_end.output["request"]["reason"]["parent"],
+        json!(parent.id),
+        "the child's request names its parent"
+    );
+    let quick_end = registry.get_process(&quick).await.unwrap().unwrap();
+    assert_eq!(
+        quick_end.terminal.unwrap().state,
+        TerminalState::Completed,
+        "an ended child keeps its end"
+    );
+    pod.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_parent_cancels_its_children_that_have_not_ended() {
+    let memory = memory_stack(Duration::from_secs(5));
+    cancel_cascade_on(&memory).await;
+    memory.shutdown().await;
+    let url = common::migrated_database_url().await;
+    let pg = Proclog::builder(url).start().await.unwrap();
+    cancel_cascade_on(&pg).await;
+    pg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_not_told_of_an_end_looks_again_after_its_recheck_period() {
+    // The joined process is not a child: its end sends no message, as when the pod that
+    // ended a child died before telling the parent.
+    let url = common::migrated_database_url().await;
+    let stack = Proclog::builder(url).start().await.unwrap();
+    let registry = stack.registry();
+    let other = registry
+        .register_process(
+            ProcessRegistration::new("external", json!(null))
+                .with_disposition(proclog::Disposition::External),
+        )
+        .await
+        .unwrap();
+    let joined = other.id.clone();
+    let pod = Pod::builder(&stack)
+        .engine(
+            "joiner",
+            engine(move |run| {
+                let joined = joined.clone();
+                async move {
+                    let end = run.join(&joined).await?;
+                    Ok(json!({"state": end.state}))
+                }
+            }),
+        )
+        .join_recheck(Duration::from_millis(300))
+        .poll_interval(Duration::from_millis(100))
+        .start()
+        .await
+        .unwrap();
+    let joiner = registry
+        .register_process(ProcessRegistration::new("joiner", json!(null)))
+        .await
+        .unwrap();
+    let waiting = until_waiting(&stack, &joiner.id).await;
+    assert!(waiting.wake_at.is_some(), "the join looks again later");
+    registry
+        .complete_process(
+            &other.id,
+            proclog::Completion::new(TerminalState::Failed, json!("gone")),
+        )
+        .await
+        .unwrap();
+    let end = stack
+        .driver()
+        .await_terminal(&joiner.id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(end.output, json!({"state": "failed"}));
+    pod.shutdown().await;
+    stack.shutdown().await;
+}

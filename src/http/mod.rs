@@ -140,6 +140,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
     let v1 = Router::new()
         .route("/processes", post(routes::register).get(routes::list))
         .route("/processes/{id}", get(routes::get))
+        .route("/processes/{id}/children", get(routes::children))
         .route(
             "/processes/{id}/events",
             post(routes::append).get(routes::events),

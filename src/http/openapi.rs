@@ -121,6 +121,7 @@ pub struct Readiness {
         routes::register,
         routes::list,
         routes::get,
+        routes::children,
         routes::append,
         routes::events,
         routes::stream,

@@ -99,6 +99,8 @@ pub(super) struct ListQuery {
     status: Option<ProcessStatus>,
     /// Only processes of this kind.
     kind: Option<String>,
+    /// Only the children of this process.
+    parent: Option<String>,
     /// Only processes created at or after this instant (RFC 3339, years 1 to 9999).
     created_after: Option<DateTime<Utc>>,
     /// Only processes created before this instant (RFC 3339, years 1 to 9999).
@@ -149,17 +151,70 @@ pub(super) async fn list(
     let filter = ProcessFilter {
         status: query.status,
         kind: query.kind,
+        parent: query.parent.as_deref().map(query_id).transpose()?,
         created_after: query.created_after,
         created_before: query.created_before,
         after: query.cursor.as_deref().map(parse_cursor).transpose()?,
         limit: query.limit,
     };
+    list_page(&state, filter).await
+}
+
+async fn list_page(state: &ApiState, filter: ProcessFilter) -> Result<Response, ApiError> {
     let page = state.services.registry.list_processes(filter).await?;
     Ok(axum::Json(json!({
         "processes": page.processes,
         "next_cursor": page.next.as_ref().map(format_cursor),
     }))
     .into_response())
+}
+
+fn query_id(raw: &str) -> Result<ProcessId, ApiError> {
+    ProcessId::new(raw).map_err(ApiError::from)
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct ChildrenQuery {
+    /// Only children in this status.
+    status: Option<ProcessStatus>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Page size: 1 to 1,000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u32>,
+}
+
+#[utoipa::path(
+    get, path = "/v1/processes/{id}/children", tag = "processes",
+    params(("id" = ProcessId, Path, description = "Process id: 1 to 128 characters from [A-Za-z0-9._:-]"), ChildrenQuery),
+    responses(
+        (status = 200, description = "One page of the processes it started, oldest first", body = ProcessList),
+        (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
+        (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "Unknown process (`not_found`)", body = ErrorBody),
+        (status = 500, description = "Unexpected failure, logged (`database_error`, `internal_error`)", body = ErrorBody),
+        (status = 503, description = "Database unavailable (`unavailable`)", body = ErrorBody)
+    )
+)]
+pub(super) async fn children(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<ChildrenQuery>,
+) -> Result<Response, ApiError> {
+    let id = path_id(&id)?;
+    let after = query.cursor.as_deref().map(parse_cursor).transpose()?;
+    if after.is_none() && state.services.registry.get_process(&id).await?.is_none() {
+        return Err(crate::ProcessError::NotFound(id).into());
+    }
+    let filter = ProcessFilter {
+        status: query.status,
+        parent: Some(id),
+        after,
+        limit: query.limit,
+        ..ProcessFilter::default()
+    };
+    list_page(&state, filter).await
 }
 
 /// One event (`{"event_type": ...}`) or a batch (`{"events": [...]}`).

@@ -59,7 +59,7 @@ macro_rules! process_columns {
          lease_owner, lease_generation, lease_expires_at, terminal_state, terminal_seq, output, \
          completed_at, attempts, started_at, cancel_request, \
          CASE WHEN isfinite(wake_at) THEN wake_at END AS wake_at, waiting_for, deadline, \
-         retries, retry_policy, trace_parent"
+         retries, retry_policy, trace_parent, parent_id"
     };
 }
 pub(crate) use process_columns;
@@ -231,6 +231,11 @@ pub(crate) fn sized_process_from_row(row: &Row) -> Result<(ProcessRecord, usize)
         retries: row.try_get("retries").map_err(db_error)?,
         retry_policy,
         trace_parent: row.try_get("trace_parent").map_err(db_error)?,
+        parent: row
+            .try_get::<_, Option<String>>("parent_id")
+            .map_err(db_error)?
+            .map(|parent| ProcessId::new(parent).map_err(|err| corrupt("parent id", err)))
+            .transpose()?,
     };
     Ok((record, input_size + output_size))
 }

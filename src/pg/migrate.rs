@@ -78,6 +78,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0011_citus_delegation.sql",
         sql: include_str!("../../migrations/0011_citus_delegation.sql"),
     },
+    Migration {
+        version: 12,
+        name: "0012_children.sql",
+        sql: include_str!("../../migrations/0012_children.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

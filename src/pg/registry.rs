@@ -443,18 +443,32 @@ impl ProcessRegistry for PgProcessRegistry {
             .map(|policy| serde_json::to_vec(policy).map(JsonText))
             .transpose()
             .map_err(|err| ProcessError::InvalidInput(format!("retry policy: {err}")))?;
+        if let Some(parent) = &registration.parent {
+            // A retried registration of a child whose parent ended since is still answered.
+            let parent_ended = match self.get_process(parent).await? {
+                Some(record) if record.terminal.is_some() => match self.get_process(&id).await? {
+                    Some(existing) if existing.parent.as_ref() == Some(parent) => {
+                        return Ok(existing);
+                    }
+                    _ => Some(true),
+                },
+                Some(_) => Some(false),
+                None => None,
+            };
+            crate::registry::check_parent(&id, parent, parent_ended)?;
+        }
         let inserted = self
             .query(
                 concat!(
                     "INSERT INTO proclog.processes
                             (process_id, kind, input, disposition, wake_at, deadline, retry_policy,
-                             trace_parent)
+                             trace_parent, parent_id)
                      VALUES ($1, $2, $3, $4,
                              coalesce($5::timestamptz,
                                       now() + $6::bigint * interval '1 millisecond'),
                              coalesce($7::timestamptz,
                                       now() + $8::bigint * interval '1 millisecond'),
-                             $9::jsonb, $10)
+                             $9::jsonb, $10, $11)
                      ON CONFLICT (process_id) DO NOTHING
                      RETURNING ",
                     process_columns!()
@@ -470,6 +484,7 @@ impl ProcessRegistry for PgProcessRegistry {
                     &millis(registration.timeout_ms),
                     &retry_policy,
                     &registration.trace_parent,
+                    &registration.parent.as_ref().map(ProcessId::as_str),
                 ],
             )
             .await?;
@@ -485,6 +500,7 @@ impl ProcessRegistry for PgProcessRegistry {
             && crate::model::json_equal(&existing.input, &registration.input)
             && existing.disposition == registration.disposition
             && existing.retry_policy == registration.retry
+            && existing.parent == registration.parent
         {
             Ok(existing)
         } else {
@@ -562,6 +578,11 @@ impl ProcessRegistry for PgProcessRegistry {
         if let Some(kind) = &filter.kind {
             params.push(kind);
             conditions.push(format!("kind = ${}", params.len()));
+        }
+        let parent = filter.parent.as_ref().map(|id| id.as_str().to_owned());
+        if let Some(parent) = &parent {
+            params.push(parent);
+            conditions.push(format!("parent_id = ${}", params.len()));
         }
         if let Some(after) = &filter.created_after {
             params.push(after);
@@ -734,7 +755,9 @@ impl ProcessRegistry for PgProcessRegistry {
         let row = rows
             .first()
             .ok_or_else(|| ProcessError::Database("complete_process returned no row".into()))?;
-        process_from_row(row)
+        let record = process_from_row(row)?;
+        crate::registry::tell_parent(self, &record).await;
+        Ok(record)
     }
 
     async fn claim(

@@ -31,7 +31,10 @@ use tracing::Instrument;
 use super::engine::RunEvents;
 use super::retry::retry_write;
 use crate::error::{ProcessError, ProcessResult};
-use crate::model::{AppendRequest, ProcessEvent, ProcessId, RetryPolicy, Suspension};
+use crate::model::{
+    AppendRequest, ProcessEvent, ProcessId, ProcessRegistration, RetryPolicy, Suspension,
+    TerminalRecord,
+};
 use crate::reserved;
 
 /// Why a step, timer or receive could not give its answer.
@@ -136,6 +139,8 @@ fn delta(duration: Duration) -> TimeDelta {
 pub(crate) struct WaitPolicy {
     /// Waits up to this long are slept in the run; longer ones suspend the process.
     pub(crate) suspend_after: Duration,
+    /// A join not told of a child's end looks again after this long.
+    pub(crate) join_recheck: Duration,
 }
 
 /// The durable state of one run, shared by the engine's calls and the run's driver.
@@ -158,6 +163,7 @@ pub(crate) struct Durable {
 struct RunState {
     steps: HashSet<String>,
     timers: HashSet<String>,
+    spawns: HashSet<String>,
     receives: HashMap<String, u64>,
     last_received: HashMap<String, i64>,
     /// Set when the engine asked to suspend; the driver takes it once no durable wait is
@@ -657,6 +663,143 @@ impl Durable {
         .map(|()| None)
     }
 }
+
+impl Durable {
+    pub(crate) async fn spawn(
+        &self,
+        name: &str,
+        mut registration: ProcessRegistration,
+    ) -> Result<ProcessId, StepError> {
+        self.claim_name("child name", name, |state| &mut state.spawns)?;
+        let store = |source| StepError::Store {
+            name: name.to_owned(),
+            source,
+        };
+        let key = reserved::spawn_key(name);
+        if let Some(stored) = self.stored(&key).await.map_err(store)? {
+            return serde_json::from_value(stored.payload["child"].clone()).map_err(|err| {
+                StepError::Decode {
+                    name: name.to_owned(),
+                    reason: err.to_string(),
+                }
+            });
+        }
+        let child = registration
+            .id
+            .clone()
+            .unwrap_or_else(|| child_id(self.id(), name));
+        registration.id = Some(child.clone());
+        registration.parent = Some(self.id().clone());
+        // Registration is idempotent by id and content: a run that stopped between this and
+        // the record below registers the same child again, which answers the one it made.
+        let span = tracing::info_span!("spawn", child = name, child_id = %child);
+        self.read("child registration", || {
+            self.events.registry.register_process(registration.clone())
+        })
+        .instrument(span)
+        .await
+        .map_err(|err| match err {
+            ProcessError::InvalidInput(_) | ProcessError::Conflict { .. } => {
+                StepError::Invalid(format!("child {name:?}: {err}"))
+            }
+            err => store(err),
+        })?;
+        self.record(
+            reserved::SPAWNED,
+            json!({"name": name, "child": child}),
+            key,
+        )
+        .await
+        .map_err(store)?;
+        Ok(child)
+    }
+
+    pub(crate) async fn join(
+        &self,
+        children: &[ProcessId],
+    ) -> Result<Vec<TerminalRecord>, StepError> {
+        self.join_inner(children)
+            .instrument(tracing::info_span!("wait", children = children.len()))
+            .await
+    }
+
+    async fn join_inner(&self, children: &[ProcessId]) -> Result<Vec<TerminalRecord>, StepError> {
+        if children.is_empty() || children.len() > MAX_JOINED {
+            return Err(StepError::Invalid(format!(
+                "a join waits for 1 to {MAX_JOINED} children, not {}",
+                children.len()
+            )));
+        }
+        let store = |source| StepError::Store {
+            name: "join".to_owned(),
+            source,
+        };
+        let active = self.enter_wait();
+        let id = self.id().clone();
+        // The parent's last seq is read before the children: a child that ends after the
+        // read below tells the parent with a message past it, which wakes the wait at once.
+        let seen = self
+            .read("process read", || self.events.registry.get_process(&id))
+            .await
+            .map_err(store)?
+            .ok_or_else(|| store(ProcessError::NotFound(id.clone())))?
+            .last_seq;
+        let states = self
+            .read("children read", || {
+                self.events.registry.terminal_states(children)
+            })
+            .await
+            .map_err(store)?;
+        let mut ended = Vec::with_capacity(children.len());
+        let mut waiting = 0;
+        for child in children {
+            match states.get(child) {
+                None => {
+                    return Err(StepError::Invalid(format!(
+                        "joined process {child} does not exist"
+                    )));
+                }
+                Some(Some(terminal)) => ended.push(terminal.clone()),
+                Some(None) => waiting += 1,
+            }
+        }
+        if waiting == 0 {
+            return Ok(ended);
+        }
+        let recheck = TimeDelta::from_std(self.policy.join_recheck).unwrap_or(TimeDelta::MAX);
+        self.suspend(
+            Suspension {
+                wake_at: self.clock.now().checked_add_signed(recheck),
+                delay: None,
+                topic: Some(reserved::CHILD_TOPIC.to_owned()),
+                after_seq: seen,
+                retry: false,
+                reason: json!({"reason": "children", "waiting": waiting, "of": children.len()}),
+            },
+            active,
+        )
+        .await
+        .map(|()| Vec::new())
+    }
+}
+
+/// Most children one join waits for.
+pub const MAX_JOINED: usize = 1_000;
+
+/// The id of child `name` of `parent` when the run gives none: `<parent>.<name>`, or, when
+/// that is longer than an id may be, a UUID derived from both (the same for every run).
+pub(crate) fn child_id(parent: &ProcessId, name: &str) -> ProcessId {
+    let plain = format!("{parent}.{name}");
+    if let Ok(id) = ProcessId::new(plain.clone()) {
+        return id;
+    }
+    let derived = uuid::Uuid::new_v5(&CHILD_NAMESPACE, plain.as_bytes());
+    ProcessId::new(derived.to_string()).expect("a UUID is a valid id")
+}
+
+/// The namespace of derived child ids (a fixed random UUID).
+const CHILD_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6c0e_4e1f_0d2b_4f7a_9a53_2c1b_8e44_7d10);
 
 /// A durable wait in progress (see [`Durable::suspension_requested`]).
 struct ActiveWait<'a>(&'a Durable);

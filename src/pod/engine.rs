@@ -18,7 +18,10 @@ use super::durable::{Durable, StepCounts, StepError, TimerSpec};
 use super::lease::LeaseClock;
 use super::retry::retry_write;
 use crate::error::ProcessResult;
-use crate::model::{AppendOutcome, AppendRequest, Lease, ProcessEvent, ProcessRecord, RetryPolicy};
+use crate::model::{
+    AppendOutcome, AppendRequest, Lease, ProcessEvent, ProcessId, ProcessRecord,
+    ProcessRegistration, RetryPolicy, TerminalRecord,
+};
 use crate::registry::ProcessRegistry;
 
 /// How a run ended: `Ok(output)` completes the process, `Err(output)` fails it.
@@ -192,6 +195,43 @@ impl RunContext {
             .map_err(|err| StepError::Invalid(err.to_string()))?;
         }
         self.durable.recv(topic, timeout).await
+    }
+
+    /// Starts a child process, once per `name` whatever the number of runs (CONTRACT §10):
+    /// registers `registration` as a child of this process (its id, when not given, is
+    /// derived from this process's id and `name`, so a run that stopped before recording the
+    /// spawn registers the same child again, which answers the one already made) and records
+    /// `process.spawned {name, child}`; a later run gets the recorded id without registering.
+    /// When the child ends, this process's log gets a `process.message` of topic
+    /// `process.child` (`{child, state}`); cancelling this process requests cancellation of
+    /// its children that have not ended. Refused (`StepError::Invalid`): a bad name, a name
+    /// used twice, an invalid registration, or an id already used with other content.
+    pub async fn spawn(
+        &self,
+        name: &str,
+        registration: ProcessRegistration,
+    ) -> Result<ProcessId, StepError> {
+        self.durable.spawn(name, registration).await
+    }
+
+    /// Waits until `child` has ended and returns its terminal record. See
+    /// [`RunContext::join_all`].
+    pub async fn join(&self, child: &ProcessId) -> Result<TerminalRecord, StepError> {
+        let mut ended = self.durable.join(std::slice::from_ref(child)).await?;
+        ended
+            .pop()
+            .ok_or_else(|| StepError::Invalid("a join answered nothing".into()))
+    }
+
+    /// Waits until every one of `children` (1 to 1,000 processes, usually spawned by this
+    /// run) has ended and returns their terminal records in the same order. The wait holds
+    /// no pod when they have not all ended: the process is `waiting` until a child's end
+    /// reaches it as a `process.child` message (or, should that message be lost with the pod
+    /// that ended the child, until the pod's `join_recheck` period has passed), then a run
+    /// replays up to here and looks again. The answer is read from the children's terminal
+    /// columns, never from the messages. An unknown id is `StepError::Invalid`.
+    pub async fn join_all(&self, children: &[ProcessId]) -> Result<Vec<TerminalRecord>, StepError> {
+        self.durable.join(children).await
     }
 
     /// Marks the failure this run is about to return as retryable and returns `error`

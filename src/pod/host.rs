@@ -168,6 +168,14 @@ impl PodBuilder<'_> {
         self
     }
 
+    /// How long a run waiting for its children waits before it looks at them again without
+    /// being told that one ended (default 10 min; at least 10 ms). See
+    /// [`crate::pod::WorkerConfig::join_recheck`].
+    pub fn join_recheck(mut self, period: Duration) -> Self {
+        self.config.join_recheck = period.max(Duration::from_millis(10));
+        self
+    }
+
     /// The period of the pod's heartbeat in `proclog.pods` (default 5 s, 100 ms to 10 min).
     /// Other pods and the console call it `gone` after three periods without one.
     pub fn heartbeat_every(mut self, period: Duration) -> Self {

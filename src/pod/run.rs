@@ -300,6 +300,7 @@ impl Run {
             DbClock::new(claimed_on_database, Instant::now()),
             WaitPolicy {
                 suspend_after: shared.config.suspend_after,
+                join_recheck: shared.config.join_recheck,
             },
             stop.clone(),
             retry_policy,

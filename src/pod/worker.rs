@@ -56,11 +56,15 @@ pub struct WorkerConfig {
     /// Durable waits (timers) up to this long are slept in the run; longer ones suspend the
     /// process, giving its lease and slot back (CONTRACT §9).
     pub suspend_after: Duration,
+    /// A run waiting for children ([`crate::RunContext::join`]) is woken when a child ends
+    /// (its parent gets a message); it also looks again this long after it began to wait,
+    /// in case the writer of a child's end was lost before it sent the message.
+    pub join_recheck: Duration,
 }
 
 impl WorkerConfig {
     /// Defaults for `pod_id`: 8 at once, 15 s leases, 2 s poll, 10 s grace, 3 s margin,
-    /// waits over 2 s suspended.
+    /// waits over 2 s suspended, joins looked at again every 10 min.
     pub fn new(pod_id: impl Into<String>) -> Self {
         Self {
             pod_id: pod_id.into(),
@@ -70,6 +74,7 @@ impl WorkerConfig {
             grace: Duration::from_secs(10),
             hard_stop_margin: Duration::from_secs(3),
             suspend_after: Duration::from_secs(2),
+            join_recheck: Duration::from_secs(600),
         }
     }
 }

@@ -188,6 +188,11 @@ impl<R: ProcessRegistry> ProcessRegistry for WatchedProcessRegistry<R> {
     ) -> ProcessResult<ProcessRecord> {
         let record = self.inner.complete_process(id, completion).await?;
         self.hub.tick(id);
+        if let Some(parent) = &record.parent {
+            // The registry told the parent (a message in its log): it may be runnable now.
+            self.hub.tick(parent);
+            self.work.work_available();
+        }
         if std::panic::catch_unwind(AssertUnwindSafe(|| self.hint.completed(id))).is_err() {
             self.sink_panics.fetch_add(1, Ordering::Relaxed);
             tracing::error!(process_id = %id, "the completion hint panicked; the completion stands");

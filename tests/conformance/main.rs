@@ -6,6 +6,7 @@
 mod common;
 
 mod append;
+mod children;
 mod complete;
 mod concurrency;
 mod durable;
@@ -142,4 +143,7 @@ conformance! {
     durable::bad_schedules_are_invalid_input,
     durable::a_waiting_process_can_be_cancelled,
     durable::proclogs_replay_keys_are_not_a_callers,
+    children::a_child_records_its_parent_and_is_listed_under_it,
+    children::a_child_needs_a_live_parent,
+    children::a_childs_end_reaches_its_waiting_parent_once,
 }
