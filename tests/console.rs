@@ -808,3 +808,62 @@ async fn a_takeover_moves_the_takeover_histogram() {
     http_b.shutdown().await;
     stack_b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_process_page_shows_its_parent_and_its_children() {
+    let url = testing::migrated_database_url().await.unwrap();
+    let (stack, pod, http) = start_pod(&url, "pod-tree", 1, None).await;
+    let registry = stack.registry();
+    let parent = registry
+        .register_process(
+            ProcessRegistration::new("tree", json!(null))
+                .with_id(ProcessId::new("tree-root").unwrap())
+                .with_disposition(proclog::Disposition::External),
+        )
+        .await
+        .unwrap();
+    for name in ["leaf-a", "leaf-<b>"] {
+        let id = ProcessId::new(name.replace(['<', '>'], "_")).unwrap();
+        registry
+            .register_process(
+                ProcessRegistration::new("tree", json!(name))
+                    .with_id(id)
+                    .with_parent(parent.id.clone())
+                    .with_disposition(proclog::Disposition::External),
+            )
+            .await
+            .unwrap();
+    }
+    let client = reqwest::Client::new();
+    let home = base(&http);
+    let page = client
+        .get(format!("{home}/ui/processes/tree-root"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(r#"id="children""#), "{page}");
+    assert!(page.contains(r#"<a href="/ui/processes/leaf-a">leaf-a</a>"#));
+    assert!(page.contains(r#"<a href="/ui/processes/leaf-_b_">leaf-_b_</a>"#));
+    let leaf = client
+        .get(format!("{home}/ui/processes/leaf-a"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        leaf.contains(r#"<dd id="parent"><a href="/ui/processes/tree-root">tree-root</a></dd>"#),
+        "{leaf}"
+    );
+    assert!(
+        !leaf.contains(r#"id="children""#),
+        "a leaf has no children panel"
+    );
+    http.shutdown().await;
+    pod.shutdown().await;
+    stack.shutdown().await;
+}

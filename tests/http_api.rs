@@ -1434,3 +1434,76 @@ async fn the_deepest_accepted_value_round_trips_over_http() {
     assert_eq!(data[0]["payload"], deep);
     assert_eq!(data[1]["payload"], deep);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn children_are_listed_under_their_parent_and_cancelled_with_it() {
+    let server = Server::start(&migrated_database_url().await, None).await;
+    server.external("mother").await;
+    for n in 0..3 {
+        let (status, body) = server
+            .post(
+                "/v1/processes",
+                json!({"id": format!("kid-{n}"), "kind": "k", "disposition": "external", "parent": "mother"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["parent"], "mother");
+    }
+    server.external("stranger").await;
+    let (status, page) = server.get("/v1/processes/mother/children?limit=2").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let ids = |page: &Value| -> Vec<String> {
+        page["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids(&page), ["kid-0", "kid-1"]);
+    let cursor = page["next_cursor"].as_str().unwrap();
+    let (_, rest) = server
+        .get(&format!(
+            "/v1/processes/mother/children?limit=2&cursor={}",
+            urlencode(cursor)
+        ))
+        .await;
+    assert_eq!(ids(&rest), ["kid-2"]);
+    let (_, filtered) = server.get("/v1/processes?parent=mother&limit=10").await;
+    assert_eq!(ids(&filtered), ["kid-0", "kid-1", "kid-2"]);
+
+    let (status, body) = server.get("/v1/processes/nobody/children").await;
+    assert_eq!((status, code(&body)), (StatusCode::NOT_FOUND, "not_found"));
+    let (status, body) = server.get("/v1/processes?parent=bad%20id").await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::BAD_REQUEST, "invalid_input")
+    );
+    let before = common::table_checksum(&server.database).await;
+    let (status, body) = server
+        .post(
+            "/v1/processes",
+            json!({"id": "orphan", "kind": "k", "parent": "nobody"}),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::BAD_REQUEST, "invalid_input"),
+        "{body}"
+    );
+    assert_eq!(common::table_checksum(&server.database).await, before);
+
+    let (status, record) = server
+        .post("/v1/processes/mother/cancel", json!({"reason": "stop"}))
+        .await;
+    assert_eq!(
+        (status, &record["status"]),
+        (StatusCode::OK, &json!("cancelled"))
+    );
+    let (_, kids) = server.get("/v1/processes/mother/children").await;
+    for kid in kids["processes"].as_array().unwrap() {
+        assert_eq!(kid["status"], "cancelled", "{kid}");
+    }
+    let (_, stranger) = server.get("/v1/processes/stranger").await;
+    assert_eq!(stranger["status"], "pending");
+}

@@ -574,10 +574,21 @@ pub(super) async fn process_page(
         Ok(journal) => render_steps(&journal, &events),
         Err(_) => String::new(),
     };
+    let children = match bounded(registry.list_processes(crate::ProcessFilter {
+        parent: Some(id.clone()),
+        limit: Some(CHILDREN_SHOWN),
+        ..Default::default()
+    }))
+    .await
+    {
+        Ok(page) => render_children(&id, &page),
+        Err(_) => String::new(),
+    };
     let body = format!(
         r#"<p><a href="/">← all processes</a></p>
 <div id="record" data-refresh="2000">{record_html}</div>
 {cancel}
+{children}
 {steps}
 <section class="panel"><h2>Timeline</h2>
 <p class="hint">Each event with the pod that wrote it and the lease generation it wrote under: a takeover shows as a new writer and a higher generation.</p>
@@ -646,6 +657,14 @@ fn render_record(record: &ProcessRecord) -> String {
             time(deadline)
         );
     }
+    if let Some(parent) = &record.parent {
+        let _ = write!(
+            schedule,
+            r#"<dt>parent</dt><dd id="parent"><a href="/ui/processes/{}">{}</a></dd>"#,
+            url_part(parent.as_str()),
+            esc(parent.as_str())
+        );
+    }
     if record.retries > 0 || record.retry_policy.is_some() {
         let _ = write!(
             schedule,
@@ -673,6 +692,46 @@ fn render_record(record: &ProcessRecord) -> String {
         last_seq = record.last_seq,
         input = esc(&truncate(&record.input.to_string(), 400)),
         created = time(&record.created_at),
+    )
+}
+
+/// Most children the process page lists.
+const CHILDREN_SHOWN: u32 = 100;
+
+/// The children panel: each child with its status, linked to its own page (where its own
+/// children are), and where the rest are when there are more.
+fn render_children(id: &ProcessId, page: &crate::ProcessPage) -> String {
+    if page.processes.is_empty() {
+        return String::new();
+    }
+    let mut rows = String::new();
+    for child in &page.processes {
+        let status = serde_json::to_value(child.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let _ = write!(
+            rows,
+            r#"<tr data-child="{id}"><td><a href="/ui/processes/{id_url}">{id}</a></td><td>{kind}</td><td><span class="badge {status}">{status}</span></td><td>{created}</td></tr>"#,
+            id = esc(child.id.as_str()),
+            id_url = url_part(child.id.as_str()),
+            kind = esc(&child.kind),
+            status = esc(&status),
+            created = time(&child.created_at),
+        );
+    }
+    let more = if page.next.is_some() {
+        format!(
+            r#"<p class="hint">The first {CHILDREN_SHOWN}; every child: <a href="/v1/processes/{0}/children">/v1/processes/{0}/children</a>.</p>"#,
+            url_part(id.as_str())
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        r#"<section class="panel" id="children"><h2>Children</h2>
+<p class="hint">Processes this one started; cancelling it cancels those that have not ended.</p>
+<table><thead><tr><th>child</th><th>kind</th><th>status</th><th>created</th></tr></thead><tbody>{rows}</tbody></table>{more}</section>"#
     )
 }
 
