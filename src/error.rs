@@ -55,6 +55,14 @@ pub enum ProcessError {
         /// The configured limit in bytes.
         limit: usize,
     },
+    /// A singleton start policy with `refuse` found a process of its key that has not ended.
+    #[error("a process of start key {key:?} has not ended: {existing}")]
+    StartRefused {
+        /// The start key.
+        key: String,
+        /// The process of the key that has not ended.
+        existing: ProcessId,
+    },
     /// Malformed input: a bad id, type, kind, owner, key, limit or state.
     #[error("invalid input: {0}")]
     InvalidInput(String),
@@ -101,6 +109,7 @@ impl ProcessError {
             ProcessError::ReplayConflict { .. } => "replay_conflict",
             ProcessError::ProcessTerminal { .. } => "process_terminal",
             ProcessError::AlreadyTerminal { .. } => "already_terminal",
+            ProcessError::StartRefused { .. } => "start_refused",
             ProcessError::LeaseLost { .. } => "lease_lost",
             ProcessError::PayloadTooLarge { .. } => "payload_too_large",
             ProcessError::InvalidInput(_) => "invalid_input",

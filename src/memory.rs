@@ -16,9 +16,10 @@ use crate::error::{ProcessError, ProcessResult};
 use crate::model::{
     AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, LeaseFence, LeaseInfo,
     LostOwner, ProcessEvent, ProcessFilter, ProcessId, ProcessPage, ProcessRecord,
-    ProcessRegistration, ProcessStatus, PruneReport, RunnableClaim, Suspension, TerminalRecord,
-    json_equal,
+    ProcessRegistration, ProcessStatus, PruneReport, RunnableClaim, StartDecision, StartOutcome,
+    StartPolicy, Suspension, TerminalRecord, json_equal,
 };
+use crate::registry::ParentState;
 use crate::registry::{ProcessRegistry, RegistryConfig};
 use crate::store::{
     ClusterStore, PodView, PresenceRecord, PresenceState, ProcessQuery, ProcessSummary,
@@ -33,6 +34,34 @@ pub struct InMemoryProcessRegistry {
     config: RegistryConfig,
     processes: Arc<Mutex<HashMap<ProcessId, Entry>>>,
     pods: Arc<Mutex<HashMap<String, PodRow>>>,
+    /// Start keys by (kind, key), as `proclog.start_keys` holds them. Locked before
+    /// `processes` when both are.
+    start_keys: Arc<Mutex<HashMap<(String, String), StartKey>>>,
+}
+
+/// The answer to a registration whose id exists: the process when the content is the same,
+/// else `Conflict`.
+fn existing_start(
+    processes: &HashMap<ProcessId, Entry>,
+    id: &ProcessId,
+    registration: &ProcessRegistration,
+) -> ProcessResult<StartOutcome> {
+    let record = &processes.get(id).expect("the caller checked").record;
+    if crate::registry::same_registration(record, registration) {
+        Ok(StartOutcome {
+            process: record.clone(),
+            decision: StartDecision::Existing,
+        })
+    } else {
+        Err(ProcessError::Conflict { id: id.clone() })
+    }
+}
+
+/// A start key's row: the process its last accepted start made, and the end of a
+/// de-duplication window.
+struct StartKey {
+    process_id: ProcessId,
+    expires_at: Option<DateTime<Utc>>,
 }
 
 /// A pod's row, as `proclog.pods` holds it.
@@ -292,6 +321,7 @@ impl InMemoryProcessRegistry {
             config,
             processes: Arc::new(Mutex::new(HashMap::new())),
             pods: Arc::new(Mutex::new(HashMap::new())),
+            start_keys: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -301,6 +331,7 @@ impl InMemoryProcessRegistry {
             config,
             processes: Arc::clone(&self.processes),
             pods: Arc::clone(&self.pods),
+            start_keys: Arc::clone(&self.start_keys),
         }
     }
 
@@ -506,29 +537,128 @@ impl ProcessRegistry for InMemoryProcessRegistry {
         &self,
         registration: ProcessRegistration,
     ) -> ProcessResult<ProcessRecord> {
+        self.start_process(registration)
+            .await
+            .map(|started| started.process)
+    }
+
+    async fn start_process(
+        &self,
+        mut registration: ProcessRegistration,
+    ) -> ProcessResult<StartOutcome> {
         validate::registration(&registration, self.config.max_payload_bytes)?;
         let id = registration.id.clone().unwrap_or_else(ProcessId::generate);
+        // Keys before processes, always: starts of one key are decided one at a time.
+        let mut keys = self
+            .start_keys
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         let mut processes = self.lock();
-        if let Some(existing) = processes.get(&id) {
-            let record = &existing.record;
-            return if record.kind == registration.kind
-                && json_equal(&record.input, &registration.input)
-                && record.disposition == registration.disposition
-                && record.retry_policy == registration.retry
-                && record.parent == registration.parent
-            {
-                Ok(record.clone())
-            } else {
-                Err(ProcessError::Conflict { id })
-            };
-        }
+
         if let Some(parent) = &registration.parent {
-            let parent_ended = processes
-                .get(parent)
-                .map(|entry| entry.record.terminal.is_some());
-            crate::registry::check_parent(&id, parent, parent_ended)?;
+            let state = processes.get(parent).map(|entry| ParentState {
+                ended: entry.record.terminal.is_some(),
+                cancelling: entry.record.cancel_request.is_some(),
+            });
+            let live = state.is_some_and(|state| !state.ended && !state.cancelling);
+            if !live
+                && state.is_some()
+                && processes
+                    .get(&id)
+                    .is_some_and(|entry| entry.record.parent.as_ref() == Some(parent))
+            {
+                return existing_start(&processes, &id, &registration);
+            }
+            crate::registry::check_parent(&id, parent, state)?;
         }
         let at = now();
+        let policy = registration.start_policy.clone();
+        if let Some(policy) = &policy {
+            let slot = (registration.kind.clone(), policy.key().to_owned());
+            let window = millis_delta(policy.window_ms());
+            if keys.get(&slot).is_some_and(|key| key.process_id == id)
+                && processes.contains_key(&id)
+            {
+                return existing_start(&processes, &id, &registration);
+            }
+            if let Some(key) = keys.get(&slot)
+                && let Some(entry) = processes.get_mut(&key.process_id)
+            {
+                let live = entry.record.terminal.is_none();
+                let unstarted = live
+                    && entry.record.status == ProcessStatus::Pending
+                    && entry.record.started_at.is_none()
+                    && entry.lease_token.is_none();
+                let decision = match policy {
+                    StartPolicy::Deduplicate { .. }
+                        if key.expires_at.is_some_and(|end| end > at) =>
+                    {
+                        Some(StartDecision::Deduplicated)
+                    }
+                    StartPolicy::Singleton { refuse: true, .. } if live => {
+                        return Err(ProcessError::StartRefused {
+                            key: policy.key().to_owned(),
+                            existing: key.process_id.clone(),
+                        });
+                    }
+                    StartPolicy::Singleton { .. } if live => Some(StartDecision::Running),
+                    StartPolicy::Debounce { .. } if unstarted => {
+                        let requested = registration
+                            .start_at
+                            .or_else(|| registration.start_in_ms.map(|ms| at + millis_delta(ms)));
+                        let wake = requested.map_or(at + window, |wake| wake.max(at + window));
+                        entry.record.input = registration.input.clone();
+                        entry.record.wake_at = Some(wake);
+                        entry.wake = Some(wake);
+                        entry.record.updated_at = at;
+                        Some(StartDecision::Debounced)
+                    }
+                    _ => None,
+                };
+                if let Some(decision) = decision {
+                    let process = entry.record.clone();
+                    if decision == StartDecision::Debounced {
+                        keys.insert(
+                            slot,
+                            StartKey {
+                                process_id: process.id.clone(),
+                                expires_at: None,
+                            },
+                        );
+                    }
+                    return Ok(StartOutcome { process, decision });
+                }
+            }
+            if processes.contains_key(&id) {
+                return existing_start(&processes, &id, &registration);
+            }
+            if let StartPolicy::Debounce { .. } = policy {
+                let requested = registration
+                    .start_at
+                    .or_else(|| registration.start_in_ms.map(|ms| at + millis_delta(ms)));
+                registration.start_at =
+                    Some(requested.map_or(at + window, |wake| wake.max(at + window)));
+                registration.start_in_ms = None;
+            }
+            keys.insert(
+                slot,
+                StartKey {
+                    process_id: id.clone(),
+                    expires_at: matches!(policy, StartPolicy::Deduplicate { .. })
+                        .then(|| at + window),
+                },
+            );
+        }
+        if processes.contains_key(&id) {
+            return existing_start(&processes, &id, &registration);
+        }
+        if let Some(parent) = &registration.parent {
+            processes
+                .get_mut(parent)
+                .expect("checked above")
+                .record
+                .has_children = true;
+        }
         let wake = registration
             .start_at
             .or_else(|| registration.start_in_ms.map(|ms| at + millis_delta(ms)));
@@ -557,6 +687,7 @@ impl ProcessRegistry for InMemoryProcessRegistry {
             retry_policy: registration.retry,
             trace_parent: registration.trace_parent,
             parent: registration.parent,
+            has_children: false,
         };
         processes.insert(
             id,
@@ -568,7 +699,10 @@ impl ProcessRegistry for InMemoryProcessRegistry {
                 replay_keys: HashMap::new(),
             },
         );
-        Ok(record)
+        Ok(StartOutcome {
+            process: record,
+            decision: StartDecision::Created,
+        })
     }
 
     async fn get_process(&self, id: &ProcessId) -> ProcessResult<Option<ProcessRecord>> {

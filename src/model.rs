@@ -272,6 +272,118 @@ pub struct ProcessRegistration {
     /// requests cancellation of this one. A run's [`crate::RunContext::spawn`] sets it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ProcessId>,
+    /// What this start does when other starts of the same key (within its kind) came before
+    /// it: see [`StartPolicy`]. [`crate::ProcessRegistry::start_process`] says what happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_policy: Option<StartPolicy>,
+}
+
+/// A start policy (CONTRACT §10): how a registration treats earlier starts of the same
+/// `key` among processes of its kind. A retried start (the same id as the key's process) is
+/// answered with that process whatever the policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
+#[serde(tag = "policy", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StartPolicy {
+    /// At most one start per key within `window_ms` of the last accepted one: a start within
+    /// the window is answered with that process ([`StartDecision::Deduplicated`]), whatever
+    /// its state.
+    Deduplicate {
+        /// The de-duplication key: 1 to 256 printable characters.
+        key: String,
+        /// The window, in milliseconds (1 ms to 30 days).
+        window_ms: u64,
+    },
+    /// At most one process of the key that has not ended: a start while one has not ended is
+    /// answered with it ([`StartDecision::Running`]) or, with `refuse`, refused
+    /// (`StartRefused`, naming it).
+    Singleton {
+        /// The key: 1 to 256 printable characters.
+        key: String,
+        /// Refuse the start instead of answering the process that has not ended.
+        #[serde(default)]
+        refuse: bool,
+    },
+    /// The start is delayed by `window_ms`; a later start of the key while that process has
+    /// not started yet replaces its input and delays it again by the window
+    /// ([`StartDecision::Debounced`]): the last start of a burst wins, once the burst has
+    /// been quiet for the window.
+    Debounce {
+        /// The key: 1 to 256 printable characters.
+        key: String,
+        /// The quiet period, in milliseconds (1 ms to 30 days).
+        window_ms: u64,
+    },
+}
+
+impl StartPolicy {
+    /// The policy's key.
+    pub fn key(&self) -> &str {
+        match self {
+            StartPolicy::Deduplicate { key, .. }
+            | StartPolicy::Singleton { key, .. }
+            | StartPolicy::Debounce { key, .. } => key,
+        }
+    }
+
+    /// Its name as stored: `deduplicate`, `singleton`, `debounce`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StartPolicy::Deduplicate { .. } => "deduplicate",
+            StartPolicy::Singleton { .. } => "singleton",
+            StartPolicy::Debounce { .. } => "debounce",
+        }
+    }
+
+    /// Its window in milliseconds (0 for a singleton).
+    pub fn window_ms(&self) -> u64 {
+        match self {
+            StartPolicy::Deduplicate { window_ms, .. }
+            | StartPolicy::Debounce { window_ms, .. } => *window_ms,
+            StartPolicy::Singleton { .. } => 0,
+        }
+    }
+}
+
+/// What a start did ([`crate::ProcessRegistry::start_process`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum StartDecision {
+    /// A new process was registered.
+    Created,
+    /// The process was registered before with the same id and content (a retried start).
+    Existing,
+    /// A start of the same key within the de-duplication window came first: its process.
+    Deduplicated,
+    /// A process of the same singleton key has not ended: that process.
+    Running,
+    /// A process of the same debounce key had not started: its input is this start's now,
+    /// and it starts a window from now.
+    Debounced,
+}
+
+impl StartDecision {
+    /// Its name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartDecision::Created => "created",
+            StartDecision::Existing => "existing",
+            StartDecision::Deduplicated => "deduplicated",
+            StartDecision::Running => "running",
+            StartDecision::Debounced => "debounced",
+        }
+    }
+}
+
+/// A start's answer: the process that stands for it and what happened.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
+pub struct StartOutcome {
+    /// The process: new, or the one an earlier start made.
+    pub process: ProcessRecord,
+    /// What happened.
+    pub decision: StartDecision,
 }
 
 /// How failures an engine marks retryable are retried: after a backoff, the process runs
@@ -400,7 +512,14 @@ impl ProcessRegistration {
             retry: None,
             trace_parent: None,
             parent: None,
+            start_policy: None,
         }
+    }
+
+    /// The same registration under a start policy.
+    pub fn with_start_policy(mut self, policy: StartPolicy) -> Self {
+        self.start_policy = Some(policy);
+        self
     }
 
     /// The same registration, recorded as a child of `parent`.
@@ -541,6 +660,9 @@ pub struct ProcessRecord {
     /// The process that started it ([`ProcessRegistration::parent`]), if any.
     #[serde(default)]
     pub parent: Option<ProcessId>,
+    /// Whether a child was ever registered with it as its parent.
+    #[serde(default)]
+    pub has_children: bool,
 }
 
 /// One event of a process log, as stored.

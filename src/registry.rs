@@ -10,7 +10,7 @@ use crate::error::{ProcessError, ProcessResult};
 use crate::model::{
     AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, Message, ProcessEvent,
     ProcessFilter, ProcessId, ProcessPage, ProcessRecord, ProcessRegistration, PruneReport,
-    RunnableClaim, Suspension, TerminalRecord,
+    RunnableClaim, StartDecision, StartOutcome, Suspension, TerminalRecord,
 };
 
 /// Events read per page when a default method scans a log.
@@ -27,10 +27,45 @@ pub trait ProcessRegistry: Send + Sync {
     /// disposition returns the existing record, whatever its state; different content is
     /// `Conflict`. Two concurrent registrations of one id create exactly one process and both
     /// succeed. Bad kind: `InvalidInput`; input over the limit: `PayloadTooLarge`.
+    /// With a [`ProcessRegistration::start_policy`], the policy decides first (see
+    /// [`ProcessRegistry::start_process`], which also says what happened); with a
+    /// [`ProcessRegistration::parent`], the parent must exist and not have ended
+    /// (`InvalidInput`), unless this is a retried registration of an existing child.
     async fn register_process(
         &self,
         registration: ProcessRegistration,
     ) -> ProcessResult<ProcessRecord>;
+
+    /// [`ProcessRegistry::register_process`], answering what happened: a new process
+    /// (`Created`), the same id and content registered before (`Existing`), or what the start
+    /// policy decided (`Deduplicated`, `Running`, `Debounced`, each with the earlier start's
+    /// process). A singleton policy with `refuse` is `StartRefused` while the key's process
+    /// has not ended. Starts of one key are decided one at a time, whatever the number of pods.
+    ///
+    /// The default answers a registration without a policy as `Created` (or `Existing` when
+    /// the id was there before) and refuses a policy (`InvalidInput`): both registries of
+    /// proclog implement the policies.
+    async fn start_process(
+        &self,
+        registration: ProcessRegistration,
+    ) -> ProcessResult<StartOutcome> {
+        if registration.start_policy.is_some() {
+            return Err(ProcessError::InvalidInput(
+                "this registry does not implement start policies".into(),
+            ));
+        }
+        let existed = match &registration.id {
+            Some(id) => self.get_process(id).await?.is_some(),
+            None => false,
+        };
+        let process = self.register_process(registration).await?;
+        let decision = if existed {
+            StartDecision::Existing
+        } else {
+            StartDecision::Created
+        };
+        Ok(StartOutcome { process, decision })
+    }
 
     /// The process, or `None` if no process has this id. A database error is an error.
     async fn get_process(&self, id: &ProcessId) -> ProcessResult<Option<ProcessRecord>>;
@@ -269,6 +304,13 @@ impl<T: ProcessRegistry + ?Sized> ProcessRegistry for std::sync::Arc<T> {
         (**self).register_process(registration).await
     }
 
+    async fn start_process(
+        &self,
+        registration: ProcessRegistration,
+    ) -> ProcessResult<StartOutcome> {
+        (**self).start_process(registration).await
+    }
+
     async fn get_process(&self, id: &ProcessId) -> ProcessResult<Option<ProcessRecord>> {
         (**self).get_process(id).await
     }
@@ -390,24 +432,37 @@ impl<T: ProcessRegistry + ?Sized> ProcessRegistry for std::sync::Arc<T> {
 }
 
 /// The append that stores `message` (checked against `payload_limit`).
-/// Whether `id` may be registered as a child of `parent`, which is unknown (`None`), ended
-/// (`Some(true)`) or live (`Some(false)`): only a live parent other than itself takes children.
+/// What a child's registration found of its parent.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ParentState {
+    /// The parent has ended.
+    pub(crate) ended: bool,
+    /// The parent was asked to stop (a cancellation request).
+    pub(crate) cancelling: bool,
+}
+
+/// Whether `id` may be registered as a child of `parent` (`None`: unknown): only a parent
+/// other than itself that has not ended and was not asked to stop takes children.
 pub(crate) fn check_parent(
     id: &ProcessId,
     parent: &ProcessId,
-    parent_ended: Option<bool>,
+    state: Option<ParentState>,
 ) -> ProcessResult<()> {
-    match parent_ended {
+    let refuse = |why: &str| {
+        Err(ProcessError::InvalidInput(format!(
+            "parent process {parent} {why}"
+        )))
+    };
+    match state {
         _ if parent == id => Err(ProcessError::InvalidInput(format!(
             "process {id} cannot be its own parent"
         ))),
-        None => Err(ProcessError::InvalidInput(format!(
-            "parent process {parent} does not exist"
-        ))),
-        Some(true) => Err(ProcessError::InvalidInput(format!(
-            "parent process {parent} has ended: it can start no more children"
-        ))),
-        Some(false) => Ok(()),
+        None => refuse("does not exist"),
+        Some(ParentState { ended: true, .. }) => refuse("has ended: it can start no more children"),
+        Some(ParentState {
+            cancelling: true, ..
+        }) => refuse("is being cancelled: it can start no more children"),
+        Some(_) => Ok(()),
     }
 }
 
@@ -435,6 +490,19 @@ pub(crate) async fn tell_parent(registry: &(dyn ProcessRegistry + '_), child: &P
             "could not tell the parent that its child ended; a join looks again later"
         ),
     }
+}
+
+/// Whether `existing` is what `registration` registers: the same kind, input (by JSON
+/// value), disposition, retry policy and parent. A start policy is not content.
+pub(crate) fn same_registration(
+    existing: &ProcessRecord,
+    registration: &ProcessRegistration,
+) -> bool {
+    existing.kind == registration.kind
+        && crate::model::json_equal(&existing.input, &registration.input)
+        && existing.disposition == registration.disposition
+        && existing.retry_policy == registration.retry
+        && existing.parent == registration.parent
 }
 
 pub(crate) fn message_request(

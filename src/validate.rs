@@ -300,6 +300,12 @@ pub fn registration(
     if let Some(policy) = &registration.retry {
         retry_policy(policy)?;
     }
+    if let Some(parent) = &registration.parent {
+        process_id(parent.as_str())?;
+    }
+    if let Some(policy) = &registration.start_policy {
+        start_policy(policy)?;
+    }
     if let Some(traceparent) = &registration.trace_parent
         && !is_traceparent(traceparent)
     {
@@ -308,6 +314,28 @@ pub fn registration(
         )));
     }
     payload_bytes(&registration.input, payload_limit)
+}
+
+/// Longest start key, in characters.
+pub const MAX_START_KEY_CHARS: usize = 256;
+
+/// Longest start policy window: 30 days.
+pub const MAX_START_WINDOW_MILLIS: u64 = 30 * 24 * 60 * 60 * 1000;
+
+/// A start policy: a printable key of 1 to [`MAX_START_KEY_CHARS`] characters, a window of
+/// 1 ms to [`MAX_START_WINDOW_MILLIS`] where the policy has one.
+pub fn start_policy(policy: &crate::model::StartPolicy) -> Result<(), ProcessError> {
+    printable("start key", policy.key(), MAX_START_KEY_CHARS)?;
+    if !matches!(policy, crate::model::StartPolicy::Singleton { .. }) {
+        let window = policy.window_ms();
+        if window == 0 || window > MAX_START_WINDOW_MILLIS {
+            return Err(invalid(format!(
+                "a {} window must be 1 to {MAX_START_WINDOW_MILLIS} ms, got {window}",
+                policy.name()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Whether `value` is a W3C `traceparent` of version 00 with non-zero ids.

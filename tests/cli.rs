@@ -212,10 +212,69 @@ async fn client_commands_drive_a_process_and_pod_logs_carry_ids() {
         ]))
         .await,
     );
+    // A child of it, listed under it, and a start policy that answers the first start.
+    let child = json_of(
+        &run(args(&[
+            "start",
+            "steps",
+            "--id",
+            "cli-2.a",
+            "--parent",
+            "cli-2",
+            "--disposition",
+            "external",
+            "--start-policy",
+            "deduplicate",
+            "--start-key",
+            "k1",
+            "--window-ms",
+            "60000",
+        ]))
+        .await,
+    );
+    assert_eq!(
+        (&child["parent"], &child["start"]),
+        (&json!("cli-2"), &json!("created"))
+    );
+    let again = json_of(
+        &run(args(&[
+            "start",
+            "steps",
+            "--parent",
+            "cli-2",
+            "--disposition",
+            "external",
+            "--start-policy",
+            "deduplicate",
+            "--start-key",
+            "k1",
+            "--window-ms",
+            "60000",
+        ]))
+        .await,
+    );
+    assert_eq!(
+        (&again["id"], &again["start"]),
+        (&json!("cli-2.a"), &json!("deduplicated"))
+    );
+    let children = json_of(&run(args(&["children", "cli-2"])).await);
+    assert_eq!(children["processes"][0]["id"], "cli-2.a");
+    let no_window = run(args(&[
+        "start",
+        "steps",
+        "--start-policy",
+        "debounce",
+        "--start-key",
+        "k",
+    ]))
+    .await;
+    assert!(String::from_utf8_lossy(&no_window.stderr).contains("needs --window-ms"));
     let cancelled = json_of(&run(args(&["cancel", "cli-2", "--reason", "testing"])).await);
     assert_eq!(cancelled["status"], "cancelled");
+    let child = json_of(&run(args(&["get", "cli-2.a"])).await);
+    assert_eq!(child["status"], "cancelled", "the cancel reached the child");
     let pruned = json_of(&run(args(&["prune", "--older-than-secs", "0"])).await);
-    assert_eq!(pruned["pruned"]["processes"], 2);
+    assert_eq!(pruned["pruned"]["processes"], 3);
 
     // Errors: a clear message and a non-zero exit.
     let missing = run(args(&["get", "cli-1"])).await;

@@ -1507,3 +1507,72 @@ async fn children_are_listed_under_their_parent_and_cancelled_with_it() {
     let (_, stranger) = server.get("/v1/processes/stranger").await;
     assert_eq!(stranger["status"], "pending");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn start_policies_over_http_say_what_happened() {
+    let server = Server::start(&migrated_database_url().await, None).await;
+    let start = |input: Value, policy: Value| json!({"kind": "hook", "input": input, "disposition": "external", "start_policy": policy});
+    let post = |body: Value| {
+        let request = server.client.post(server.url("/v1/processes")).json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            let header = response.headers()["proclog-start"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let body: Value = response.json().await.unwrap();
+            (status, header, body)
+        }
+    };
+    let dedup = json!({"policy": "deduplicate", "key": "delivery-1", "window_ms": 60000});
+    let (status, header, first) = post(start(json!(1), dedup.clone())).await;
+    assert_eq!(
+        (status, header.as_str()),
+        (StatusCode::CREATED, "created"),
+        "{first}"
+    );
+    assert_eq!(first["start"], "created");
+    let (status, header, second) = post(start(json!(2), dedup)).await;
+    assert_eq!((status, header.as_str()), (StatusCode::OK, "deduplicated"));
+    assert_eq!(
+        (&second["id"], &second["start"]),
+        (&first["id"], &json!("deduplicated"))
+    );
+
+    let single = json!({"policy": "singleton", "key": "tenant-1", "refuse": true});
+    let (status, _, one) = post(start(json!(1), single.clone())).await;
+    assert_eq!(status, StatusCode::CREATED, "{one}");
+    let before = common::table_checksum(&server.database).await;
+    let (status, body) = server.post("/v1/processes", start(json!(2), single)).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::CONFLICT, "start_refused")
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(one["id"].as_str().unwrap()),
+        "the refusal names the process: {body}"
+    );
+    for bad in [
+        json!({"policy": "deduplicate", "key": "k"}),
+        json!({"policy": "sometimes", "key": "k"}),
+        json!({"policy": "debounce", "key": "k", "window_ms": 0}),
+        json!({"policy": "singleton", "key": ""}),
+    ] {
+        let (status, body) = server
+            .post("/v1/processes", start(json!(3), bad.clone()))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+    assert_eq!(common::table_checksum(&server.database).await, before);
+    // A registration without a policy says it too, in the header only.
+    let (status, header, plain) =
+        post(json!({"id": "plain", "kind": "k", "disposition": "external"})).await;
+    assert_eq!((status, header.as_str()), (StatusCode::CREATED, "created"));
+    assert!(plain.get("start").is_none());
+    let (_, header, _) = post(json!({"id": "plain", "kind": "k", "disposition": "external"})).await;
+    assert_eq!(header, "existing");
+}

@@ -250,6 +250,32 @@ pub struct StartArgs {
     /// doubling to a minute between them).
     #[arg(long)]
     max_attempts: Option<u32>,
+    /// Start it as a child of this process (which must exist and not have ended).
+    #[arg(long)]
+    parent: Option<String>,
+    /// A start policy for `--start-key`: `deduplicate` (one start per key within
+    /// `--window-ms`), `singleton` (one process of the key that has not ended: a start while
+    /// one has not ended answers it), `singleton-refuse` (... or is refused), `debounce`
+    /// (start after `--window-ms` of quiet; the last start's input wins).
+    #[arg(long, requires = "start_key", value_parser = ["deduplicate", "singleton", "singleton-refuse", "debounce"])]
+    start_policy: Option<String>,
+    /// The key of `--start-policy` (among processes of this kind).
+    #[arg(long, requires = "start_policy")]
+    start_key: Option<String>,
+    /// The window of a `deduplicate` or `debounce` policy, in milliseconds.
+    #[arg(long)]
+    window_ms: Option<u64>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ChildrenArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The parent's id.
+    id: String,
+    /// Most children listed (1 to 1000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    limit: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -349,6 +375,22 @@ pub async fn start(args: StartArgs) -> CliResult {
         ProcessId::new(id.as_str()).map_err(|err| CliError::usage(err.to_string()))?;
         body["id"] = json!(id);
     }
+    if let Some(parent) = args.parent {
+        ProcessId::new(parent.as_str()).map_err(|err| CliError::usage(err.to_string()))?;
+        body["parent"] = json!(parent);
+    }
+    if let (Some(policy), Some(key)) = (args.start_policy, args.start_key) {
+        let window = || {
+            args.window_ms.ok_or_else(|| {
+                CliError::usage(format!("--start-policy {policy} needs --window-ms"))
+            })
+        };
+        body["start_policy"] = match policy.as_str() {
+            "singleton" => json!({"policy": "singleton", "key": key}),
+            "singleton-refuse" => json!({"policy": "singleton", "key": key, "refuse": true}),
+            name => json!({"policy": name, "key": key, "window_ms": window()?}),
+        };
+    }
     let connection = &args.connection;
     connection
         .call(
@@ -357,6 +399,15 @@ pub async fn start(args: StartArgs) -> CliResult {
             Some(&body),
             connection.request_timeout(),
         )
+        .await
+}
+
+pub async fn children(args: ChildrenArgs) -> CliResult {
+    let rest = format!("/children?limit={}", args.limit);
+    let path = process_path(&args.id, &rest)?;
+    let connection = &args.connection;
+    connection
+        .call(Method::GET, &path, None, connection.request_timeout())
         .await
 }
 

@@ -97,6 +97,8 @@ enum Command {
     Start(client::StartArgs),
     /// Show a process.
     Get(client::IdArgs),
+    /// List the processes a process started (its children), oldest first.
+    Children(client::ChildrenArgs),
     /// List a process's events.
     Events(client::EventsArgs),
     /// Follow a process's events live until it ends.
@@ -130,6 +132,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Probe { url, timeout_ms } => probe(&url, timeout_ms).await,
         Command::Start(args) => client::start(args).await,
         Command::Get(args) => client::get(args).await,
+        Command::Children(args) => client::children(args).await,
         Command::Events(args) => client::events(args).await,
         Command::Tail(args) => client::tail(args).await,
         Command::Await(args) => client::await_terminal(args).await,

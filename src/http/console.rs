@@ -574,15 +574,19 @@ pub(super) async fn process_page(
         Ok(journal) => render_steps(&journal, &events),
         Err(_) => String::new(),
     };
-    let children = match bounded(registry.list_processes(crate::ProcessFilter {
-        parent: Some(id.clone()),
-        limit: Some(CHILDREN_SHOWN),
-        ..Default::default()
-    }))
-    .await
-    {
-        Ok(page) => render_children(&id, &page),
-        Err(_) => String::new(),
+    let children = if !record.has_children {
+        String::new()
+    } else {
+        match bounded(registry.list_processes(crate::ProcessFilter {
+            parent: Some(id.clone()),
+            limit: Some(CHILDREN_SHOWN),
+            ..Default::default()
+        }))
+        .await
+        {
+            Ok(page) => render_children(&id, &page),
+            Err(_) => String::new(),
+        }
     };
     let body = format!(
         r#"<p><a href="/">← all processes</a></p>

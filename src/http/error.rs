@@ -58,6 +58,7 @@ impl From<ProcessError> for ApiError {
             | ProcessError::ReplayConflict { .. }
             | ProcessError::ProcessTerminal { .. }
             | ProcessError::AlreadyTerminal { .. }
+            | ProcessError::StartRefused { .. }
             | ProcessError::LeaseLost { .. } => StatusCode::CONFLICT,
             ProcessError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProcessError::InvalidInput(_) => StatusCode::BAD_REQUEST,

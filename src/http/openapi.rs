@@ -152,6 +152,8 @@ pub struct Readiness {
         ProcessEvent,
         ProcessRegistration,
         crate::model::RetryPolicy,
+        crate::model::StartPolicy,
+        crate::model::StartDecision,
         crate::model::Message,
         ProcessStatus,
         TerminalState,

@@ -22,7 +22,7 @@ use super::openapi::{
 };
 use crate::model::{
     AppendOutcome, AppendRequest, Completion, ListCursor, Message, ProcessFilter, ProcessId,
-    ProcessRecord, ProcessRegistration, ProcessStatus, TerminalRecord,
+    ProcessRecord, ProcessRegistration, ProcessStatus, StartDecision, TerminalRecord,
 };
 use crate::pod::cancel_process;
 
@@ -35,10 +35,13 @@ const DEFAULT_AWAIT: Duration = Duration::from_secs(30);
     post, path = "/v1/processes", tag = "processes",
     request_body = ProcessRegistration,
     responses(
-        (status = 201, description = "Registered (or the identical registration, existing)", body = ProcessRecord),
+        (status = 201, description = "Registered (or the identical registration, existing). The `Proclog-Start` header says which: `created` or `existing`; with a `start_policy` the body also carries it as `start`", body = ProcessRecord,
+            headers(("Proclog-Start" = String, description = "created, existing, deduplicated, running or debounced"))),
+        (status = 200, description = "A `start_policy` answered an earlier start's process: `start` (and `Proclog-Start`) is `deduplicated`, `running` (a singleton's) or `debounced`", body = ProcessRecord,
+            headers(("Proclog-Start" = String, description = "deduplicated, running or debounced"))),
         (status = 400, description = "Invalid input (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
         (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
-        (status = 409, description = "Refused by the process's state (`conflict`, `replay_conflict`, `process_terminal`, `already_terminal`, `lease_lost`)", body = ErrorBody),
+        (status = 409, description = "Refused by the process's state (`conflict`, `start_refused` for a singleton with `refuse` whose key's process has not ended)", body = ErrorBody),
         (status = 413, description = "Payload or body too large (`payload_too_large`)", body = ErrorBody),
         (status = 415, description = "Not JSON (`unsupported_media_type`)", body = ErrorBody),
         (status = 500, description = "Unexpected failure, logged (`database_error`, `internal_error`)", body = ErrorBody),
@@ -61,12 +64,25 @@ pub(super) async fn register(
             .filter(|value| crate::validate::is_traceparent(value))
             .map(str::to_owned);
     }
-    let record = state
-        .services
-        .registry
-        .register_process(registration)
-        .await?;
-    Ok((StatusCode::CREATED, axum::Json(record)).into_response())
+    let with_policy = registration.start_policy.is_some();
+    let started = state.services.registry.start_process(registration).await?;
+    let status = match started.decision {
+        StartDecision::Created | StartDecision::Existing => StatusCode::CREATED,
+        StartDecision::Deduplicated | StartDecision::Running | StartDecision::Debounced => {
+            StatusCode::OK
+        }
+    };
+    let header = [(
+        axum::http::HeaderName::from_static("proclog-start"),
+        axum::http::HeaderValue::from_static(started.decision.as_str()),
+    )];
+    if !with_policy {
+        return Ok((status, header, axum::Json(started.process)).into_response());
+    }
+    let mut body = serde_json::to_value(&started.process)
+        .map_err(|err| ApiError::from(crate::ProcessError::Database(err.to_string())))?;
+    body["start"] = json!(started.decision);
+    Ok((status, header, axum::Json(body)).into_response())
 }
 
 #[utoipa::path(

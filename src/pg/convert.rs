@@ -24,6 +24,8 @@ pub(crate) mod sqlstate {
     pub const REPLAY_CONFLICT: &str = "PLRC0";
     /// A different completion of a terminal process; DETAIL is its state.
     pub const ALREADY_TERMINAL: &str = "PLAT0";
+    /// A singleton start refused; DETAIL is the process of the key that has not ended.
+    pub const START_REFUSED: &str = "PLSK0";
 }
 
 /// JSON already serialized (and measured against the payload limit), sent as `json`/`jsonb`
@@ -59,7 +61,7 @@ macro_rules! process_columns {
          lease_owner, lease_generation, lease_expires_at, terminal_state, terminal_seq, output, \
          completed_at, attempts, started_at, cancel_request, \
          CASE WHEN isfinite(wake_at) THEN wake_at END AS wake_at, waiting_for, deadline, \
-         retries, retry_policy, trace_parent, parent_id"
+         retries, retry_policy, trace_parent, parent_id, has_children"
     };
 }
 pub(crate) use process_columns;
@@ -236,6 +238,7 @@ pub(crate) fn sized_process_from_row(row: &Row) -> Result<(ProcessRecord, usize)
             .map_err(db_error)?
             .map(|parent| ProcessId::new(parent).map_err(|err| corrupt("parent id", err)))
             .transpose()?,
+        has_children: row.try_get("has_children").map_err(db_error)?,
     };
     Ok((record, input_size + output_size))
 }
@@ -309,6 +312,22 @@ pub(crate) fn write_error(id: &ProcessId, err: tokio_postgres::Error) -> Process
             replay_key: db.detail().unwrap_or_default().to_owned(),
         },
         _ => db_error(err),
+    }
+}
+
+/// Maps an error of `proclog.start_process` for start key `key`.
+pub(crate) fn start_error(key: &str, err: tokio_postgres::Error) -> ProcessError {
+    let refused = err
+        .as_db_error()
+        .filter(|db| db.code().code() == sqlstate::START_REFUSED)
+        .map(|db| ProcessId::new(db.detail().unwrap_or_default()));
+    match refused {
+        Some(Ok(existing)) => ProcessError::StartRefused {
+            key: key.to_owned(),
+            existing,
+        },
+        Some(Err(err)) => ProcessError::Database(format!("start_process refused: {err}")),
+        None => db_error(err),
     }
 }
 

@@ -83,6 +83,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0012_children.sql",
         sql: include_str!("../../migrations/0012_children.sql"),
     },
+    Migration {
+        version: 13,
+        name: "0013_start_policies.sql",
+        sql: include_str!("../../migrations/0013_start_policies.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

@@ -17,7 +17,7 @@ use tokio_postgres::types::ToSql;
 use super::append::AppendWriter;
 use super::convert::{
     JsonText, PROCESS_COLUMNS, db_error, event_columns, process_columns, process_from_row,
-    sized_event_from_row, sized_process_from_row, terminal_from_row, write_error,
+    sized_event_from_row, sized_process_from_row, start_error, terminal_from_row, write_error,
 };
 use super::db::Db;
 use super::group::{GroupCommit, GroupCommitOptions, GroupCommitStats, Pending};
@@ -25,8 +25,10 @@ use crate::error::{ProcessError, ProcessResult};
 use crate::model::{
     AppendOutcome, AppendRequest, ClaimOutcome, Completion, Lease, ListCursor, LostOwner,
     ProcessEvent, ProcessFilter, ProcessId, ProcessPage, ProcessRecord, ProcessRegistration,
-    PruneReport, RunnableClaim, Suspension, TerminalRecord,
+    PruneReport, RunnableClaim, StartDecision, StartOutcome, StartPolicy, Suspension,
+    TerminalRecord,
 };
+use crate::registry::ParentState;
 use crate::registry::{ProcessRegistry, RegistryConfig};
 
 mod claim;
@@ -147,6 +149,27 @@ const PRUNE_BATCH_PROCESSES: i64 = 1_000;
 const PRUNE_BATCH_EVENTS: i64 = 50_000;
 
 impl PgProcessRegistry {
+    /// The answer to a registration whose id exists (possibly inserted concurrently and
+    /// committed since: this reads with a new snapshot): the existing process when the
+    /// content is the same, else `Conflict`.
+    async fn existing_start(
+        &self,
+        id: &ProcessId,
+        registration: &ProcessRegistration,
+    ) -> ProcessResult<StartOutcome> {
+        let existing = self.get_process(id).await?.ok_or_else(|| {
+            ProcessError::Database(format!("process {id} vanished during registration"))
+        })?;
+        if crate::registry::same_registration(&existing, registration) {
+            Ok(StartOutcome {
+                process: existing,
+                decision: StartDecision::Existing,
+            })
+        } else {
+            Err(ProcessError::Conflict { id: id.clone() })
+        }
+    }
+
     /// The claims of the rows a claim statement returned (the process's columns, then
     /// `lease_token`, `old_owner`, `old_generation`, `old_expires_at`, `resumed`), in order of
     /// registration. A row that cannot be read back is failed with the reason, not returned.
@@ -202,6 +225,49 @@ impl PgProcessRegistry {
     /// what remains is a dense prefix), each slice its own transaction, then its row.
     /// Returns what it deleted, or `None` when there is no such process (none left, or the
     /// oldest fits a batch: it is locked by someone else, and the prune stops there).
+    /// Deletes the start keys of pruned processes (their policies have nothing left to
+    /// guard: a start of the key is then decided as if it were new).
+    async fn forget_start_keys(&self, ids: &[String]) -> ProcessResult<()> {
+        if !ids.is_empty() {
+            self.query(
+                "DELETE FROM proclog.start_keys WHERE process_id = ANY($1)",
+                &[&ids],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the de-duplication keys whose window has passed, in batches.
+    async fn forget_expired_start_keys(&self) -> ProcessResult<()> {
+        loop {
+            let rows = self
+                .query(
+                    "WITH expired AS (
+                         SELECT kind, start_key FROM proclog.start_keys
+                          WHERE expires_at < now()
+                          LIMIT $1
+                            FOR UPDATE SKIP LOCKED),
+                     forgotten AS (
+                         DELETE FROM proclog.start_keys k USING expired e
+                          WHERE k.kind = e.kind AND k.start_key = e.start_key
+                      RETURNING 1)
+                     SELECT count(*) AS forgotten FROM forgotten",
+                    &[&PRUNE_BATCH_PROCESSES],
+                )
+                .await?;
+            let forgotten: i64 = rows
+                .first()
+                .map(|row| row.try_get("forgotten"))
+                .transpose()
+                .map_err(db_error)?
+                .unwrap_or_default();
+            if forgotten < PRUNE_BATCH_PROCESSES {
+                return Ok(());
+            }
+        }
+    }
+
     async fn prune_long_log(&self, until: DateTime<Utc>) -> ProcessResult<Option<PruneReport>> {
         let rows = self
             .query(
@@ -247,6 +313,7 @@ impl PgProcessRegistry {
                 &[&id],
             )
             .await?;
+        self.forget_start_keys(std::slice::from_ref(&id)).await?;
         // Another prune may have deleted the row in between: then it counted it.
         Ok(Some(PruneReport {
             processes: deleted.len() as u64,
@@ -434,6 +501,15 @@ impl ProcessRegistry for PgProcessRegistry {
         &self,
         registration: ProcessRegistration,
     ) -> ProcessResult<ProcessRecord> {
+        self.start_process(registration)
+            .await
+            .map(|started| started.process)
+    }
+
+    async fn start_process(
+        &self,
+        registration: ProcessRegistration,
+    ) -> ProcessResult<StartOutcome> {
         let input = validate::registration(&registration, self.config.max_payload_bytes)?;
         let id = registration.id.clone().unwrap_or_else(ProcessId::generate);
         let millis = |ms: Option<u64>| ms.map(|ms| i64::try_from(ms).expect("validated bound"));
@@ -444,18 +520,92 @@ impl ProcessRegistry for PgProcessRegistry {
             .transpose()
             .map_err(|err| ProcessError::InvalidInput(format!("retry policy: {err}")))?;
         if let Some(parent) = &registration.parent {
-            // A retried registration of a child whose parent ended since is still answered.
-            let parent_ended = match self.get_process(parent).await? {
-                Some(record) if record.terminal.is_some() => match self.get_process(&id).await? {
-                    Some(existing) if existing.parent.as_ref() == Some(parent) => {
-                        return Ok(existing);
-                    }
-                    _ => Some(true),
-                },
-                Some(_) => Some(false),
-                None => None,
+            // Marked before the child exists: a cancellation that finds the mark unset has
+            // no child to pass itself on to.
+            let marked = self
+                .query(
+                    "UPDATE proclog.processes SET has_children = true
+                      WHERE process_id = $1 AND terminal_state IS NULL
+                        AND cancel_request IS NULL
+                  RETURNING process_id",
+                    &[&parent.as_str()],
+                )
+                .await?;
+            if marked.is_empty() {
+                let state = self.get_process(parent).await?.map(|record| ParentState {
+                    ended: record.terminal.is_some(),
+                    cancelling: record.cancel_request.is_some(),
+                });
+                // A retried registration of a child made before its parent ended (or was
+                // asked to stop) is still answered.
+                if state.is_some()
+                    && let Some(existing) = self.get_process(&id).await?
+                    && existing.parent.as_ref() == Some(parent)
+                {
+                    return self.existing_start(&id, &registration).await;
+                }
+                crate::registry::check_parent(&id, parent, state)?;
+                // Registered since the mark was tried (or unreadable then): refuse rather
+                // than start a child that a cancellation could miss.
+                return Err(ProcessError::Unavailable(format!(
+                    "parent process {parent} changed during the registration; try again"
+                )));
+            }
+        }
+        let parent = registration.parent.as_ref().map(ProcessId::as_str);
+        if let Some(policy) = &registration.start_policy {
+            let window = i64::try_from(policy.window_ms()).expect("validated bound");
+            let refuse = matches!(policy, StartPolicy::Singleton { refuse: true, .. });
+            let rows = self
+                .run(
+                    "SELECT decision, started_id FROM proclog.start_process(
+                         $1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12, $13, $14, $15)",
+                    &[
+                        &id.as_str(),
+                        &registration.kind,
+                        &JsonText(input),
+                        &registration.disposition.as_str(),
+                        &registration.start_at,
+                        &millis(registration.start_in_ms),
+                        &registration.deadline,
+                        &millis(registration.timeout_ms),
+                        &retry_policy,
+                        &registration.trace_parent,
+                        &parent,
+                        &policy.name(),
+                        &policy.key(),
+                        &window,
+                        &refuse,
+                    ],
+                    |err| start_error(policy.key(), err),
+                )
+                .await?;
+            let row = rows
+                .first()
+                .ok_or_else(|| ProcessError::Database("start_process returned no row".into()))?;
+            let decision: String = row.try_get("decision").map_err(db_error)?;
+            let started: String = row.try_get("started_id").map_err(db_error)?;
+            let started = ProcessId::new(started)
+                .map_err(|err| ProcessError::Database(format!("start_process: {err}")))?;
+            let decision = match decision.as_str() {
+                "created" => StartDecision::Created,
+                "deduplicated" => StartDecision::Deduplicated,
+                "running" => StartDecision::Running,
+                "debounced" => StartDecision::Debounced,
+                // The id exists: a retried start, or a clash the content comparison decides.
+                "existing" | "id_taken" => {
+                    return self.existing_start(&id, &registration).await;
+                }
+                other => {
+                    return Err(ProcessError::Database(format!(
+                        "start_process answered {other:?}"
+                    )));
+                }
             };
-            crate::registry::check_parent(&id, parent, parent_ended)?;
+            let process = self.get_process(&started).await?.ok_or_else(|| {
+                ProcessError::Database(format!("process {started} vanished during its start"))
+            })?;
+            return Ok(StartOutcome { process, decision });
         }
         let inserted = self
             .query(
@@ -484,28 +634,17 @@ impl ProcessRegistry for PgProcessRegistry {
                     &millis(registration.timeout_ms),
                     &retry_policy,
                     &registration.trace_parent,
-                    &registration.parent.as_ref().map(ProcessId::as_str),
+                    &parent,
                 ],
             )
             .await?;
         if let Some(row) = inserted.first() {
-            return process_from_row(row);
+            return Ok(StartOutcome {
+                process: process_from_row(row)?,
+                decision: StartDecision::Created,
+            });
         }
-        // The id exists (possibly inserted concurrently and committed since): this statement
-        // takes a new snapshot and sees it.
-        let existing = self.get_process(&id).await?.ok_or_else(|| {
-            ProcessError::Database(format!("process {id} vanished during registration"))
-        })?;
-        if existing.kind == registration.kind
-            && crate::model::json_equal(&existing.input, &registration.input)
-            && existing.disposition == registration.disposition
-            && existing.retry_policy == registration.retry
-            && existing.parent == registration.parent
-        {
-            Ok(existing)
-        } else {
-            Err(ProcessError::Conflict { id })
-        }
+        self.existing_start(&id, &registration).await
     }
 
     async fn get_process(&self, id: &ProcessId) -> ProcessResult<Option<ProcessRecord>> {
@@ -1077,8 +1216,9 @@ impl ProcessRegistry for PgProcessRegistry {
                      pruned AS (
                          DELETE FROM proclog.processes
                           WHERE process_id IN (SELECT process_id FROM batch)
-                      RETURNING last_seq)
+                      RETURNING process_id, last_seq)
                      SELECT count(*) AS processes, coalesce(sum(last_seq), 0)::bigint AS events,
+                            coalesce(array_agg(process_id), '{{}}') AS ids,
                             least($1::timestamptz, coalesce($4, now())) AS until
                        FROM pruned"
         );
@@ -1096,6 +1236,8 @@ impl ProcessRegistry for PgProcessRegistry {
             let processes: i64 = row.try_get("processes").map_err(db_error)?;
             let events: i64 = row.try_get("events").map_err(db_error)?;
             let pinned: DateTime<Utc> = row.try_get("until").map_err(db_error)?;
+            let ids: Vec<String> = row.try_get("ids").map_err(db_error)?;
+            self.forget_start_keys(&ids).await?;
             until = Some(pinned);
             report.processes += processes as u64;
             report.events += events as u64;
@@ -1108,7 +1250,10 @@ impl ProcessRegistry for PgProcessRegistry {
                     report.processes += long.processes;
                     report.events += long.events;
                 }
-                None => return Ok(report),
+                None => {
+                    self.forget_expired_start_keys().await?;
+                    return Ok(report);
+                }
             }
         }
     }

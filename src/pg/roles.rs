@@ -22,11 +22,12 @@ const UNDEFINED_OBJECT: &str = "42704";
 /// The table privileges of a writer beyond `SELECT` on every table: registration, appends,
 /// claims, renewals, completion and prune write `processes` and `events` (prune deletes a
 /// log through the statement trigger `processes_delete_events`, which runs with the caller's
-/// rights); presence writes `pods`.
+/// rights); presence writes `pods`; starts under a policy write `start_keys`.
 pub const WRITER_TABLE_PRIVILEGES: &[(&str, &str)] = &[
     ("proclog.processes", "INSERT, UPDATE, DELETE"),
     ("proclog.events", "INSERT, DELETE"),
     ("proclog.pods", "INSERT, UPDATE, DELETE"),
+    ("proclog.start_keys", "INSERT, UPDATE, DELETE"),
 ];
 
 /// The functions proclog's statements call (trigger functions need no grant: a trigger runs
@@ -40,6 +41,7 @@ pub const WRITER_FUNCTIONS: &[&str] = &[
     "proclog.append_group(text, text[], uuid[], int[], int[], text[], jsonb[], text[])",
     "proclog.complete_process(text, text, uuid, text, jsonb)",
     "proclog.suspend_process(text, text, uuid, text, timestamptz, bigint, text, bigint, boolean, jsonb)",
+    "proclog.start_process(text, text, jsonb, text, timestamptz, bigint, timestamptz, bigint, jsonb, text, text, text, text, bigint, boolean)",
 ];
 
 /// Which rights a role is given.

@@ -45,7 +45,9 @@ pub async fn cancel_process(
         crate::validate::caller_replay_key(key)?;
     }
     let record = cancel_one(registry, id, pod, reason, replay_key).await?;
-    cancel_descendants(registry, id, pod).await?;
+    if record.has_children {
+        cancel_descendants(registry, id, pod).await?;
+    }
     Ok(record)
 }
 
@@ -77,7 +79,9 @@ async fn cancel_descendants(
                 passed += 1;
                 // Grandchildren are visited whether or not the child has ended: a child that
                 // ended leaves its own children running.
-                parents.push_back(child.id.clone());
+                if child.has_children {
+                    parents.push_back(child.id.clone());
+                }
                 if child.terminal.is_some() {
                     continue;
                 }

@@ -129,11 +129,21 @@ impl<R: ProcessRegistry> ProcessRegistry for WatchedProcessRegistry<R> {
         &self,
         registration: ProcessRegistration,
     ) -> ProcessResult<ProcessRecord> {
-        let record = self.inner.register_process(registration).await?;
+        self.start_process(registration)
+            .await
+            .map(|started| started.process)
+    }
+
+    async fn start_process(
+        &self,
+        registration: ProcessRegistration,
+    ) -> ProcessResult<crate::model::StartOutcome> {
+        let started = self.inner.start_process(registration).await?;
+        let record = &started.process;
         if record.disposition != crate::model::Disposition::External && record.terminal.is_none() {
             self.work.work_available();
         }
-        Ok(record)
+        Ok(started)
     }
 
     async fn get_process(&self, id: &ProcessId) -> ProcessResult<Option<ProcessRecord>> {

@@ -53,6 +53,21 @@ pub async fn a_child_records_its_parent_and_is_listed_under_it(store: &dyn Store
         .await
         .unwrap();
     assert_eq!(children(registry.as_ref(), &parent.id).await, made);
+    let marked = |id: &ProcessId| {
+        let registry = registry.clone();
+        let id = id.clone();
+        async move {
+            registry
+                .get_process(&id)
+                .await
+                .unwrap()
+                .unwrap()
+                .has_children
+        }
+    };
+    assert!(!parent.has_children, "no child yet when it was registered");
+    assert!(marked(&parent.id).await && marked(&made[0]).await);
+    assert!(!marked(&made[1]).await && !marked(&grandchild.id).await);
     assert_eq!(
         children(registry.as_ref(), &made[0]).await,
         vec![grandchild.id.clone()]

@@ -16,7 +16,7 @@ use crate::support::{claim, log};
 const MINUTE: Duration = Duration::from_secs(60);
 
 /// Waits, on the store's clock, until `at` has passed.
-async fn wait_until(store: &dyn Store, at: DateTime<Utc>) {
+pub(crate) async fn wait_until(store: &dyn Store, at: DateTime<Utc>) {
     while store.now().await <= at {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

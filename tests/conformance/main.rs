@@ -15,6 +15,7 @@ mod leases;
 mod list_prune;
 mod register;
 mod runnable;
+mod start;
 mod support;
 
 /// Generates one `#[tokio::test]` per case and backend: `pg::<case>` (every append through the
@@ -146,4 +147,8 @@ conformance! {
     children::a_child_records_its_parent_and_is_listed_under_it,
     children::a_child_needs_a_live_parent,
     children::a_childs_end_reaches_its_waiting_parent_once,
+    start::deduplication_answers_the_first_start_within_its_window,
+    start::a_singleton_key_has_one_process_that_has_not_ended,
+    start::debounce_keeps_the_last_start_of_a_burst,
+    start::bad_start_policies_are_refused_and_write_nothing,
 }
