@@ -10,6 +10,9 @@ pub enum ProcessError {
     /// No process has this id.
     #[error("process {0} not found")]
     NotFound(ProcessId),
+    /// No schedule has this id.
+    #[error("schedule {0} not found")]
+    ScheduleNotFound(String),
     /// The id is registered with different content.
     #[error("process {id} is already registered with different content")]
     Conflict {
@@ -104,7 +107,7 @@ impl ProcessError {
     /// A short, stable, machine-readable code for the variant (used by the HTTP API).
     pub fn code(&self) -> &'static str {
         match self {
-            ProcessError::NotFound(_) => "not_found",
+            ProcessError::NotFound(_) | ProcessError::ScheduleNotFound(_) => "not_found",
             ProcessError::Conflict { .. } => "conflict",
             ProcessError::ReplayConflict { .. } => "replay_conflict",
             ProcessError::ProcessTerminal { .. } => "process_terminal",

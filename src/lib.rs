@@ -149,6 +149,7 @@ pub mod pod;
 pub mod pod_services;
 pub mod registry;
 pub mod reserved;
+pub mod schedule;
 pub mod stack;
 pub mod store;
 pub mod tasks;

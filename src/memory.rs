@@ -20,6 +20,8 @@ use crate::model::{
     StartPolicy, Suspension, TerminalRecord, json_equal,
 };
 use crate::registry::ParentState;
+use crate::schedule::{ScheduleRecord, ScheduleSpec};
+use crate::store::ScheduleProgress;
 use crate::registry::{ProcessRegistry, RegistryConfig};
 use crate::store::{
     ClusterStore, PodView, PresenceRecord, PresenceState, ProcessQuery, ProcessSummary,
@@ -37,6 +39,8 @@ pub struct InMemoryProcessRegistry {
     /// Start keys by (kind, key), as `proclog.start_keys` holds them. Locked before
     /// `processes` when both are.
     start_keys: Arc<Mutex<HashMap<(String, String), StartKey>>>,
+    /// Schedules by id, as `proclog.schedules` holds them.
+    schedules: Arc<Mutex<HashMap<String, ScheduleRow>>>,
 }
 
 /// The answer to a registration whose id exists: the process when the content is the same,
@@ -322,6 +326,7 @@ impl InMemoryProcessRegistry {
             processes: Arc::new(Mutex::new(HashMap::new())),
             pods: Arc::new(Mutex::new(HashMap::new())),
             start_keys: Arc::new(Mutex::new(HashMap::new())),
+            schedules: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -332,6 +337,7 @@ impl InMemoryProcessRegistry {
             processes: Arc::clone(&self.processes),
             pods: Arc::clone(&self.pods),
             start_keys: Arc::clone(&self.start_keys),
+            schedules: Arc::clone(&self.schedules),
         }
     }
 
@@ -342,6 +348,12 @@ impl InMemoryProcessRegistry {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ProcessId, Entry>> {
         self.processes
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn lock_schedules(&self) -> std::sync::MutexGuard<'_, HashMap<String, ScheduleRow>> {
+        self.schedules
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
     }
@@ -523,6 +535,152 @@ impl ClusterStore for InMemoryProcessRegistry {
     async fn schema_version(&self) -> ProcessResult<i32> {
         Ok(crate::pg::migrate::latest_version())
     }
+
+    async fn create_schedule(
+        &self,
+        spec: &ScheduleSpec,
+        first_due: Option<DateTime<Utc>>,
+    ) -> ProcessResult<ScheduleRecord> {
+        let mut schedules = self.lock_schedules();
+        if let Some(existing) = schedules.get(&spec.id) {
+            return if crate::schedule::same_spec(&existing.record.spec, spec) {
+                Ok(existing.record.clone())
+            } else {
+                Err(ProcessError::InvalidInput(format!(
+                    "schedule {} exists with another definition: delete it first",
+                    spec.id
+                )))
+            };
+        }
+        let record = ScheduleRecord {
+            spec: spec.clone(),
+            paused: false,
+            next_due_at: first_due,
+            last_due_at: None,
+            last_process_id: None,
+            skipped: 0,
+            created_at: now(),
+        };
+        schedules.insert(
+            spec.id.clone(),
+            ScheduleRow {
+                record: record.clone(),
+                claim: None,
+            },
+        );
+        Ok(record)
+    }
+
+    async fn get_schedule(&self, id: &str) -> ProcessResult<Option<ScheduleRecord>> {
+        Ok(self.lock_schedules().get(id).map(|row| row.record.clone()))
+    }
+
+    async fn list_schedules(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> ProcessResult<Vec<ScheduleRecord>> {
+        let schedules = self.lock_schedules();
+        let mut page: Vec<ScheduleRecord> = schedules
+            .values()
+            .filter(|row| after.is_none_or(|after| row.record.spec.id.as_str() > after))
+            .map(|row| row.record.clone())
+            .collect();
+        page.sort_by(|a, b| a.spec.id.cmp(&b.spec.id));
+        page.truncate(limit.clamp(1, crate::store::MAX_SCHEDULE_PAGE) as usize);
+        Ok(page)
+    }
+
+    async fn delete_schedule(&self, id: &str) -> ProcessResult<bool> {
+        Ok(self.lock_schedules().remove(id).is_some())
+    }
+
+    async fn pause_schedule(
+        &self,
+        id: &str,
+        paused: bool,
+        next_due: Option<DateTime<Utc>>,
+    ) -> ProcessResult<Option<ScheduleRecord>> {
+        let mut schedules = self.lock_schedules();
+        let Some(row) = schedules.get_mut(id) else {
+            return Ok(None);
+        };
+        if row.record.paused && !paused {
+            row.record.next_due_at = next_due;
+        }
+        row.record.paused = paused;
+        row.claim = None;
+        Ok(Some(row.record.clone()))
+    }
+
+    async fn claim_due_schedules(
+        &self,
+        owner: &str,
+        ttl: Duration,
+        limit: u32,
+    ) -> ProcessResult<(Vec<ScheduleRecord>, DateTime<Utc>)> {
+        let at = now();
+        let mut schedules = self.lock_schedules();
+        let mut due: Vec<&mut ScheduleRow> = schedules
+            .values_mut()
+            .filter(|row| {
+                !row.record.paused
+                    && row.record.next_due_at.is_some_and(|due| due <= at)
+                    && row.claim.as_ref().is_none_or(|(_, until)| *until <= at)
+            })
+            .collect();
+        due.sort_by_key(|row| row.record.next_due_at);
+        due.truncate(limit.clamp(1, crate::store::MAX_SCHEDULE_PAGE) as usize);
+        let until = at + TimeDelta::from_std(ttl).unwrap_or(TimeDelta::MAX);
+        let claimed = due
+            .into_iter()
+            .map(|row| {
+                row.claim = Some((owner.to_owned(), until));
+                row.record.clone()
+            })
+            .collect();
+        Ok((claimed, at))
+    }
+
+    async fn advance_schedule(
+        &self,
+        id: &str,
+        owner: &str,
+        expected: Option<DateTime<Utc>>,
+        progress: &ScheduleProgress,
+    ) -> ProcessResult<bool> {
+        let mut schedules = self.lock_schedules();
+        let Some(row) = schedules.get_mut(id) else {
+            return Ok(false);
+        };
+        let claimed = row.claim.as_ref().is_some_and(|(by, _)| by == owner);
+        if !claimed || row.record.paused || row.record.next_due_at != expected {
+            return Ok(false);
+        }
+        row.record.next_due_at = progress.next_due_at;
+        row.record.skipped += progress.skipped;
+        if let Some((due, process)) = &progress.last {
+            row.record.last_due_at = Some(*due);
+            row.record.last_process_id = Some(process.clone());
+        }
+        row.claim = None;
+        Ok(true)
+    }
+
+    async fn next_schedule_due(&self) -> ProcessResult<Option<DateTime<Utc>>> {
+        Ok(self
+            .lock_schedules()
+            .values()
+            .filter(|row| !row.record.paused)
+            .filter_map(|row| row.record.next_due_at)
+            .min())
+    }
+}
+
+/// A schedule's row: the record and its claim (owner, until).
+struct ScheduleRow {
+    record: ScheduleRecord,
+    claim: Option<(String, DateTime<Utc>)>,
 }
 
 /// A row whose heartbeat is three periods old.

@@ -1,6 +1,6 @@
 //! [`ClusterStore`]: what pods and operators read and write about the cluster, beside each
 //! process's own state ([`crate::ProcessRegistry`]): which pods exist (presence), the
-//! operator's views (pods, counts, the newest processes) and readiness.
+//! operator's views (pods, counts, the newest processes), readiness, and schedules.
 //!
 //! With the registry it is the one seam through which proclog talks to storage: nothing in
 //! `pod/` or `http/` sends SQL or sees a connection pool. [`crate::pg::PgClusterStore`] is the
@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::error::ProcessResult;
 use crate::model::ProcessId;
+use crate::schedule::{ScheduleRecord, ScheduleSpec};
 
 /// What a pod says of itself in its heartbeat.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,4 +156,72 @@ pub trait ClusterStore: Send + Sync {
     /// The schema version the store holds (readiness compares it with what this binary
     /// knows); `Unavailable` when the store does not answer.
     async fn schema_version(&self) -> ProcessResult<i32>;
+
+    /// Creates a schedule whose first due time is `first_due` (the caller checked `spec`,
+    /// see [`ScheduleSpec::validate`]). Creating an id again with the same spec returns the
+    /// schedule as it is; another spec is `Conflict` (delete it first).
+    async fn create_schedule(
+        &self,
+        spec: &ScheduleSpec,
+        first_due: Option<DateTime<Utc>>,
+    ) -> ProcessResult<ScheduleRecord>;
+
+    /// The schedule, or `None`.
+    async fn get_schedule(&self, id: &str) -> ProcessResult<Option<ScheduleRecord>>;
+
+    /// Schedules by id, after `after`, at most `limit` (1 to [`MAX_SCHEDULE_PAGE`]).
+    async fn list_schedules(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> ProcessResult<Vec<ScheduleRecord>>;
+
+    /// Deletes the schedule (its processes stay); false when there was none.
+    async fn delete_schedule(&self, id: &str) -> ProcessResult<bool>;
+
+    /// Pauses the schedule, or resumes it with `next_due` as its next due time (the due
+    /// times that passed while it was paused are skipped). `None` when there is none.
+    async fn pause_schedule(
+        &self,
+        id: &str,
+        paused: bool,
+        next_due: Option<DateTime<Utc>>,
+    ) -> ProcessResult<Option<ScheduleRecord>>;
+
+    /// Claims, for `ttl`, up to `limit` schedules that are due and not claimed by another
+    /// live claim, in due order; answers them with the store's clock.
+    async fn claim_due_schedules(
+        &self,
+        owner: &str,
+        ttl: Duration,
+        limit: u32,
+    ) -> ProcessResult<(Vec<ScheduleRecord>, DateTime<Utc>)>;
+
+    /// Records a tick of schedule `id`, claimed by `owner`, whose next due time was
+    /// `expected`: sets the progress and ends the claim. False (nothing written) when the row
+    /// moved on meanwhile (deleted, paused, or produced by another claim).
+    async fn advance_schedule(
+        &self,
+        id: &str,
+        owner: &str,
+        expected: Option<DateTime<Utc>>,
+        progress: &ScheduleProgress,
+    ) -> ProcessResult<bool>;
+
+    /// The earliest next due time of a schedule that is not paused.
+    async fn next_schedule_due(&self) -> ProcessResult<Option<DateTime<Utc>>>;
+}
+
+/// Largest page of [`ClusterStore::list_schedules`].
+pub const MAX_SCHEDULE_PAGE: u32 = 1_000;
+
+/// What a tick of a schedule did ([`ClusterStore::advance_schedule`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScheduleProgress {
+    /// The next due time not produced yet.
+    pub next_due_at: Option<DateTime<Utc>>,
+    /// Due times skipped by this tick.
+    pub skipped: i64,
+    /// The latest due time this tick produced a process for, and that process.
+    pub last: Option<(DateTime<Utc>, ProcessId)>,
 }

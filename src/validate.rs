@@ -87,6 +87,19 @@ pub fn process_id(id: &str) -> Result<(), ProcessError> {
     identifier("process id", id)
 }
 
+/// A schedule id: 1 to 64 characters from `[A-Za-z0-9._:-]` (the ids of its processes add a
+/// due time to it).
+pub fn schedule_id(id: &str) -> Result<(), ProcessError> {
+    identifier("schedule id", id)?;
+    if id.len() > 64 {
+        return Err(invalid(format!(
+            "schedule id must be 1 to 64 characters, got {}",
+            id.len()
+        )));
+    }
+    Ok(())
+}
+
 /// A process kind: same alphabet and length as an id.
 pub fn kind(kind: &str) -> Result<(), ProcessError> {
     identifier("kind", kind)

@@ -53,7 +53,7 @@ impl IntoResponse for ApiError {
 impl From<ProcessError> for ApiError {
     fn from(err: ProcessError) -> Self {
         let status = match &err {
-            ProcessError::NotFound(_) => StatusCode::NOT_FOUND,
+            ProcessError::NotFound(_) | ProcessError::ScheduleNotFound(_) => StatusCode::NOT_FOUND,
             ProcessError::Conflict { .. }
             | ProcessError::ReplayConflict { .. }
             | ProcessError::ProcessTerminal { .. }

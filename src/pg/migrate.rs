@@ -88,6 +88,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0013_start_policies.sql",
         sql: include_str!("../../migrations/0013_start_policies.sql"),
     },
+    Migration {
+        version: 14,
+        name: "0014_schedules.sql",
+        sql: include_str!("../../migrations/0014_schedules.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

@@ -22,12 +22,14 @@ const UNDEFINED_OBJECT: &str = "42704";
 /// The table privileges of a writer beyond `SELECT` on every table: registration, appends,
 /// claims, renewals, completion and prune write `processes` and `events` (prune deletes a
 /// log through the statement trigger `processes_delete_events`, which runs with the caller's
-/// rights); presence writes `pods`; starts under a policy write `start_keys`.
+/// rights); presence writes `pods`; starts under a policy write `start_keys`; schedules
+/// (created, paused, produced over HTTP and by pods) write `schedules`.
 pub const WRITER_TABLE_PRIVILEGES: &[(&str, &str)] = &[
     ("proclog.processes", "INSERT, UPDATE, DELETE"),
     ("proclog.events", "INSERT, DELETE"),
     ("proclog.pods", "INSERT, UPDATE, DELETE"),
     ("proclog.start_keys", "INSERT, UPDATE, DELETE"),
+    ("proclog.schedules", "INSERT, UPDATE, DELETE"),
 ];
 
 /// The functions proclog's statements call (trigger functions need no grant: a trigger runs

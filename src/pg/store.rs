@@ -8,13 +8,17 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use tokio_postgres::types::ToSql;
 
 use super::convert::{db_error, pool_error};
 use crate::error::{ProcessError, ProcessResult};
+use crate::model::ProcessId;
+use crate::schedule::{ScheduleRecord, ScheduleSpec};
 use crate::store::{
-    ClusterStore, MAX_PODS, MAX_SUMMARY_PAGE, PodView, PresenceRecord, ProcessQuery, ProcessSummary,
+    ClusterStore, MAX_PODS, MAX_SCHEDULE_PAGE, MAX_SUMMARY_PAGE, PodView, PresenceRecord,
+    ProcessQuery, ProcessSummary, ScheduleProgress,
 };
 
 /// Bound on a presence write or a view's read, whatever the pool's own settings.
@@ -220,4 +224,250 @@ impl ClusterStore for PgClusterStore {
     async fn schema_version(&self) -> ProcessResult<i32> {
         super::migrate::schema_version(&self.probe_pool).await
     }
+
+    async fn create_schedule(
+        &self,
+        spec: &ScheduleSpec,
+        first_due: Option<DateTime<Utc>>,
+    ) -> ProcessResult<ScheduleRecord> {
+        let limit = i32::try_from(spec.catch_up_limit).unwrap_or(i32::MAX);
+        let inserted = self
+            .query(
+                &format!(
+                    "INSERT INTO proclog.schedules
+                            (schedule_id, cron, time_zone, kind, input, disposition, overlap,
+                             catch_up, catch_up_limit, next_due_at, missed_after_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                     ON CONFLICT (schedule_id) DO NOTHING
+                     RETURNING {SCHEDULE_COLUMNS}"
+                ),
+                &[
+                    &spec.id,
+                    &spec.cron,
+                    &spec.time_zone,
+                    &spec.kind,
+                    &spec.input,
+                    &spec.disposition.as_str(),
+                    &spec.overlap.as_str(),
+                    &spec.catch_up.as_str(),
+                    &limit,
+                    &first_due,
+                    &i64::try_from(spec.missed_after_ms).unwrap_or(i64::MAX),
+                ],
+            )
+            .await?;
+        if let Some(row) = inserted.first() {
+            return schedule_from_row(row);
+        }
+        match self.get_schedule(&spec.id).await? {
+            Some(existing) if crate::schedule::same_spec(&existing.spec, spec) => Ok(existing),
+            Some(_) => Err(ProcessError::InvalidInput(format!(
+                "schedule {} exists with another definition: delete it first",
+                spec.id
+            ))),
+            None => Err(ProcessError::Unavailable(format!(
+                "schedule {} was deleted while it was created; try again",
+                spec.id
+            ))),
+        }
+    }
+
+    async fn get_schedule(&self, id: &str) -> ProcessResult<Option<ScheduleRecord>> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT {SCHEDULE_COLUMNS} FROM proclog.schedules WHERE schedule_id = $1"
+                ),
+                &[&id],
+            )
+            .await?;
+        rows.first().map(schedule_from_row).transpose()
+    }
+
+    async fn list_schedules(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> ProcessResult<Vec<ScheduleRecord>> {
+        let limit = i64::from(limit.clamp(1, MAX_SCHEDULE_PAGE));
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT {SCHEDULE_COLUMNS} FROM proclog.schedules
+                      WHERE $1::text IS NULL OR schedule_id > $1
+                      ORDER BY schedule_id LIMIT $2"
+                ),
+                &[&after, &limit],
+            )
+            .await?;
+        rows.iter().map(schedule_from_row).collect()
+    }
+
+    async fn delete_schedule(&self, id: &str) -> ProcessResult<bool> {
+        let rows = self
+            .query(
+                "DELETE FROM proclog.schedules WHERE schedule_id = $1 RETURNING schedule_id",
+                &[&id],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn pause_schedule(
+        &self,
+        id: &str,
+        paused: bool,
+        next_due: Option<DateTime<Utc>>,
+    ) -> ProcessResult<Option<ScheduleRecord>> {
+        // A resume of a schedule that is not paused changes nothing (its progress stands).
+        let rows = self
+            .query(
+                &format!(
+                    "UPDATE proclog.schedules
+                        SET paused = $2,
+                            next_due_at = CASE WHEN paused AND NOT $2 THEN $3 ELSE next_due_at END,
+                            claimed_by = NULL, claimed_until = NULL, updated_at = now()
+                      WHERE schedule_id = $1
+                  RETURNING {SCHEDULE_COLUMNS}"
+                ),
+                &[&id, &paused, &next_due],
+            )
+            .await?;
+        rows.first().map(schedule_from_row).transpose()
+    }
+
+    async fn claim_due_schedules(
+        &self,
+        owner: &str,
+        ttl: Duration,
+        limit: u32,
+    ) -> ProcessResult<(Vec<ScheduleRecord>, DateTime<Utc>)> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let limit = i64::from(limit.clamp(1, MAX_SCHEDULE_PAGE));
+        let rows = self
+            .query(
+                &format!(
+                    "WITH due AS (
+                         SELECT schedule_id FROM proclog.schedules
+                          WHERE NOT paused AND next_due_at <= now()
+                            AND (claimed_until IS NULL OR claimed_until <= now())
+                          ORDER BY next_due_at
+                          LIMIT $3
+                            FOR UPDATE SKIP LOCKED)
+                     UPDATE proclog.schedules s
+                        SET claimed_by = $1,
+                            claimed_until = now() + $2::bigint * interval '1 millisecond'
+                       FROM due
+                      WHERE s.schedule_id = due.schedule_id
+                  RETURNING {SCHEDULE_COLUMNS}, now() AS store_now"
+                ),
+                &[&owner, &ttl_ms, &limit],
+            )
+            .await?;
+        let now = match rows.first() {
+            Some(row) => row.try_get("store_now").map_err(db_error)?,
+            None => self
+                .query("SELECT now() AS store_now", &[])
+                .await?
+                .first()
+                .ok_or_else(|| ProcessError::Database("now() returned no row".into()))?
+                .try_get("store_now")
+                .map_err(db_error)?,
+        };
+        let schedules = rows
+            .iter()
+            .map(schedule_from_row)
+            .collect::<ProcessResult<Vec<_>>>()?;
+        Ok((schedules, now))
+    }
+
+    async fn advance_schedule(
+        &self,
+        id: &str,
+        owner: &str,
+        expected: Option<DateTime<Utc>>,
+        progress: &ScheduleProgress,
+    ) -> ProcessResult<bool> {
+        let (last_due, last_process) = match &progress.last {
+            Some((due, process)) => (Some(*due), Some(process.as_str())),
+            None => (None, None),
+        };
+        let rows = self
+            .query(
+                "UPDATE proclog.schedules
+                    SET next_due_at = $4,
+                        skipped = skipped + $5,
+                        last_due_at = coalesce($6, last_due_at),
+                        last_process_id = coalesce($7, last_process_id),
+                        claimed_by = NULL, claimed_until = NULL, updated_at = now()
+                  WHERE schedule_id = $1 AND claimed_by = $2 AND NOT paused
+                    AND next_due_at IS NOT DISTINCT FROM $3
+              RETURNING schedule_id",
+                &[
+                    &id,
+                    &owner,
+                    &expected,
+                    &progress.next_due_at,
+                    &progress.skipped,
+                    &last_due,
+                    &last_process,
+                ],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn next_schedule_due(&self) -> ProcessResult<Option<DateTime<Utc>>> {
+        let rows = self
+            .query(
+                "SELECT min(next_due_at) AS due FROM proclog.schedules WHERE NOT paused",
+                &[],
+            )
+            .await?;
+        match rows.first() {
+            Some(row) => row.try_get("due").map_err(db_error),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The columns [`schedule_from_row`] reads.
+const SCHEDULE_COLUMNS: &str = "schedule_id, cron, time_zone, kind, input, disposition, overlap, \
+     catch_up, catch_up_limit, missed_after_ms, paused, next_due_at, last_due_at, last_process_id, skipped, \
+     created_at";
+
+fn schedule_from_row(row: &tokio_postgres::Row) -> ProcessResult<ScheduleRecord> {
+    let text = |name: &str| -> ProcessResult<String> { row.try_get(name).map_err(db_error) };
+    fn parse<T: serde::de::DeserializeOwned>(name: &str, value: String) -> ProcessResult<T> {
+        serde_json::from_value(serde_json::Value::String(value.clone())).map_err(|_| {
+            ProcessError::Database(format!("schedule row holds {name} {value:?}"))
+        })
+    }
+    let last_process: Option<String> = row.try_get("last_process_id").map_err(db_error)?;
+    let limit: i32 = row.try_get("catch_up_limit").map_err(db_error)?;
+    Ok(ScheduleRecord {
+        spec: ScheduleSpec {
+            id: text("schedule_id")?,
+            cron: text("cron")?,
+            time_zone: text("time_zone")?,
+            kind: text("kind")?,
+            input: row.try_get("input").map_err(db_error)?,
+            disposition: parse("disposition", text("disposition")?)?,
+            overlap: parse("overlap", text("overlap")?)?,
+            catch_up: parse("catch_up", text("catch_up")?)?,
+            catch_up_limit: u32::try_from(limit).unwrap_or_default(),
+            missed_after_ms: u64::try_from(row.try_get::<_, i64>("missed_after_ms").map_err(db_error)?)
+                .unwrap_or_default(),
+        },
+        paused: row.try_get("paused").map_err(db_error)?,
+        next_due_at: row.try_get("next_due_at").map_err(db_error)?,
+        last_due_at: row.try_get("last_due_at").map_err(db_error)?,
+        last_process_id: last_process
+            .map(|id| {
+                ProcessId::new(id).map_err(|err| ProcessError::Database(err.to_string()))
+            })
+            .transpose()?,
+        skipped: row.try_get("skipped").map_err(db_error)?,
+        created_at: row.try_get("created_at").map_err(db_error)?,
+    })
 }

@@ -56,6 +56,8 @@ const HINT_FLUSH: Duration = Duration::from_secs(2);
 pub struct Pod {
     pod_id: String,
     worker: Option<Worker>,
+    /// The scheduler (see [`crate::pod::scheduler`]), unless turned off.
+    scheduler: crate::tasks::TaskSet,
     stats: Option<Arc<WorkerStats>>,
     presence: Presence,
     services: Arc<PodServices>,
@@ -69,10 +71,14 @@ pub struct PodBuilder<'a> {
     config: WorkerConfig,
     heartbeat_every: Duration,
     address: Option<String>,
+    schedule_poll: Option<Duration>,
 }
 
 /// Default period of a pod's heartbeat in `proclog.pods`.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// How often at most a pod looks for due schedules made by other pods.
+pub const DEFAULT_SCHEDULE_POLL: Duration = Duration::from_secs(1);
 
 impl Pod {
     /// A pod on `stack` with no engines yet, running up to 8 processes at once, with the
@@ -87,6 +93,7 @@ impl Pod {
             },
             heartbeat_every: DEFAULT_HEARTBEAT,
             address: None,
+            schedule_poll: Some(DEFAULT_SCHEDULE_POLL),
         }
     }
 
@@ -113,6 +120,7 @@ impl Pod {
     /// serving until its own shutdown (after this one).
     pub async fn shutdown(self) {
         self.presence.draining();
+        self.scheduler.shutdown().await;
         if let Some(worker) = self.worker {
             worker.shutdown().await;
             self.services.link.work_available();
@@ -183,6 +191,14 @@ impl PodBuilder<'_> {
         self
     }
 
+    /// Whether the pod produces the processes of due schedules, and how often at most it
+    /// looks for schedules made elsewhere (default: yes, every second; `None`: no). Every
+    /// pod may: they share the work through short claims, and a due time makes one process.
+    pub fn schedules(mut self, poll: Option<Duration>) -> Self {
+        self.schedule_poll = poll.map(|poll| poll.max(Duration::from_millis(10)));
+        self
+    }
+
     /// Where the pod serves its API and console, for its presence (see [`Pod::advertise`]).
     pub fn advertise(mut self, address: impl Into<String>) -> Self {
         self.address = Some(address.into());
@@ -218,6 +234,14 @@ impl PodBuilder<'_> {
             )
         });
         let stats = worker.as_ref().map(|w| Arc::clone(w.stats()));
+        let mut scheduler = crate::tasks::TaskSet::new();
+        if let Some(poll) = self.schedule_poll {
+            let (store, registry) = (Arc::clone(&services.cluster), Arc::clone(&services.registry));
+            let owner = services.pod_id.clone();
+            scheduler.spawn("scheduler", Duration::from_secs(1), move |stop| {
+                super::scheduler::run(store, registry, owner, poll, stop)
+            });
+        }
         let presence = Presence::start(
             Arc::clone(&services.cluster),
             PresenceInfo {
@@ -231,6 +255,7 @@ impl PodBuilder<'_> {
         Ok(Pod {
             pod_id: services.pod_id.clone(),
             worker,
+            scheduler,
             stats,
             presence,
             services,

@@ -10,6 +10,7 @@ pub mod lease;
 pub mod presence;
 mod retry;
 pub mod run;
+pub mod scheduler;
 pub mod worker;
 
 pub use cancel::cancel_process;
