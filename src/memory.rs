@@ -20,9 +20,9 @@ use crate::model::{
     StartPolicy, Suspension, TerminalRecord, json_equal,
 };
 use crate::registry::ParentState;
+use crate::registry::{ProcessRegistry, RegistryConfig};
 use crate::schedule::{ScheduleRecord, ScheduleSpec};
 use crate::store::ScheduleProgress;
-use crate::registry::{ProcessRegistry, RegistryConfig};
 use crate::store::{
     ClusterStore, PodView, PresenceRecord, PresenceState, ProcessQuery, ProcessSummary,
 };

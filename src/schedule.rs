@@ -163,7 +163,9 @@ impl Cron {
     pub fn parse(expression: &str, time_zone: &str) -> Result<Self, ProcessError> {
         let invalid = |why: String| ProcessError::InvalidInput(why);
         if expression.len() > 256 {
-            return Err(invalid("a cron expression is at most 256 characters".into()));
+            return Err(invalid(
+                "a cron expression is at most 256 characters".into(),
+            ));
         }
         let fields = expression.split_whitespace().count();
         let expanded = match fields {
@@ -350,7 +352,11 @@ pub fn plan_tick(
 mod tests {
     use super::*;
 
-    fn record(catch_up: CatchUpPolicy, overlap: OverlapPolicy, next: DateTime<Utc>) -> ScheduleRecord {
+    fn record(
+        catch_up: CatchUpPolicy,
+        overlap: OverlapPolicy,
+        next: DateTime<Utc>,
+    ) -> ScheduleRecord {
         ScheduleRecord {
             spec: ScheduleSpec {
                 id: "s".into(),
@@ -384,14 +390,25 @@ mod tests {
         let cron = Cron::parse("* * * * *", "UTC").unwrap();
         // Due every minute from 10:00; now 10:10:30: 10:00..10:09 are missed, 10:10 is recent.
         let now = at(10, 30);
-        let plan = |catch_up| plan_tick(&record(catch_up, OverlapPolicy::Allow, at(0, 0)), &cron, now, false);
+        let plan = |catch_up| {
+            plan_tick(
+                &record(catch_up, OverlapPolicy::Allow, at(0, 0)),
+                &cron,
+                now,
+                false,
+            )
+        };
         let skip = plan(CatchUpPolicy::SkipMissed);
         assert_eq!(skip.run, vec![at(10, 0)]);
         assert_eq!((skip.skipped, skip.next_due_at), (10, Some(at(11, 0))));
         let once = plan(CatchUpPolicy::RunOnce);
         assert_eq!(once.run, vec![at(9, 0), at(10, 0)]);
         let all = plan(CatchUpPolicy::RunAll);
-        assert_eq!(all.run, vec![at(7, 0), at(8, 0), at(9, 0), at(10, 0)], "the latest 3 missed");
+        assert_eq!(
+            all.run,
+            vec![at(7, 0), at(8, 0), at(9, 0), at(10, 0)],
+            "the latest 3 missed"
+        );
         assert_eq!(all.skipped, 7);
     }
 
@@ -400,27 +417,57 @@ mod tests {
         let cron = Cron::parse("* * * * *", "UTC").unwrap();
         let now = at(2, 5);
         let plan = |overlap, running| {
-            plan_tick(&record(CatchUpPolicy::RunAll, overlap, at(1, 0)), &cron, now, running)
+            plan_tick(
+                &record(CatchUpPolicy::RunAll, overlap, at(1, 0)),
+                &cron,
+                now,
+                running,
+            )
         };
-        assert_eq!(plan(OverlapPolicy::Allow, true).run, vec![at(1, 0), at(2, 0)]);
+        assert_eq!(
+            plan(OverlapPolicy::Allow, true).run,
+            vec![at(1, 0), at(2, 0)]
+        );
         let skipped = plan(OverlapPolicy::Skip, true);
-        assert_eq!((skipped.run.len(), skipped.next_due_at), (0, Some(at(3, 0))));
+        assert_eq!(
+            (skipped.run.len(), skipped.next_due_at),
+            (0, Some(at(3, 0)))
+        );
         let queued = plan(OverlapPolicy::QueueOne, true);
         assert_eq!((queued.run.len(), queued.next_due_at), (0, Some(at(2, 0))));
         let freed = plan(OverlapPolicy::QueueOne, false);
-        assert_eq!((freed.run, freed.next_due_at), (vec![at(2, 0)], Some(at(3, 0))));
+        assert_eq!(
+            (freed.run, freed.next_due_at),
+            (vec![at(2, 0)], Some(at(3, 0)))
+        );
     }
 
     #[test]
     fn expressions_zones_and_ids() {
         assert!(Cron::parse("*/5 * * * *", "Europe/Berlin").is_ok());
         assert!(Cron::parse("0 0 * * * * 2030", "UTC").is_ok());
-        for (expression, zone) in [("* * * *", "UTC"), ("bad * * * *", "UTC"), ("* * * * *", "Mars/Base")] {
-            assert!(matches!(Cron::parse(expression, zone), Err(ProcessError::InvalidInput(_))), "{expression} {zone}");
+        for (expression, zone) in [
+            ("* * * *", "UTC"),
+            ("bad * * * *", "UTC"),
+            ("* * * * *", "Mars/Base"),
+        ] {
+            assert!(
+                matches!(
+                    Cron::parse(expression, zone),
+                    Err(ProcessError::InvalidInput(_))
+                ),
+                "{expression} {zone}"
+            );
         }
         // 02:30 in Berlin on the spring-forward day does not exist; 9:00 Berlin is 8:00 UTC.
         let berlin = Cron::parse("0 9 * * *", "Europe/Berlin").unwrap();
-        assert_eq!(berlin.next_after(at(0, 0)).unwrap().to_rfc3339(), "2026-01-02T08:00:00+00:00");
-        assert_eq!(due_process_id("nightly", at(3, 0)).as_str(), "nightly.20260101T100300Z");
+        assert_eq!(
+            berlin.next_after(at(0, 0)).unwrap().to_rfc3339(),
+            "2026-01-02T08:00:00+00:00"
+        );
+        assert_eq!(
+            due_process_id("nightly", at(3, 0)).as_str(),
+            "nightly.20260101T100300Z"
+        );
     }
 }

@@ -807,3 +807,134 @@ mod tests {
         assert_eq!(err.message, "502 Bad Gateway: <html> proxy </html>");
     }
 }
+
+/// `proclog schedule ...`: schedules through a pod's API.
+#[derive(clap::Args, Debug)]
+pub struct ScheduleArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(subcommand)]
+    command: ScheduleCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ScheduleCommand {
+    /// Create a schedule (the same definition again answers it as it is).
+    Create {
+        /// Its id (1 to 64 characters from [A-Za-z0-9._:-]).
+        id: String,
+        /// The cron expression: 5 fields, or 6 to 7 with seconds first, e.g. "*/15 * * * *".
+        #[arg(long)]
+        cron: String,
+        /// The kind of process it starts.
+        #[arg(long)]
+        kind: String,
+        /// The processes' JSON input.
+        #[arg(long, default_value = "null")]
+        input: String,
+        /// The IANA time zone the expression is read in.
+        #[arg(long, default_value = "UTC")]
+        time_zone: String,
+        /// While the previous process has not ended: skip, queue_one or allow.
+        #[arg(long, default_value = "skip")]
+        overlap: String,
+        /// Due times missed while no pod ran: skip_missed, run_once or run_all.
+        #[arg(long, default_value = "skip_missed")]
+        catch_up: String,
+        /// Most missed due times run_all runs.
+        #[arg(long, default_value_t = 100)]
+        catch_up_limit: u32,
+    },
+    /// List schedules with their next and last due times.
+    List {
+        /// Most schedules listed (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Show a schedule.
+    Get {
+        /// Its id.
+        id: String,
+    },
+    /// Pause a schedule: its due times make nothing until it is resumed.
+    Pause {
+        /// Its id.
+        id: String,
+    },
+    /// Resume a schedule from its first due time after now.
+    Resume {
+        /// Its id.
+        id: String,
+    },
+    /// Start a process of the schedule now.
+    Trigger {
+        /// Its id.
+        id: String,
+    },
+    /// Delete a schedule (its processes stay).
+    Delete {
+        /// Its id.
+        id: String,
+    },
+}
+
+pub async fn schedule(args: ScheduleArgs) -> CliResult {
+    let connection = &args.connection;
+    let limit = connection.request_timeout();
+    let path = |id: &str, rest: &str| -> Result<String, CliError> {
+        crate::validate::schedule_id(id).map_err(|err| CliError::usage(err.to_string()))?;
+        Ok(format!("/schedules/{id}{rest}"))
+    };
+    let empty = json!({});
+    match args.command {
+        ScheduleCommand::Create {
+            id,
+            cron,
+            kind,
+            input,
+            time_zone,
+            overlap,
+            catch_up,
+            catch_up_limit,
+        } => {
+            let input: Value = serde_json::from_str(&input)
+                .map_err(|err| CliError::usage(format!("--input is not JSON: {err}")))?;
+            let body = json!({
+                "id": id, "cron": cron, "kind": kind, "input": input, "time_zone": time_zone,
+                "overlap": overlap, "catch_up": catch_up, "catch_up_limit": catch_up_limit,
+            });
+            connection
+                .call(Method::POST, "/schedules", Some(&body), limit)
+                .await
+        }
+        ScheduleCommand::List { limit: page } => {
+            let path = format!("/schedules?limit={page}");
+            connection.call(Method::GET, &path, None, limit).await
+        }
+        ScheduleCommand::Get { id } => {
+            connection
+                .call(Method::GET, &path(&id, "")?, None, limit)
+                .await
+        }
+        ScheduleCommand::Pause { id } => {
+            connection
+                .call(Method::POST, &path(&id, "/pause")?, Some(&empty), limit)
+                .await
+        }
+        ScheduleCommand::Resume { id } => {
+            connection
+                .call(Method::POST, &path(&id, "/resume")?, Some(&empty), limit)
+                .await
+        }
+        ScheduleCommand::Trigger { id } => {
+            connection
+                .call(Method::POST, &path(&id, "/trigger")?, Some(&empty), limit)
+                .await
+        }
+        ScheduleCommand::Delete { id } => {
+            connection
+                .call(Method::DELETE, &path(&id, "")?, None, limit)
+                .await
+        }
+    }
+}

@@ -99,6 +99,8 @@ enum Command {
     Get(client::IdArgs),
     /// List the processes a process started (its children), oldest first.
     Children(client::ChildrenArgs),
+    /// Create, list, pause, resume, trigger or delete cron schedules.
+    Schedule(client::ScheduleArgs),
     /// List a process's events.
     Events(client::EventsArgs),
     /// Follow a process's events live until it ends.
@@ -133,6 +135,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Start(args) => client::start(args).await,
         Command::Get(args) => client::get(args).await,
         Command::Children(args) => client::children(args).await,
+        Command::Schedule(args) => client::schedule(args).await,
         Command::Events(args) => client::events(args).await,
         Command::Tail(args) => client::tail(args).await,
         Command::Await(args) => client::await_terminal(args).await,

@@ -12,6 +12,7 @@ pub mod guard;
 mod metrics;
 pub mod openapi;
 mod routes;
+mod schedules;
 pub mod server;
 
 use std::panic::AssertUnwindSafe;
@@ -151,6 +152,14 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/processes/{id}/messages", post(routes::send_message))
         .route("/processes/{id}/await", get(routes::await_terminal))
         .route("/prune", post(routes::prune))
+        .route("/schedules", post(schedules::create).get(schedules::list))
+        .route(
+            "/schedules/{id}",
+            get(schedules::get).delete(schedules::delete),
+        )
+        .route("/schedules/{id}/pause", post(schedules::pause))
+        .route("/schedules/{id}/resume", post(schedules::resume))
+        .route("/schedules/{id}/trigger", post(schedules::trigger))
         .route("/pods", get(routes::pods))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         // The description of the API is public, also when a token guards the API itself.

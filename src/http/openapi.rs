@@ -122,6 +122,13 @@ pub struct Readiness {
         routes::list,
         routes::get,
         routes::children,
+        super::schedules::create,
+        super::schedules::list,
+        super::schedules::get,
+        super::schedules::delete,
+        super::schedules::pause,
+        super::schedules::resume,
+        super::schedules::trigger,
         routes::append,
         routes::events,
         routes::stream,
@@ -154,6 +161,11 @@ pub struct Readiness {
         crate::model::RetryPolicy,
         crate::model::StartPolicy,
         crate::model::StartDecision,
+        crate::schedule::ScheduleSpec,
+        crate::schedule::ScheduleRecord,
+        crate::schedule::OverlapPolicy,
+        crate::schedule::CatchUpPolicy,
+        super::schedules::ScheduleList,
         crate::model::Message,
         ProcessStatus,
         TerminalState,
@@ -169,6 +181,7 @@ pub struct Readiness {
     tags(
         (name = "processes", description = "Register, read, end and wait for processes"),
         (name = "events", description = "Append to and read a process's log"),
+        (name = "schedules", description = "Cron schedules: one process per due time"),
         (name = "health", description = "Liveness and readiness"),
     )
 )]

@@ -275,9 +275,7 @@ impl ClusterStore for PgClusterStore {
     async fn get_schedule(&self, id: &str) -> ProcessResult<Option<ScheduleRecord>> {
         let rows = self
             .query(
-                &format!(
-                    "SELECT {SCHEDULE_COLUMNS} FROM proclog.schedules WHERE schedule_id = $1"
-                ),
+                &format!("SELECT {SCHEDULE_COLUMNS} FROM proclog.schedules WHERE schedule_id = $1"),
                 &[&id],
             )
             .await?;
@@ -348,7 +346,7 @@ impl ClusterStore for PgClusterStore {
             .query(
                 &format!(
                     "WITH due AS (
-                         SELECT schedule_id FROM proclog.schedules
+                         SELECT schedule_id AS due_id FROM proclog.schedules
                           WHERE NOT paused AND next_due_at <= now()
                             AND (claimed_until IS NULL OR claimed_until <= now())
                           ORDER BY next_due_at
@@ -358,7 +356,7 @@ impl ClusterStore for PgClusterStore {
                         SET claimed_by = $1,
                             claimed_until = now() + $2::bigint * interval '1 millisecond'
                        FROM due
-                      WHERE s.schedule_id = due.schedule_id
+                      WHERE s.schedule_id = due.due_id
                   RETURNING {SCHEDULE_COLUMNS}, now() AS store_now"
                 ),
                 &[&owner, &ttl_ms, &limit],
@@ -439,9 +437,8 @@ const SCHEDULE_COLUMNS: &str = "schedule_id, cron, time_zone, kind, input, dispo
 fn schedule_from_row(row: &tokio_postgres::Row) -> ProcessResult<ScheduleRecord> {
     let text = |name: &str| -> ProcessResult<String> { row.try_get(name).map_err(db_error) };
     fn parse<T: serde::de::DeserializeOwned>(name: &str, value: String) -> ProcessResult<T> {
-        serde_json::from_value(serde_json::Value::String(value.clone())).map_err(|_| {
-            ProcessError::Database(format!("schedule row holds {name} {value:?}"))
-        })
+        serde_json::from_value(serde_json::Value::String(value.clone()))
+            .map_err(|_| ProcessError::Database(format!("schedule row holds {name} {value:?}")))
     }
     let last_process: Option<String> = row.try_get("last_process_id").map_err(db_error)?;
     let limit: i32 = row.try_get("catch_up_limit").map_err(db_error)?;
@@ -456,16 +453,16 @@ fn schedule_from_row(row: &tokio_postgres::Row) -> ProcessResult<ScheduleRecord>
             overlap: parse("overlap", text("overlap")?)?,
             catch_up: parse("catch_up", text("catch_up")?)?,
             catch_up_limit: u32::try_from(limit).unwrap_or_default(),
-            missed_after_ms: u64::try_from(row.try_get::<_, i64>("missed_after_ms").map_err(db_error)?)
-                .unwrap_or_default(),
+            missed_after_ms: u64::try_from(
+                row.try_get::<_, i64>("missed_after_ms").map_err(db_error)?,
+            )
+            .unwrap_or_default(),
         },
         paused: row.try_get("paused").map_err(db_error)?,
         next_due_at: row.try_get("next_due_at").map_err(db_error)?,
         last_due_at: row.try_get("last_due_at").map_err(db_error)?,
         last_process_id: last_process
-            .map(|id| {
-                ProcessId::new(id).map_err(|err| ProcessError::Database(err.to_string()))
-            })
+            .map(|id| ProcessId::new(id).map_err(|err| ProcessError::Database(err.to_string())))
             .transpose()?,
         skipped: row.try_get("skipped").map_err(db_error)?,
         created_at: row.try_get("created_at").map_err(db_error)?,

@@ -236,7 +236,10 @@ impl PodBuilder<'_> {
         let stats = worker.as_ref().map(|w| Arc::clone(w.stats()));
         let mut scheduler = crate::tasks::TaskSet::new();
         if let Some(poll) = self.schedule_poll {
-            let (store, registry) = (Arc::clone(&services.cluster), Arc::clone(&services.registry));
+            let (store, registry) = (
+                Arc::clone(&services.cluster),
+                Arc::clone(&services.registry),
+            );
             let owner = services.pod_id.clone();
             scheduler.spawn("scheduler", Duration::from_secs(1), move |stop| {
                 super::scheduler::run(store, registry, owner, poll, stop)
