@@ -867,3 +867,84 @@ async fn a_process_page_shows_its_parent_and_its_children() {
     pod.shutdown().await;
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_schedules_page_lists_pauses_resumes_triggers_and_deletes() {
+    let url = testing::migrated_database_url().await.unwrap();
+    let (stack, pod, http) = start_pod(&url, "pod-sched", 1, None).await;
+    let spec: proclog::schedule::ScheduleSpec = serde_json::from_value(json!({
+        "id": "nightly<x>".replace(['<', '>'], "_"), "cron": "0 2 * * *", "kind": "steps",
+        "input": {"steps": 1}, "disposition": "external"
+    }))
+    .unwrap();
+    proclog::pod::scheduler::create_schedule(
+        stack.cluster().as_ref(),
+        stack.registry().as_ref(),
+        &spec,
+    )
+    .await
+    .unwrap();
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let home = base(&http);
+    let page = |client: reqwest::Client| {
+        let home = home.clone();
+        async move {
+            client
+                .get(format!("{home}/ui/schedules"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let html = page(client.clone()).await;
+    assert!(
+        html.contains(r#"<tr data-schedule="nightly_x_">"#),
+        "{html}"
+    );
+    assert!(html.contains(r#"action="/ui/schedules/nightly_x_/pause""#));
+    let post = |action: &str| {
+        client
+            .post(format!("{home}/ui/schedules/nightly_x_/{action}"))
+            .form(&[("go", "1")])
+            .send()
+    };
+    assert_eq!(post("pause").await.unwrap().status(), StatusCode::SEE_OTHER);
+    let html = page(client.clone()).await;
+    assert!(
+        html.contains("<td>paused</td>") && html.contains("/resume"),
+        "{html}"
+    );
+    assert_eq!(
+        post("resume").await.unwrap().status(),
+        StatusCode::SEE_OTHER
+    );
+    let triggered = post("trigger").await.unwrap();
+    assert_eq!(triggered.status(), StatusCode::SEE_OTHER);
+    let location = triggered.headers()["location"].to_str().unwrap().to_owned();
+    assert!(
+        location.starts_with("/ui/processes/nightly_x_.manual."),
+        "{location}"
+    );
+    assert_eq!(
+        post("explode").await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        post("delete").await.unwrap().status(),
+        StatusCode::SEE_OTHER
+    );
+    assert_eq!(
+        post("delete").await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    assert!(page(client.clone()).await.contains("No schedules yet"));
+    http.shutdown().await;
+    pod.shutdown().await;
+    stack.shutdown().await;
+}

@@ -1576,3 +1576,86 @@ async fn start_policies_over_http_say_what_happened() {
     let (_, header, _) = post(json!({"id": "plain", "kind": "k", "disposition": "external"})).await;
     assert_eq!(header, "existing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn schedules_over_http() {
+    let server = Server::start(&migrated_database_url().await, None).await;
+    let spec = json!({"id": "nightly", "cron": "0 2 * * *", "time_zone": "Europe/Berlin",
+                      "kind": "report", "input": {"full": true}, "catch_up": "run_once"});
+    let (status, made) = server.post("/v1/schedules", spec.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{made}");
+    assert_eq!(
+        (&made["overlap"], &made["paused"]),
+        (&json!("skip"), &json!(false))
+    );
+    assert!(made["next_due_at"].is_string());
+    let (status, again) = server.post("/v1/schedules", spec).await;
+    assert_eq!((status, &again), (StatusCode::CREATED, &made));
+    let (status, body) = server
+        .post(
+            "/v1/schedules",
+            json!({"id": "nightly", "cron": "0 3 * * *", "kind": "report"}),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::BAD_REQUEST, "invalid_input")
+    );
+    for bad in [
+        json!({"id": "x", "cron": "every day", "kind": "k"}),
+        json!({"id": "x", "cron": "* * * * *", "kind": "k", "time_zone": "Nowhere"}),
+        json!({"id": "x", "cron": "* * * * *", "kind": "k", "overlap": "sometimes"}),
+        json!({"id": "x", "cron": "* * * * *"}),
+        json!({"id": "x", "cron": "* * * * *", "kind": "k", "unknown": 1}),
+    ] {
+        let (status, body) = server.post("/v1/schedules", bad.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+    let (status, page) = server.get("/v1/schedules").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["schedules"].as_array().unwrap().len(), 1);
+    let (status, paused) = server.post("/v1/schedules/nightly/pause", json!({})).await;
+    assert_eq!((status, &paused["paused"]), (StatusCode::OK, &json!(true)));
+    let (_, resumed) = server.post("/v1/schedules/nightly/resume", json!({})).await;
+    assert_eq!(resumed["paused"], false);
+    let (status, process) = server
+        .post("/v1/schedules/nightly/trigger", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{process}");
+    assert_eq!(
+        (&process["kind"], &process["input"]),
+        (&json!("report"), &json!({"full": true}))
+    );
+    // A write without JSON (a form from another page) is refused.
+    let (status, _) = server
+        .post_raw(
+            "/v1/schedules/nightly/pause",
+            Some("application/x-www-form-urlencoded"),
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let (status, body) = server.get("/v1/schedules/none-such").await;
+    assert_eq!((status, code(&body)), (StatusCode::NOT_FOUND, "not_found"));
+    let (status, body) = server.get("/v1/schedules/bad%20id").await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::BAD_REQUEST, "invalid_input")
+    );
+    let (status, body) = server.get("/v1/schedules?limit=0").await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::BAD_REQUEST, "invalid_input")
+    );
+    let (status, body) = server
+        .call(reqwest::Method::DELETE, "/v1/schedules/nightly", None)
+        .await;
+    assert_eq!(
+        (status, &body["deleted"]),
+        (StatusCode::OK, &json!("nightly"))
+    );
+    let (status, _) = server
+        .call(reqwest::Method::DELETE, "/v1/schedules/nightly", None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

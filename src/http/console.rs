@@ -39,7 +39,7 @@ const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
 const COUNTS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// `call`, or `Unavailable` when it takes longer than [`READ_TIMEOUT`] (a stalled network).
-async fn bounded<T>(
+pub(super) async fn bounded<T>(
     call: impl std::future::Future<Output = Result<T, crate::ProcessError>>,
 ) -> Result<T, crate::ProcessError> {
     tokio::time::timeout(READ_TIMEOUT, call)
@@ -73,7 +73,7 @@ pub(super) fn esc(text: &str) -> String {
 }
 
 /// A query-string component, percent-encoded.
-fn url_part(text: &str) -> String {
+pub(super) fn url_part(text: &str) -> String {
     let mut out = String::new();
     for byte in text.bytes() {
         if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
@@ -85,7 +85,7 @@ fn url_part(text: &str) -> String {
     out
 }
 
-fn time(at: &DateTime<Utc>) -> String {
+pub(super) fn time(at: &DateTime<Utc>) -> String {
     at.format("%Y-%m-%d %H:%M:%S%.3f").to_string()
 }
 
@@ -176,7 +176,7 @@ const LOGIN_FORM: &str = r#"<section class="panel"><h2>This pod has an API token
 <label>Token <input type="password" name="token" autocomplete="current-password" required></label>
 <button type="submit">Open the console</button></form></section>"#;
 
-fn page(title: &str, head_extra: &str, body: &str) -> axum::response::Html<String> {
+pub(super) fn page(title: &str, head_extra: &str, body: &str) -> axum::response::Html<String> {
     axum::response::Html(format!(
         r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -185,7 +185,7 @@ fn page(title: &str, head_extra: &str, body: &str) -> axum::response::Html<Strin
 <link rel="stylesheet" href="/ui/assets/console.css">{head_extra}
 <script src="/ui/assets/console.js" defer></script>
 </head><body>
-<header><a href="/" class="brand">proclog</a><span id="connection" class="connection ok" role="status">live</span></header>
+<header><a href="/" class="brand">proclog</a><a href="/ui/schedules" class="nav">schedules</a><span id="connection" class="connection ok" role="status">live</span></header>
 <main><div id="banner"></div>{body}</main>
 </body></html>"#,
         title = esc(title),
@@ -373,7 +373,7 @@ async fn peers_of(state: &ApiState) -> String {
     }
 }
 
-fn database_down(state: &ApiState, err: &crate::ProcessError) -> String {
+pub(super) fn database_down(state: &ApiState, err: &crate::ProcessError) -> String {
     format!(
         r#"<p class="error" id="database-error" role="alert">The database is not answering this pod ({pod}): {err}. Showing nothing stale; retrying.</p>"#,
         pod = esc(&state.services.pod_id),
@@ -948,7 +948,7 @@ fn not_a_process_id() -> Response {
     (StatusCode::BAD_REQUEST, page("Bad id", "", body)).into_response()
 }
 
-fn error_page(state: &ApiState, err: &crate::ProcessError) -> Response {
+pub(super) fn error_page(state: &ApiState, err: &crate::ProcessError) -> Response {
     let status = super::ApiError::from(err.clone()).status;
     let body = format!(
         r#"<p class="error" role="alert">{}</p><p><a href="/">Back to the console</a></p>"#,

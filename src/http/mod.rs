@@ -7,6 +7,7 @@
 
 pub mod body;
 mod console;
+mod console_schedules;
 mod error;
 pub mod guard;
 mod metrics;
@@ -169,6 +170,11 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/ui/processes/{id}", get(console::process_page))
         .route("/ui/processes/{id}/cancel", post(console::cancel))
         .route("/ui/processes/{id}/messages", post(console::send_message))
+        .route("/ui/schedules", get(console_schedules::schedules_page))
+        .route(
+            "/ui/schedules/{id}/{action}",
+            post(console_schedules::schedule_action),
+        )
         .route("/ui/demo", post(console::start_demo))
         .route("/ui/logout", post(console::logout))
         .layer(middleware::from_fn_with_state(
