@@ -16,6 +16,11 @@
 //!   A message `{"approved": false}` fails the order. Every step runs once per process,
 //!   whatever happens to its pods.
 //!
+//! - `fanout`: children (CONTRACT §10). Input `{"children": N, "steps": S, "delay_ms": D}`
+//!   (defaults 3, 5 and 500; N at most 20): spawns N `steps` children `c0` .. `c<N-1>`
+//!   (input `{"steps": S, "delay_ms": D}`, ids `<id>.c<i>`), waits for them all without a
+//!   pod, and completes with `{children: N, states: [...]}`.
+//!
 //! An input out of these bounds fails the process with `{error}` at once.
 //!
 //! With a [`DemoJournal`] (`proclog pod --demo-journal FILE`), each engine records its effects
@@ -150,6 +155,34 @@ impl ProcessEngine for SleepEngine {
     }
 }
 
+/// Spawns `steps` children and joins them; see the module doc.
+pub struct FanoutEngine;
+
+#[async_trait]
+impl ProcessEngine for FanoutEngine {
+    async fn run(&self, run: RunContext) -> EngineResult {
+        let input = &run.process.input;
+        let children = number(input, "children", 3, 20)?;
+        let steps = number(input, "steps", 5, 10_000)?;
+        let delay_ms = number(input, "delay_ms", 500, 60_000)?;
+        let mut spawned = Vec::new();
+        for n in 0..children {
+            let registration = crate::model::ProcessRegistration::new(
+                "steps",
+                json!({"steps": steps, "delay_ms": delay_ms}),
+            );
+            spawned.push(run.spawn(&format!("c{n}"), registration).await?);
+        }
+        let ends = if spawned.is_empty() {
+            Vec::new()
+        } else {
+            run.join_all(&spawned).await?
+        };
+        let states: Vec<Value> = ends.iter().map(|end| json!(end.state)).collect();
+        Ok(json!({"children": children, "states": states}))
+    }
+}
+
 /// Fails at once.
 pub struct FailEngine;
 
@@ -267,6 +300,7 @@ pub fn demo_engines_with(journal: Option<Arc<DemoJournal>>) -> Engines {
         )
         .with("sleep", SleepEngine)
         .with("fail", FailEngine)
+        .with("fanout", FanoutEngine)
         .with("order", OrderEngine { journal })
         .with_retry("order", OrderEngine::retry_policy())
 }

@@ -187,7 +187,7 @@ fn allowed_states(planned: &Planned) -> &'static [&'static str] {
         Plan::Steps => &["completed"],
         Plan::StepsAbandon => &["completed", "abandoned"],
         Plan::Fail => &["failed"],
-        Plan::External | Plan::Order => &["completed"],
+        Plan::External | Plan::Order | Plan::Fanout => &["completed"],
         Plan::OrderDeadline => &["failed"],
         Plan::Cancel => match planned.cancel {
             Some(CancelAnswer::Acknowledged) => &["cancelled"],
@@ -221,6 +221,10 @@ fn check_outcomes(ledger: &Ledger, snapshot: &Snapshot) -> Vec<Violation> {
     let mut violations = Vec::new();
     for (id, row) in &snapshot.processes {
         let Some(planned) = ledger.processes.get(id) else {
+            // A child or a schedule's process: made by pods, checked by n. and o.
+            if crate::composition::made_by_pods(id, row, ledger) {
+                continue;
+            }
             violations.push(Violation::new(
                 NAME,
                 id,
@@ -248,6 +252,9 @@ fn check_outcomes(ledger: &Ledger, snapshot: &Snapshot) -> Vec<Violation> {
         let output_ok = match state {
             "completed" if row.kind == "steps" => output["steps"] == json!(6),
             "completed" if row.kind == "order" => output["ship"]["tracking"].is_string(),
+            "completed" if row.kind == "fanout" => {
+                output["states"] == json!(vec!["completed"; crate::load::FANOUT_CHILDREN])
+            }
             "failed" if row.kind == "order" => output["error"] == json!("deadline exceeded"),
             "failed" => output["error"] == json!("planned failure"),
             _ => true,
@@ -333,5 +340,6 @@ pub(crate) fn check_all(
     violations.extend(check_outcomes(ledger, snapshot));
     violations.extend(check_takeovers(snapshot, faults));
     violations.extend(crate::durable::check_durable(ledger, snapshot, faults));
+    violations.extend(crate::composition::check_children(ledger, snapshot));
     violations
 }

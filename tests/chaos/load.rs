@@ -33,7 +33,12 @@ pub(crate) enum Plan {
     Order,
     /// `order` nobody approves, with a deadline: ends failed, "deadline exceeded".
     OrderDeadline,
+    /// `fanout` (children): spawns three `steps` children, joins them; ends completed.
+    Fanout,
 }
+
+/// The `fanout` input of the chaos round: three children as long as a `Steps` process.
+pub(crate) const FANOUT_CHILDREN: usize = 3;
 
 /// The `order` input of the chaos round: its timer is longer than a pod's suspend
 /// threshold (2 s), so it suspends; one retryable failure before the charge.
@@ -43,14 +48,15 @@ pub(crate) const ORDER_TIMEOUT_MS: u64 = 3000;
 
 impl Plan {
     fn pick(rng: &mut Rng) -> Self {
-        match rng.below(25) {
+        match rng.below(27) {
             0..=5 => Plan::Steps,
             6..=9 => Plan::StepsAbandon,
             10..=11 => Plan::Fail,
             12..=14 => Plan::Cancel,
             15..=19 => Plan::External,
             20..=23 => Plan::Order,
-            _ => Plan::OrderDeadline,
+            24 => Plan::OrderDeadline,
+            _ => Plan::Fanout,
         }
     }
 
@@ -61,6 +67,11 @@ impl Plan {
             Plan::StepsAbandon => ("steps", steps, "abandon"),
             Plan::Fail => ("fail", json!({"message": "planned failure"}), "rerun"),
             Plan::External => ("external-notes", json!({}), "external"),
+            Plan::Fanout => (
+                "fanout",
+                json!({"children": FANOUT_CHILDREN, "steps": 6, "delay_ms": 300}),
+                "rerun",
+            ),
             Plan::Order => (
                 "order",
                 serde_json::from_str(ORDER_INPUT).expect("valid"),
@@ -191,7 +202,7 @@ async fn live(api: Api, ledger: Arc<Mutex<Ledger>>, id: String, mut rng: Rng) {
         Plan::Cancel => cancel_later(&api, &ledger, &id, &mut rng).await,
         Plan::External => append_and_complete(&api, &ledger, &id, &mut rng).await,
         Plan::Order => approve_later(&api, &ledger, &id, &mut rng).await,
-        Plan::Steps | Plan::StepsAbandon | Plan::Fail | Plan::OrderDeadline => {}
+        Plan::Steps | Plan::StepsAbandon | Plan::Fail | Plan::OrderDeadline | Plan::Fanout => {}
     }
 }
 

@@ -5,9 +5,11 @@
 //! through a TCP proxy that can cut or stall its traffic), and a load client that keeps
 //! registering processes over HTTP (`steps` with dispositions `rerun` and `abandon`, `fail`,
 //! `steps` it cancels, `external` ones it appends to and completes itself, `order` processes
-//! of durable execution that it approves with a message, and `order` processes nobody
-//! approves that end at their deadline), retrying every write idempotently and recording
-//! every acknowledged write (messages included) in a ledger.
+//! of durable execution that it approves with a message, `order` processes nobody approves
+//! that end at their deadline, and `fanout` processes that spawn three children and join
+//! them), retrying every write idempotently and recording every acknowledged write (messages
+//! included) in a ledger. A schedule due every two seconds (`run_all`) runs through the round
+//! and is paused when the load stops.
 //!
 //! Meanwhile, one fault at a time, chosen and paced by the seed: SIGKILL, SIGSTOP past the
 //! lease TTL, or SIGTERM of a pod (killed and drained pods are restarted under the same pod
@@ -21,8 +23,10 @@
 //! engine decided; reruns and abandonments only after a disruptive fault of the previous
 //! owner; never two engines of one process at once; and for durable execution (see
 //! `durable`): a stored step never executed again, no timer early, every acknowledged message
-//! received once and in order, retries by the policy, deadlines kept within one TTL. Every
-//! violation is reported (with the seed) and the test fails once with all of them.
+//! received once and in order, retries by the policy, deadlines kept within one TTL; and for
+//! composition (see `composition`): no child spawned twice, every due time of the schedule
+//! made exactly its process. Every violation is reported (with the seed) and the test fails
+//! once with all of them.
 //!
 //! A second round runs the same on Citus (`chaos_round_on_citus`, when the extension is
 //! installed): the pods reach a coordinator with two workers and the tables distributed, and
@@ -53,6 +57,7 @@ mod common;
 
 mod api;
 mod cluster;
+mod composition;
 mod durable;
 mod faults;
 mod invariants;
@@ -70,7 +75,7 @@ use std::sync::{Arc, Mutex};
 use proclog::local_pg::{LocalPostgres, LocalPostgresOptions};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::Api;
+use crate::api::{Api, Outcome};
 use crate::cluster::{Backend, Cluster, sql_connect};
 use crate::invariants::check_all;
 use crate::journals::check_journals;
@@ -79,6 +84,7 @@ use crate::report::{Round, print_summary};
 use crate::settings::{Settings, announce_seed_on_panic};
 use crate::settle::{await_all_terminal, complete_open_externals, finish_load};
 use crate::snapshot::Snapshot;
+use crate::violation::Violation;
 
 /// One round at a time: two at once on two cores would starve the pods of their leases.
 static ONE_ROUND_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -115,6 +121,20 @@ async fn chaos_round(backend: Backend) {
 
     let mut cluster = Cluster::start(&dir, backend).await;
     let api = Api::new(cluster.pod_urls());
+    let mut violations = Vec::new();
+    // A schedule runs through the round; its due times are checked by o.
+    if !matches!(
+        api.post("/v1/schedules", &composition::schedule_spec())
+            .await
+            .0,
+        Outcome::Acked(_)
+    ) {
+        violations.push(Violation::new(
+            "unexpected refusal",
+            composition::SCHEDULE_ID,
+            "the schedule was not created",
+        ));
+    }
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop_load = CancellationToken::new();
     let load = tokio::spawn(run_load(
@@ -124,12 +144,22 @@ async fn chaos_round(backend: Backend) {
         stop_load.clone(),
     ));
 
-    let mut violations = Vec::new();
     let faults = cluster
         .run_faults(seed, settings.fault_time, &mut violations)
         .await;
     stop_load.cancel();
     finish_load(load, &mut violations).await;
+    let pause = format!("/v1/schedules/{}/pause", composition::SCHEDULE_ID);
+    if !matches!(
+        api.post(&pause, &serde_json::json!({})).await.0,
+        Outcome::Acked(_)
+    ) {
+        violations.push(Violation::new(
+            "unexpected refusal",
+            composition::SCHEDULE_ID,
+            "the schedule was not paused",
+        ));
+    }
     let client = sql_connect(&cluster.direct_url()).await;
     complete_open_externals(&api, &client, &mut violations).await;
     await_all_terminal(&client, &mut violations).await;

@@ -129,6 +129,7 @@ fn plan_name(plan: Plan) -> &'static str {
         Plan::External => "external",
         Plan::Order => "order",
         Plan::OrderDeadline => "order_deadline",
+        Plan::Fanout => "fanout",
     }
 }
 

@@ -18,6 +18,8 @@ pub(crate) struct ProcessRow {
     /// The deadline and the completion, in ns since the epoch (database clock).
     pub(crate) deadline_ns: Option<i64>,
     pub(crate) completed_ns: Option<i64>,
+    /// The process whose run started it (a child), if any.
+    pub(crate) parent_id: Option<String>,
 }
 
 /// An event as stored.
@@ -46,7 +48,7 @@ impl Snapshot {
         let processes = client
             .query(
                 "SELECT process_id, kind, input, disposition, last_seq, terminal_state,
-                        terminal_seq, output, retries, deadline, completed_at
+                        terminal_seq, output, retries, deadline, completed_at, parent_id
                    FROM proclog.processes",
                 &[],
             )
@@ -65,6 +67,7 @@ impl Snapshot {
                     retries: row.get(8),
                     deadline_ns: nanos(row.get(9)),
                     completed_ns: nanos(row.get(10)),
+                    parent_id: row.get(11),
                 };
                 (row.get(0), process)
             })

@@ -89,8 +89,10 @@ pub async fn a_suspended_process_waits_without_a_lease_and_resumes(store: &dyn S
     let registry = store.pod("pod").await;
     let lease = running(&*registry, ProcessRegistration::new("demo", json!(1))).await;
     let id = lease.process_id.clone();
+    // Long enough that the checks before the wake time finish before it, even on Citus under
+    // the whole suite's load (200 ms was not, once).
     let waiting = registry
-        .suspend(&lease, wait(Some(Duration::from_millis(200)), None, 0))
+        .suspend(&lease, wait(Some(Duration::from_millis(1_500)), None, 0))
         .await
         .unwrap();
     assert_eq!(waiting.status, ProcessStatus::Waiting);
@@ -108,7 +110,7 @@ pub async fn a_suspended_process_waits_without_a_lease_and_resumes(store: &dyn S
 
     // A retry after a lost answer changes nothing; the old lease writes nothing more.
     let again = registry
-        .suspend(&lease, wait(Some(Duration::from_millis(200)), None, 0))
+        .suspend(&lease, wait(Some(Duration::from_millis(1_500)), None, 0))
         .await
         .unwrap();
     assert_eq!(again.last_seq, waiting.last_seq);
