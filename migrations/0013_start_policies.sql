@@ -78,7 +78,8 @@ BEGIN
     END LOOP;
 
     IF NOT v_fresh THEN
-        IF v_key.process_id = p_process_id THEN
+        IF v_key.process_id = p_process_id
+           AND EXISTS (SELECT 1 FROM proclog.processes p WHERE p.process_id = p_process_id) THEN
             RETURN QUERY SELECT 'existing'::text, p_process_id;
             RETURN;
         END IF;

@@ -23,6 +23,7 @@ CREATE TABLE proclog.schedules (
     last_due_at     timestamptz,
     last_process_id text,
     skipped         bigint      NOT NULL DEFAULT 0 CHECK (skipped >= 0),
+    held            boolean     NOT NULL DEFAULT false,
     claimed_by      text,
     claimed_until   timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),
@@ -31,7 +32,8 @@ CREATE TABLE proclog.schedules (
 
 COMMENT ON TABLE proclog.schedules IS 'cron schedules: each due time yields one process (id <schedule>.<due time>)';
 COMMENT ON COLUMN proclog.schedules.next_due_at IS 'the next due time not produced yet (NULL: none)';
-COMMENT ON COLUMN proclog.schedules.claimed_until IS 'a pod producing its due times holds it until then';
+COMMENT ON COLUMN proclog.schedules.claimed_until IS 'a pod producing its due times holds it until then; a held due time is looked at again then';
+COMMENT ON COLUMN proclog.schedules.held IS 'next_due_at waits for the previous process to end (overlap queue_one)';
 
 -- What is due, in due order; a paused schedule is never due.
 CREATE INDEX schedules_due ON proclog.schedules (next_due_at) WHERE NOT paused;

@@ -552,6 +552,12 @@ impl ClusterStore for InMemoryProcessRegistry {
                 )))
             };
         }
+        if schedules.len() >= crate::store::MAX_SCHEDULES {
+            return Err(ProcessError::InvalidInput(format!(
+                "there are {} schedules already, the most a store keeps",
+                crate::store::MAX_SCHEDULES
+            )));
+        }
         let record = ScheduleRecord {
             spec: spec.clone(),
             paused: false,
@@ -559,6 +565,7 @@ impl ClusterStore for InMemoryProcessRegistry {
             last_due_at: None,
             last_process_id: None,
             skipped: 0,
+            held: false,
             created_at: now(),
         };
         schedules.insert(
@@ -631,7 +638,10 @@ impl ClusterStore for InMemoryProcessRegistry {
             .collect();
         due.sort_by_key(|row| row.record.next_due_at);
         due.truncate(limit.clamp(1, crate::store::MAX_SCHEDULE_PAGE) as usize);
-        let until = at + TimeDelta::from_std(ttl).unwrap_or(TimeDelta::MAX);
+        let until = TimeDelta::from_std(ttl)
+            .ok()
+            .and_then(|ttl| at.checked_add_signed(ttl))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
         let claimed = due
             .into_iter()
             .map(|row| {
@@ -663,7 +673,11 @@ impl ClusterStore for InMemoryProcessRegistry {
             row.record.last_due_at = Some(*due);
             row.record.last_process_id = Some(process.clone());
         }
-        row.claim = None;
+        row.record.held = progress.held;
+        row.claim = progress.held.then(|| {
+            let recheck = TimeDelta::from_std(crate::store::HELD_RECHECK).expect("a second");
+            (String::new(), now() + recheck)
+        });
         Ok(true)
     }
 
@@ -672,7 +686,10 @@ impl ClusterStore for InMemoryProcessRegistry {
             .lock_schedules()
             .values()
             .filter(|row| !row.record.paused)
-            .filter_map(|row| row.record.next_due_at)
+            .filter_map(|row| {
+                let due = row.record.next_due_at?;
+                Some(row.claim.as_ref().map_or(due, |(_, until)| due.max(*until)))
+            })
             .min())
     }
 }
@@ -1238,7 +1255,13 @@ impl ProcessRegistry for InMemoryProcessRegistry {
     async fn prune_terminal_processes(&self, cutoff: DateTime<Utc>) -> ProcessResult<PruneReport> {
         validate::timestamp("prune cutoff", cutoff)?;
         let mut report = PruneReport::default();
-        self.lock().retain(|_, entry| {
+        // Keys before processes, as a start takes them.
+        let mut keys = self
+            .start_keys
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let mut processes = self.lock();
+        processes.retain(|_, entry| {
             let prune = entry
                 .record
                 .terminal
@@ -1249,6 +1272,10 @@ impl ProcessRegistry for InMemoryProcessRegistry {
                 report.events += entry.events.len() as u64;
             }
             !prune
+        });
+        let at = now();
+        keys.retain(|_, key| {
+            processes.contains_key(&key.process_id) && key.expires_at.is_none_or(|end| end >= at)
         });
         Ok(report)
     }

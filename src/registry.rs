@@ -466,6 +466,21 @@ pub(crate) fn check_parent(
     }
 }
 
+/// The cancellation request a parent's cancellation passes on to each of its children:
+/// `process.cancel_requested {reason: {parent, reason}, by: "parent:<id>"}`, key
+/// `proclog:parent-cancelled:<parent>`. Its content depends on the parent alone, so two pods
+/// passing it on (or a retried request) write it once.
+pub(crate) fn parent_cancel_request(parent: &ProcessId) -> AppendRequest {
+    AppendRequest::reserved(
+        crate::reserved::CANCEL_REQUESTED,
+        serde_json::json!({
+            "reason": {"parent": parent, "reason": "the parent was cancelled"},
+            "by": format!("parent:{parent}"),
+        }),
+    )
+    .with_replay_key(format!("proclog:parent-cancelled:{parent}"))
+}
+
 /// Tells the parent of `child` (just ended) that it ended: a `process.message` of topic
 /// [`crate::reserved::CHILD_TOPIC`], `{child, state}`, idempotent by the child's id, which
 /// makes a parent waiting in a join runnable. Best effort: the child's end stands whatever

@@ -22,6 +22,9 @@ use crate::model::{Disposition, ProcessId};
 /// all pods down for a day) skips the rest as missed and goes on from now.
 pub const MAX_DUE_TIMES_PER_TICK: usize = 1_000;
 
+/// Largest schedule input, serialized (a page of schedules stays a few megabytes).
+pub const MAX_SCHEDULE_INPUT_BYTES: usize = 16 * 1024;
+
 /// Longest `catch_up_limit`.
 pub const MAX_CATCH_UP_LIMIT: u32 = 1_000;
 
@@ -145,8 +148,11 @@ pub struct ScheduleRecord {
     pub last_due_at: Option<DateTime<Utc>>,
     /// The process of `last_due_at`.
     pub last_process_id: Option<ProcessId>,
-    /// Due times skipped by a policy or by a pause, in all.
+    /// Due times skipped by a policy, in all (those passed over by a pause are not counted).
     pub skipped: i64,
+    /// Its next due time waits for the previous process to end (`queue_one`).
+    #[serde(default)]
+    pub held: bool,
     /// When it was created (database clock).
     pub created_at: DateTime<Utc>,
 }
@@ -188,29 +194,42 @@ impl Cron {
         Ok(Self { schedule, zone })
     }
 
-    /// The first due time strictly after `after`.
+    /// The first due time strictly after `after`. (Around a fall-back of the clocks the
+    /// expression's iterator may answer an instant of the repeated hour that is not after
+    /// `after`: those are passed over, so due times only move forward.)
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.schedule
             .after(&after.with_timezone(&self.zone))
-            .next()
             .map(|due| due.with_timezone(&Utc))
+            .take(16)
+            .find(|due| *due > after)
     }
 
-    /// The due times from `from` (included when it is one) up to `until` (included), at most
-    /// `limit` of them, in order.
+    /// The due times from `from` up to `until` (both included), in order: the newest `limit`
+    /// of them, and whether older ones were left out.
     pub fn due_between(
         &self,
         from: DateTime<Utc>,
         until: DateTime<Utc>,
         limit: usize,
-    ) -> Vec<DateTime<Utc>> {
-        let start = from - TimeDelta::microseconds(1);
-        self.schedule
-            .after(&start.with_timezone(&self.zone))
+    ) -> (Vec<DateTime<Utc>>, bool) {
+        let Some(past_until) = until.checked_add_signed(TimeDelta::seconds(1)) else {
+            return (Vec::new(), false);
+        };
+        let mut due: Vec<DateTime<Utc>> = self
+            .schedule
+            .after(&past_until.with_timezone(&self.zone))
+            .rev()
             .map(|due| due.with_timezone(&Utc))
-            .take_while(|due| *due <= until)
-            .take(limit)
-            .collect()
+            .filter(|due| *due <= until)
+            .take_while(|due| *due >= from)
+            .take(limit.saturating_add(1))
+            .collect();
+        let beyond = due.len() > limit;
+        due.truncate(limit);
+        due.sort();
+        due.dedup();
+        (due, beyond)
     }
 }
 
@@ -272,10 +291,14 @@ pub fn due_process_id(schedule: &str, due: DateTime<Utc>) -> ProcessId {
 pub struct TickPlan {
     /// The due times to produce a process for, in order.
     pub run: Vec<DateTime<Utc>>,
-    /// How many due times are skipped.
+    /// How many due times are skipped (of those the tick looked at: at most
+    /// [`MAX_DUE_TIMES_PER_TICK`]; older ones are skipped uncounted).
     pub skipped: i64,
     /// The row's next due time after this tick.
     pub next_due_at: Option<DateTime<Utc>>,
+    /// `next_due_at` is held by `queue_one` until the previous process ends: the catch-up
+    /// policy does not apply to it when it is produced.
+    pub held: bool,
 }
 
 /// Plans a tick of `record` at `now`, given whether the process of its last due time is
@@ -291,14 +314,18 @@ pub fn plan_tick(
             run: Vec::new(),
             skipped: 0,
             next_due_at: None,
+            held: false,
         };
     };
-    let due = cron.due_between(first, now, MAX_DUE_TIMES_PER_TICK);
-    let beyond = due.len() == MAX_DUE_TIMES_PER_TICK;
+    let (due, beyond) = cron.due_between(first, now, MAX_DUE_TIMES_PER_TICK);
     let missed_after =
         TimeDelta::milliseconds(i64::try_from(record.spec.missed_after_ms).unwrap_or(i64::MAX));
-    let recent_from = now - missed_after;
-    let (missed, recent): (Vec<_>, Vec<_>) = due.iter().partition(|at| **at < recent_from);
+    let recent_from = now.checked_sub_signed(missed_after).unwrap_or(now);
+    // A due time held by `queue_one` waited for the previous process, not for a pod: it is
+    // never "missed".
+    let (missed, recent): (Vec<_>, Vec<_>) = due
+        .iter()
+        .partition(|at| **at < recent_from && !(record.held && **at == first));
     let mut run: Vec<DateTime<Utc>> = match record.spec.catch_up {
         CatchUpPolicy::SkipMissed => recent.clone(),
         CatchUpPolicy::RunOnce => {
@@ -314,26 +341,27 @@ pub fn plan_tick(
             run
         }
     };
+    run.sort();
     let after_all = || {
-        if beyond {
-            cron.next_after(now)
-        } else {
-            due.last().and_then(|last| cron.next_after(*last))
-        }
+        let last = due.last().copied().unwrap_or(first);
+        cron.next_after(if beyond { last.max(now) } else { last })
     };
     match record.spec.overlap {
         OverlapPolicy::Allow => {}
+        // One process at a time: none while the previous runs, else the latest due time
+        // (the ones before it in this tick would overlap it).
         OverlapPolicy::Skip if previous_running => run.clear(),
-        OverlapPolicy::Skip => {}
+        OverlapPolicy::Skip => run = run.last().copied().into_iter().collect(),
         OverlapPolicy::QueueOne => {
-            // One at a time: the latest due time waits (the row stays on it) until the
-            // previous process has ended; the ones before it fold into it.
+            // The latest due time waits (the row stays on it) until the previous process has
+            // ended; the ones before it fold into it.
             if let Some(latest) = run.last().copied() {
                 if previous_running {
                     return TickPlan {
                         run: Vec::new(),
                         skipped: due.iter().filter(|at| **at < latest).count() as i64,
                         next_due_at: Some(latest),
+                        held: true,
                     };
                 }
                 run = vec![latest];
@@ -345,6 +373,7 @@ pub fn plan_tick(
         run,
         skipped,
         next_due_at: after_all(),
+        held: false,
     }
 }
 
@@ -375,6 +404,7 @@ mod tests {
             last_due_at: None,
             last_process_id: None,
             skipped: 0,
+            held: false,
             created_at: next,
         }
     }
@@ -440,6 +470,57 @@ mod tests {
             (freed.run, freed.next_due_at),
             (vec![at(2, 0)], Some(at(3, 0)))
         );
+    }
+
+    #[test]
+    fn a_held_due_time_is_never_missed_and_one_tick_looks_at_the_newest() {
+        let cron = Cron::parse("* * * * *", "UTC").unwrap();
+        // queue_one held 10:01 while the previous ran; it ends at 10:05:30: 10:01 runs (not
+        // missed, though old), folding 10:02 .. 10:05 into it.
+        let mut held = record(CatchUpPolicy::SkipMissed, OverlapPolicy::QueueOne, at(1, 0));
+        held.held = true;
+        let plan = plan_tick(&held, &cron, at(5, 30), false);
+        assert_eq!((plan.run, plan.held), (vec![at(5, 0)], false));
+        held.held = false;
+        assert!(plan_tick(&held, &cron, at(5, 30), false).run == vec![at(5, 0)]);
+        let mut unheld = record(CatchUpPolicy::SkipMissed, OverlapPolicy::QueueOne, at(1, 0));
+        unheld.spec.missed_after_ms = 0;
+        assert!(plan_tick(&unheld, &cron, at(5, 30), false).run.is_empty());
+        held.spec.missed_after_ms = 0;
+        held.held = true;
+        let plan = plan_tick(&held, &cron, at(1, 30), false);
+        assert_eq!(plan.run, vec![at(1, 0)], "held, not missed");
+        // Every second for much longer than a tick looks at: the newest due times run.
+        let busy = Cron::parse("* * * * * *", "UTC").unwrap();
+        let behind = record(CatchUpPolicy::RunOnce, OverlapPolicy::Allow, at(0, 0));
+        let now = at(0, 0) + TimeDelta::seconds(3 * MAX_DUE_TIMES_PER_TICK as i64);
+        let plan = plan_tick(&behind, &busy, now, false);
+        assert_eq!(plan.run.last(), Some(&now), "the newest, not the oldest");
+        assert_eq!(plan.next_due_at, Some(now + TimeDelta::seconds(1)));
+        // skip: one at a time even within a tick.
+        let late = record(CatchUpPolicy::RunAll, OverlapPolicy::Skip, at(1, 0));
+        assert_eq!(plan_tick(&late, &cron, at(3, 5), false).run, vec![at(3, 0)]);
+    }
+
+    #[test]
+    fn due_times_only_move_forward_across_daylight_saving() {
+        let cron = Cron::parse("*/15 * * * *", "Europe/Berlin").unwrap();
+        for (start, hours) in [("2026-10-24T23:00:00Z", 4), ("2026-03-29T00:00:00Z", 3)] {
+            let start = DateTime::parse_from_rfc3339(start)
+                .unwrap()
+                .with_timezone(&Utc);
+            let mut at = start;
+            while at < start + TimeDelta::hours(hours) {
+                let next = cron.next_after(at).unwrap();
+                assert!(
+                    next > at && next <= at + TimeDelta::hours(2),
+                    "{at} -> {next}"
+                );
+                at += TimeDelta::minutes(5);
+            }
+            let (due, _) = cron.due_between(start, start + TimeDelta::hours(hours), 1_000);
+            assert!(due.windows(2).all(|pair| pair[0] < pair[1]), "{due:?}");
+        }
     }
 
     #[test]

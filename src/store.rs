@@ -159,7 +159,8 @@ pub trait ClusterStore: Send + Sync {
 
     /// Creates a schedule whose first due time is `first_due` (the caller checked `spec`,
     /// see [`ScheduleSpec::validate`]). Creating an id again with the same spec returns the
-    /// schedule as it is; another spec is `Conflict` (delete it first).
+    /// schedule as it is; another spec is `InvalidInput` (delete it first), and so is a new
+    /// schedule beyond [`MAX_SCHEDULES`].
     async fn create_schedule(
         &self,
         spec: &ScheduleSpec,
@@ -208,12 +209,16 @@ pub trait ClusterStore: Send + Sync {
         progress: &ScheduleProgress,
     ) -> ProcessResult<bool>;
 
-    /// The earliest next due time of a schedule that is not paused.
+    /// The earliest instant a schedule that is not paused needs a pod: its next due time, or
+    /// the end of its claim when that is later (held, or being produced by another pod).
     async fn next_schedule_due(&self) -> ProcessResult<Option<DateTime<Utc>>>;
 }
 
-/// Largest page of [`ClusterStore::list_schedules`].
-pub const MAX_SCHEDULE_PAGE: u32 = 1_000;
+/// Largest page of [`ClusterStore::list_schedules`] (at most 200 × 16 KiB of inputs).
+pub const MAX_SCHEDULE_PAGE: u32 = 200;
+
+/// Most schedules a store keeps: each costs every pod a look per due time.
+pub const MAX_SCHEDULES: usize = 10_000;
 
 /// What a tick of a schedule did ([`ClusterStore::advance_schedule`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -224,4 +229,10 @@ pub struct ScheduleProgress {
     pub skipped: i64,
     /// The latest due time this tick produced a process for, and that process.
     pub last: Option<(DateTime<Utc>, ProcessId)>,
+    /// `next_due_at` waits for the previous process (`queue_one`): the row is looked at
+    /// again after [`HELD_RECHECK`], not at once.
+    pub held: bool,
 }
+
+/// How long a due time held by `queue_one` waits before a pod looks at it again.
+pub const HELD_RECHECK: Duration = Duration::from_secs(1);

@@ -315,6 +315,11 @@ pub fn registration(
     }
     if let Some(parent) = &registration.parent {
         process_id(parent.as_str())?;
+        if registration.id.as_ref() == Some(parent) {
+            return Err(invalid(format!(
+                "process {parent} cannot be its own parent"
+            )));
+        }
     }
     if let Some(policy) = &registration.start_policy {
         start_policy(policy)?;

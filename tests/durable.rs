@@ -1052,3 +1052,60 @@ async fn a_join_not_told_of_an_end_looks_again_after_its_recheck_period() {
     pod.shutdown().await;
     stack.shutdown().await;
 }
+
+async fn second_cancel_on(stack: &Proclog) {
+    let registry = stack.registry();
+    let external = |id: &str| {
+        ProcessRegistration::new("nobody-runs-it", json!(null))
+            .with_id(ProcessId::new(id).unwrap())
+            .with_disposition(proclog::Disposition::External)
+    };
+    let parent = registry.register_process(external("root")).await.unwrap();
+    let child = registry
+        .register_process(external("root.kid").with_parent(parent.id.clone()))
+        .await
+        .unwrap();
+    let grandchild = registry
+        .register_process(external("root.kid.kid").with_parent(child.id.clone()))
+        .await
+        .unwrap();
+    let record =
+        proclog::pod::cancel_process(registry.as_ref(), &parent.id, "pod-a", json!("stop"), None)
+            .await
+            .unwrap();
+    assert_eq!(record.status, ProcessStatus::Cancelled);
+    for id in [&child.id, &grandchild.id] {
+        let end = registry.get_process(id).await.unwrap().unwrap();
+        assert_eq!(end.status, ProcessStatus::Cancelled, "{id}");
+    }
+    // A second request from another pod: the parent has ended (its answer says so), the
+    // request it passes on is the same and is written once.
+    let again =
+        proclog::pod::cancel_process(registry.as_ref(), &parent.id, "pod-b", json!("again"), None)
+            .await;
+    assert!(
+        matches!(again, Err(proclog::ProcessError::ProcessTerminal { .. })),
+        "{again:?}"
+    );
+    let log = common::log_of(registry.as_ref(), &child.id).await;
+    assert_eq!(events_of(&log, "process.cancel_requested").len(), 1);
+    // A parent asked to stop takes no more children.
+    let refused = registry
+        .register_process(external("root.late").with_parent(parent.id.clone()))
+        .await;
+    assert!(
+        matches!(refused, Err(proclog::ProcessError::InvalidInput(_))),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_cancellation_passes_on_the_same_request_once() {
+    let memory = memory_stack(Duration::from_secs(5));
+    second_cancel_on(&memory).await;
+    memory.shutdown().await;
+    let url = common::migrated_database_url().await;
+    let pg = Proclog::builder(url).start().await.unwrap();
+    second_cancel_on(&pg).await;
+    pg.shutdown().await;
+}

@@ -110,6 +110,7 @@ async fn store_rules(store: &dyn ClusterStore, registry: &dyn ProcessRegistry) {
         next_due_at: Some(due + TimeDelta::seconds(1)),
         skipped: 0,
         last: Some((due, due_process_id("every-second", due))),
+        held: false,
     };
     assert!(
         !store

@@ -213,6 +213,7 @@ pub(super) fn cors(policy: &AccessPolicy) -> tower_http::cors::CorsLayer {
             header::CONTENT_TYPE,
             header::HeaderName::from_static("last-event-id"),
         ])
+        .expose_headers([header::HeaderName::from_static("proclog-start")])
         .max_age(std::time::Duration::from_secs(600))
 }
 

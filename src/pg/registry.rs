@@ -149,6 +149,27 @@ const PRUNE_BATCH_PROCESSES: i64 = 1_000;
 const PRUNE_BATCH_EVENTS: i64 = 50_000;
 
 impl PgProcessRegistry {
+    /// After a child is inserted: if its parent was asked to stop since the mark
+    /// that let the child in, the cancellation that ran meanwhile may have listed the
+    /// children before this one existed; the child gets the parent's request itself (the
+    /// same request the cancellation passes on, written once). Returns whether it did.
+    async fn recheck_parent(&self, child: &ProcessId, parent: &ProcessId) -> ProcessResult<bool> {
+        let stopping = self
+            .get_process(parent)
+            .await?
+            .is_some_and(|record| record.cancel_request.is_some());
+        if !stopping {
+            return Ok(false);
+        }
+        match self
+            .append_event(child, crate::registry::parent_cancel_request(parent))
+            .await
+        {
+            Ok(_) | Err(ProcessError::ProcessTerminal { .. }) => Ok(true),
+            Err(err) => Err(err),
+        }
+    }
+
     /// The answer to a registration whose id exists (possibly inserted concurrently and
     /// committed since: this reads with a new snapshot): the existing process when the
     /// content is the same, else `Conflict`.
@@ -526,13 +547,21 @@ impl ProcessRegistry for PgProcessRegistry {
                 .query(
                     "UPDATE proclog.processes SET has_children = true
                       WHERE process_id = $1 AND terminal_state IS NULL
-                        AND cancel_request IS NULL
+                        AND cancel_request IS NULL AND NOT has_children
                   RETURNING process_id",
                     &[&parent.as_str()],
                 )
                 .await?;
-            if marked.is_empty() {
-                let state = self.get_process(parent).await?.map(|record| ParentState {
+            let found = if marked.is_empty() {
+                self.get_process(parent).await?
+            } else {
+                None
+            };
+            let marked_before = found.as_ref().is_some_and(|record| {
+                record.has_children && record.terminal.is_none() && record.cancel_request.is_none()
+            });
+            if marked.is_empty() && !marked_before {
+                let state = found.map(|record| ParentState {
                     ended: record.terminal.is_some(),
                     cancelling: record.cancel_request.is_some(),
                 });
@@ -602,6 +631,11 @@ impl ProcessRegistry for PgProcessRegistry {
                     )));
                 }
             };
+            if decision == StartDecision::Created
+                && let Some(parent) = &registration.parent
+            {
+                self.recheck_parent(&started, parent).await?;
+            }
             let process = self.get_process(&started).await?.ok_or_else(|| {
                 ProcessError::Database(format!("process {started} vanished during its start"))
             })?;
@@ -639,8 +673,14 @@ impl ProcessRegistry for PgProcessRegistry {
             )
             .await?;
         if let Some(row) = inserted.first() {
+            let mut process = process_from_row(row)?;
+            if let Some(parent) = &registration.parent
+                && self.recheck_parent(&id, parent).await?
+            {
+                process = self.get_process(&id).await?.unwrap_or(process);
+            }
             return Ok(StartOutcome {
-                process: process_from_row(row)?,
+                process,
                 decision: StartDecision::Created,
             });
         }

@@ -17,8 +17,8 @@ use crate::error::{ProcessError, ProcessResult};
 use crate::model::ProcessId;
 use crate::schedule::{ScheduleRecord, ScheduleSpec};
 use crate::store::{
-    ClusterStore, MAX_PODS, MAX_SCHEDULE_PAGE, MAX_SUMMARY_PAGE, PodView, PresenceRecord,
-    ProcessQuery, ProcessSummary, ScheduleProgress,
+    ClusterStore, HELD_RECHECK, MAX_PODS, MAX_SCHEDULE_PAGE, MAX_SCHEDULES, MAX_SUMMARY_PAGE,
+    PodView, PresenceRecord, ProcessQuery, ProcessSummary, ScheduleProgress,
 };
 
 /// Bound on a presence write or a view's read, whatever the pool's own settings.
@@ -237,7 +237,8 @@ impl ClusterStore for PgClusterStore {
                     "INSERT INTO proclog.schedules
                             (schedule_id, cron, time_zone, kind, input, disposition, overlap,
                              catch_up, catch_up_limit, next_due_at, missed_after_ms)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11
+                      WHERE (SELECT count(*) FROM proclog.schedules) < $12
                      ON CONFLICT (schedule_id) DO NOTHING
                      RETURNING {SCHEDULE_COLUMNS}"
                 ),
@@ -253,6 +254,7 @@ impl ClusterStore for PgClusterStore {
                     &limit,
                     &first_due,
                     &i64::try_from(spec.missed_after_ms).unwrap_or(i64::MAX),
+                    &(MAX_SCHEDULES as i64),
                 ],
             )
             .await?;
@@ -265,9 +267,8 @@ impl ClusterStore for PgClusterStore {
                 "schedule {} exists with another definition: delete it first",
                 spec.id
             ))),
-            None => Err(ProcessError::Unavailable(format!(
-                "schedule {} was deleted while it was created; try again",
-                spec.id
+            None => Err(ProcessError::InvalidInput(format!(
+                "there are {MAX_SCHEDULES} schedules already, the most a store keeps"
             ))),
         }
     }
@@ -397,7 +398,11 @@ impl ClusterStore for PgClusterStore {
                         skipped = skipped + $5,
                         last_due_at = coalesce($6, last_due_at),
                         last_process_id = coalesce($7, last_process_id),
-                        claimed_by = NULL, claimed_until = NULL, updated_at = now()
+                        held = $8,
+                        claimed_by = NULL,
+                        claimed_until = now() + CASE WHEN $8 THEN $9::bigint ELSE 0 END
+                                              * interval '1 millisecond',
+                        updated_at = now()
                   WHERE schedule_id = $1 AND claimed_by = $2 AND NOT paused
                     AND next_due_at IS NOT DISTINCT FROM $3
               RETURNING schedule_id",
@@ -409,6 +414,8 @@ impl ClusterStore for PgClusterStore {
                     &progress.skipped,
                     &last_due,
                     &last_process,
+                    &progress.held,
+                    &(HELD_RECHECK.as_millis() as i64),
                 ],
             )
             .await?;
@@ -418,7 +425,8 @@ impl ClusterStore for PgClusterStore {
     async fn next_schedule_due(&self) -> ProcessResult<Option<DateTime<Utc>>> {
         let rows = self
             .query(
-                "SELECT min(next_due_at) AS due FROM proclog.schedules WHERE NOT paused",
+                "SELECT min(greatest(next_due_at, claimed_until)) AS due
+                   FROM proclog.schedules WHERE NOT paused",
                 &[],
             )
             .await?;
@@ -431,7 +439,7 @@ impl ClusterStore for PgClusterStore {
 
 /// The columns [`schedule_from_row`] reads.
 const SCHEDULE_COLUMNS: &str = "schedule_id, cron, time_zone, kind, input, disposition, overlap, \
-     catch_up, catch_up_limit, missed_after_ms, paused, next_due_at, last_due_at, last_process_id, skipped, \
+     catch_up, catch_up_limit, missed_after_ms, paused, held, next_due_at, last_due_at, last_process_id, skipped, \
      created_at";
 
 fn schedule_from_row(row: &tokio_postgres::Row) -> ProcessResult<ScheduleRecord> {
@@ -465,6 +473,7 @@ fn schedule_from_row(row: &tokio_postgres::Row) -> ProcessResult<ScheduleRecord>
             .map(|id| ProcessId::new(id).map_err(|err| ProcessError::Database(err.to_string())))
             .transpose()?,
         skipped: row.try_get("skipped").map_err(db_error)?,
+        held: row.try_get("held").map_err(db_error)?,
         created_at: row.try_get("created_at").map_err(db_error)?,
     })
 }

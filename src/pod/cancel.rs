@@ -44,26 +44,61 @@ pub async fn cancel_process(
     if let Some(key) = replay_key {
         crate::validate::caller_replay_key(key)?;
     }
-    let record = cancel_one(registry, id, pod, reason, replay_key).await?;
+    let reason_bytes = serde_json::to_vec(&reason).map_or(usize::MAX, |bytes| bytes.len());
+    if reason_bytes > MAX_CANCEL_REASON_BYTES {
+        return Err(crate::ProcessError::InvalidInput(format!(
+            "the cancellation reason is {reason_bytes} bytes of JSON; at most \
+             {MAX_CANCEL_REASON_BYTES} are accepted"
+        )));
+    }
+    let mut append =
+        AppendRequest::reserved(CANCEL_REQUESTED, json!({"reason": reason, "by": pod}));
+    if let Some(key) = replay_key {
+        append = append.with_replay_key(key);
+    }
+    let record = match cancel_one(registry, id, pod, append).await {
+        Ok(record) => record,
+        // Ended already: its descendants may not have (a retried request, or one that ended
+        // it at once and stopped before passing itself on).
+        Err(err @ crate::ProcessError::ProcessTerminal { .. }) => {
+            if registry
+                .get_process(id)
+                .await?
+                .is_some_and(|record| record.has_children)
+            {
+                cancel_descendants(registry, id, pod).await?;
+            }
+            return Err(err);
+        }
+        Err(err) => return Err(err),
+    };
     if record.has_children {
         cancel_descendants(registry, id, pod).await?;
     }
     Ok(record)
 }
 
-/// Most descendants (ended or not) one request visits; beyond, the rest are left as they are
-/// (a warning is logged).
+/// Most descendants one request cancels; beyond, the rest are left as they are (a warning is
+/// logged; a later request goes on).
 pub const MAX_CANCELLED_DESCENDANTS: usize = 10_000;
 
+/// Most descendants (ended or not) one request looks at.
+pub const MAX_VISITED_DESCENDANTS: usize = 100_000;
+
 /// Passes a cancellation of `root` on to every descendant that has not ended, breadth
-/// first, at most [`MAX_CANCELLED_DESCENDANTS`].
+/// first, within [`MAX_CANCELLED_DESCENDANTS`] and [`MAX_VISITED_DESCENDANTS`]. Each gets
+/// the request derived from its parent ([`crate::registry::parent_cancel_request`]): the
+/// same whichever pod passes it on, so a request passed on twice is written once.
 async fn cancel_descendants(
     registry: &dyn ProcessRegistry,
     root: &ProcessId,
     pod: &str,
 ) -> ProcessResult<()> {
     let mut parents = std::collections::VecDeque::from([root.clone()]);
-    let mut passed = 0usize;
+    let (mut cancelled, mut visited) = (0usize, 0usize);
+    let within = |cancelled: usize, visited: usize| {
+        cancelled < MAX_CANCELLED_DESCENDANTS && visited < MAX_VISITED_DESCENDANTS
+    };
     while let Some(parent) = parents.pop_front() {
         let mut filter = crate::model::ProcessFilter {
             parent: Some(parent.clone()),
@@ -73,10 +108,10 @@ async fn cancel_descendants(
         loop {
             let page = registry.list_processes(filter.clone()).await?;
             for child in &page.processes {
-                if passed >= MAX_CANCELLED_DESCENDANTS {
+                if !within(cancelled, visited) {
                     break;
                 }
-                passed += 1;
+                visited += 1;
                 // Grandchildren are visited whether or not the child has ended: a child that
                 // ended leaves its own children running.
                 if child.has_children {
@@ -85,49 +120,40 @@ async fn cancel_descendants(
                 if child.terminal.is_some() {
                     continue;
                 }
-                let reason = json!({"parent": parent, "reason": "the parent was cancelled"});
-                let key = format!("proclog:parent-cancelled:{parent}");
-                match cancel_one(registry, &child.id, pod, reason, Some(&key)).await {
-                    Ok(_) | Err(crate::ProcessError::ProcessTerminal { .. }) => {}
+                cancelled += 1;
+                let request = crate::registry::parent_cancel_request(&parent);
+                match cancel_one(registry, &child.id, pod, request).await {
+                    // Ended meanwhile, or pruned: nothing left to pass on to.
+                    Ok(_)
+                    | Err(crate::ProcessError::ProcessTerminal { .. })
+                    | Err(crate::ProcessError::NotFound(_)) => {}
                     Err(err) => return Err(err),
                 }
             }
             match page.next {
-                Some(next) if passed < MAX_CANCELLED_DESCENDANTS => filter.after = Some(next),
+                Some(next) if within(cancelled, visited) => filter.after = Some(next),
                 _ => break,
             }
         }
-        if passed >= MAX_CANCELLED_DESCENDANTS {
-            tracing::warn!(process_id = %root, "a cancellation reached its bound of descendants");
+        if !within(cancelled, visited) {
+            tracing::warn!(process_id = %root, cancelled, visited,
+                "a cancellation reached its bound of descendants");
             break;
         }
     }
     Ok(())
 }
 
-/// Requests cancellation of `id` alone (see [`cancel_process`]); a `replay_key` is checked
-/// by the caller (this one may be proclog's own).
+/// Writes the cancellation request `append` to `id` alone and, when nobody runs it, ends it
+/// (see [`cancel_process`]).
 async fn cancel_one(
     registry: &dyn ProcessRegistry,
     id: &ProcessId,
     pod: &str,
-    reason: Value,
-    replay_key: Option<&str>,
+    append: AppendRequest,
 ) -> ProcessResult<ProcessRecord> {
     let canceller = format!("canceller:{pod}");
     crate::validate::owner(&canceller)?;
-    let reason_bytes = serde_json::to_vec(&reason).map_or(usize::MAX, |bytes| bytes.len());
-    if reason_bytes > MAX_CANCEL_REASON_BYTES {
-        return Err(crate::ProcessError::InvalidInput(format!(
-            "the cancellation reason is {reason_bytes} bytes of JSON; at most \
-             {MAX_CANCEL_REASON_BYTES} are accepted"
-        )));
-    }
-    let request = json!({"reason": reason, "by": pod});
-    let mut append = AppendRequest::reserved(CANCEL_REQUESTED, request.clone());
-    if let Some(key) = replay_key {
-        append = append.with_replay_key(key);
-    }
     let stored = registry.append_event(id, append).await?;
     // A replay carries the first try's request: complete with exactly that content.
     let request = stored.event.payload;

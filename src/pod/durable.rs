@@ -671,6 +671,12 @@ impl Durable {
         mut registration: ProcessRegistration,
     ) -> Result<ProcessId, StepError> {
         self.claim_name("child name", name, |state| &mut state.spawns)?;
+        if registration.start_policy.is_some() {
+            // A policy could answer another process than the one the spawn records.
+            return Err(StepError::Invalid(format!(
+                "child {name:?}: a spawned child cannot carry a start policy"
+            )));
+        }
         let store = |source| StepError::Store {
             name: name.to_owned(),
             source,
@@ -783,8 +789,9 @@ impl Durable {
     }
 }
 
-/// Most children one join waits for.
-pub const MAX_JOINED: usize = 1_000;
+/// Most children one join waits for (their outputs are read at each look: at most 100 ×
+/// the payload limit).
+pub const MAX_JOINED: usize = 100;
 
 /// The id of child `name` of `parent` when the run gives none: `<parent>.<name>`, or, when
 /// that is longer than an id may be, a UUID derived from both (the same for every run).

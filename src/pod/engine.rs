@@ -223,7 +223,7 @@ impl RunContext {
             .ok_or_else(|| StepError::Invalid("a join answered nothing".into()))
     }
 
-    /// Waits until every one of `children` (1 to 1,000 processes, usually spawned by this
+    /// Waits until every one of `children` (1 to 100 processes, usually spawned by this
     /// run) has ended and returns their terminal records in the same order. The wait holds
     /// no pod when they have not all ended: the process is `waiting` until a child's end
     /// reaches it as a `process.child` message (or, should that message be lost with the pod

@@ -18,8 +18,9 @@ use crate::store::{ClusterStore, ScheduleProgress};
 /// holding one delays its due times by this much at most).
 pub const SCHEDULE_CLAIM_TTL: Duration = Duration::from_secs(30);
 
-/// Most schedules one tick claims.
-pub const SCHEDULES_PER_TICK: u32 = 100;
+/// Most schedules one tick claims (a tick looks at up to 1,000 due times of each: twenty keep
+/// it well within its claim).
+pub const SCHEDULES_PER_TICK: u32 = 20;
 
 /// What one tick did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -89,6 +90,7 @@ async fn tick_one(
         next_due_at: plan.next_due_at,
         skipped: plan.skipped,
         last,
+        held: plan.held,
     };
     if !store
         .advance_schedule(&schedule.spec.id, owner, schedule.next_due_at, &progress)
@@ -121,7 +123,8 @@ async fn produce(
     }
 }
 
-/// Creates a schedule: checks it (its input against the registry's payload limit too) and
+/// Creates a schedule: checks it (its input against the registry's payload limit and
+/// [`crate::schedule::MAX_SCHEDULE_INPUT_BYTES`]) and
 /// stores it with its first due time after now. Idempotent by id and definition.
 pub async fn create_schedule(
     store: &dyn ClusterStore,
@@ -129,7 +132,12 @@ pub async fn create_schedule(
     spec: &ScheduleSpec,
 ) -> ProcessResult<ScheduleRecord> {
     let cron = spec.validate()?;
-    crate::validate::payload_bytes(&spec.input, registry.payload_limit())?;
+    crate::validate::payload_bytes(
+        &spec.input,
+        registry
+            .payload_limit()
+            .min(crate::schedule::MAX_SCHEDULE_INPUT_BYTES),
+    )?;
     store
         .create_schedule(spec, cron.next_after(Utc::now()))
         .await

@@ -346,6 +346,13 @@ impl ProcessRegistry for Faulty {
         self.inner.register_process(registration).await
     }
 
+    async fn start_process(
+        &self,
+        registration: ProcessRegistration,
+    ) -> ProcessResult<crate::model::StartOutcome> {
+        self.inner.start_process(registration).await
+    }
+
     async fn get_process(&self, id: &ProcessId) -> ProcessResult<Option<ProcessRecord>> {
         self.inner.get_process(id).await
     }
