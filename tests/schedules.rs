@@ -190,6 +190,19 @@ async fn schedules_follow_the_same_rules_in_memory_and_on_postgres() {
     stack.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_follow_the_same_rules_on_citus() {
+    if !common::citus_installed() {
+        return;
+    }
+    let url = proclog::testing::migrated_citus_database_url()
+        .await
+        .unwrap();
+    let stack = Proclog::builder(url).start().await.unwrap();
+    store_rules(stack.cluster().as_ref(), stack.registry().as_ref()).await;
+    stack.shutdown().await;
+}
+
 /// The database clock.
 async fn db_now(url: &str) -> DateTime<Utc> {
     common::sql_client(url)

@@ -15,6 +15,7 @@ mod durable;
 mod pgbench;
 mod report;
 mod retention;
+mod schedules;
 mod workloads;
 
 use std::time::Duration;
@@ -150,6 +151,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
     if selected("prune") || selected("partition") {
         rows.extend(retention::partitioning(&url, plan).await?);
+    }
+    if selected("schedule") {
+        rows.extend(schedules::ticks(&url, plan).await?);
     }
     if selected("citus") {
         rows.extend(citus::compare(plan).await?);
