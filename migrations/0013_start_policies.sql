@@ -62,6 +62,8 @@ DECLARE
     v_unstarted  boolean;
     v_window     interval := coalesce(p_window_ms, 0) * interval '1 millisecond';
     v_wake       timestamptz;
+    v_old_wake   timestamptz;
+    v_deadline   timestamptz;
 BEGIN
     LOOP
         SELECT * INTO v_key FROM proclog.start_keys k
@@ -85,8 +87,9 @@ BEGIN
         END IF;
         SELECT p.terminal_state IS NULL,
                p.terminal_state IS NULL AND p.status = 'pending' AND p.started_at IS NULL
-                   AND p.lease_token IS NULL
-          INTO v_live, v_unstarted
+                   AND p.lease_token IS NULL,
+               p.wake_at, p.deadline
+          INTO v_live, v_unstarted, v_old_wake, v_deadline
           FROM proclog.processes p
          WHERE p.process_id = v_key.process_id
            FOR UPDATE;
@@ -103,10 +106,16 @@ BEGIN
             RETURN QUERY SELECT 'running'::text, v_key.process_id;
             RETURN;
         ELSIF p_policy = 'debounce' AND v_unstarted THEN
+            -- Its deadline (if any) moves with its start: a debounced process does not start
+            -- past it.
+            v_wake := greatest(now() + v_window, p_start_at,
+                               now() + p_start_in_ms * interval '1 millisecond');
+            -- (Computed here: Citus takes no timestamp arithmetic on columns in an UPDATE.)
+            v_deadline := v_deadline + (v_wake - coalesce(v_old_wake, v_wake));
             UPDATE proclog.processes p
                SET input = p_input,
-                   wake_at = greatest(now() + v_window, p_start_at,
-                                      now() + p_start_in_ms * interval '1 millisecond'),
+                   deadline = v_deadline,
+                   wake_at = v_wake,
                    updated_at = now()
              WHERE p.process_id = v_key.process_id;
             UPDATE proclog.start_keys k

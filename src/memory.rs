@@ -782,6 +782,9 @@ impl ProcessRegistry for InMemoryProcessRegistry {
                             .start_at
                             .or_else(|| registration.start_in_ms.map(|ms| at + millis_delta(ms)));
                         let wake = requested.map_or(at + window, |wake| wake.max(at + window));
+                        if let (Some(deadline), Some(old)) = (entry.record.deadline, entry.wake) {
+                            entry.record.deadline = Some(deadline + (wake - old));
+                        }
                         entry.record.input = registration.input.clone();
                         entry.record.wake_at = Some(wake);
                         entry.wake = Some(wake);

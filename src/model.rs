@@ -305,9 +305,11 @@ pub enum StartPolicy {
         refuse: bool,
     },
     /// The start is delayed by `window_ms`; a later start of the key while that process has
-    /// not started yet replaces its input and delays it again by the window
-    /// ([`StartDecision::Debounced`]): the last start of a burst wins, once the burst has
-    /// been quiet for the window.
+    /// not started yet replaces its input and delays it again by the window (its deadline,
+    /// if any, moves by as much) ([`StartDecision::Debounced`]): the last start of a burst
+    /// wins, once the burst has been quiet for the window. Its id stays the first start's;
+    /// a retry of the first start with its original input then conflicts (its content
+    /// changed): retry with the key instead of the id.
     Debounce {
         /// The key: 1 to 256 printable characters.
         key: String,

@@ -176,9 +176,12 @@ pub async fn a_singleton_key_has_one_process_that_has_not_ended(store: &dyn Stor
 pub async fn debounce_keeps_the_last_start_of_a_burst(store: &dyn Store) {
     let registry = store.pod("pod-a").await;
     let first = registry
-        .start_process(start("reindex", json!(1), debounce("doc-9", 60_000)))
+        .start_process(
+            start("reindex", json!(1), debounce("doc-9", 60_000)).timeout(Duration::from_secs(600)),
+        )
         .await
         .unwrap();
+    let budget = first.process.deadline.unwrap() - first.process.wake_at.unwrap();
     assert_eq!(first.decision, StartDecision::Created);
     let first_wake = first.process.wake_at.expect("a debounced start waits");
     assert!(first_wake >= first.process.created_at + chrono::TimeDelta::seconds(59));
@@ -193,6 +196,11 @@ pub async fn debounce_keeps_the_last_start_of_a_burst(store: &dyn Store) {
         );
         assert_eq!(again.process.input, json!(n), "the last start's input");
         assert!(again.process.wake_at.unwrap() >= first_wake);
+        assert_eq!(
+            again.process.deadline.unwrap() - again.process.wake_at.unwrap(),
+            budget,
+            "the deadline moves with the start"
+        );
     }
     let record = registry
         .get_process(&first.process.id)
