@@ -921,7 +921,9 @@ async fn a_parent_spawns_children_once_and_joins_them_without_a_pod() {
     // On Citus the parent and its children live on different shards: the child's end reaches
     // its parent in a statement of its own.
     if common::citus_installed() {
-        let url = proclog::testing::migrated_citus_database_url().await.unwrap();
+        let url = proclog::testing::migrated_citus_database_url()
+            .await
+            .unwrap();
         let citus = Proclog::builder(url).start().await.unwrap();
         spawn_and_join_on(&citus).await;
         citus.shutdown().await;

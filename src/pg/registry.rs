@@ -582,30 +582,37 @@ impl ProcessRegistry for PgProcessRegistry {
             }
         }
         let parent = registration.parent.as_ref().map(ProcessId::as_str);
+        let (input, start_in, timeout) = (
+            JsonText(input),
+            millis(registration.start_in_ms),
+            millis(registration.timeout_ms),
+        );
+        // The registration's columns, in the order of the INSERT below and of the first
+        // arguments of proclog.start_process.
+        let columns: [&(dyn ToSql + Sync); 11] = [
+            &id.as_str(),
+            &registration.kind,
+            &input,
+            &registration.disposition.as_str(),
+            &registration.start_at,
+            &start_in,
+            &registration.deadline,
+            &timeout,
+            &retry_policy,
+            &registration.trace_parent,
+            &parent,
+        ];
         if let Some(policy) = &registration.start_policy {
             let window = i64::try_from(policy.window_ms()).expect("validated bound");
             let refuse = matches!(policy, StartPolicy::Singleton { refuse: true, .. });
+            let (name, key) = (policy.name(), policy.key());
+            let mut params = columns.to_vec();
+            params.extend([&name as &(dyn ToSql + Sync), &key, &window, &refuse]);
             let rows = self
                 .run(
                     "SELECT decision, started_id FROM proclog.start_process(
                          $1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12, $13, $14, $15)",
-                    &[
-                        &id.as_str(),
-                        &registration.kind,
-                        &JsonText(input),
-                        &registration.disposition.as_str(),
-                        &registration.start_at,
-                        &millis(registration.start_in_ms),
-                        &registration.deadline,
-                        &millis(registration.timeout_ms),
-                        &retry_policy,
-                        &registration.trace_parent,
-                        &parent,
-                        &policy.name(),
-                        &policy.key(),
-                        &window,
-                        &refuse,
-                    ],
+                    &params,
                     |err| start_error(policy.key(), err),
                 )
                 .await?;
@@ -657,19 +664,7 @@ impl ProcessRegistry for PgProcessRegistry {
                      RETURNING ",
                     process_columns!()
                 ),
-                &[
-                    &id.as_str(),
-                    &registration.kind,
-                    &JsonText(input),
-                    &registration.disposition.as_str(),
-                    &registration.start_at,
-                    &millis(registration.start_in_ms),
-                    &registration.deadline,
-                    &millis(registration.timeout_ms),
-                    &retry_policy,
-                    &registration.trace_parent,
-                    &parent,
-                ],
+                &columns,
             )
             .await?;
         if let Some(row) = inserted.first() {
