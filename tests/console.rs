@@ -863,6 +863,28 @@ async fn a_process_page_shows_its_parent_and_its_children() {
         !leaf.contains(r#"id="children""#),
         "a leaf has no children panel"
     );
+    // A spawn is listed with the steps: its name and its child.
+    let fan = registry
+        .register_process(
+            ProcessRegistration::new("fanout", json!({"children": 1, "steps": 1, "delay_ms": 10}))
+                .with_id(ProcessId::new("fan").unwrap()),
+        )
+        .await
+        .unwrap();
+    stack.driver().await_terminal(&fan.id, CAP).await.unwrap();
+    let page = client
+        .get(format!("{home}/ui/processes/fan"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(r#"<tr class="child"><td>child</td><td>c0</td>"#),
+        "{page}"
+    );
+    assert!(page.contains("<code>fan.c0</code>"), "{page}");
     http.shutdown().await;
     pod.shutdown().await;
     stack.shutdown().await;

@@ -775,6 +775,17 @@ fn render_steps(journal: &[ProcessEvent], recent: &[ProcessEvent]) -> String {
                 ),
                 truncate(&entry.payload.to_string(), 200),
             ),
+            crate::reserved::SPAWNED => (
+                "child",
+                entry.payload["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                entry.payload["child"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ),
             _ => (
                 "receipt",
                 format!(
@@ -800,7 +811,7 @@ fn render_steps(journal: &[ProcessEvent], recent: &[ProcessEvent]) -> String {
         );
     }
     format!(
-        r#"<section class="panel"><h2>Steps, timers and receipts</h2>
+        r#"<section class="panel"><h2>Steps, timers, receipts and spawns</h2>
 <p class="hint">What a later run of this process (a rerun, a resume after a wait, a retry) finds stored and does not do again when it gets there.</p>
 <table id="steps"><thead><tr><th>what</th><th>name</th><th>seq</th><th>stored by run</th><th></th><th>at</th><th>stored</th></tr></thead><tbody>{rows}</tbody></table></section>"#
     )
