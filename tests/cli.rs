@@ -275,6 +275,56 @@ async fn client_commands_drive_a_process_and_pod_logs_carry_ids() {
     assert_eq!(child["status"], "cancelled", "the cancel reached the child");
     let pruned = json_of(&run(args(&["prune", "--older-than-secs", "0"])).await);
     assert_eq!(pruned["pruned"]["processes"], 3);
+    // Schedules: made, listed, paused, run now, deleted (the URL after the subcommand too).
+    let made = json_of(
+        &run(args(&[
+            "schedule",
+            "create",
+            "cli-nightly",
+            "--cron",
+            "0 2 * * *",
+            "--kind",
+            "steps",
+            "--time-zone",
+            "Europe/Berlin",
+            "--catch-up",
+            "run_once",
+        ]))
+        .await,
+    );
+    assert_eq!(
+        (&made["catch_up"], &made["time_zone"]),
+        (&json!("run_once"), &json!("Europe/Berlin"))
+    );
+    let listed = json_of(&run(args(&["schedule", "list"])).await);
+    assert_eq!(listed["schedules"][0]["id"], "cli-nightly");
+    let paused = json_of(&run(args(&["schedule", "pause", "cli-nightly"])).await);
+    assert_eq!(paused["paused"], true);
+    let manual = json_of(&run(args(&["schedule", "trigger", "cli-nightly"])).await);
+    assert!(
+        manual["id"]
+            .as_str()
+            .unwrap()
+            .starts_with("cli-nightly.manual.")
+    );
+    let deleted = json_of(
+        &run(args(&[
+            "schedule",
+            "delete",
+            "cli-nightly",
+            "--url",
+            &pod.url,
+        ]))
+        .await,
+    );
+    assert_eq!(deleted["deleted"], "cli-nightly");
+    let gone = run(args(&["schedule", "get", "cli-nightly"])).await;
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("not_found"));
+    let bad = run(args(&[
+        "schedule", "create", "x", "--cron", "never", "--kind", "k",
+    ]))
+    .await;
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid_input"));
 
     // Errors: a clear message and a non-zero exit.
     let missing = run(args(&["get", "cli-1"])).await;

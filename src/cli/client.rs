@@ -23,16 +23,22 @@ const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
 #[derive(clap::Args, Clone, Debug)]
 pub struct Connection {
     /// Base URL of a pod.
-    #[arg(long, env = "PROCLOG_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "PROCLOG_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     url: String,
     /// Bearer token, when the pod requires one.
-    #[arg(long, env = "PROCLOG_API_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "PROCLOG_API_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Give up when the pod has not answered within this many milliseconds (exit code 3).
     /// `await` allows this on top of its own --timeout-ms; `tail` applies it to connecting and
     /// to the pod's first answer only, never to the stream itself.
     #[arg(
         long,
+        global = true,
         env = "PROCLOG_CLIENT_TIMEOUT_MS",
         default_value_t = DEFAULT_REQUEST_TIMEOUT_MS,
         value_parser = clap::value_parser!(u64).range(1..)
