@@ -111,7 +111,10 @@ BEGIN
             v_wake := greatest(now() + v_window, p_start_at,
                                now() + p_start_in_ms * interval '1 millisecond');
             -- (Computed here: Citus takes no timestamp arithmetic on columns in an UPDATE.)
-            v_deadline := v_deadline + (v_wake - coalesce(v_old_wake, v_wake));
+            -- (In seconds: interval arithmetic in days would follow the session's time zone.)
+            v_deadline := v_deadline + (extract(epoch FROM v_wake)
+                                        - extract(epoch FROM coalesce(v_old_wake, v_wake)))
+                                       * interval '1 second';
             UPDATE proclog.processes p
                SET input = p_input,
                    deadline = v_deadline,

@@ -612,6 +612,8 @@ impl ClusterStore for InMemoryProcessRegistry {
         let Some(row) = schedules.get_mut(id) else {
             return Ok(None);
         };
+        // A pause or a resume ends a hold (a resumed schedule starts afresh from now).
+        row.record.held &= !paused && !row.record.paused;
         if row.record.paused && !paused {
             row.record.next_due_at = next_due;
         }

@@ -481,6 +481,48 @@ pub(crate) fn parent_cancel_request(parent: &ProcessId) -> AppendRequest {
     .with_replay_key(format!("proclog:parent-cancelled:{parent}"))
 }
 
+/// Lease TTL of the short claim a canceller takes to complete an unowned process.
+const CANCELLER_TTL: Duration = Duration::from_secs(30);
+
+/// Writes the cancellation request `append` (a `process.cancel_requested`) to `id` and, when
+/// nobody runs it (no live lease: pending, `external`, or its owner lost), claims it as
+/// `canceller` and completes it `cancelled` with `{request}` at once; otherwise its owner
+/// acts on the request. Returns the process as it is after.
+pub(crate) async fn request_cancellation(
+    registry: &(dyn ProcessRegistry + '_),
+    id: &ProcessId,
+    canceller: &str,
+    append: AppendRequest,
+) -> ProcessResult<ProcessRecord> {
+    crate::validate::owner(canceller)?;
+    let stored = registry.append_event(id, append).await?;
+    // A replay carries the first try's request: complete with exactly that content.
+    let request = stored.event.payload;
+    match registry.claim(id, canceller, CANCELLER_TTL).await {
+        Ok(ClaimOutcome::Acquired(lease)) => {
+            let completion = Completion::new(
+                crate::model::TerminalState::Cancelled,
+                serde_json::json!({ "request": request }),
+            )
+            .fenced(&lease);
+            let completed = registry.complete_process(id, completion).await;
+            if completed.is_err() {
+                // Hand the process back at once rather than holding it for the canceller's
+                // TTL; the request stays in the log, so the next owner cancels it.
+                let _ = registry.release(&lease).await;
+            }
+            return completed;
+        }
+        // Owned: the owner acts on the request. Ended meanwhile: nothing left to do.
+        Ok(ClaimOutcome::Busy { .. }) | Err(ProcessError::ProcessTerminal { .. }) => {}
+        Err(err) => return Err(err),
+    }
+    registry
+        .get_process(id)
+        .await?
+        .ok_or_else(|| ProcessError::NotFound(id.clone()))
+}
+
 /// Tells the parent of `child` (just ended) that it ended: a `process.message` of topic
 /// [`crate::reserved::CHILD_TOPIC`], `{child, state}`, idempotent by the child's id, which
 /// makes a parent waiting in a join runnable. Best effort: the child's end stands whatever

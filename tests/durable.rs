@@ -1107,6 +1107,29 @@ async fn second_cancel_on(stack: &Proclog) {
         matches!(refused, Err(proclog::ProcessError::InvalidInput(_))),
         "{refused:?}"
     );
+
+    // A parent that ended otherwise than cancelled leaves its children be, even when asked.
+    let done = registry.register_process(external("done")).await.unwrap();
+    let orphan = registry
+        .register_process(external("done.kid").with_parent(done.id.clone()))
+        .await
+        .unwrap();
+    registry
+        .complete_process(
+            &done.id,
+            proclog::Completion::new(TerminalState::Completed, json!(null)),
+        )
+        .await
+        .unwrap();
+    let late =
+        proclog::pod::cancel_process(registry.as_ref(), &done.id, "pod-a", json!("x"), None).await;
+    assert!(
+        matches!(late, Err(proclog::ProcessError::ProcessTerminal { .. })),
+        "{late:?}"
+    );
+    let orphan = registry.get_process(&orphan.id).await.unwrap().unwrap();
+    assert_eq!(orphan.status, ProcessStatus::Pending);
+    assert!(orphan.cancel_request.is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -172,6 +172,67 @@ async fn store_rules(store: &dyn ClusterStore, registry: &dyn ProcessRegistry) {
     );
     assert!(store.delete_schedule("every-second").await.unwrap());
     assert!(!store.delete_schedule("every-second").await.unwrap());
+
+    // A hold (queue_one) is looked at again a second later; a pause ends it. A schedule with
+    // no due time left asks no pod to come back.
+    let ending = create_schedule(store, registry, &spec("ending", "* * * * * *"))
+        .await
+        .unwrap();
+    let due = ending.next_due_at.unwrap();
+    while Utc::now() < due + TimeDelta::milliseconds(50) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (claimed, _) = store
+        .claim_due_schedules("pod-a", Duration::from_secs(30), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let hold = ScheduleProgress {
+        next_due_at: Some(due),
+        skipped: 0,
+        last: None,
+        held: true,
+    };
+    assert!(
+        store
+            .advance_schedule("ending", "pod-a", Some(due), &hold)
+            .await
+            .unwrap()
+    );
+    assert!(store.get_schedule("ending").await.unwrap().unwrap().held);
+    let next = store.next_schedule_due().await.unwrap().unwrap();
+    assert!(
+        next > due + TimeDelta::milliseconds(500),
+        "after the hold: {next}"
+    );
+    assert!(!pause_schedule(store, "ending", true).await.unwrap().held);
+    let resumed = pause_schedule(store, "ending", false).await.unwrap();
+    while Utc::now() < resumed.next_due_at.unwrap() + TimeDelta::milliseconds(50) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (claimed, _) = store
+        .claim_due_schedules("pod-a", Duration::from_secs(30), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let last = ScheduleProgress {
+        next_due_at: None,
+        skipped: 0,
+        last: None,
+        held: false,
+    };
+    assert!(
+        store
+            .advance_schedule("ending", "pod-a", resumed.next_due_at, &last)
+            .await
+            .unwrap()
+    );
+    let next = store.next_schedule_due().await.unwrap();
+    assert!(
+        next.is_some_and(|next| next > Utc::now() + TimeDelta::minutes(1)),
+        "only the nightly schedule is ahead: {next:?}"
+    );
+    assert!(store.delete_schedule("ending").await.unwrap());
     assert!(
         registry.get_process(&produced).await.unwrap().is_some(),
         "its processes stay"

@@ -161,10 +161,9 @@ impl PgProcessRegistry {
         if !stopping {
             return Ok(false);
         }
-        match self
-            .append_event(child, crate::registry::parent_cancel_request(parent))
-            .await
-        {
+        let canceller = format!("canceller:{}", self.config.writer);
+        let request = crate::registry::parent_cancel_request(parent);
+        match crate::registry::request_cancellation(self, child, &canceller, request).await {
             Ok(_) | Err(ProcessError::ProcessTerminal { .. }) => Ok(true),
             Err(err) => Err(err),
         }
@@ -566,12 +565,21 @@ impl ProcessRegistry for PgProcessRegistry {
                     cancelling: record.cancel_request.is_some(),
                 });
                 // A retried registration of a child made before its parent ended (or was
-                // asked to stop) is still answered.
+                // asked to stop) is still answered; if the parent was asked to stop, the
+                // child gets the request it may have missed (written once).
                 if state.is_some()
                     && let Some(existing) = self.get_process(&id).await?
                     && existing.parent.as_ref() == Some(parent)
                 {
-                    return self.existing_start(&id, &registration).await;
+                    let started = self.existing_start(&id, &registration).await?;
+                    if state.is_some_and(|state| state.cancelling)
+                        && started.process.terminal.is_none()
+                        && self.recheck_parent(&id, parent).await?
+                    {
+                        let process = self.get_process(&id).await?.unwrap_or(started.process);
+                        return Ok(StartOutcome { process, ..started });
+                    }
+                    return Ok(started);
                 }
                 crate::registry::check_parent(&id, parent, state)?;
                 // Registered since the mark was tried (or unreadable then): refuse rather

@@ -325,6 +325,7 @@ impl ClusterStore for PgClusterStore {
                     "UPDATE proclog.schedules
                         SET paused = $2,
                             next_due_at = CASE WHEN paused AND NOT $2 THEN $3 ELSE next_due_at END,
+                            held = held AND NOT $2 AND NOT paused,
                             claimed_by = NULL, claimed_until = NULL, updated_at = now()
                       WHERE schedule_id = $1
                   RETURNING {SCHEDULE_COLUMNS}"
@@ -400,8 +401,9 @@ impl ClusterStore for PgClusterStore {
                         last_process_id = coalesce($7, last_process_id),
                         held = $8,
                         claimed_by = NULL,
-                        claimed_until = now() + CASE WHEN $8 THEN $9::bigint ELSE 0 END
-                                              * interval '1 millisecond',
+                        claimed_until = CASE WHEN $8
+                                             THEN now() + $9::bigint * interval '1 millisecond'
+                                        END,
                         updated_at = now()
                   WHERE schedule_id = $1 AND claimed_by = $2 AND NOT paused
                     AND next_due_at IS NOT DISTINCT FROM $3
@@ -426,7 +428,7 @@ impl ClusterStore for PgClusterStore {
         let rows = self
             .query(
                 "SELECT min(greatest(next_due_at, claimed_until)) AS due
-                   FROM proclog.schedules WHERE NOT paused",
+                   FROM proclog.schedules WHERE NOT paused AND next_due_at IS NOT NULL",
                 &[],
             )
             .await?;

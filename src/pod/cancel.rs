@@ -1,19 +1,12 @@
 //! Cancellation: a `process.cancel_requested` event, acted on by the owner or, when nobody
 //! runs the process, right away.
 
-use std::time::Duration;
-
 use serde_json::{Value, json};
 
 use crate::error::ProcessResult;
-use crate::model::{
-    AppendRequest, ClaimOutcome, Completion, ProcessId, ProcessRecord, TerminalState,
-};
+use crate::model::{AppendRequest, ProcessId, ProcessRecord};
 use crate::registry::ProcessRegistry;
 use crate::reserved::CANCEL_REQUESTED;
-
-/// Lease TTL of the short claim a canceller takes to complete an unowned process.
-const CANCELLER_TTL: Duration = Duration::from_secs(30);
 
 /// Largest cancellation `reason`, as serialized JSON. The reason is copied into the
 /// terminal event's output, so it is kept small enough that the completion always fits.
@@ -58,15 +51,19 @@ pub async fn cancel_process(
     }
     let record = match cancel_one(registry, id, pod, append).await {
         Ok(record) => record,
-        // Ended already: its descendants may not have (a retried request, or one that ended
-        // it at once and stopped before passing itself on).
+        // Ended already: if it ended cancelled, its descendants may not have been told (a
+        // request that ended it at once and stopped before passing itself on): a retry
+        // passes it on. A parent that ended otherwise leaves its children be.
         Err(err @ crate::ProcessError::ProcessTerminal { .. }) => {
-            if registry
+            let asked = registry
                 .get_process(id)
-                .await?
-                .is_some_and(|record| record.has_children)
-            {
-                cancel_descendants(registry, id, pod).await?;
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|record| record.has_children && record.cancel_request.is_some());
+            if asked && let Err(walk) = cancel_descendants(registry, id, pod).await {
+                tracing::warn!(process_id = %id, error = %walk,
+                    "could not pass an earlier cancellation on to every descendant");
             }
             return Err(err);
         }
@@ -145,36 +142,12 @@ async fn cancel_descendants(
 }
 
 /// Writes the cancellation request `append` to `id` alone and, when nobody runs it, ends it
-/// (see [`cancel_process`]).
+/// (see [`cancel_process`] and [`crate::registry::request_cancellation`]).
 async fn cancel_one(
     registry: &dyn ProcessRegistry,
     id: &ProcessId,
     pod: &str,
     append: AppendRequest,
 ) -> ProcessResult<ProcessRecord> {
-    let canceller = format!("canceller:{pod}");
-    crate::validate::owner(&canceller)?;
-    let stored = registry.append_event(id, append).await?;
-    // A replay carries the first try's request: complete with exactly that content.
-    let request = stored.event.payload;
-    match registry.claim(id, &canceller, CANCELLER_TTL).await {
-        Ok(ClaimOutcome::Acquired(lease)) => {
-            let completion = Completion::new(TerminalState::Cancelled, json!({"request": request}))
-                .fenced(&lease);
-            let completed = registry.complete_process(id, completion).await;
-            if completed.is_err() {
-                // Hand the process back at once rather than holding it for the canceller's
-                // TTL; the request stays in the log, so the next owner cancels it.
-                let _ = registry.release(&lease).await;
-            }
-            return completed;
-        }
-        // Owned: the owner acts on the request. Ended meanwhile: nothing left to do.
-        Ok(ClaimOutcome::Busy { .. }) | Err(crate::ProcessError::ProcessTerminal { .. }) => {}
-        Err(err) => return Err(err),
-    }
-    registry
-        .get_process(id)
-        .await?
-        .ok_or_else(|| crate::ProcessError::NotFound(id.clone()))
+    crate::registry::request_cancellation(registry, id, &format!("canceller:{pod}"), append).await
 }
