@@ -53,19 +53,21 @@ pub async fn a_delayed_start_is_not_claimed_before_its_time(store: &dyn Store) {
     let registry = store.pod("pod").await;
     let later = registry
         .register_process(
-            ProcessRegistration::new("demo", json!(1)).start_in(Duration::from_millis(300)),
+            // Long enough that the checks before the start time finish before it, even on
+            // Citus under the whole suite's load (300 ms was not, once).
+            ProcessRegistration::new("demo", json!(1)).start_in(Duration::from_millis(2_000)),
         )
         .await
         .unwrap();
     assert_eq!(later.status, ProcessStatus::Pending);
     let start = later.wake_at.expect("a start time on the row");
-    assert!(start >= later.created_at + TimeDelta::milliseconds(300));
+    assert!(start >= later.created_at + TimeDelta::milliseconds(2_000));
     assert!(
         claimable(&*registry).await.is_empty(),
         "not before its time"
     );
     let wake = registry.next_wake().await.unwrap().expect("a wake time");
-    assert!(wake <= Duration::from_millis(300), "{wake:?}");
+    assert!(wake <= Duration::from_millis(2_000), "{wake:?}");
 
     wait_until(store, start).await;
     let claims = registry.claim_runnable("pod", MINUTE, 10).await.unwrap();
@@ -327,7 +329,8 @@ pub async fn messages_are_refused_for_ended_and_unknown_processes(store: &dyn St
 
 pub async fn a_deadline_makes_any_unleased_process_claimable(store: &dyn Store) {
     let registry = store.pod("pod").await;
-    let timeout = Duration::from_millis(200);
+    // Long enough for the checks before the deadline under load (see above).
+    let timeout = Duration::from_millis(2_000);
     let later = registry
         .register_process(
             ProcessRegistration::new("demo", json!(1))
@@ -345,7 +348,7 @@ pub async fn a_deadline_makes_any_unleased_process_claimable(store: &dyn Store) 
         .await
         .unwrap();
     let deadline = later.deadline.expect("a deadline on the row");
-    assert!(deadline >= later.created_at + TimeDelta::milliseconds(200));
+    assert!(deadline >= later.created_at + TimeDelta::milliseconds(2_000));
     assert!(claimable(&*registry).await.is_empty());
     assert!(registry.next_wake().await.unwrap().is_some());
     wait_until(store, deadline.max(external.deadline.unwrap())).await;
