@@ -156,13 +156,18 @@ async fn kill_9_of_a_pod(url: &str, ttl_ms: &str, concurrency: &str) {
     })
     .await;
     let client = sql_client(&url).await;
-    // Kill pod-2 while it holds leases of both dispositions, mid-run.
+    // Kill pod-2 while it holds leases of both dispositions, early in their runs (at most two
+    // of six steps written): a process about to end could end between this check and the
+    // kill, leaving one disposition untested.
     wait_for_sql(
         &client,
-        "SELECT count(DISTINCT p.disposition) = 2 FROM proclog.processes p
-           JOIN proclog.events e USING (process_id)
-          WHERE p.lease_owner = 'pod-2' AND p.lease_expires_at > now()
-            AND e.event_type = 'step' AND e.writer = 'pod-2'",
+        "SELECT count(DISTINCT disposition) = 2 FROM (
+             SELECT p.process_id, p.disposition, count(*) AS steps
+               FROM proclog.processes p JOIN proclog.events e USING (process_id)
+              WHERE p.lease_owner = 'pod-2' AND p.lease_expires_at > now()
+                AND e.event_type = 'step' AND e.writer = 'pod-2'
+              GROUP BY p.process_id, p.disposition) held
+          WHERE steps <= 2",
         CAP,
     )
     .await;
