@@ -147,6 +147,7 @@ pub mod model;
 pub mod pg;
 pub mod pod;
 pub mod pod_services;
+pub mod queue;
 pub mod registry;
 pub mod reserved;
 pub mod schedule;

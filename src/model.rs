@@ -276,6 +276,22 @@ pub struct ProcessRegistration {
     /// it: see [`StartPolicy`]. [`crate::ProcessRegistry::start_process`] says what happened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_policy: Option<StartPolicy>,
+    /// The queue it is claimed from (default: its kind's): 1 to 128 characters from
+    /// `[A-Za-z0-9._:-]`. A queue with limits ([`crate::queue`]) holds its work to them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "http", schema(pattern = "^[A-Za-z0-9._:-]{1,128}$"))]
+    pub queue: Option<String>,
+    /// Its concurrency key within the queue (a tenant, an account): 1 to 256 printable
+    /// characters. A queue's keys are served round-robin, and may have limits of their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
+    /// Higher is claimed first among its key's runnable work: -100 to 100, default 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i16,
+}
+
+fn is_zero(value: &i16) -> bool {
+    *value == 0
 }
 
 /// A start policy (CONTRACT §10): how a registration treats earlier starts of the same
@@ -515,7 +531,28 @@ impl ProcessRegistration {
             trace_parent: None,
             parent: None,
             start_policy: None,
+            queue: None,
+            concurrency_key: None,
+            priority: 0,
         }
+    }
+
+    /// The same registration in `queue` (instead of its kind's).
+    pub fn in_queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// The same registration with a concurrency key (see [`crate::queue`]).
+    pub fn with_concurrency_key(mut self, key: impl Into<String>) -> Self {
+        self.concurrency_key = Some(key.into());
+        self
+    }
+
+    /// The same registration with a priority (higher first, -100 to 100).
+    pub fn with_priority(mut self, priority: i16) -> Self {
+        self.priority = priority;
+        self
     }
 
     /// The same registration under a start policy.
@@ -665,6 +702,15 @@ pub struct ProcessRecord {
     /// Whether a child was ever registered with it as its parent.
     #[serde(default)]
     pub has_children: bool,
+    /// The queue it is claimed from (its kind's unless it was registered in another).
+    #[serde(default)]
+    pub queue: String,
+    /// Its concurrency key, if any.
+    #[serde(default)]
+    pub concurrency_key: Option<String>,
+    /// Its priority (higher is claimed first among its key's work).
+    #[serde(default)]
+    pub priority: i16,
 }
 
 /// One event of a process log, as stored.

@@ -550,7 +550,8 @@ pub(crate) async fn tell_parent(registry: &(dyn ProcessRegistry + '_), child: &P
 }
 
 /// Whether `existing` is what `registration` registers: the same kind, input (by JSON
-/// value), disposition, retry policy and parent. A start policy is not content.
+/// value), disposition, retry policy, parent, queue, concurrency key and priority. A start
+/// policy is not content.
 pub(crate) fn same_registration(
     existing: &ProcessRecord,
     registration: &ProcessRegistration,
@@ -560,6 +561,9 @@ pub(crate) fn same_registration(
         && existing.disposition == registration.disposition
         && existing.retry_policy == registration.retry
         && existing.parent == registration.parent
+        && existing.queue == *registration.queue.as_ref().unwrap_or(&registration.kind)
+        && existing.concurrency_key == registration.concurrency_key
+        && existing.priority == registration.priority
 }
 
 pub(crate) fn message_request(

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::error::ProcessResult;
 use crate::model::ProcessId;
+use crate::queue::{QueueLimits, QueueRecord, QueueView};
 use crate::schedule::{ScheduleRecord, ScheduleSpec};
 
 /// What a pod says of itself in its heartbeat.
@@ -212,6 +213,22 @@ pub trait ClusterStore: Send + Sync {
     /// The earliest instant a schedule that is not paused needs a pod: its next due time, or
     /// the end of its claim when that is later (held, or being produced by another pod).
     async fn next_schedule_due(&self) -> ProcessResult<Option<DateTime<Utc>>>;
+
+    /// Sets a queue's limits (see [`crate::queue`]): the queue becomes controlled, or its
+    /// limits are replaced; claims that begin afterwards follow them (work running already
+    /// goes on). `InvalidInput` for a bad name or limits ([`QueueLimits::validate`]), and for
+    /// a new queue beyond [`crate::queue::MAX_QUEUES`].
+    async fn set_queue(&self, queue: &str, limits: &QueueLimits) -> ProcessResult<QueueRecord>;
+
+    /// The controlled queue with its load (its busiest keys), or `None`.
+    async fn get_queue(&self, queue: &str) -> ProcessResult<Option<QueueView>>;
+
+    /// Every controlled queue, by name (at most [`crate::queue::MAX_QUEUES`]).
+    async fn list_queues(&self) -> ProcessResult<Vec<QueueRecord>>;
+
+    /// Removes a queue's limits: its work is claimed as any other queue's again. False when
+    /// it had none.
+    async fn delete_queue(&self, queue: &str) -> ProcessResult<bool>;
 }
 
 /// Largest page of [`ClusterStore::list_schedules`] (at most 200 × 16 KiB of inputs).

@@ -324,6 +324,13 @@ pub fn registration(
     if let Some(policy) = &registration.start_policy {
         start_policy(policy)?;
     }
+    if let Some(queue) = &registration.queue {
+        crate::queue::queue_name(queue)?;
+    }
+    if let Some(key) = &registration.concurrency_key {
+        crate::queue::concurrency_key(key)?;
+    }
+    crate::queue::priority(registration.priority)?;
     if let Some(traceparent) = &registration.trace_parent
         && !is_traceparent(traceparent)
     {

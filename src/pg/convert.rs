@@ -61,7 +61,8 @@ macro_rules! process_columns {
          lease_owner, lease_generation, lease_expires_at, terminal_state, terminal_seq, output, \
          completed_at, attempts, started_at, cancel_request, \
          CASE WHEN isfinite(wake_at) THEN wake_at END AS wake_at, waiting_for, deadline, \
-         retries, retry_policy, trace_parent, parent_id, has_children"
+         retries, retry_policy, trace_parent, parent_id, has_children, \
+         coalesce(queue, kind) AS queue, concurrency_key, priority"
     };
 }
 pub(crate) use process_columns;
@@ -239,6 +240,13 @@ pub(crate) fn sized_process_from_row(row: &Row) -> Result<(ProcessRecord, usize)
             .map(|parent| ProcessId::new(parent).map_err(|err| corrupt("parent id", err)))
             .transpose()?,
         has_children: row.try_get("has_children").map_err(db_error)?,
+        queue: row.try_get("queue").map_err(db_error)?,
+        concurrency_key: Some(
+            row.try_get::<_, String>("concurrency_key")
+                .map_err(db_error)?,
+        )
+        .filter(|key| !key.is_empty()),
+        priority: row.try_get("priority").map_err(db_error)?,
     };
     Ok((record, input_size + output_size))
 }

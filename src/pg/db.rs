@@ -60,6 +60,33 @@ impl Db {
         }
     }
 
+    /// `call` in a transaction on one pooled connection, committed when it returns `Ok`
+    /// (rolled back otherwise), within the call bound as a whole.
+    pub(crate) async fn transaction<T>(
+        &self,
+        call: impl AsyncFnOnce(&deadpool_postgres::Transaction<'_>) -> ProcessResult<T>,
+    ) -> ProcessResult<T> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let work = async {
+            let tx = client.transaction().await.map_err(db_error)?;
+            let result = call(&tx).await?;
+            tx.commit().await.map_err(db_error)?;
+            Ok(result)
+        };
+        let Some(limit) = self.call_timeout else {
+            return work.await;
+        };
+        match tokio::time::timeout(limit, work).await {
+            Ok(result) => result,
+            Err(_) => {
+                drop(Object::take(client));
+                Err(ProcessError::Unavailable(format!(
+                    "no answer from the database within {limit:?}"
+                )))
+            }
+        }
+    }
+
     /// Runs `sql`, mapping a database error with `on_error` and a pool failure to
     /// `Unavailable`.
     pub(crate) async fn run(

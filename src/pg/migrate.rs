@@ -93,6 +93,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0014_schedules.sql",
         sql: include_str!("../../migrations/0014_schedules.sql"),
     },
+    Migration {
+        version: 15,
+        name: "0015_queues.sql",
+        sql: include_str!("../../migrations/0015_queues.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

@@ -32,6 +32,7 @@ use crate::registry::ParentState;
 use crate::registry::{ProcessRegistry, RegistryConfig};
 
 mod claim;
+mod queues;
 use crate::tasks::TaskSet;
 use crate::validate;
 pub use claim::ClaimStrategy;
@@ -49,6 +50,8 @@ pub struct PgProcessRegistry {
     /// Whether `processes` is a Citus distributed table, read once, at the first call that
     /// needs to know.
     distributed: Arc<tokio::sync::OnceCell<bool>>,
+    /// Claims so far: alternates whether controlled queues or the rest are served first.
+    claim_rounds: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The group commit of a registry and its clones.
@@ -357,6 +360,7 @@ impl PgProcessRegistry {
             group: Some(GroupSlot::new(GroupCommitOptions::default())),
             claims: ClaimStrategy::Detect,
             distributed: Arc::new(tokio::sync::OnceCell::new()),
+            claim_rounds: Arc::default(),
         }
     }
 
@@ -595,9 +599,10 @@ impl ProcessRegistry for PgProcessRegistry {
             millis(registration.start_in_ms),
             millis(registration.timeout_ms),
         );
+        let concurrency_key = registration.concurrency_key.clone().unwrap_or_default();
         // The registration's columns, in the order of the INSERT below and of the first
-        // arguments of proclog.start_process.
-        let columns: [&(dyn ToSql + Sync); 11] = [
+        // arguments of proclog.start_process (the last three are its last).
+        let columns: [&(dyn ToSql + Sync); 14] = [
             &id.as_str(),
             &registration.kind,
             &input,
@@ -609,17 +614,22 @@ impl ProcessRegistry for PgProcessRegistry {
             &retry_policy,
             &registration.trace_parent,
             &parent,
+            &registration.queue,
+            &concurrency_key,
+            &registration.priority,
         ];
         if let Some(policy) = &registration.start_policy {
             let window = i64::try_from(policy.window_ms()).expect("validated bound");
             let refuse = matches!(policy, StartPolicy::Singleton { refuse: true, .. });
             let (name, key) = (policy.name(), policy.key());
-            let mut params = columns.to_vec();
+            let mut params = columns[..11].to_vec();
             params.extend([&name as &(dyn ToSql + Sync), &key, &window, &refuse]);
+            params.extend_from_slice(&columns[11..]);
             let rows = self
                 .run(
                     "SELECT decision, started_id FROM proclog.start_process(
-                         $1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12, $13, $14, $15)",
+                         $1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12, $13, $14, $15,
+                         $16, $17, $18)",
                     &params,
                     |err| start_error(policy.key(), err),
                 )
@@ -661,13 +671,13 @@ impl ProcessRegistry for PgProcessRegistry {
                 concat!(
                     "INSERT INTO proclog.processes
                             (process_id, kind, input, disposition, wake_at, deadline, retry_policy,
-                             trace_parent, parent_id)
+                             trace_parent, parent_id, queue, concurrency_key, priority)
                      VALUES ($1, $2, $3, $4,
                              coalesce($5::timestamptz,
                                       now() + $6::bigint * interval '1 millisecond'),
                              coalesce($7::timestamptz,
                                       now() + $8::bigint * interval '1 millisecond'),
-                             $9::jsonb, $10, $11)
+                             $9::jsonb, $10, $11, $12, $13, $14)
                      ON CONFLICT (process_id) DO NOTHING
                      RETURNING ",
                     process_columns!()
@@ -1045,60 +1055,34 @@ impl ProcessRegistry for PgProcessRegistry {
         limit: u32,
     ) -> ProcessResult<Vec<RunnableClaim>> {
         validate::claim_runnable(owner, ttl, limit)?;
-        if self.claim_strategy().await == ClaimStrategy::PerProcess {
-            return self.claim_runnable_per_process(owner, ttl, limit).await;
+        let controlled = self.controlled_queues().await?;
+        let round = self
+            .claim_rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Controlled queues and the rest take turns at being served first.
+        let controlled_first = !controlled.is_empty() && round % 2 == 1;
+        let mut rows = Vec::new();
+        if controlled_first {
+            rows = self.claim_controlled(owner, ttl, limit, round / 2).await?;
         }
-        let rows = self
-            .query(
-                concat!(
-                    "WITH overdue AS (
-                         SELECT process_id AS candidate_id, lease_owner AS old_owner,
-                                lease_generation AS old_generation,
-                                lease_expires_at AS old_expires_at,
-                                status AS old_status, attempts AS old_attempts
-                           FROM proclog.processes
-                          WHERE terminal_state IS NULL AND deadline <= now()
-                            AND (lease_expires_at IS NULL OR lease_expires_at <= now())
-                          ORDER BY deadline
-                          LIMIT $3
-                            FOR UPDATE SKIP LOCKED),
-                     runnable AS (
-                         SELECT process_id, lease_owner, lease_generation, lease_expires_at,
-                                status, attempts
-                           FROM proclog.processes
-                          WHERE terminal_state IS NULL AND disposition <> 'external'
-                            AND coalesce(wake_at, created_at) <= now()
-                            AND (deadline IS NULL OR deadline > now())
-                            AND (lease_expires_at IS NULL OR lease_expires_at <= now())
-                          ORDER BY coalesce(wake_at, created_at), process_id
-                          LIMIT $3
-                            FOR UPDATE SKIP LOCKED),
-                     candidates AS (
-                         SELECT * FROM overdue
-                         UNION ALL SELECT * FROM runnable
-                         LIMIT $3)
-                     UPDATE proclog.processes
-                        SET lease_owner = $1,
-                            lease_token = gen_random_uuid(),
-                            lease_generation = lease_generation + 1,
-                            lease_expires_at = now() + $2::bigint * interval '1 millisecond',
-                            status = 'running',
-                            attempts = attempts + CASE WHEN old_status = 'waiting'
-                                                        AND old_attempts > 0 THEN 0 ELSE 1 END,
-                            wake_at = NULL,
-                            waiting_for = NULL,
-                            updated_at = now()
-                       FROM candidates
-                      WHERE process_id = candidate_id
-                  RETURNING ",
-                    process_columns!(),
-                    ", lease_token, old_owner, old_generation,
-                            old_expires_at,
-                            (old_status = 'waiting' AND old_attempts > 0) AS resumed"
-                ),
-                &[&owner, &ttl_millis(ttl), &i64::from(limit)],
-            )
-            .await?;
+        let free = limit - rows.len() as u32;
+        if free > 0 {
+            rows.extend(
+                self.claim_uncontrolled(owner, ttl, free, &controlled)
+                    .await?,
+            );
+        }
+        let free = limit - rows.len() as u32;
+        if !controlled_first && !controlled.is_empty() && free > 0 {
+            // What is claimed already is answered even if this part fails.
+            match self.claim_controlled(owner, ttl, free, round / 2).await {
+                Ok(more) => rows.extend(more),
+                Err(err) if rows.is_empty() => return Err(err),
+                Err(err) => {
+                    tracing::debug!(error = %err, "claiming from controlled queues failed; answering the claims made");
+                }
+            }
+        }
         self.claims_from_rows(&rows, owner).await
     }
 

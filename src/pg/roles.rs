@@ -23,13 +23,17 @@ const UNDEFINED_OBJECT: &str = "42704";
 /// claims, renewals, completion and prune write `processes` and `events` (prune deletes a
 /// log through the statement trigger `processes_delete_events`, which runs with the caller's
 /// rights); presence writes `pods`; starts under a policy write `start_keys`; schedules
-/// (created, paused, produced over HTTP and by pods) write `schedules`.
+/// (created, paused, produced over HTTP and by pods) write `schedules`; queue limits (set over
+/// HTTP) and claims of controlled queues (their round-robin cursor, their recent starts)
+/// write `queues` and `queue_starts`.
 pub const WRITER_TABLE_PRIVILEGES: &[(&str, &str)] = &[
     ("proclog.processes", "INSERT, UPDATE, DELETE"),
     ("proclog.events", "INSERT, DELETE"),
     ("proclog.pods", "INSERT, UPDATE, DELETE"),
     ("proclog.start_keys", "INSERT, UPDATE, DELETE"),
     ("proclog.schedules", "INSERT, UPDATE, DELETE"),
+    ("proclog.queues", "INSERT, UPDATE, DELETE"),
+    ("proclog.queue_starts", "INSERT, DELETE"),
 ];
 
 /// The functions proclog's statements call (trigger functions need no grant: a trigger runs
@@ -43,7 +47,7 @@ pub const WRITER_FUNCTIONS: &[&str] = &[
     "proclog.append_group(text, text[], uuid[], int[], int[], text[], jsonb[], text[])",
     "proclog.complete_process(text, text, uuid, text, jsonb)",
     "proclog.suspend_process(text, text, uuid, text, timestamptz, bigint, text, bigint, boolean, jsonb)",
-    "proclog.start_process(text, text, jsonb, text, timestamptz, bigint, timestamptz, bigint, jsonb, text, text, text, text, bigint, boolean)",
+    "proclog.start_process(text, text, jsonb, text, timestamptz, bigint, timestamptz, bigint, jsonb, text, text, text, text, bigint, boolean, text, text, smallint)",
 ];
 
 /// Which rights a role is given.

@@ -15,6 +15,7 @@ use tokio_postgres::types::ToSql;
 use super::convert::{db_error, pool_error};
 use crate::error::{ProcessError, ProcessResult};
 use crate::model::ProcessId;
+use crate::queue::{KeyLoad, MAX_LOAD_KEYS, MAX_QUEUES, QueueLimits, QueueRecord, QueueView};
 use crate::schedule::{ScheduleRecord, ScheduleSpec};
 use crate::store::{
     ClusterStore, HELD_RECHECK, MAX_PODS, MAX_SCHEDULE_PAGE, MAX_SCHEDULES, MAX_SUMMARY_PAGE,
@@ -437,6 +438,109 @@ impl ClusterStore for PgClusterStore {
             None => Ok(None),
         }
     }
+
+    async fn set_queue(&self, queue: &str, limits: &QueueLimits) -> ProcessResult<QueueRecord> {
+        crate::queue::queue_name(queue)?;
+        limits.validate()?;
+        let document = serde_json::to_value(limits)
+            .map_err(|err| ProcessError::InvalidInput(format!("queue limits: {err}")))?;
+        let most = MAX_QUEUES as i64;
+        let rows = self
+            .query(
+                "INSERT INTO proclog.queues AS q (queue, limits)
+                 SELECT $1, $2
+                  WHERE EXISTS (SELECT 1 FROM proclog.queues WHERE queue = $1)
+                     OR (SELECT count(*) FROM proclog.queues) < $3
+                 ON CONFLICT (queue) DO UPDATE
+                    SET limits = EXCLUDED.limits, updated_at = EXCLUDED.updated_at
+                 RETURNING queue, limits, cursor_key, updated_at",
+                &[&queue, &document, &most],
+            )
+            .await?;
+        match rows.first() {
+            Some(row) => queue_from_row(row),
+            None => Err(ProcessError::InvalidInput(format!(
+                "at most {MAX_QUEUES} queues may have limits: remove one first"
+            ))),
+        }
+    }
+
+    async fn get_queue(&self, queue: &str) -> ProcessResult<Option<QueueView>> {
+        let rows = self
+            .query(
+                "SELECT queue, limits, cursor_key, updated_at FROM proclog.queues
+                  WHERE queue = $1",
+                &[&queue],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let record = queue_from_row(row)?;
+        // The database's clock, as a parameter: Citus takes no now() inside an aggregate's
+        // filter on a distributed table.
+        let at: DateTime<Utc> = self
+            .query("SELECT now()", &[])
+            .await?
+            .first()
+            .map(|row| row.get(0))
+            .ok_or_else(|| ProcessError::Database("now() returned no row".into()))?;
+        let rows = self
+            .query(
+                "SELECT concurrency_key,
+                        count(*) FILTER (WHERE lease_expires_at > $2) AS running,
+                        count(*) FILTER (WHERE (lease_expires_at IS NULL OR lease_expires_at <= $2)
+                                           AND (deadline <= $2
+                                                OR (disposition <> 'external'
+                                                    AND coalesce(wake_at, created_at) <= $2)))
+                            AS ready
+                   FROM proclog.processes
+                  WHERE coalesce(queue, kind) = $1 AND terminal_state IS NULL
+                  GROUP BY concurrency_key",
+                &[&queue, &at],
+            )
+            .await?;
+        let mut keys: Vec<KeyLoad> = rows
+            .iter()
+            .map(|row| KeyLoad {
+                key: row.get("concurrency_key"),
+                running: row.get::<_, i64>("running") as u64,
+                ready: row.get::<_, i64>("ready") as u64,
+            })
+            .filter(|load| load.running + load.ready > 0)
+            .collect();
+        crate::queue::sort_load(&mut keys);
+        keys.truncate(MAX_LOAD_KEYS);
+        Ok(Some(QueueView { record, keys }))
+    }
+
+    async fn list_queues(&self) -> ProcessResult<Vec<QueueRecord>> {
+        let most = MAX_QUEUES as i64;
+        self.query(
+            "SELECT queue, limits, cursor_key, updated_at FROM proclog.queues
+              ORDER BY queue LIMIT $1",
+            &[&most],
+        )
+        .await?
+        .iter()
+        .map(queue_from_row)
+        .collect()
+    }
+
+    async fn delete_queue(&self, queue: &str) -> ProcessResult<bool> {
+        let rows = self
+            .query(
+                "DELETE FROM proclog.queues WHERE queue = $1 RETURNING queue",
+                &[&queue],
+            )
+            .await?;
+        self.query(
+            "DELETE FROM proclog.queue_starts WHERE queue = $1",
+            &[&queue],
+        )
+        .await?;
+        Ok(!rows.is_empty())
+    }
 }
 
 /// The columns [`schedule_from_row`] reads.
@@ -477,5 +581,21 @@ fn schedule_from_row(row: &tokio_postgres::Row) -> ProcessResult<ScheduleRecord>
         skipped: row.try_get("skipped").map_err(db_error)?,
         held: row.try_get("held").map_err(db_error)?,
         created_at: row.try_get("created_at").map_err(db_error)?,
+    })
+}
+
+/// A row of `proclog.queues` (its limits as the library wrote them; a document written by
+/// hand that cannot be read is an error naming the queue).
+fn queue_from_row(row: &tokio_postgres::Row) -> ProcessResult<QueueRecord> {
+    let queue: String = row.try_get("queue").map_err(db_error)?;
+    let limits: serde_json::Value = row.try_get("limits").map_err(db_error)?;
+    let limits = serde_json::from_value(limits).map_err(|err| {
+        ProcessError::Database(format!("the limits of queue {queue} cannot be read: {err}"))
+    })?;
+    Ok(QueueRecord {
+        queue,
+        limits,
+        cursor_key: row.try_get("cursor_key").map_err(db_error)?,
+        updated_at: row.try_get("updated_at").map_err(db_error)?,
     })
 }

@@ -14,6 +14,7 @@ pub mod proxy;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use proclog::pg::GroupCommitOptions;
+use proclog::store::ClusterStore;
 use proclog::{InMemoryProcessRegistry, PgProcessRegistry, ProcessRegistry, RegistryConfig};
 
 /// Creates an empty database and returns its URL.
@@ -68,6 +69,15 @@ pub trait Store: Send + Sync {
     async fn pod(&self, writer: &str) -> Arc<dyn ProcessRegistry> {
         self.pod_with(RegistryConfig::new(writer)).await
     }
+    /// The cluster store over the same data (queues, schedules, views).
+    async fn cluster(&self) -> Arc<dyn ClusterStore>;
+}
+
+/// A Postgres cluster store over `url`.
+fn pg_cluster(url: &str) -> Arc<dyn ClusterStore> {
+    let pool = proclog::pg::connect_pool(url, 4).expect("pool");
+    let probe = proclog::pg::connect_pool(url, 1).expect("pool");
+    Arc::new(proclog::pg::PgClusterStore::new(pool, probe))
 }
 
 /// A migrated Postgres database; each pod gets a pool of 8.
@@ -99,6 +109,10 @@ impl Store for PgStore {
 
     async fn now(&self) -> DateTime<Utc> {
         database_now(&self.url).await
+    }
+
+    async fn cluster(&self) -> Arc<dyn ClusterStore> {
+        pg_cluster(&self.url)
     }
 }
 
@@ -140,6 +154,10 @@ impl Store for UngroupedPgStore {
 
     async fn now(&self) -> DateTime<Utc> {
         self.inner.now().await
+    }
+
+    async fn cluster(&self) -> Arc<dyn ClusterStore> {
+        pg_cluster(&self.inner.url)
     }
 }
 
@@ -195,6 +213,10 @@ impl Store for CitusStore {
     async fn now(&self) -> DateTime<Utc> {
         database_now(&self.url).await
     }
+
+    async fn cluster(&self) -> Arc<dyn ClusterStore> {
+        pg_cluster(&self.url)
+    }
 }
 
 /// Postgres behind `WatchedProcessRegistry` with a real NOTIFY sink and completion hint.
@@ -232,6 +254,10 @@ impl Store for WatchedPgStore {
     async fn now(&self) -> DateTime<Utc> {
         self.inner.now().await
     }
+
+    async fn cluster(&self) -> Arc<dyn ClusterStore> {
+        pg_cluster(&self.inner.url)
+    }
 }
 
 /// The in-memory registry; every pod shares its map.
@@ -255,6 +281,10 @@ impl Store for MemStore {
 
     async fn now(&self) -> DateTime<Utc> {
         Utc::now()
+    }
+
+    async fn cluster(&self) -> Arc<dyn ClusterStore> {
+        Arc::new(self.root.share(RegistryConfig::new("cluster")))
     }
 }
 

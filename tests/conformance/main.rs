@@ -13,6 +13,7 @@ mod durable;
 mod hostile;
 mod leases;
 mod list_prune;
+mod queues;
 mod register;
 mod runnable;
 mod start;
@@ -147,6 +148,14 @@ conformance! {
     children::a_child_records_its_parent_and_is_listed_under_it,
     children::a_child_needs_a_live_parent,
     children::a_childs_end_reaches_its_waiting_parent_once,
+    queues::a_registration_records_its_queue_key_and_priority,
+    queues::racing_pods_never_exceed_a_queue_or_key_limit,
+    queues::a_per_pod_limit_holds_each_pod,
+    queues::keys_are_served_round_robin,
+    queues::priority_orders_a_keys_work,
+    queues::a_rate_limit_counts_starts_in_its_period,
+    queues::limits_change_at_run_time,
+    queues::a_waiting_process_holds_no_slot,
     start::deduplication_answers_the_first_start_within_its_window,
     start::a_singleton_key_has_one_process_that_has_not_ended,
     start::debounce_keeps_the_last_start_of_a_burst,

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use super::{PgProcessRegistry, ttl_millis};
 use crate::error::ProcessResult;
-use crate::model::RunnableClaim;
 use crate::pg::convert::process_columns;
 
 /// How [`crate::ProcessRegistry::claim_runnable`] takes work. Both give the same guarantees:
@@ -32,7 +31,7 @@ pub enum ClaimStrategy {
 /// Claims one chosen process if it is still claimable: `$1` owner, `$2` TTL in
 /// milliseconds, `$3` process id, `$4` the new lease token. The same conditions and updates
 /// as the one-statement claim, for one row.
-const CLAIM_ONE: &str = concat!(
+pub(super) const CLAIM_ONE: &str = concat!(
     "WITH candidate AS (
          SELECT process_id AS candidate_id, lease_owner AS old_owner,
                 lease_generation AS old_generation, lease_expires_at AS old_expires_at,
@@ -111,22 +110,94 @@ impl PgProcessRegistry {
         Ok(rows.first().is_some_and(|row| row.get(0)))
     }
 
+    /// Claims up to `limit` processes outside the `controlled` queues, in claim order, with
+    /// the strategy in force.
+    pub(super) async fn claim_uncontrolled(
+        &self,
+        owner: &str,
+        ttl: Duration,
+        limit: u32,
+        controlled: &[String],
+    ) -> ProcessResult<Vec<tokio_postgres::Row>> {
+        if self.claim_strategy().await == ClaimStrategy::PerProcess {
+            return self
+                .claim_runnable_per_process(owner, ttl, limit, controlled)
+                .await;
+        }
+        let rows = self
+            .query(
+                concat!(
+                    "WITH overdue AS (
+                         SELECT process_id AS candidate_id, lease_owner AS old_owner,
+                                lease_generation AS old_generation,
+                                lease_expires_at AS old_expires_at,
+                                status AS old_status, attempts AS old_attempts
+                           FROM proclog.processes
+                          WHERE terminal_state IS NULL AND deadline <= now()
+                            AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                            AND coalesce(queue, kind) <> ALL ($4::text[])
+                          ORDER BY deadline
+                          LIMIT $3
+                            FOR UPDATE SKIP LOCKED),
+                     runnable AS (
+                         SELECT process_id, lease_owner, lease_generation, lease_expires_at,
+                                status, attempts
+                           FROM proclog.processes
+                          WHERE terminal_state IS NULL AND disposition <> 'external'
+                            AND coalesce(wake_at, created_at) <= now()
+                            AND (deadline IS NULL OR deadline > now())
+                            AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                            AND coalesce(queue, kind) <> ALL ($4::text[])
+                          ORDER BY coalesce(wake_at, created_at), process_id
+                          LIMIT $3
+                            FOR UPDATE SKIP LOCKED),
+                     candidates AS (
+                         SELECT * FROM overdue
+                         UNION ALL SELECT * FROM runnable
+                         LIMIT $3)
+                     UPDATE proclog.processes
+                        SET lease_owner = $1,
+                            lease_token = gen_random_uuid(),
+                            lease_generation = lease_generation + 1,
+                            lease_expires_at = now() + $2::bigint * interval '1 millisecond',
+                            status = 'running',
+                            attempts = attempts + CASE WHEN old_status = 'waiting'
+                                                        AND old_attempts > 0 THEN 0 ELSE 1 END,
+                            wake_at = NULL,
+                            waiting_for = NULL,
+                            updated_at = now()
+                       FROM candidates
+                      WHERE process_id = candidate_id
+                  RETURNING ",
+                    process_columns!(),
+                    ", lease_token, old_owner, old_generation,
+                            old_expires_at,
+                            (old_status = 'waiting' AND old_attempts > 0) AS resumed"
+                ),
+                &[&owner, &ttl_millis(ttl), &i64::from(limit), &controlled],
+            )
+            .await?;
+        Ok(rows)
+    }
+
     /// [`ClaimStrategy::PerProcess`].
     pub(super) async fn claim_runnable_per_process(
         &self,
         owner: &str,
         ttl: Duration,
         limit: u32,
-    ) -> ProcessResult<Vec<RunnableClaim>> {
+        controlled: &[String],
+    ) -> ProcessResult<Vec<tokio_postgres::Row>> {
         let scan = i64::from(limit) * 2;
         let mut candidates: Vec<String> = self
             .query(
                 "SELECT process_id FROM proclog.processes
                   WHERE terminal_state IS NULL AND deadline <= now()
                     AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                    AND coalesce(queue, kind) <> ALL ($2::text[])
                   ORDER BY deadline, process_id
                   LIMIT $1",
-                &[&scan],
+                &[&scan, &controlled],
             )
             .await?
             .iter()
@@ -140,9 +211,10 @@ impl PgProcessRegistry {
                         AND coalesce(wake_at, created_at) <= now()
                         AND (deadline IS NULL OR deadline > now())
                         AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                        AND coalesce(queue, kind) <> ALL ($2::text[])
                       ORDER BY coalesce(wake_at, created_at), process_id
                       LIMIT $1",
-                    &[&scan],
+                    &[&scan, &controlled],
                 )
                 .await?;
             for row in &runnable {
@@ -172,6 +244,6 @@ impl PgProcessRegistry {
                 }
             }
         }
-        self.claims_from_rows(&rows, owner).await
+        Ok(rows)
     }
 }

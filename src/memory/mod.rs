@@ -6,7 +6,10 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
 use std::time::Duration;
+
+mod queues;
 
 use async_trait::async_trait;
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
@@ -41,6 +44,11 @@ pub struct InMemoryProcessRegistry {
     start_keys: Arc<Mutex<HashMap<(String, String), StartKey>>>,
     /// Schedules by id, as `proclog.schedules` holds them.
     schedules: Arc<Mutex<HashMap<String, ScheduleRow>>>,
+    /// Controlled queues by name, as `proclog.queues` holds them. Locked before
+    /// `processes` when both are.
+    queues: Arc<Mutex<HashMap<String, queues::QueueState>>>,
+    /// Claims so far: alternates whether controlled queues or the rest are served first.
+    claim_rounds: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The answer to a registration whose id exists: the process when the content is the same,
@@ -327,6 +335,8 @@ impl InMemoryProcessRegistry {
             pods: Arc::new(Mutex::new(HashMap::new())),
             start_keys: Arc::new(Mutex::new(HashMap::new())),
             schedules: Arc::new(Mutex::new(HashMap::new())),
+            queues: Arc::default(),
+            claim_rounds: Arc::default(),
         }
     }
 
@@ -338,6 +348,8 @@ impl InMemoryProcessRegistry {
             pods: Arc::clone(&self.pods),
             start_keys: Arc::clone(&self.start_keys),
             schedules: Arc::clone(&self.schedules),
+            queues: Arc::clone(&self.queues),
+            claim_rounds: Arc::clone(&self.claim_rounds),
         }
     }
 
@@ -694,6 +706,58 @@ impl ClusterStore for InMemoryProcessRegistry {
             })
             .min())
     }
+
+    async fn set_queue(
+        &self,
+        queue: &str,
+        limits: &crate::queue::QueueLimits,
+    ) -> ProcessResult<crate::queue::QueueRecord> {
+        crate::queue::queue_name(queue)?;
+        limits.validate()?;
+        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        if !queues.contains_key(queue) && queues.len() >= crate::queue::MAX_QUEUES {
+            return Err(ProcessError::InvalidInput(format!(
+                "at most {} queues may have limits: remove one first",
+                crate::queue::MAX_QUEUES
+            )));
+        }
+        let at = now();
+        let state = queues.entry(queue.to_owned()).or_insert_with(|| {
+            queues::QueueState::new(crate::queue::QueueRecord {
+                queue: queue.to_owned(),
+                limits: limits.clone(),
+                cursor_key: None,
+                updated_at: at,
+            })
+        });
+        state.record.limits = limits.clone();
+        state.record.updated_at = at;
+        Ok(state.record.clone())
+    }
+
+    async fn get_queue(&self, queue: &str) -> ProcessResult<Option<crate::queue::QueueView>> {
+        let queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(state) = queues.get(queue) else {
+            return Ok(None);
+        };
+        let processes = self.lock();
+        Ok(Some(crate::queue::QueueView {
+            record: state.record.clone(),
+            keys: queues::load(queue, &processes, now()),
+        }))
+    }
+
+    async fn list_queues(&self) -> ProcessResult<Vec<crate::queue::QueueRecord>> {
+        let queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        let mut records: Vec<_> = queues.values().map(|state| state.record.clone()).collect();
+        records.sort_by(|a, b| a.queue.cmp(&b.queue));
+        Ok(records)
+    }
+
+    async fn delete_queue(&self, queue: &str) -> ProcessResult<bool> {
+        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(queues.remove(queue).is_some())
+    }
 }
 
 /// A schedule's row: the record and its claim (owner, until).
@@ -845,9 +909,10 @@ impl ProcessRegistry for InMemoryProcessRegistry {
         let deadline = registration
             .deadline
             .or_else(|| registration.timeout_ms.map(|ms| at + millis_delta(ms)));
+        let kind = registration.kind;
         let record = ProcessRecord {
             id: id.clone(),
-            kind: registration.kind,
+            kind: kind.clone(),
             input: registration.input,
             disposition: registration.disposition,
             status: ProcessStatus::Pending,
@@ -868,6 +933,9 @@ impl ProcessRegistry for InMemoryProcessRegistry {
             trace_parent: registration.trace_parent,
             parent: registration.parent,
             has_children: false,
+            queue: registration.queue.unwrap_or_else(|| kind.clone()),
+            concurrency_key: registration.concurrency_key,
+            priority: registration.priority,
         };
         processes.insert(
             id,
@@ -1103,34 +1171,62 @@ impl ProcessRegistry for InMemoryProcessRegistry {
     ) -> ProcessResult<Vec<RunnableClaim>> {
         validate::claim_runnable(owner, ttl, limit)?;
         let at = now();
+        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         let mut processes = self.lock();
-        // Claimable work in Postgres's order: past the deadline (earliest first), then
-        // runnable in the order it became runnable (its wake time, else its creation).
+        let round = self
+            .claim_rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Controlled queues and the rest take turns at being served first.
+        let controlled_first = !queues.is_empty() && round % 2 == 1;
+        let mut chosen: Vec<ProcessId> = Vec::new();
+        if controlled_first {
+            chosen = queues::choose(
+                &mut queues,
+                &processes,
+                owner,
+                limit as usize,
+                at,
+                round / 2,
+            );
+        }
+        // Claimable work outside controlled queues in Postgres's order: past the deadline
+        // (earliest first), then runnable in the order it became runnable (its wake time,
+        // else its creation).
         let rank = |entry: &Entry| -> Option<(u8, DateTime<Utc>)> {
             let record = &entry.record;
-            if record.terminal.is_some() || entry.lease_is_live(at) {
+            if !queues::claimable(entry, at) || queues.contains_key(&record.queue) {
                 return None;
             }
             if let Some(deadline) = record.deadline.filter(|deadline| *deadline <= at) {
                 return Some((0, deadline));
             }
-            if record.disposition == crate::Disposition::External {
-                return None;
-            }
-            let since = entry.wake.unwrap_or(record.created_at);
-            (since <= at).then_some((1, since))
+            Some((1, entry.wake.unwrap_or(record.created_at)))
         };
-        let mut runnable: Vec<((u8, DateTime<Utc>), &mut Entry)> = processes
-            .values_mut()
-            .filter_map(|entry| rank(entry).map(|rank| (rank, entry)))
+        let mut runnable: Vec<((u8, DateTime<Utc>), &ProcessId)> = processes
+            .values()
+            .filter_map(|entry| rank(entry).map(|rank| (rank, &entry.record.id)))
             .collect();
-        runnable.sort_by(|(a_rank, a), (b_rank, b)| {
-            (a_rank, &a.record.id).cmp(&(b_rank, &b.record.id))
-        });
-        let mut claims: Vec<RunnableClaim> = runnable
-            .into_iter()
-            .take(limit as usize)
-            .map(|(_, entry)| {
+        runnable.sort();
+        let free = limit as usize - chosen.len();
+        chosen.extend(runnable.into_iter().take(free).map(|(_, id)| id.clone()));
+        let free = limit as usize - chosen.len();
+        if !controlled_first && free > 0 {
+            chosen.extend(queues::choose(
+                &mut queues,
+                &processes,
+                owner,
+                free,
+                at,
+                round / 2,
+            ));
+        }
+        drop(queues);
+        let mut claims: Vec<RunnableClaim> = Vec::with_capacity(chosen.len());
+        for id in &chosen {
+            let Some(entry) = processes.get_mut(id) else {
+                continue;
+            };
+            claims.push({
                 let lost_owner = entry.record.lease.as_ref().map(|lost| LostOwner {
                     owner: lost.owner.clone(),
                     generation: lost.generation,
@@ -1151,8 +1247,8 @@ impl ProcessRegistry for InMemoryProcessRegistry {
                     lost_owner,
                     resumed,
                 }
-            })
-            .collect();
+            });
+        }
         claims.sort_by(|a, b| {
             (a.process.created_at, &a.process.id).cmp(&(b.process.created_at, &b.process.id))
         });
