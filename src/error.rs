@@ -13,6 +13,9 @@ pub enum ProcessError {
     /// No schedule has this id.
     #[error("schedule {0} not found")]
     ScheduleNotFound(String),
+    /// No queue of this name has limits.
+    #[error("queue {0} has no limits")]
+    QueueNotFound(String),
     /// The id is registered with different content.
     #[error("process {id} is already registered with different content")]
     Conflict {
@@ -107,7 +110,9 @@ impl ProcessError {
     /// A short, stable, machine-readable code for the variant (used by the HTTP API).
     pub fn code(&self) -> &'static str {
         match self {
-            ProcessError::NotFound(_) | ProcessError::ScheduleNotFound(_) => "not_found",
+            ProcessError::NotFound(_)
+            | ProcessError::ScheduleNotFound(_)
+            | ProcessError::QueueNotFound(_) => "not_found",
             ProcessError::Conflict { .. } => "conflict",
             ProcessError::ReplayConflict { .. } => "replay_conflict",
             ProcessError::ProcessTerminal { .. } => "process_terminal",

@@ -271,6 +271,15 @@ pub struct StartArgs {
     /// The window of a `deduplicate` or `debounce` policy, in milliseconds.
     #[arg(long)]
     window_ms: Option<u64>,
+    /// The queue it is claimed from (default: its kind's).
+    #[arg(long)]
+    queue: Option<String>,
+    /// Its concurrency key within the queue (a tenant, an account).
+    #[arg(long)]
+    concurrency_key: Option<String>,
+    /// Its priority among its key's work: -100 to 100, higher first.
+    #[arg(long, allow_hyphen_values = true)]
+    priority: Option<i16>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -384,6 +393,15 @@ pub async fn start(args: StartArgs) -> CliResult {
     if let Some(parent) = args.parent {
         ProcessId::new(parent.as_str()).map_err(|err| CliError::usage(err.to_string()))?;
         body["parent"] = json!(parent);
+    }
+    if let Some(queue) = args.queue {
+        body["queue"] = json!(queue);
+    }
+    if let Some(key) = args.concurrency_key {
+        body["concurrency_key"] = json!(key);
+    }
+    if let Some(priority) = args.priority {
+        body["priority"] = json!(priority);
     }
     if let (Some(policy), Some(key)) = (args.start_policy, args.start_key) {
         let window = || {
@@ -811,6 +829,142 @@ mod tests {
         assert_eq!(err.code, AWAIT_TIMEOUT);
         let err = api_error(StatusCode::BAD_GATEWAY, b"<html>\nproxy\n</html>");
         assert_eq!(err.message, "502 Bad Gateway: <html> proxy </html>");
+    }
+}
+
+/// `proclog queue ...`: queue limits through a pod's API.
+#[derive(clap::Args, Debug)]
+pub struct QueueArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(subcommand)]
+    command: QueueCommand,
+}
+
+/// One scope's limits on the command line.
+#[derive(clap::Args, Debug, Default)]
+pub struct LimitArgs {
+    /// At most this many running at once across every pod (0 holds the work).
+    #[arg(long)]
+    concurrency: Option<u32>,
+    /// At most this many running at once on one pod.
+    #[arg(long)]
+    per_pod: Option<u32>,
+    /// At most this many starts per period: STARTS/PERIOD_MS, e.g. 10/1000.
+    #[arg(long, value_parser = parse_rate)]
+    rate: Option<crate::queue::RateLimit>,
+}
+
+/// Each key's limits on the command line (the same as [`LimitArgs`], for every key).
+#[derive(clap::Args, Debug, Default)]
+pub struct KeyLimitArgs {
+    /// Each key: at most this many running at once across every pod.
+    #[arg(long)]
+    key_concurrency: Option<u32>,
+    /// Each key: at most this many running at once on one pod.
+    #[arg(long)]
+    key_per_pod: Option<u32>,
+    /// Each key: at most STARTS per PERIOD_MS.
+    #[arg(long, value_parser = parse_rate)]
+    key_rate: Option<crate::queue::RateLimit>,
+}
+
+fn parse_rate(raw: &str) -> Result<crate::queue::RateLimit, String> {
+    let (starts, period) = raw
+        .split_once('/')
+        .ok_or_else(|| format!("a rate is STARTS/PERIOD_MS, e.g. 10/1000, got {raw:?}"))?;
+    Ok(crate::queue::RateLimit {
+        starts: starts
+            .trim()
+            .parse()
+            .map_err(|err| format!("starts: {err}"))?,
+        period_ms: period
+            .trim()
+            .parse()
+            .map_err(|err| format!("period: {err}"))?,
+    })
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum QueueCommand {
+    /// List the queues that have limits.
+    List,
+    /// Show a queue's limits and the running and ready work of its busiest keys.
+    Get {
+        /// The queue.
+        queue: String,
+    },
+    /// Set a queue's limits (replacing its earlier ones); claims from now on follow them.
+    Set {
+        /// The queue (a kind's name unless processes name another queue).
+        queue: String,
+        #[command(flatten)]
+        queue_limits: LimitArgs,
+        #[command(flatten)]
+        key_limits: KeyLimitArgs,
+        /// Limits of named keys, as JSON: {"tenant-7": {"concurrency": 5}}.
+        #[arg(long)]
+        keys: Option<String>,
+    },
+    /// Remove a queue's limits: its work is claimed as any other's again.
+    Delete {
+        /// The queue.
+        queue: String,
+    },
+}
+
+pub async fn queue(args: QueueArgs) -> CliResult {
+    let connection = &args.connection;
+    let limit = connection.request_timeout();
+    let path = |queue: &str| -> Result<String, CliError> {
+        crate::queue::queue_name(queue).map_err(|err| CliError::usage(err.to_string()))?;
+        Ok(format!("/queues/{queue}"))
+    };
+    match args.command {
+        QueueCommand::List => connection.call(Method::GET, "/queues", None, limit).await,
+        QueueCommand::Get { queue } => {
+            connection
+                .call(Method::GET, &path(&queue)?, None, limit)
+                .await
+        }
+        QueueCommand::Set {
+            queue,
+            queue_limits,
+            key_limits,
+            keys,
+        } => {
+            let keys = match keys {
+                Some(raw) => serde_json::from_str(&raw)
+                    .map_err(|err| CliError::usage(format!("--keys is not JSON: {err}")))?,
+                None => Default::default(),
+            };
+            let limits = crate::queue::QueueLimits {
+                queue: crate::queue::Limits {
+                    concurrency: queue_limits.concurrency,
+                    per_pod: queue_limits.per_pod,
+                    rate: queue_limits.rate,
+                },
+                each_key: crate::queue::Limits {
+                    concurrency: key_limits.key_concurrency,
+                    per_pod: key_limits.key_per_pod,
+                    rate: key_limits.key_rate,
+                },
+                keys,
+            };
+            limits
+                .validate()
+                .map_err(|err| CliError::usage(err.to_string()))?;
+            let body = serde_json::to_value(&limits)
+                .map_err(|err| CliError::usage(format!("limits: {err}")))?;
+            connection
+                .call(Method::PUT, &path(&queue)?, Some(&body), limit)
+                .await
+        }
+        QueueCommand::Delete { queue } => {
+            connection
+                .call(Method::DELETE, &path(&queue)?, None, limit)
+                .await
+        }
     }
 }
 

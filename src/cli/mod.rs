@@ -101,6 +101,8 @@ enum Command {
     Children(client::ChildrenArgs),
     /// Create, list, pause, resume, trigger or delete cron schedules.
     Schedule(client::ScheduleArgs),
+    /// List, show, set or remove queue limits (concurrency, per pod, rate; per queue and key).
+    Queue(client::QueueArgs),
     /// List a process's events.
     Events(client::EventsArgs),
     /// Follow a process's events live until it ends.
@@ -136,6 +138,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Get(args) => client::get(args).await,
         Command::Children(args) => client::children(args).await,
         Command::Schedule(args) => client::schedule(args).await,
+        Command::Queue(args) => client::queue(args).await,
         Command::Events(args) => client::events(args).await,
         Command::Tail(args) => client::tail(args).await,
         Command::Await(args) => client::await_terminal(args).await,

@@ -185,7 +185,7 @@ pub(super) fn page(title: &str, head_extra: &str, body: &str) -> axum::response:
 <link rel="stylesheet" href="/ui/assets/console.css">{head_extra}
 <script src="/ui/assets/console.js" defer></script>
 </head><body>
-<header><a href="/" class="brand">proclog</a><a href="/ui/schedules" class="nav">schedules</a><span id="connection" class="connection ok" role="status">live</span></header>
+<header><a href="/" class="brand">proclog</a><a href="/ui/schedules" class="nav">schedules</a><a href="/ui/queues" class="nav">queues</a><span id="connection" class="connection ok" role="status">live</span></header>
 <main><div id="banner"></div>{body}</main>
 </body></html>"#,
         title = esc(title),

@@ -53,7 +53,9 @@ impl IntoResponse for ApiError {
 impl From<ProcessError> for ApiError {
     fn from(err: ProcessError) -> Self {
         let status = match &err {
-            ProcessError::NotFound(_) | ProcessError::ScheduleNotFound(_) => StatusCode::NOT_FOUND,
+            ProcessError::NotFound(_)
+            | ProcessError::ScheduleNotFound(_)
+            | ProcessError::QueueNotFound(_) => StatusCode::NOT_FOUND,
             ProcessError::Conflict { .. }
             | ProcessError::ReplayConflict { .. }
             | ProcessError::ProcessTerminal { .. }

@@ -7,11 +7,13 @@
 
 pub mod body;
 mod console;
+mod console_queues;
 mod console_schedules;
 mod error;
 pub mod guard;
 mod metrics;
 pub mod openapi;
+mod queues;
 mod routes;
 mod schedules;
 pub mod server;
@@ -161,6 +163,11 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/schedules/{id}/pause", post(schedules::pause))
         .route("/schedules/{id}/resume", post(schedules::resume))
         .route("/schedules/{id}/trigger", post(schedules::trigger))
+        .route("/queues", get(queues::list))
+        .route(
+            "/queues/{queue}",
+            get(queues::get).put(queues::set).delete(queues::delete),
+        )
         .route("/pods", get(routes::pods))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         // The description of the API is public, also when a token guards the API itself.
@@ -171,6 +178,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .route("/ui/processes/{id}/cancel", post(console::cancel))
         .route("/ui/processes/{id}/messages", post(console::send_message))
         .route("/ui/schedules", get(console_schedules::schedules_page))
+        .route("/ui/queues", get(console_queues::queues_page))
         .route(
             "/ui/schedules/{id}/{action}",
             post(console_schedules::schedule_action),
