@@ -57,6 +57,9 @@ COMMENT ON TABLE proclog.queue_starts IS 'recent starts of rate-limited queues';
 CREATE INDEX queue_starts_by_key ON proclog.queue_starts (queue, concurrency_key, started_at);
 CREATE INDEX queue_starts_by_time ON proclog.queue_starts (queue, started_at);
 
+-- A schedule's processes may name a queue (NULL: their kind's).
+ALTER TABLE proclog.schedules ADD COLUMN queue text;
+
 -- start_process, as in version 13, with the queue, the concurrency key and the priority.
 DROP FUNCTION proclog.start_process(text, text, jsonb, text, timestamptz, bigint,
     timestamptz, bigint, jsonb, text, text, text, text, bigint, boolean);

@@ -131,6 +131,10 @@ pub struct ScheduleSpec {
     /// outage.
     #[serde(default = "default_missed_after_ms")]
     pub missed_after_ms: u64,
+    /// The queue its processes are claimed from (default: the kind's; see [`crate::queue`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "http", schema(pattern = "^[A-Za-z0-9._:-]{1,128}$"))]
+    pub queue: Option<String>,
 }
 
 /// A schedule as stored.
@@ -238,6 +242,9 @@ impl ScheduleSpec {
     pub fn validate(&self) -> Result<Cron, ProcessError> {
         crate::validate::schedule_id(&self.id)?;
         crate::validate::kind(&self.kind)?;
+        if let Some(queue) = &self.queue {
+            crate::queue::queue_name(queue)?;
+        }
         if self.catch_up_limit == 0 || self.catch_up_limit > MAX_CATCH_UP_LIMIT {
             return Err(ProcessError::InvalidInput(format!(
                 "catch_up_limit must be 1 to {MAX_CATCH_UP_LIMIT}, got {}",
@@ -273,6 +280,19 @@ pub fn same_spec(a: &ScheduleSpec, b: &ScheduleSpec) -> bool {
         && a.catch_up == b.catch_up
         && a.catch_up_limit == b.catch_up_limit
         && a.missed_after_ms == b.missed_after_ms
+        && a.queue == b.queue
+}
+
+impl ScheduleSpec {
+    /// The registration of one of its processes, with id `id`.
+    pub fn registration(&self, id: ProcessId) -> crate::model::ProcessRegistration {
+        let mut registration =
+            crate::model::ProcessRegistration::new(self.kind.clone(), self.input.clone())
+                .with_id(id)
+                .with_disposition(self.disposition);
+        registration.queue = self.queue.clone();
+        registration
+    }
 }
 
 /// The id of the process of `schedule`'s due time `due`: `<schedule>.<YYYYMMDDTHHMMSSZ>`
@@ -398,6 +418,7 @@ mod tests {
                 catch_up,
                 catch_up_limit: 3,
                 missed_after_ms: 60_000,
+                queue: None,
             },
             paused: false,
             next_due_at: Some(next),

@@ -326,6 +326,60 @@ async fn client_commands_drive_a_process_and_pod_logs_carry_ids() {
     .await;
     assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid_input"));
 
+    // Queue limits: set, shown with the work they hold, removed.
+    let set = json_of(
+        &run(args(&[
+            "queue",
+            "set",
+            "cli-queue",
+            "--concurrency",
+            "0",
+            "--key-concurrency",
+            "2",
+            "--rate",
+            "10/1000",
+            "--keys",
+            r#"{"big": {"concurrency": 5}}"#,
+        ]))
+        .await,
+    );
+    assert_eq!(
+        set["limits"],
+        json!({"queue": {"concurrency": 0, "rate": {"starts": 10, "period_ms": 1000}},
+               "each_key": {"concurrency": 2}, "keys": {"big": {"concurrency": 5}}})
+    );
+    let held = json_of(
+        &run(args(&[
+            "start",
+            "steps",
+            "--queue",
+            "cli-queue",
+            "--concurrency-key",
+            "big",
+            "--priority",
+            "-5",
+        ]))
+        .await,
+    );
+    assert_eq!(
+        (&held["queue"], &held["concurrency_key"], &held["priority"]),
+        (&json!("cli-queue"), &json!("big"), &json!(-5))
+    );
+    let shown = json_of(&run(args(&["queue", "get", "cli-queue"])).await);
+    assert_eq!(
+        shown["keys"],
+        json!([{"key": "big", "running": 0, "ready": 1}])
+    );
+    let listed = json_of(&run(args(&["queue", "list"])).await);
+    assert_eq!(listed["queues"][0]["queue"], "cli-queue");
+    let bad_rate = run(args(&["queue", "set", "cli-queue", "--rate", "ten"])).await;
+    assert!(!bad_rate.status.success());
+    assert!(String::from_utf8_lossy(&bad_rate.stderr).contains("STARTS/PERIOD_MS"));
+    let deleted = json_of(&run(args(&["queue", "delete", "cli-queue"])).await);
+    assert_eq!(deleted["deleted"], "cli-queue");
+    let gone = run(args(&["queue", "get", "cli-queue"])).await;
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("not_found"));
+
     // Errors: a clear message and a non-zero exit.
     let missing = run(args(&["get", "cli-1"])).await;
     assert!(!missing.status.success());

@@ -970,3 +970,61 @@ async fn the_schedules_page_lists_pauses_resumes_triggers_and_deletes() {
     pod.shutdown().await;
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_queues_page_shows_limits_and_the_work_of_each_key() {
+    let url = testing::migrated_database_url().await.unwrap();
+    let (stack, pod, http) = start_pod(&url, "pod-queues", 1, None).await;
+    let home = base(&http);
+    let page = || async {
+        reqwest::get(format!("{home}/ui/queues"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert!(page().await.contains("No queue has limits"));
+    let limits: proclog::queue::QueueLimits = serde_json::from_value(json!({
+        "queue": {"concurrency": 0}, "each_key": {"per_pod": 2},
+        "keys": {"<b>tenant</b>": {"rate": {"starts": 5, "period_ms": 60000}}}
+    }))
+    .unwrap();
+    stack
+        .cluster()
+        .set_queue("outbound", &limits)
+        .await
+        .unwrap();
+    for key in ["<b>tenant</b>", "<b>tenant</b>", "plain"] {
+        stack
+            .registry()
+            .register_process(
+                proclog::ProcessRegistration::new("steps", json!({"steps": 1}))
+                    .in_queue("outbound")
+                    .with_concurrency_key(key),
+            )
+            .await
+            .unwrap();
+    }
+    let html = page().await;
+    assert!(
+        html.contains(r#"<article class="queue" data-queue="outbound">"#),
+        "{html}"
+    );
+    assert!(
+        html.contains("queue: 0 at once · each key: 2 per pod · 0 running, 3 ready"),
+        "{html}"
+    );
+    assert!(
+        html.contains("<code>&lt;b&gt;tenant&lt;/b&gt;</code>: 5 per 60000 ms"),
+        "{html}"
+    );
+    assert!(
+        html.contains("<tr><td>&lt;b&gt;tenant&lt;/b&gt;</td><td>0</td><td>2</td></tr>"),
+        "{html}"
+    );
+    assert!(!html.contains("<b>tenant</b>"), "escaped");
+    http.shutdown().await;
+    pod.shutdown().await;
+    stack.shutdown().await;
+}

@@ -1659,3 +1659,93 @@ async fn schedules_over_http() {
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queue_limits_over_http() {
+    let server = Server::start(&migrated_database_url().await, None).await;
+    let (status, page) = server.get("/v1/queues").await;
+    assert_eq!((status, &page["queues"]), (StatusCode::OK, &json!([])));
+    let limits = json!({"queue": {"concurrency": 0, "rate": {"starts": 10, "period_ms": 1000}},
+                        "each_key": {"per_pod": 1}, "keys": {"tenant-7": {"concurrency": 3}}});
+    let (status, set) = server
+        .call(
+            reqwest::Method::PUT,
+            "/v1/queues/mail",
+            Some(limits.clone()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{set}");
+    assert_eq!(set["queue"], "mail");
+    assert_eq!(set["limits"], limits);
+    // Work registered in the queue waits: concurrency 0 holds it.
+    let (status, process) = server
+        .post(
+            "/v1/processes",
+            json!({"kind": "send", "queue": "mail", "concurrency_key": "tenant-7", "priority": 5}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{process}");
+    assert_eq!(
+        (
+            &process["queue"],
+            &process["concurrency_key"],
+            &process["priority"]
+        ),
+        (&json!("mail"), &json!("tenant-7"), &json!(5))
+    );
+    let (status, view) = server.get("/v1/queues/mail").await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(
+        view["keys"],
+        json!([{"key": "tenant-7", "running": 0, "ready": 1}])
+    );
+    let (status, page) = server.get("/v1/queues").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["queues"][0]["queue"], "mail");
+    for bad in [
+        json!({"queue": {"concurrency": -1}}),
+        json!({"queue": {"rate": {"starts": 0, "period_ms": 1000}}}),
+        json!({"each_key": {"rate": {"starts": 1, "period_ms": 0}}}),
+        json!({"keys": {"": {}}}),
+        json!({"unknown": 1}),
+        json!([]),
+    ] {
+        let (status, body) = server
+            .call(reqwest::Method::PUT, "/v1/queues/mail", Some(bad.clone()))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+    let (status, body) = server
+        .call(
+            reqwest::Method::PUT,
+            "/v1/queues/bad%20name",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::BAD_REQUEST, "invalid_input")
+    );
+    for bad in [
+        json!({"kind": "send", "queue": "bad name"}),
+        json!({"kind": "send", "concurrency_key": ""}),
+        json!({"kind": "send", "priority": 101}),
+        json!({"kind": "send", "priority": 40000}),
+    ] {
+        let (status, body) = server.post("/v1/processes", bad.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+    let (status, body) = server.get("/v1/queues/none-such").await;
+    assert_eq!((status, code(&body)), (StatusCode::NOT_FOUND, "not_found"));
+    // The limits stand after the refusals.
+    let (_, view) = server.get("/v1/queues/mail").await;
+    assert_eq!(view["limits"], limits);
+    let (status, body) = server
+        .call(reqwest::Method::DELETE, "/v1/queues/mail", None)
+        .await;
+    assert_eq!((status, &body["deleted"]), (StatusCode::OK, &json!("mail")));
+    let (status, body) = server
+        .call(reqwest::Method::DELETE, "/v1/queues/mail", None)
+        .await;
+    assert_eq!((status, code(&body)), (StatusCode::NOT_FOUND, "not_found"));
+}

@@ -245,3 +245,49 @@ async fn three_pods_keep_every_limit_and_serve_keys_fairly() {
     );
     assert!(delays["lone"][0] < median("big"));
 }
+
+/// A schedule's processes go to the schedule's queue (and are held to its limits).
+#[tokio::test]
+async fn a_schedules_processes_go_to_its_queue() {
+    use proclog::pod::scheduler::{create_schedule, trigger_schedule};
+    use proclog::store::ClusterStore;
+    use proclog::{InMemoryProcessRegistry, ProcessRegistry, RegistryConfig};
+    let registry = InMemoryProcessRegistry::new(RegistryConfig::new("pod-a"));
+    let spec: proclog::schedule::ScheduleSpec = serde_json::from_value(json!({
+        "id": "nightly", "cron": "0 2 * * *", "kind": "report", "queue": "reports"
+    }))
+    .unwrap();
+    create_schedule(&registry, &registry, &spec).await.unwrap();
+    let process = trigger_schedule(&registry, &registry, "nightly")
+        .await
+        .unwrap();
+    assert_eq!(process.queue, "reports");
+    // Held by the queue's limits like any of its work.
+    registry
+        .set_queue(
+            "reports",
+            &QueueLimits {
+                queue: Limits {
+                    concurrency: Some(0),
+                    ..Limits::default()
+                },
+                ..QueueLimits::default()
+            },
+        )
+        .await
+        .unwrap();
+    let claims = registry
+        .claim_runnable("pod-a", Duration::from_secs(30), 10)
+        .await
+        .unwrap();
+    assert!(claims.is_empty());
+    // A bad queue name is refused with the schedule.
+    let bad: proclog::schedule::ScheduleSpec = serde_json::from_value(json!({
+        "id": "bad", "cron": "0 2 * * *", "kind": "report", "queue": "no spaces"
+    }))
+    .unwrap();
+    assert!(matches!(
+        create_schedule(&registry, &registry, &bad).await,
+        Err(proclog::ProcessError::InvalidInput(_))
+    ));
+}

@@ -120,18 +120,31 @@ fn reader_attacks() -> Vec<String> {
         "SELECT proclog.refuse_write('p1')".into(),
         "SELECT * FROM proclog.write_refusal('p1')".into(),
         "SELECT proclog.fence_holds(NULL, NULL, NULL)".into(),
-        "SELECT * FROM proclog.start_process('x', 'k', 'null', 'rerun', NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'singleton', 'key', 0, false)".into(),
+        "SELECT * FROM proclog.start_process('x', 'k', 'null', 'rerun', NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'singleton', 'key', 0, false, NULL, '', 0::smallint)".into(),
         "INSERT INTO proclog.start_keys (kind, start_key, process_id, policy) VALUES ('k', 'key', 'x', 'singleton')".into(),
         "DELETE FROM proclog.start_keys".into(),
         "INSERT INTO proclog.schedules (schedule_id, cron, time_zone, kind, disposition, overlap, catch_up, catch_up_limit, missed_after_ms) VALUES ('s', '* * * * *', 'UTC', 'k', 'rerun', 'skip', 'skip_missed', 1, 0)".into(),
         "UPDATE proclog.schedules SET paused = true".into(),
         "DELETE FROM proclog.schedules".into(),
+        "INSERT INTO proclog.queues (queue, limits) VALUES ('q', '{}')".into(),
+        "UPDATE proclog.queues SET cursor_key = 'k'".into(),
+        "DELETE FROM proclog.queues".into(),
+        "INSERT INTO proclog.queue_starts (queue, concurrency_key, process_id) VALUES ('q', '', 'x')".into(),
+        "DELETE FROM proclog.queue_starts".into(),
     ]);
     // A writer may lock what it may update (Postgres's rule); a reader may not block writers.
     sql.extend(
-        ["processes", "events", "pods", "start_keys", "schedules"]
-            .iter()
-            .map(|table| format!("BEGIN; LOCK TABLE proclog.{table} IN EXCLUSIVE MODE; COMMIT")),
+        [
+            "processes",
+            "events",
+            "pods",
+            "start_keys",
+            "schedules",
+            "queues",
+            "queue_starts",
+        ]
+        .iter()
+        .map(|table| format!("BEGIN; LOCK TABLE proclog.{table} IN EXCLUSIVE MODE; COMMIT")),
     );
     sql
 }

@@ -1004,6 +1004,9 @@ pub enum ScheduleCommand {
         /// Most missed due times run_all runs.
         #[arg(long, default_value_t = 100)]
         catch_up_limit: u32,
+        /// The queue its processes are claimed from (default: the kind's).
+        #[arg(long)]
+        queue: Option<String>,
     },
     /// List schedules with their next and last due times.
     List {
@@ -1056,13 +1059,17 @@ pub async fn schedule(args: ScheduleArgs) -> CliResult {
             overlap,
             catch_up,
             catch_up_limit,
+            queue,
         } => {
             let input: Value = serde_json::from_str(&input)
                 .map_err(|err| CliError::usage(format!("--input is not JSON: {err}")))?;
-            let body = json!({
+            let mut body = json!({
                 "id": id, "cron": cron, "kind": kind, "input": input, "time_zone": time_zone,
                 "overlap": overlap, "catch_up": catch_up, "catch_up_limit": catch_up_limit,
             });
+            if let Some(queue) = queue {
+                body["queue"] = json!(queue);
+            }
             connection
                 .call(Method::POST, "/schedules", Some(&body), limit)
                 .await

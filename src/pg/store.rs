@@ -237,8 +237,8 @@ impl ClusterStore for PgClusterStore {
                 &format!(
                     "INSERT INTO proclog.schedules
                             (schedule_id, cron, time_zone, kind, input, disposition, overlap,
-                             catch_up, catch_up_limit, next_due_at, missed_after_ms)
-                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11
+                             catch_up, catch_up_limit, next_due_at, missed_after_ms, queue)
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $13
                       WHERE (SELECT count(*) FROM proclog.schedules) < $12
                      ON CONFLICT (schedule_id) DO NOTHING
                      RETURNING {SCHEDULE_COLUMNS}"
@@ -256,6 +256,7 @@ impl ClusterStore for PgClusterStore {
                     &first_due,
                     &i64::try_from(spec.missed_after_ms).unwrap_or(i64::MAX),
                     &(MAX_SCHEDULES as i64),
+                    &spec.queue,
                 ],
             )
             .await?;
@@ -545,7 +546,7 @@ impl ClusterStore for PgClusterStore {
 
 /// The columns [`schedule_from_row`] reads.
 const SCHEDULE_COLUMNS: &str = "schedule_id, cron, time_zone, kind, input, disposition, overlap, \
-     catch_up, catch_up_limit, missed_after_ms, paused, held, next_due_at, last_due_at, last_process_id, skipped, \
+     catch_up, catch_up_limit, missed_after_ms, queue, paused, held, next_due_at, last_due_at, last_process_id, skipped, \
      created_at";
 
 fn schedule_from_row(row: &tokio_postgres::Row) -> ProcessResult<ScheduleRecord> {
@@ -571,6 +572,7 @@ fn schedule_from_row(row: &tokio_postgres::Row) -> ProcessResult<ScheduleRecord>
                 row.try_get::<_, i64>("missed_after_ms").map_err(db_error)?,
             )
             .unwrap_or_default(),
+            queue: row.try_get("queue").map_err(db_error)?,
         },
         paused: row.try_get("paused").map_err(db_error)?,
         next_due_at: row.try_get("next_due_at").map_err(db_error)?,

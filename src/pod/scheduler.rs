@@ -9,7 +9,7 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ProcessError, ProcessResult};
-use crate::model::{ProcessRecord, ProcessRegistration};
+use crate::model::ProcessRecord;
 use crate::registry::ProcessRegistry;
 use crate::schedule::{Cron, ScheduleRecord, ScheduleSpec, due_process_id, plan_tick};
 use crate::store::{ClusterStore, ScheduleProgress};
@@ -114,10 +114,7 @@ async fn produce(
     spec: &ScheduleSpec,
     id: crate::ProcessId,
 ) -> ProcessResult<()> {
-    let registration = ProcessRegistration::new(spec.kind.clone(), spec.input.clone())
-        .with_id(id)
-        .with_disposition(spec.disposition);
-    match registry.register_process(registration).await {
+    match registry.register_process(spec.registration(id)).await {
         Ok(_) | Err(ProcessError::Conflict { .. }) => Ok(()),
         Err(err) => Err(err),
     }
@@ -173,11 +170,7 @@ pub async fn trigger_schedule(
     let stamp = Utc::now().format("%Y%m%dT%H%M%S%.6fZ");
     let process = crate::ProcessId::new(format!("{id}.manual.{stamp}"))?;
     registry
-        .register_process(
-            ProcessRegistration::new(schedule.spec.kind.clone(), schedule.spec.input.clone())
-                .with_id(process)
-                .with_disposition(schedule.spec.disposition),
-        )
+        .register_process(schedule.spec.registration(process))
         .await
 }
 
