@@ -57,6 +57,16 @@ impl Api {
     /// connection error or a timeout, until it is answered or [`GIVE_UP`] has passed.
     /// Returns the outcome and the number of attempts.
     pub(crate) async fn post(&self, path: &str, body: &Value) -> (Outcome, u32) {
+        self.request(reqwest::Method::POST, path, body).await
+    }
+
+    /// [`Self::post`] with another method (a PUT of queue limits).
+    pub(crate) async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &Value,
+    ) -> (Outcome, u32) {
         let first = self.next.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + GIVE_UP;
         let mut pause = Duration::from_millis(100);
@@ -68,7 +78,7 @@ impl Api {
             if attempts > 1 {
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
             }
-            let error = match self.send(base, path, body).await {
+            let error = match self.send(&method, base, path, body).await {
                 Ok(outcome) => return (outcome, attempts),
                 Err(error) => error,
             };
@@ -82,10 +92,16 @@ impl Api {
     }
 
     /// One attempt: `Ok` for an answer to keep (2xx, 4xx), `Err` for one to retry.
-    async fn send(&self, base: &str, path: &str, body: &Value) -> Result<Outcome, String> {
+    async fn send(
+        &self,
+        method: &reqwest::Method,
+        base: &str,
+        path: &str,
+        body: &Value,
+    ) -> Result<Outcome, String> {
         let response = self
             .http
-            .post(format!("{base}{path}"))
+            .request(method.clone(), format!("{base}{path}"))
             .json(body)
             .send()
             .await

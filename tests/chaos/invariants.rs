@@ -187,7 +187,7 @@ fn allowed_states(planned: &Planned) -> &'static [&'static str] {
         Plan::Steps => &["completed"],
         Plan::StepsAbandon => &["completed", "abandoned"],
         Plan::Fail => &["failed"],
-        Plan::External | Plan::Order | Plan::Fanout => &["completed"],
+        Plan::External | Plan::Order | Plan::Fanout | Plan::Limited => &["completed"],
         Plan::OrderDeadline => &["failed"],
         Plan::Cancel => match planned.cancel {
             Some(CancelAnswer::Acknowledged) => &["cancelled"],

@@ -35,6 +35,8 @@ pub(crate) enum Plan {
     OrderDeadline,
     /// `fanout` (children): spawns three `steps` children, joins them; ends completed.
     Fanout,
+    /// `steps` in the limited queue (see `limits`), under one of its keys: ends completed.
+    Limited,
 }
 
 /// The `fanout` input of the chaos round: three children as long as a `Steps` process.
@@ -48,7 +50,7 @@ pub(crate) const ORDER_TIMEOUT_MS: u64 = 3000;
 
 impl Plan {
     fn pick(rng: &mut Rng) -> Self {
-        match rng.below(27) {
+        match rng.below(30) {
             0..=5 => Plan::Steps,
             6..=9 => Plan::StepsAbandon,
             10..=11 => Plan::Fail,
@@ -56,7 +58,8 @@ impl Plan {
             15..=19 => Plan::External,
             20..=23 => Plan::Order,
             24 => Plan::OrderDeadline,
-            _ => Plan::Fanout,
+            25..=26 => Plan::Fanout,
+            _ => Plan::Limited,
         }
     }
 
@@ -77,6 +80,9 @@ impl Plan {
                 serde_json::from_str(ORDER_INPUT).expect("valid"),
                 "rerun",
             ),
+            Plan::Limited => {
+                return crate::limits::registration(id);
+            }
             Plan::OrderDeadline => {
                 return json!({
                     "id": id, "kind": "order", "input": {"work_ms": 100},
@@ -202,7 +208,12 @@ async fn live(api: Api, ledger: Arc<Mutex<Ledger>>, id: String, mut rng: Rng) {
         Plan::Cancel => cancel_later(&api, &ledger, &id, &mut rng).await,
         Plan::External => append_and_complete(&api, &ledger, &id, &mut rng).await,
         Plan::Order => approve_later(&api, &ledger, &id, &mut rng).await,
-        Plan::Steps | Plan::StepsAbandon | Plan::Fail | Plan::OrderDeadline | Plan::Fanout => {}
+        Plan::Steps
+        | Plan::StepsAbandon
+        | Plan::Fail
+        | Plan::OrderDeadline
+        | Plan::Fanout
+        | Plan::Limited => {}
     }
 }
 

@@ -7,7 +7,8 @@
 //! `steps` it cancels, `external` ones it appends to and completes itself, `order` processes
 //! of durable execution that it approves with a message, `order` processes nobody approves
 //! that end at their deadline, and `fanout` processes that spawn three children and join
-//! them), retrying every write idempotently and recording every acknowledged write (messages
+//! them, and `steps` in a queue with limits per queue, key and pod), retrying every write
+//! idempotently and recording every acknowledged write (messages
 //! included) in a ledger. A schedule due every two seconds (`run_all`) runs through the round
 //! and is paused when the load stops.
 //!
@@ -25,7 +26,8 @@
 //! `durable`): a stored step never executed again, no timer early, every acknowledged message
 //! received once and in order, retries by the policy, deadlines kept within one TTL; and for
 //! composition (see `composition`): no child spawned twice, every due time of the schedule
-//! made exactly its process. Every violation is reported (with the seed) and the test fails
+//! made exactly its process; and for queues (see `limits`): no limit of the round's limited
+//! queue ever exceeded, sampled over SQL every 50 ms. Every violation is reported (with the seed) and the test fails
 //! once with all of them.
 //!
 //! A second round runs the same on Citus (`chaos_round_on_citus`, when the extension is
@@ -62,6 +64,7 @@ mod durable;
 mod faults;
 mod invariants;
 mod journals;
+mod limits;
 mod load;
 mod report;
 mod schedule;
@@ -135,6 +138,22 @@ async fn chaos_round(backend: Backend) {
             "the schedule was not created",
         ));
     }
+    // A limited queue runs through the round; its limits are checked by p.
+    let queue = format!("/v1/queues/{}", limits::QUEUE);
+    if !matches!(
+        api.request(reqwest::Method::PUT, &queue, &limits::limits_body())
+            .await
+            .0,
+        Outcome::Acked(_)
+    ) {
+        violations.push(Violation::new(
+            "unexpected refusal",
+            limits::QUEUE,
+            "the queue's limits were not set",
+        ));
+    }
+    let stop_sampling = CancellationToken::new();
+    let sampler = tokio::spawn(limits::sample(cluster.direct_url(), stop_sampling.clone()));
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop_load = CancellationToken::new();
     let load = tokio::spawn(run_load(
@@ -163,6 +182,18 @@ async fn chaos_round(backend: Backend) {
     let client = sql_connect(&cluster.direct_url()).await;
     complete_open_externals(&api, &client, &mut violations).await;
     await_all_terminal(&client, &mut violations).await;
+    stop_sampling.cancel();
+    let sampled = sampler.await.expect("the sampler");
+    println!(
+        "chaos: limited queue sampled {} times ({} while the database was away): peaks {} of {} (queue), {} of 1 (a key), {} of 2 (a pod)",
+        sampled.samples,
+        sampled.failed_samples,
+        sampled.peak_queue,
+        3,
+        sampled.peak_key,
+        sampled.peak_pod
+    );
+    violations.extend(sampled.violations);
 
     let snapshot = Snapshot::load(&client).await;
     let ledger = std::mem::take(&mut *ledger.lock().unwrap());

@@ -130,6 +130,7 @@ fn plan_name(plan: Plan) -> &'static str {
         Plan::Order => "order",
         Plan::OrderDeadline => "order_deadline",
         Plan::Fanout => "fanout",
+        Plan::Limited => "limited",
     }
 }
 

@@ -13,6 +13,7 @@ mod baseline;
 mod citus;
 mod durable;
 mod pgbench;
+mod queues;
 mod report;
 mod retention;
 mod schedules;
@@ -154,6 +155,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
     if selected("schedule") {
         rows.extend(schedules::ticks(&url, plan).await?);
+    }
+    if selected("queue") {
+        rows.extend(queues::claims(&url, plan).await?);
     }
     if selected("citus") {
         rows.extend(citus::compare(plan).await?);
