@@ -5,8 +5,10 @@
 -- A queue is controlled once it has a row in proclog.queues: its limits (global concurrency,
 -- concurrency per pod, starts per period; for the queue as a whole, for each key, and for
 -- named keys), kept as a JSON document the library checks. Pods claim a controlled queue's
--- work one claim at a time under its row's lock, count live leases (and recent starts) over
--- SQL under that lock, and serve its keys round-robin from the key after `cursor_key`.
+-- work one claim at a time (under an advisory lock held until the claim has committed), count
+-- live leases (and recent starts) over
+-- SQL under that lock, and serve its keys round-robin from the key after `cursor_key`. Keys
+-- compare byte by byte (collation "C"), the same order everywhere.
 --
 --   queue           a process's queue (NULL: its kind); set at registration, never changed
 --   concurrency_key its concurrency key ('' none); set at registration, never changed
@@ -14,7 +16,7 @@
 
 ALTER TABLE proclog.processes
     ADD COLUMN queue text,
-    ADD COLUMN concurrency_key text NOT NULL DEFAULT '',
+    ADD COLUMN concurrency_key text COLLATE "C" NOT NULL DEFAULT '',
     ADD COLUMN priority smallint NOT NULL DEFAULT 0;
 
 COMMENT ON COLUMN proclog.processes.queue IS 'the queue it is claimed from (NULL: its kind)';
@@ -35,7 +37,7 @@ CREATE INDEX processes_queue_leases ON proclog.processes
 CREATE TABLE proclog.queues (
     queue       text        NOT NULL PRIMARY KEY,
     limits      jsonb       NOT NULL,
-    cursor_key  text,
+    cursor_key  text COLLATE "C",
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
@@ -47,7 +49,7 @@ COMMENT ON COLUMN proclog.queues.cursor_key IS 'the key served last: the next cl
 -- limits (each claim forgets the older ones).
 CREATE TABLE proclog.queue_starts (
     queue           text        NOT NULL,
-    concurrency_key text        NOT NULL,
+    concurrency_key text COLLATE "C" NOT NULL,
     process_id      text        NOT NULL,
     started_at      timestamptz NOT NULL DEFAULT now()
 );

@@ -27,6 +27,9 @@ use crate::error::ProcessError;
 /// Most controlled queues.
 pub const MAX_QUEUES: usize = 1_000;
 
+/// Largest page of [`crate::ClusterStore::list_queues`].
+pub const MAX_QUEUE_PAGE: u32 = 100;
+
 /// Most named keys with limits of their own in one queue.
 pub const MAX_KEY_LIMITS: usize = 1_000;
 
@@ -40,8 +43,9 @@ pub const MAX_RATE_PERIOD_MILLIS: u64 = 24 * 3_600_000;
 pub const MAX_CONCURRENCY: u32 = 1_000_000;
 
 /// Most keys one claim visits in one queue (keys with runnable work at their limits are
-/// passed over; the next claim goes on from where this one stopped).
-pub const MAX_KEY_VISITS: usize = 1_000;
+/// passed over; the next claim goes on from the last key this one served, or visited when it
+/// served none).
+pub const MAX_KEY_VISITS: usize = 256;
 
 /// Priorities run from `-MAX_PRIORITY` to `MAX_PRIORITY`; the default is 0.
 pub const MAX_PRIORITY: i16 = 100;
@@ -240,6 +244,16 @@ pub const MAX_LOAD_KEYS: usize = 200;
 /// Orders a queue's keys for operators: the busiest (running and ready) first, then by key.
 pub fn sort_load(keys: &mut [KeyLoad]) {
     keys.sort_by(|a, b| (b.running + b.ready, &a.key).cmp(&(a.running + a.ready, &b.key)));
+}
+
+/// Checks a page size of queues: 1 to [`MAX_QUEUE_PAGE`].
+pub fn page_limit(limit: u32) -> Result<(), ProcessError> {
+    if !(1..=MAX_QUEUE_PAGE).contains(&limit) {
+        return Err(invalid(format!(
+            "limit must be 1 to {MAX_QUEUE_PAGE}, got {limit}"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks a queue name: 1 to 128 characters from `[A-Za-z0-9._:-]` (as a kind).

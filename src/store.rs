@@ -223,8 +223,10 @@ pub trait ClusterStore: Send + Sync {
     /// The controlled queue with its load (its busiest keys), or `None`.
     async fn get_queue(&self, queue: &str) -> ProcessResult<Option<QueueView>>;
 
-    /// Every controlled queue, by name (at most [`crate::queue::MAX_QUEUES`]).
-    async fn list_queues(&self) -> ProcessResult<Vec<QueueRecord>>;
+    /// Controlled queues by name, after `after`, at most `limit` (1 to
+    /// [`crate::queue::MAX_QUEUE_PAGE`]).
+    async fn list_queues(&self, after: Option<&str>, limit: u32)
+    -> ProcessResult<Vec<QueueRecord>>;
 
     /// Removes a queue's limits: its work is claimed as any other queue's again. False when
     /// it had none.

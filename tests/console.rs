@@ -1024,6 +1024,27 @@ async fn the_queues_page_shows_limits_and_the_work_of_each_key() {
         "{html}"
     );
     assert!(!html.contains("<b>tenant</b>"), "escaped");
+    // A process's page names its queue, key and priority.
+    let placed = stack
+        .registry()
+        .register_process(
+            proclog::ProcessRegistration::new("steps", json!({"steps": 1}))
+                .in_queue("outbound")
+                .with_concurrency_key("<i>k</i>")
+                .with_priority(-7),
+        )
+        .await
+        .unwrap();
+    let process_page = reqwest::get(format!("{home}/ui/processes/{}", placed.id))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        process_page.contains(r#"<dd id="queue"><a href="/ui/queues">outbound</a>, key <code>&lt;i&gt;k&lt;/i&gt;</code>, priority -7</dd>"#),
+        "{process_page}"
+    );
     http.shutdown().await;
     pod.shutdown().await;
     stack.shutdown().await;

@@ -887,8 +887,12 @@ fn parse_rate(raw: &str) -> Result<crate::queue::RateLimit, String> {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum QueueCommand {
-    /// List the queues that have limits.
-    List,
+    /// List the queues that have limits (100 at a time).
+    List {
+        /// Start after this queue (the `next_after` of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+    },
     /// Show a queue's limits and the running and ready work of its busiest keys.
     Get {
         /// The queue.
@@ -921,7 +925,16 @@ pub async fn queue(args: QueueArgs) -> CliResult {
         Ok(format!("/queues/{queue}"))
     };
     match args.command {
-        QueueCommand::List => connection.call(Method::GET, "/queues", None, limit).await,
+        QueueCommand::List { after } => {
+            let path = match after {
+                Some(after) => format!(
+                    "/queues?after={}",
+                    path(&after)?.trim_start_matches("/queues/")
+                ),
+                None => "/queues".to_owned(),
+            };
+            connection.call(Method::GET, &path, None, limit).await
+        }
         QueueCommand::Get { queue } => {
             connection
                 .call(Method::GET, &path(&queue)?, None, limit)

@@ -669,6 +669,20 @@ fn render_record(record: &ProcessRecord) -> String {
             esc(parent.as_str())
         );
     }
+    if record.queue != record.kind || record.concurrency_key.is_some() || record.priority != 0 {
+        let key = record
+            .concurrency_key
+            .as_deref()
+            .map_or_else(String::new, |key| {
+                format!(", key <code>{}</code>", esc(key))
+            });
+        let _ = write!(
+            schedule,
+            r#"<dt>queue</dt><dd id="queue"><a href="/ui/queues">{}</a>{key}, priority {}</dd>"#,
+            esc(&record.queue),
+            record.priority
+        );
+    }
     if record.retries > 0 || record.retry_policy.is_some() {
         let _ = write!(
             schedule,

@@ -10,7 +10,7 @@ use super::console::{bounded, database_down, esc, page};
 use crate::queue::{Limits, QueueView};
 
 /// Most queues the page shows with their keys (the rest through `/v1/queues`).
-const QUEUES_SHOWN: usize = 50;
+const QUEUES_SHOWN: u32 = 20;
 
 /// Most keys shown per queue.
 const KEYS_SHOWN: usize = 20;
@@ -20,7 +20,7 @@ pub(super) async fn queues_page(State(state): State<ApiState>) -> Response {
     let cluster = &state.services.cluster;
     let views = bounded(async {
         let mut views = Vec::new();
-        for record in cluster.list_queues().await?.into_iter().take(QUEUES_SHOWN) {
+        for record in cluster.list_queues(None, QUEUES_SHOWN).await? {
             if let Some(view) = cluster.get_queue(&record.queue).await? {
                 views.push(view);
             }

@@ -3,21 +3,33 @@
 
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-use utoipa::ToSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::ApiState;
 use super::body::AdmittedBody;
-use super::error::ApiError;
+use super::error::{ApiError, ApiQuery};
 use super::openapi::ErrorBody;
 use crate::error::ProcessError;
 use crate::queue::{QueueLimits, QueueRecord, QueueView};
 
-/// The controlled queues.
+/// One page of the controlled queues.
 #[derive(Serialize, ToSchema)]
 pub struct QueueList {
-    /// Every queue with limits, by name.
+    /// Queues with limits, by name.
     pub queues: Vec<QueueRecord>,
+    /// Pass as `after` for the next page; absent on the last.
+    pub next_after: Option<String>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct QueueQuery {
+    /// The last name of the previous page.
+    after: Option<String>,
+    /// Page size: 1 to 100 (default 100).
+    #[param(minimum = 1, maximum = 100)]
+    limit: Option<u32>,
 }
 
 fn queue_name(raw: &str) -> Result<String, ApiError> {
@@ -27,15 +39,30 @@ fn queue_name(raw: &str) -> Result<String, ApiError> {
 
 #[utoipa::path(
     get, path = "/v1/queues", tag = "queues",
+    params(QueueQuery),
     responses(
-        (status = 200, description = "Every queue with limits, by name (at most 1,000)", body = QueueList),
+        (status = 200, description = "One page of the queues with limits, by name", body = QueueList),
+        (status = 400, description = "Invalid input (`invalid_input`, `bad_request`)", body = ErrorBody),
         (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
         (status = 503, description = "Database unavailable (`unavailable`)", body = ErrorBody)
     )
 )]
-pub(super) async fn list(State(state): State<ApiState>) -> Result<Response, ApiError> {
-    let queues = state.services.cluster.list_queues().await?;
-    Ok(axum::Json(QueueList { queues }).into_response())
+pub(super) async fn list(
+    State(state): State<ApiState>,
+    ApiQuery(query): ApiQuery<QueueQuery>,
+) -> Result<Response, ApiError> {
+    let limit = query.limit.unwrap_or(crate::queue::MAX_QUEUE_PAGE);
+    crate::queue::page_limit(limit)?;
+    let after = query.after.as_deref().map(queue_name).transpose()?;
+    let queues = state
+        .services
+        .cluster
+        .list_queues(after.as_deref(), limit)
+        .await?;
+    let next_after = (queues.len() == limit as usize)
+        .then(|| queues.last().map(|queue| queue.queue.clone()))
+        .flatten();
+    Ok(axum::Json(QueueList { queues, next_after }).into_response())
 }
 
 #[utoipa::path(

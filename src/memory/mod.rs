@@ -747,10 +747,20 @@ impl ClusterStore for InMemoryProcessRegistry {
         }))
     }
 
-    async fn list_queues(&self) -> ProcessResult<Vec<crate::queue::QueueRecord>> {
+    async fn list_queues(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> ProcessResult<Vec<crate::queue::QueueRecord>> {
+        crate::queue::page_limit(limit)?;
         let queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-        let mut records: Vec<_> = queues.values().map(|state| state.record.clone()).collect();
+        let mut records: Vec<_> = queues
+            .values()
+            .filter(|state| after.is_none_or(|after| state.record.queue.as_str() > after))
+            .map(|state| state.record.clone())
+            .collect();
         records.sort_by(|a, b| a.queue.cmp(&b.queue));
+        records.truncate(limit as usize);
         Ok(records)
     }
 
@@ -1189,18 +1199,17 @@ impl ProcessRegistry for InMemoryProcessRegistry {
                 round / 2,
             );
         }
-        // Claimable work outside controlled queues in Postgres's order: past the deadline
-        // (earliest first), then runnable in the order it became runnable (its wake time,
+        // The rest in Postgres's order: past the deadline in any queue (earliest first), then
+        // runnable outside controlled queues in the order it became runnable (its wake time,
         // else its creation).
         let rank = |entry: &Entry| -> Option<(u8, DateTime<Utc>)> {
             let record = &entry.record;
-            if !queues::claimable(entry, at) || queues.contains_key(&record.queue) {
-                return None;
+            if queues::overdue(entry, at) {
+                // Failed whatever the limits: the claim runs no engine.
+                return record.deadline.map(|deadline| (0, deadline));
             }
-            if let Some(deadline) = record.deadline.filter(|deadline| *deadline <= at) {
-                return Some((0, deadline));
-            }
-            Some((1, entry.wake.unwrap_or(record.created_at)))
+            (queues::runnable(entry, at) && !queues.contains_key(&record.queue))
+                .then(|| (1, entry.wake.unwrap_or(record.created_at)))
         };
         let mut runnable: Vec<((u8, DateTime<Utc>), &ProcessId)> = processes
             .values()

@@ -34,6 +34,9 @@ impl QueueState {
     }
 }
 
+/// A key's first claimable processes, with their priorities.
+type Heads = Vec<(ProcessId, i16)>;
+
 /// The key a process is counted under (`""`: none).
 fn key_of(entry: &Entry) -> &str {
     entry.record.concurrency_key.as_deref().unwrap_or("")
@@ -41,13 +44,26 @@ fn key_of(entry: &Entry) -> &str {
 
 /// Whether `entry` may be claimed now (the rule of `claim_runnable`).
 pub(super) fn claimable(entry: &Entry, at: DateTime<Utc>) -> bool {
+    overdue(entry, at) || runnable(entry, at)
+}
+
+/// Whether `entry` is past its deadline without a live lease (claimed only to be failed,
+/// whatever the limits).
+pub(super) fn overdue(entry: &Entry, at: DateTime<Utc>) -> bool {
     let record = &entry.record;
-    if record.terminal.is_some() || entry.lease_is_live(at) {
-        return false;
-    }
-    record.deadline.is_some_and(|deadline| deadline <= at)
-        || (record.disposition != Disposition::External
-            && entry.wake.unwrap_or(record.created_at) <= at)
+    record.terminal.is_none()
+        && !entry.lease_is_live(at)
+        && record.deadline.is_some_and(|deadline| deadline <= at)
+}
+
+/// Whether `entry` is runnable now (and not past its deadline) without a live lease.
+pub(super) fn runnable(entry: &Entry, at: DateTime<Utc>) -> bool {
+    let record = &entry.record;
+    record.terminal.is_none()
+        && !entry.lease_is_live(at)
+        && record.disposition != Disposition::External
+        && entry.wake.unwrap_or(record.created_at) <= at
+        && record.deadline.is_none_or(|deadline| deadline > at)
 }
 
 /// Chooses up to `free` processes of the controlled queues for `owner`, within their limits,
@@ -87,10 +103,9 @@ fn choose_in_queue(
     at: DateTime<Utc>,
 ) -> Vec<ProcessId> {
     let limits: QueueLimits = state.record.limits.clone();
-    if let Some(period) = limits.longest_period() {
-        let since = at - TimeDelta::milliseconds(period as i64);
-        state.starts.retain(|(_, started)| *started > since);
-    }
+    let period = limits.longest_period().unwrap_or(0);
+    let since = at - TimeDelta::milliseconds(period as i64);
+    state.starts.retain(|(_, started)| *started > since);
     let queue = state.record.queue.clone();
     let in_queue: Vec<&Entry> = processes
         .values()
@@ -126,7 +141,8 @@ fn choose_in_queue(
         .collect();
     let cursor = state.record.cursor_key.clone();
     // The keys visited, within their limits, with their first claimable processes.
-    let mut visited: Vec<(String, Counted, Vec<ProcessId>)> = Vec::new();
+    let mut visited: Vec<(String, Counted, Heads)> = Vec::new();
+    let mut last_visited: Option<String> = None;
     for key in crate::queue::round_robin(&keys, cursor.as_deref())
         .into_iter()
         .take(MAX_KEY_VISITS)
@@ -134,6 +150,7 @@ fn choose_in_queue(
         if visited.len() >= free {
             break;
         }
+        last_visited = Some(key.clone());
         let key_limits = limits.of_key(key);
         let mut counted = by_key.get(key.as_str()).copied().unwrap_or_default();
         if let Some(rate) = key_limits.rate {
@@ -145,7 +162,7 @@ fn choose_in_queue(
         let mut heads: Vec<&Entry> = in_queue
             .iter()
             .copied()
-            .filter(|entry| key_of(entry) == key && claimable(entry, at))
+            .filter(|entry| key_of(entry) == key && runnable(entry, at))
             .collect();
         heads.sort_by(|a, b| {
             let since = |entry: &Entry| entry.wake.unwrap_or(entry.record.created_at);
@@ -159,34 +176,42 @@ fn choose_in_queue(
             let ids = heads
                 .into_iter()
                 .take(free)
-                .map(|entry| entry.record.id.clone())
+                .map(|entry| (entry.record.id.clone(), entry.record.priority))
                 .collect();
             visited.push((key.clone(), counted, ids));
         }
     }
     let mut chosen = Vec::new();
+    let mut last_served: Option<String> = None;
     let rounds = visited
         .iter()
         .map(|(_, _, ids)| ids.len())
         .max()
         .unwrap_or(0);
     'rounds: for round in 0..rounds {
-        for (key, counted, ids) in &mut visited {
+        let mut order: Vec<usize> = (0..visited.len())
+            .filter(|&n| round < visited[n].2.len())
+            .collect();
+        order.sort_by_key(|&n| std::cmp::Reverse(visited[n].2[round].1));
+        for n in order {
+            let (key, counted, ids) = &mut visited[n];
             if chosen.len() >= free || !limits.queue.admits(&total) {
                 break 'rounds;
             }
-            let Some(id) = ids.get(round) else { continue };
             if !limits.of_key(key).admits(counted) {
                 continue;
             }
-            chosen.push(id.clone());
+            chosen.push(ids[round].0.clone());
             total.claimed();
             counted.claimed();
-            state.record.cursor_key = Some(key.clone());
-            if limits.rate_limited() {
+            last_served = Some(key.clone());
+            if limits.queue.rate.is_some() || limits.of_key(key).rate.is_some() {
                 state.starts.push_back((key.clone(), at));
             }
         }
+    }
+    if let Some(key) = last_served.or(last_visited) {
+        state.record.cursor_key = Some(key);
     }
     chosen
 }

@@ -60,31 +60,54 @@ impl Db {
         }
     }
 
-    /// `call` in a transaction on one pooled connection, committed when it returns `Ok`
-    /// (rolled back otherwise), within the call bound as a whole.
-    pub(crate) async fn transaction<T>(
+    /// `call` in a transaction that begins once this session holds the session-level
+    /// advisory lock `key` (waiting at most `lock_wait`), committed when it returns `Ok`; the
+    /// lock is released only after the commit has returned (on Citus, after the workers'
+    /// commits too), so the next holder sees everything this one wrote. The whole is within
+    /// the call bound; after any failure the connection is discarded, which releases the lock.
+    pub(crate) async fn transaction_under_lock<T>(
         &self,
+        key: i64,
+        lock_wait: Duration,
         call: impl AsyncFnOnce(&deadpool_postgres::Transaction<'_>) -> ProcessResult<T>,
     ) -> ProcessResult<T> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
-        let work = async {
-            let tx = client.transaction().await.map_err(db_error)?;
-            let result = call(&tx).await?;
-            tx.commit().await.map_err(db_error)?;
-            Ok(result)
-        };
-        let Some(limit) = self.call_timeout else {
-            return work.await;
-        };
-        match tokio::time::timeout(limit, work).await {
-            Ok(result) => result,
-            Err(_) => {
-                drop(Object::take(client));
-                Err(ProcessError::Unavailable(format!(
-                    "no answer from the database within {limit:?}"
-                )))
+        let outcome = {
+            let work = async {
+                client
+                    .batch_execute(&format!("SET lock_timeout = {}", lock_wait.as_millis()))
+                    .await
+                    .map_err(db_error)?;
+                client
+                    .execute("SELECT pg_advisory_lock($1)", &[&key])
+                    .await
+                    .map_err(db_error)?;
+                client
+                    .batch_execute("RESET lock_timeout")
+                    .await
+                    .map_err(db_error)?;
+                let tx = client.transaction().await.map_err(db_error)?;
+                let result = call(&tx).await?;
+                tx.commit().await.map_err(db_error)?;
+                client
+                    .execute("SELECT pg_advisory_unlock($1)", &[&key])
+                    .await
+                    .map_err(db_error)?;
+                Ok(result)
+            };
+            match self.call_timeout {
+                None => work.await,
+                Some(limit) => tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+                    Err(ProcessError::Unavailable(format!(
+                        "no answer from the database within {limit:?}"
+                    )))
+                }),
             }
+        };
+        if outcome.is_err() {
+            drop(Object::take(client));
         }
+        outcome
     }
 
     /// Runs `sql`, mapping a database error with `on_error` and a pool failure to

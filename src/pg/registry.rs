@@ -1059,29 +1059,37 @@ impl ProcessRegistry for PgProcessRegistry {
         let round = self
             .claim_rounds
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // Controlled queues and the rest take turns at being served first.
-        let controlled_first = !controlled.is_empty() && round % 2 == 1;
+        // Controlled queues and the rest take turns at being served first. What one part
+        // claimed is answered even when the other fails (a lost answer would strand it until
+        // its lease lapses); the call fails only when nothing was claimed and a part failed.
+        let controlled_first = round % 2 == 1;
         let mut rows = Vec::new();
-        if controlled_first {
-            rows = self.claim_controlled(owner, ttl, limit, round / 2).await?;
-        }
-        let free = limit - rows.len() as u32;
-        if free > 0 {
-            rows.extend(
-                self.claim_uncontrolled(owner, ttl, free, &controlled)
-                    .await?,
-            );
-        }
-        let free = limit - rows.len() as u32;
-        if !controlled_first && !controlled.is_empty() && free > 0 {
-            // What is claimed already is answered even if this part fails.
-            match self.claim_controlled(owner, ttl, free, round / 2).await {
+        let mut failure = None;
+        for controlled_part in [controlled_first, !controlled_first] {
+            let free = limit - rows.len() as u32;
+            if free == 0 {
+                break;
+            }
+            let part = if controlled_part {
+                if controlled.is_empty() {
+                    continue;
+                }
+                self.claim_controlled(owner, ttl, free, round / 2).await
+            } else {
+                self.claim_uncontrolled(owner, ttl, free, &controlled).await
+            };
+            match part {
                 Ok(more) => rows.extend(more),
-                Err(err) if rows.is_empty() => return Err(err),
                 Err(err) => {
-                    tracing::debug!(error = %err, "claiming from controlled queues failed; answering the claims made");
+                    tracing::debug!(error = %err, controlled = controlled_part, "a part of a claim failed");
+                    failure.get_or_insert(err);
                 }
             }
+        }
+        if let Some(err) = failure
+            && rows.is_empty()
+        {
+            return Err(err);
         }
         self.claims_from_rows(&rows, owner).await
     }

@@ -515,12 +515,17 @@ impl ClusterStore for PgClusterStore {
         Ok(Some(QueueView { record, keys }))
     }
 
-    async fn list_queues(&self) -> ProcessResult<Vec<QueueRecord>> {
-        let most = MAX_QUEUES as i64;
+    async fn list_queues(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> ProcessResult<Vec<QueueRecord>> {
+        crate::queue::page_limit(limit)?;
         self.query(
             "SELECT queue, limits, cursor_key, updated_at FROM proclog.queues
-              ORDER BY queue LIMIT $1",
-            &[&most],
+              WHERE queue > coalesce($1, '') COLLATE \"C\"
+              ORDER BY queue COLLATE \"C\" LIMIT $2",
+            &[&after, &i64::from(limit)],
         )
         .await?
         .iter()

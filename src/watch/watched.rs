@@ -65,7 +65,9 @@ impl<R: ProcessRegistry> WatchedProcessRegistry<R> {
 
     /// The same decorator, giving `work` a hint whenever runnable work may exist: after a
     /// registration of a process pods run (not `external`, not ended), after a release,
-    /// after a message, and after a suspension whose wait is already over.
+    /// after a message, after a suspension whose wait is already over, and after the end of
+    /// a child (its parent may wait) or of a process placed in a named queue or under a
+    /// concurrency key (a slot of a limited queue may be free).
     pub fn with_work_hint(mut self, work: Arc<dyn WorkHint>) -> Self {
         self.work = work;
         self
@@ -201,6 +203,10 @@ impl<R: ProcessRegistry> ProcessRegistry for WatchedProcessRegistry<R> {
         if let Some(parent) = &record.parent {
             // The registry told the parent (a message in its log): it may be runnable now.
             self.hub.tick(parent);
+            self.work.work_available();
+        } else if record.concurrency_key.is_some() || record.queue != record.kind {
+            // Work placed for flow control: its end may free a slot another pod waits for
+            // (the pod that ran it claims again anyway).
             self.work.work_available();
         }
         if std::panic::catch_unwind(AssertUnwindSafe(|| self.hint.completed(id))).is_err() {

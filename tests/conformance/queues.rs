@@ -307,7 +307,7 @@ pub async fn limits_change_at_run_time(store: &dyn Store) {
     assert!(cluster.get_queue("held").await.unwrap().is_none());
     assert_eq!(pod.claim_runnable("pod-a", TTL, 10).await.unwrap().len(), 3);
     let names: Vec<String> = cluster
-        .list_queues()
+        .list_queues(None, 100)
         .await
         .unwrap()
         .into_iter()
@@ -330,7 +330,7 @@ pub async fn limits_change_at_run_time(store: &dyn Store) {
         cluster.set_queue("bad name", &QueueLimits::default()).await,
         Err(ProcessError::InvalidInput(_))
     ));
-    assert!(cluster.list_queues().await.unwrap().is_empty());
+    assert!(cluster.list_queues(None, 100).await.unwrap().is_empty());
 }
 
 pub async fn a_waiting_process_holds_no_slot(store: &dyn Store) {
@@ -363,4 +363,110 @@ pub async fn a_waiting_process_holds_no_slot(store: &dyn Store) {
     let next = pod.claim_runnable("pod-a", TTL, 5).await.unwrap();
     assert_eq!(next.len(), 1, "the waiting process gave its slot up");
     assert_eq!(next[0].process.id, second);
+}
+
+pub async fn queues_are_listed_by_pages(store: &dyn Store) {
+    let cluster = store.cluster().await;
+    for name in ["c-queue", "a-queue", "b-queue"] {
+        cluster
+            .set_queue(name, &QueueLimits::default())
+            .await
+            .unwrap();
+    }
+    let names = |page: Vec<proclog::queue::QueueRecord>| -> Vec<String> {
+        page.into_iter().map(|queue| queue.queue).collect()
+    };
+    assert_eq!(
+        names(cluster.list_queues(None, 2).await.unwrap()),
+        ["a-queue", "b-queue"]
+    );
+    assert_eq!(
+        names(cluster.list_queues(Some("b-queue"), 2).await.unwrap()),
+        ["c-queue"]
+    );
+    for limit in [0, 101] {
+        assert!(matches!(
+            cluster.list_queues(None, limit).await,
+            Err(ProcessError::InvalidInput(_))
+        ));
+    }
+}
+
+pub async fn a_process_past_its_deadline_is_failed_whatever_the_limits(store: &dyn Store) {
+    let cluster = store.cluster().await;
+    let registry = store.pod("setup").await;
+    let limits = QueueLimits {
+        queue: concurrency(0),
+        ..QueueLimits::default()
+    };
+    cluster.set_queue("held-late", &limits).await.unwrap();
+    let mut registration = ProcessRegistration::new("work", json!(null)).in_queue("held-late");
+    registration.timeout_ms = Some(1);
+    let late = registry.register_process(registration).await.unwrap();
+    crate::durable::wait_until(store, late.deadline.unwrap()).await;
+    let pod = store.pod("pod-a").await;
+    let claims = pod.claim_runnable("pod-a", TTL, 5).await.unwrap();
+    assert_eq!(
+        claims.iter().map(|c| &c.process.id).collect::<Vec<_>>(),
+        [&late.id],
+        "claimed to be failed (no engine runs), though the queue holds its work"
+    );
+}
+
+pub async fn keys_that_cannot_be_served_do_not_hold_the_turn(store: &dyn Store) {
+    let cluster = store.cluster().await;
+    let registry = store.pod("setup").await;
+    cluster
+        .set_queue("crowded", &QueueLimits::default())
+        .await
+        .unwrap();
+    // More keys than one claim visits, each with work that is not runnable yet ...
+    for n in 0..proclog::queue::MAX_KEY_VISITS + 20 {
+        registry
+            .register_process(
+                ProcessRegistration::new("work", json!(null))
+                    .in_queue("crowded")
+                    .with_concurrency_key(format!("asleep-{n:04}"))
+                    .start_in(Duration::from_secs(3_600)),
+            )
+            .await
+            .unwrap();
+    }
+    // ... and after them in key order, a key with runnable work.
+    let ready = register(registry.as_ref(), "crowded", Some("ready"), 0).await;
+    let pod = store.pod("pod-a").await;
+    let mut served = Vec::new();
+    for _ in 0..2 {
+        served.extend(
+            pod.claim_runnable("pod-a", TTL, 1)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|claim| claim.process.id),
+        );
+    }
+    assert_eq!(
+        served,
+        [ready],
+        "the second claim goes on from where the first stopped"
+    );
+}
+
+pub async fn within_a_turn_higher_priority_goes_first(store: &dyn Store) {
+    let cluster = store.cluster().await;
+    let registry = store.pod("setup").await;
+    let limits = QueueLimits {
+        queue: concurrency(1),
+        ..QueueLimits::default()
+    };
+    cluster.set_queue("urgent", &limits).await.unwrap();
+    register(registry.as_ref(), "urgent", Some("a-routine"), 0).await;
+    let urgent = register(registry.as_ref(), "urgent", Some("b-urgent"), 9).await;
+    let pod = store.pod("pod-a").await;
+    let claims = pod.claim_runnable("pod-a", TTL, 2).await.unwrap();
+    assert_eq!(
+        claims.iter().map(|c| &c.process.id).collect::<Vec<_>>(),
+        [&urgent],
+        "the one slot goes to the higher priority of the keys visited"
+    );
 }

@@ -110,8 +110,9 @@ impl PgProcessRegistry {
         Ok(rows.first().is_some_and(|row| row.get(0)))
     }
 
-    /// Claims up to `limit` processes outside the `controlled` queues, in claim order, with
-    /// the strategy in force.
+    /// Claims up to `limit` processes in claim order, with the strategy in force: those past
+    /// their deadline in any queue (a claim that only fails them, whatever the limits), then
+    /// runnable ones outside the `controlled` queues.
     pub(super) async fn claim_uncontrolled(
         &self,
         owner: &str,
@@ -135,7 +136,6 @@ impl PgProcessRegistry {
                            FROM proclog.processes
                           WHERE terminal_state IS NULL AND deadline <= now()
                             AND (lease_expires_at IS NULL OR lease_expires_at <= now())
-                            AND coalesce(queue, kind) <> ALL ($4::text[])
                           ORDER BY deadline
                           LIMIT $3
                             FOR UPDATE SKIP LOCKED),
@@ -194,10 +194,9 @@ impl PgProcessRegistry {
                 "SELECT process_id FROM proclog.processes
                   WHERE terminal_state IS NULL AND deadline <= now()
                     AND (lease_expires_at IS NULL OR lease_expires_at <= now())
-                    AND coalesce(queue, kind) <> ALL ($2::text[])
                   ORDER BY deadline, process_id
                   LIMIT $1",
-                &[&scan, &controlled],
+                &[&scan],
             )
             .await?
             .iter()

@@ -1,7 +1,8 @@
-//! Claims of controlled queues (see [`crate::queue`]): one transaction locks the queues' rows
-//! (in name order, so claimers never deadlock), counts each queue's live leases and recent
-//! starts under that lock, visits its keys round-robin from the one served last, and claims
-//! each chosen process with a statement on its own row. Every statement on `processes` is a
+//! Claims of controlled queues (see [`crate::queue`]): one transaction, begun once the session
+//! holds the advisory lock of controlled claims ([`CLAIMS_LOCK`], released only after the
+//! commit has returned), counts each queue's live leases and recent starts, visits its keys
+//! round-robin from the one visited last, and claims each chosen process with a statement on
+//! its own row. Every statement on `processes` is a
 //! claim of one process or a bounded, indexed scan of one queue (the next key after another;
 //! a key's first runnable processes; the queue's live leases), so it runs per shard on Citus.
 
@@ -14,9 +15,19 @@ use super::claim::CLAIM_ONE;
 use super::{PgProcessRegistry, ttl_millis};
 use crate::error::{ProcessError, ProcessResult};
 use crate::pg::convert::db_error;
-use crate::queue::{Counted, MAX_KEY_VISITS, MAX_QUEUES, QueueLimits};
+use crate::queue::{Counted, MAX_KEY_VISITS, QueueLimits};
 
 type Tx<'a> = deadpool_postgres::Transaction<'a>;
+
+/// The session-level advisory lock every controlled claim holds, from before its transaction
+/// begins until after its commit has returned. A row lock would not do on Citus: the
+/// coordinator commits (releasing its row locks) before the workers commit the claims, so
+/// a claimer that got the row's lock in between could count leases not visible yet.
+const CLAIMS_LOCK: i64 = 0x7072_6f63_6c6f_6751;
+
+/// Longest wait for [`CLAIMS_LOCK`]: a claimer stalled holding it holds every other claimer
+/// of controlled queues at most this long (they then give up this claim and try again).
+const CLAIMS_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// The first key of a queue with live work (`$2` is `''`: every key is `>=` it).
 const FIRST_KEY: &str = "SELECT min(concurrency_key) FROM proclog.processes
@@ -26,13 +37,14 @@ const FIRST_KEY: &str = "SELECT min(concurrency_key) FROM proclog.processes
 const NEXT_KEY: &str = "SELECT min(concurrency_key) FROM proclog.processes
   WHERE coalesce(queue, kind) = $1 AND concurrency_key > $2 AND terminal_state IS NULL";
 
-/// Up to `$3` claimable processes of one key, in claim order: past the deadline, or runnable
-/// now (not `external`); higher priority first, then the order they became runnable.
-const KEY_HEADS: &str = "SELECT process_id FROM proclog.processes
+/// Up to `$3` claimable processes of one key, in claim order: runnable now (not `external`,
+/// not past a deadline: those are failed by the other claim, whatever the limits); higher
+/// priority first, then the order they became runnable.
+const KEY_HEADS: &str = "SELECT process_id, priority FROM proclog.processes
   WHERE coalesce(queue, kind) = $1 AND concurrency_key = $2 AND terminal_state IS NULL
     AND (lease_expires_at IS NULL OR lease_expires_at <= now())
-    AND (deadline <= now()
-         OR (disposition <> 'external' AND coalesce(wake_at, created_at) <= now()))
+    AND disposition <> 'external' AND coalesce(wake_at, created_at) <= now()
+    AND (deadline IS NULL OR deadline > now())
   ORDER BY priority DESC, coalesce(wake_at, created_at), process_id
   LIMIT $3";
 
@@ -44,14 +56,11 @@ const LIVE_LEASES: &str = "SELECT concurrency_key, count(*) AS running,
  GROUP BY concurrency_key";
 
 impl PgProcessRegistry {
-    /// The controlled queues' names (at most [`MAX_QUEUES`]).
+    /// The controlled queues' names (all of them: [`crate::queue::MAX_QUEUES`] bounds them,
+    /// give or take a few set at the same instant).
     pub(super) async fn controlled_queues(&self) -> ProcessResult<Vec<String>> {
-        let limit = MAX_QUEUES as i64;
         Ok(self
-            .query(
-                "SELECT queue FROM proclog.queues ORDER BY queue LIMIT $1",
-                &[&limit],
-            )
+            .query("SELECT queue FROM proclog.queues ORDER BY queue", &[])
             .await?
             .iter()
             .map(|row| row.get(0))
@@ -68,19 +77,14 @@ impl PgProcessRegistry {
         round: u64,
     ) -> ProcessResult<Vec<Row>> {
         self.db
-            .transaction(async |tx: &Tx<'_>| {
-                // A claimer that stalls holding the queues' locks holds every other claimer of
-                // them for at most this long (they then fail this claim and try again).
-                tx.batch_execute(
-                    "SET LOCAL lock_timeout = '5s';
-                     SET LOCAL idle_in_transaction_session_timeout = '30s'",
-                )
-                .await
-                .map_err(db_error)?;
+            .transaction_under_lock(CLAIMS_LOCK, CLAIMS_LOCK_WAIT, async |tx: &Tx<'_>| {
+                // A claimer whose client vanishes mid-claim holds the lock this long at most.
+                tx.batch_execute("SET LOCAL idle_in_transaction_session_timeout = '30s'")
+                    .await
+                    .map_err(db_error)?;
                 let queues = tx
                     .query(
-                        "SELECT queue, limits, cursor_key FROM proclog.queues
-                          ORDER BY queue FOR UPDATE",
+                        "SELECT queue, limits, cursor_key FROM proclog.queues ORDER BY queue",
                         &[],
                     )
                     .await
@@ -130,11 +134,12 @@ struct QueueClaim<'a> {
     ttl: Duration,
 }
 
-/// A key visited by a claim: what its limits count, and its first claimable processes.
+/// A key visited by a claim: what its limits count, and its first claimable processes with
+/// their priorities.
 struct Visited {
     key: String,
     counted: Counted,
-    heads: Vec<String>,
+    heads: Vec<(String, i16)>,
 }
 
 impl QueueClaim<'_> {
@@ -149,15 +154,14 @@ impl QueueClaim<'_> {
 
     /// Claims up to `free` of the queue's processes, keys round-robin from after `cursor`.
     async fn claim(&self, cursor: Option<&str>, free: usize) -> ProcessResult<Vec<Row>> {
-        let period = self.limits.longest_period().map(millis);
-        if let Some(period) = period {
-            self.query(
-                "DELETE FROM proclog.queue_starts
-                  WHERE queue = $1 AND started_at <= now() - $2::bigint * interval '1 millisecond'",
-                &[&self.queue, &period],
-            )
-            .await?;
-        }
+        // Starts older than every period are forgotten (all of them once no rate applies).
+        let period = millis(self.limits.longest_period().unwrap_or(0));
+        self.query(
+            "DELETE FROM proclog.queue_starts
+              WHERE queue = $1 AND started_at <= now() - $2::bigint * interval '1 millisecond'",
+            &[&self.queue, &period],
+        )
+        .await?;
         let mut by_key: HashMap<String, Counted> = HashMap::new();
         let mut total = Counted::default();
         for row in self.query(LIVE_LEASES, &[&self.queue, &self.owner]).await? {
@@ -177,19 +181,20 @@ impl QueueClaim<'_> {
         if !self.limits.queue.admits(&total) {
             return Ok(Vec::new());
         }
-        let visited = self.visit_keys(cursor, free, &mut by_key).await?;
-        self.claim_round_robin(visited, free, total).await
+        let (visited, last_visited) = self.visit_keys(cursor, free, &mut by_key).await?;
+        self.claim_round_robin(visited, last_visited, free, total)
+            .await
     }
 
     /// Visits the queue's keys with live work from after `cursor` (wrapping around once),
     /// keeping those within their limits that have claimable work, until `free` are kept or
-    /// [`MAX_KEY_VISITS`] were visited.
+    /// [`MAX_KEY_VISITS`] were visited; returns them and the last key visited.
     async fn visit_keys(
         &self,
         cursor: Option<&str>,
         free: usize,
         by_key: &mut HashMap<String, Counted>,
-    ) -> ProcessResult<Vec<Visited>> {
+    ) -> ProcessResult<(Vec<Visited>, Option<String>)> {
         let mut kept = Vec::new();
         let mut position: Option<String> = cursor.map(str::to_owned);
         let mut wrapped = cursor.is_none();
@@ -223,11 +228,11 @@ impl QueueClaim<'_> {
             if !limits.admits(&counted) {
                 continue;
             }
-            let heads: Vec<String> = self
+            let heads: Vec<(String, i16)> = self
                 .query(KEY_HEADS, &[&self.queue, &key, &fetch])
                 .await?
                 .iter()
-                .map(|row| row.get(0))
+                .map(|row| (row.get(0), row.get(1)))
                 .collect();
             if !heads.is_empty() {
                 kept.push(Visited {
@@ -237,14 +242,18 @@ impl QueueClaim<'_> {
                 });
             }
         }
-        Ok(kept)
+        Ok((kept, position))
     }
 
-    /// Claims the visited keys' processes one per key per round, in visiting order, while
-    /// the queue's and each key's limits admit more; moves the cursor to the last key served.
+    /// Claims the visited keys' processes one per key per round (within a round, the keys
+    /// whose next process has the higher priority first, then in visiting order), while the
+    /// queue's and each key's limits admit more. Moves the cursor to the last key served, or
+    /// when none was, to the last key visited (so that keys past those that could not be
+    /// served get their turn).
     async fn claim_round_robin(
         &self,
         mut visited: Vec<Visited>,
+        last_visited: Option<String>,
         free: usize,
         mut total: Counted,
     ) -> ProcessResult<Vec<Row>> {
@@ -253,13 +262,16 @@ impl QueueClaim<'_> {
         let ttl = ttl_millis(self.ttl);
         let rounds = visited.iter().map(|key| key.heads.len()).max().unwrap_or(0);
         'rounds: for round in 0..rounds {
-            for key in &mut visited {
+            let mut order: Vec<usize> = (0..visited.len())
+                .filter(|&n| round < visited[n].heads.len())
+                .collect();
+            order.sort_by_key(|&n| std::cmp::Reverse(visited[n].heads[round].1));
+            for n in order {
+                let key = &mut visited[n];
                 if claimed.len() >= free || !self.limits.queue.admits(&total) {
                     break 'rounds;
                 }
-                let Some(id) = key.heads.get(round) else {
-                    continue;
-                };
+                let id = &key.heads[round].0;
                 if !self.limits.of_key(&key.key).admits(&key.counted) {
                     continue;
                 }
@@ -274,7 +286,7 @@ impl QueueClaim<'_> {
                 total.claimed();
                 key.counted.claimed();
                 last_served = Some(key.key.clone());
-                if self.limits.rate_limited() {
+                if self.limits.queue.rate.is_some() || self.limits.of_key(&key.key).rate.is_some() {
                     self.query(
                         "INSERT INTO proclog.queue_starts (queue, concurrency_key, process_id)
                          VALUES ($1, $2, $3)",
@@ -284,7 +296,7 @@ impl QueueClaim<'_> {
                 }
             }
         }
-        if let Some(key) = last_served {
+        if let Some(key) = last_served.or(last_visited) {
             self.query(
                 "UPDATE proclog.queues SET cursor_key = $2 WHERE queue = $1",
                 &[&self.queue, &key],
