@@ -108,6 +108,7 @@ pub async fn claims(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
                 .note(note),
         );
     }
+    rows.push(behind_a_held_backlog(&stack, url, processes, plan).await?);
     let pool = proclog::pg::connect_pool(url, 1)?;
     pool.get()
         .await?
@@ -118,4 +119,69 @@ pub async fn claims(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
         .await?;
     stack.shutdown().await;
     Ok(rows)
+}
+
+/// The plain claim of work registered after a backlog that a queue's limits hold (concurrency
+/// 0): the claim's scan steps over the held rows, oldest first.
+async fn behind_a_held_backlog(
+    stack: &Proclog,
+    url: &str,
+    held: usize,
+    plan: Plan,
+) -> BenchResult<Row> {
+    let pool = proclog::pg::connect_pool(url, 1)?;
+    pool.get()
+        .await?
+        .batch_execute(
+            "DELETE FROM proclog.processes WHERE kind = 'bench-queued';
+             DELETE FROM proclog.queues WHERE queue LIKE 'bench-%';",
+        )
+        .await?;
+    eprintln!("{held} processes held in bench-held, plain work after them ...");
+    let limits = QueueLimits {
+        queue: Limits {
+            concurrency: Some(0),
+            ..Limits::default()
+        },
+        ..QueueLimits::default()
+    };
+    stack.cluster().set_queue("bench-held", &limits).await?;
+    let registry = stack.registry();
+    for _ in 0..held {
+        registry
+            .register_process(
+                ProcessRegistration::new("bench-queued", json!(null)).in_queue("bench-held"),
+            )
+            .await?;
+    }
+    let (mut claim_times, mut claimed) = (Vec::new(), 0usize);
+    let started = Instant::now();
+    while started.elapsed() < plan.measure {
+        for _ in 0..BATCH {
+            registry
+                .register_process(ProcessRegistration::new("bench-queued", json!(null)))
+                .await?;
+        }
+        let sent = Instant::now();
+        let batch = registry
+            .claim_runnable("bench-queues", Duration::from_secs(60), BATCH)
+            .await?;
+        claim_times.push(sent.elapsed());
+        claimed += batch.len();
+        for claim in batch {
+            registry
+                .complete_process(
+                    &claim.process.id,
+                    Completion::new(TerminalState::Completed, json!(null)).fenced(&claim.lease),
+                )
+                .await?;
+        }
+    }
+    let elapsed = started.elapsed().max(Duration::from_micros(1));
+    Ok(Row::new("claim and finish, behind a held backlog", 1)
+        .rates(None, claimed as f64 / elapsed.as_secs_f64())
+        .latency(&Latency::of(&mut claim_times))
+        .note(format!(
+            "{held} older processes held (concurrency 0) in another queue; the claim call"
+        )))
 }
