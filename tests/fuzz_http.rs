@@ -306,6 +306,50 @@ fn corpus() -> Vec<Hostile> {
             204,
         ),
     ];
+    // Queue limits: bad limits, names and pages are refused; nothing is stored.
+    for body in [
+        r#"{"queue": {"concurrency": -1}}"#,
+        r#"{"queue": {"rate": {"starts": 0, "period_ms": 1000}}}"#,
+        r#"{"each_key": {"rate": {"starts": 1, "period_ms": 86400001}}}"#,
+        r#"{"keys": {"": {}}}"#,
+        r#"{"keys": {"k": {"per_pod": 1000001}}}"#,
+        r#"{"surprise": 1}"#,
+        "[]",
+        "{",
+    ] {
+        corpus.push(hostile(
+            Method::PUT,
+            "/v1/queues/mail",
+            Some(body.into()),
+            400,
+        ));
+    }
+    corpus.extend([
+        hostile(Method::PUT, "/v1/queues/bad%20name", Some("{}".into()), 400),
+        hostile(Method::GET, "/v1/queues?limit=0", None, 400),
+        hostile(Method::GET, "/v1/queues?limit=101", None, 400),
+        hostile(Method::GET, "/v1/queues?after=bad%20name", None, 400),
+        hostile(Method::GET, "/v1/queues/none-such", None, 404),
+        hostile(Method::DELETE, "/v1/queues/none-such", None, 404),
+        hostile(
+            Method::POST,
+            "/v1/processes",
+            json_body(json!({"kind": "k", "priority": 1000})),
+            400,
+        ),
+        hostile(
+            Method::POST,
+            "/v1/processes",
+            json_body(json!({"kind": "k", "concurrency_key": "tab\there"})),
+            400,
+        ),
+        hostile(
+            Method::POST,
+            "/v1/processes",
+            json_body(json!({"kind": "k", "queue": "../etc"})),
+            400,
+        ),
+    ]);
     let mut beyond = hostile(Method::GET, "/v1/processes/ended/stream", None, 204);
     beyond.headers.push(("last-event-id", "99999".into()));
     corpus.push(beyond);
