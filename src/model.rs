@@ -261,7 +261,11 @@ pub struct ProcessRegistration {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
     /// How a retryable failure is retried (default: the engine kind's policy, else none).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "optional_object"
+    )]
     pub retry: Option<RetryPolicy>,
     /// The W3C `traceparent` (`00-<trace id>-<span id>-<flags>`) whose trace the process's
     /// runs continue (over HTTP, the request's `traceparent` header when this is absent).
@@ -993,4 +997,44 @@ pub struct PruneReport {
     pub processes: u64,
     /// Events deleted with them.
     pub events: u64,
+}
+
+/// Deserializes a struct only from a JSON object (serde's derive also takes an array of the
+/// fields in order, which no client means and the API's schema does not allow).
+pub(crate) fn object<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let map = serde_json::Map::<String, Value>::deserialize(deserializer)?;
+    serde_json::from_value(Value::Object(map)).map_err(serde::de::Error::custom)
+}
+
+/// [`object`] for an optional field (`null` is `None`).
+pub(crate) fn optional_object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    Option::<serde_json::Map<String, Value>>::deserialize(deserializer)?
+        .map(|map| serde_json::from_value(Value::Object(map)).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+/// [`object`] for every value of a map.
+pub(crate) fn object_values<'de, D, T>(
+    deserializer: D,
+) -> Result<std::collections::BTreeMap<String, T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    std::collections::BTreeMap::<String, serde_json::Map<String, Value>>::deserialize(deserializer)?
+        .into_iter()
+        .map(|(key, map)| {
+            serde_json::from_value(Value::Object(map))
+                .map(|value| (key, value))
+                .map_err(serde::de::Error::custom)
+        })
+        .collect()
 }

@@ -78,7 +78,11 @@ pub struct Limits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_pod: Option<u32>,
     /// Claims per sliding period, across every pod.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::model::optional_object"
+    )]
     pub rate: Option<RateLimit>,
 }
 
@@ -151,13 +155,17 @@ impl Counted {
 #[serde(deny_unknown_fields)]
 pub struct QueueLimits {
     /// The queue as a whole.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::model::object")]
     pub queue: Limits,
     /// Each key, unless named in `keys`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::model::object")]
     pub each_key: Limits,
     /// Named keys' own limits (at most [`MAX_KEY_LIMITS`]).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "crate::model::object_values"
+    )]
     pub keys: BTreeMap<String, Limits>,
 }
 
@@ -390,6 +398,24 @@ mod tests {
         assert!(queue_name("a b").is_err());
         assert!(concurrency_key("tab\there").is_err());
         assert!(priority(101).is_err() && priority(-101).is_err() && priority(-100).is_ok());
+    }
+
+    #[test]
+    fn limits_are_read_from_objects_only() {
+        let parse = |text: &str| serde_json::from_str::<QueueLimits>(text);
+        assert!(
+            parse(r#"{"queue": {"concurrency": 2, "rate": {"starts": 1, "period_ms": 5}}}"#)
+                .is_ok()
+        );
+        assert!(parse(r#"{"keys": {"a": {"per_pod": 1}}}"#).is_ok());
+        for array in [
+            r#"{"queue": [null, null]}"#,
+            r#"{"each_key": [1]}"#,
+            r#"{"keys": {"a": [1]}}"#,
+            r#"{"queue": {"rate": [1, 1000]}}"#,
+        ] {
+            assert!(parse(array).is_err(), "{array}");
+        }
     }
 
     #[test]

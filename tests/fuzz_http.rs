@@ -314,6 +314,8 @@ fn corpus() -> Vec<Hostile> {
         r#"{"keys": {"": {}}}"#,
         r#"{"keys": {"k": {"per_pod": 1000001}}}"#,
         r#"{"surprise": 1}"#,
+        r#"{"queue": [null, null]}"#,
+        r#"{"keys": {"k": [1]}}"#,
         "[]",
         "{",
     ] {
@@ -347,6 +349,12 @@ fn corpus() -> Vec<Hostile> {
             Method::POST,
             "/v1/processes",
             json_body(json!({"kind": "k", "queue": "../etc"})),
+            400,
+        ),
+        hostile(
+            Method::POST,
+            "/v1/processes",
+            json_body(json!({"kind": "k", "retry": [3]})),
             400,
         ),
     ]);
