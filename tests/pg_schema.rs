@@ -77,8 +77,9 @@ async fn schema_version_of_an_empty_database_is_zero() {
 }
 
 /// Bookkeeping tables (schema versions, reader and writer roles, pods) hold no process data: in a distributed
-/// deployment they are reference tables, copied to every node. Start keys and schedules are
-/// keyed by what they name (a key, a schedule) and stay on the coordinator.
+/// deployment they are reference tables, copied to every node. Start keys, schedules and
+/// queues are keyed by what they name (a key, a schedule, a queue) and stay on the
+/// coordinator (`queue_starts` has no key: a claim appends to it and prunes it by time).
 #[tokio::test]
 async fn every_table_is_keyed_by_process_id_first() {
     let url = migrated_database_url().await;
@@ -92,7 +93,7 @@ async fn every_table_is_keyed_by_process_id_first() {
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[0]
               WHERE n.nspname = 'proclog' AND i.indisprimary
                 AND c.relname NOT IN ('schema_migrations', 'readers', 'writers', 'pods',
-                                      'start_keys', 'schedules')
+                                      'start_keys', 'schedules', 'queues')
               ORDER BY c.relname",
             &[],
         )
