@@ -291,3 +291,73 @@ async fn a_schedules_processes_go_to_its_queue() {
         Err(proclog::ProcessError::InvalidInput(_))
     ));
 }
+
+/// At most `MAX_QUEUES` queues have limits; the next is refused and nothing is stored.
+#[tokio::test]
+async fn a_queue_beyond_the_most_is_refused() {
+    use proclog::store::ClusterStore;
+    use proclog::{InMemoryProcessRegistry, RegistryConfig};
+    let store = InMemoryProcessRegistry::new(RegistryConfig::new("pod-a"));
+    for n in 0..proclog::queue::MAX_QUEUES {
+        store
+            .set_queue(&format!("q{n:04}"), &QueueLimits::default())
+            .await
+            .unwrap();
+    }
+    match store.set_queue("one-more", &QueueLimits::default()).await {
+        Err(proclog::ProcessError::InvalidInput(message)) => {
+            assert!(message.contains("at most"), "{message}")
+        }
+        other => panic!("expected InvalidInput, got {other:?}"),
+    }
+    // Setting an existing queue again is not a new one.
+    store.set_queue("q0000", &limits()).await.unwrap();
+    assert!(store.get_queue("one-more").await.unwrap().is_none());
+}
+
+/// Limits written by hand over SQL that cannot be read: the queue's work is held (never
+/// claimed without its limits), other work goes on, and reading the queue says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_limits_hold_their_queue_and_nothing_else() {
+    let url = common::migrated_database_url().await;
+    let stack = Proclog::builder(url.clone()).start().await.unwrap();
+    stack
+        .cluster()
+        .set_queue("mangled", &limits())
+        .await
+        .unwrap();
+    common::sql_client(&url)
+        .await
+        .batch_execute(r#"UPDATE proclog.queues SET limits = '{"queue": {"concurrency": "many"}}'"#)
+        .await
+        .unwrap();
+    let registry = stack.registry();
+    let held = registry
+        .register_process(ProcessRegistration::new("work", json!(null)).in_queue("mangled"))
+        .await
+        .unwrap();
+    let free = registry
+        .register_process(ProcessRegistration::new("work", json!(null)))
+        .await
+        .unwrap();
+    let mut claimed = Vec::new();
+    for _ in 0..2 {
+        claimed.extend(
+            registry
+                .claim_runnable("pod-a", Duration::from_secs(30), 5)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|claim| claim.process.id),
+        );
+    }
+    assert_eq!(claimed, [free.id]);
+    assert!(!claimed.contains(&held.id));
+    match stack.cluster().get_queue("mangled").await {
+        Err(proclog::ProcessError::Database(message)) => {
+            assert!(message.contains("mangled"), "{message}")
+        }
+        other => panic!("expected a Database error, got {other:?}"),
+    }
+    stack.shutdown().await;
+}

@@ -373,6 +373,16 @@ async fn peers_of(state: &ApiState) -> String {
     }
 }
 
+/// A whole page saying the database does not answer, with status 503.
+pub(super) fn unavailable_page(state: &ApiState, err: &crate::ProcessError) -> Response {
+    let body = database_down(state, err);
+    (
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        page("Unavailable", "", &body),
+    )
+        .into_response()
+}
+
 pub(super) fn database_down(state: &ApiState, err: &crate::ProcessError) -> String {
     format!(
         r#"<p class="error" id="database-error" role="alert">The database is not answering this pod ({pod}): {err}. Showing nothing stale; retrying.</p>"#,

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use std::fmt::Write as _;
 
 use super::ApiState;
-use super::console::{bounded, database_down, esc, page};
+use super::console::{bounded, esc, page, unavailable_page};
 use crate::queue::{Limits, QueueView};
 
 /// Most queues the page shows with their keys (the rest through `/v1/queues`).
@@ -30,14 +30,7 @@ pub(super) async fn queues_page(State(state): State<ApiState>) -> Response {
     .await;
     let views = match views {
         Ok(views) => views,
-        Err(err) => {
-            let body = database_down(&state, &err);
-            return (
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                page("Unavailable", "", &body),
-            )
-                .into_response();
-        }
+        Err(err) => return unavailable_page(&state, &err),
     };
     let mut sections = String::new();
     for view in &views {

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use std::fmt::Write as _;
 
 use super::ApiState;
-use super::console::{bounded, database_down, error_page, esc, page, time, url_part};
+use super::console::{bounded, error_page, esc, page, time, unavailable_page, url_part};
 use crate::pod::scheduler;
 use crate::schedule::ScheduleRecord;
 
@@ -18,14 +18,7 @@ pub(super) async fn schedules_page(State(state): State<ApiState>) -> Response {
     let listed = bounded(state.services.cluster.list_schedules(None, SCHEDULES_SHOWN)).await;
     let schedules = match listed {
         Ok(schedules) => schedules,
-        Err(err) => {
-            let body = database_down(&state, &err);
-            return (
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                page("Unavailable", "", &body),
-            )
-                .into_response();
-        }
+        Err(err) => return unavailable_page(&state, &err),
     };
     let mut rows = String::new();
     for schedule in &schedules {

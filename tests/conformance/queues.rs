@@ -269,7 +269,8 @@ pub async fn a_rate_limit_counts_starts_in_its_period(store: &dyn Store) {
         period_ms: 1,
     });
     cluster.set_queue("metered", &limits).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let after = store.now().await + chrono::TimeDelta::milliseconds(2);
+    crate::durable::wait_until(store, after).await;
     assert_eq!(pod.claim_runnable("pod-a", TTL, 5).await.unwrap().len(), 2);
 }
 

@@ -78,15 +78,7 @@ pub async fn claims(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
             if batch.is_empty() {
                 break;
             }
-            claimed += batch.len();
-            for claim in batch {
-                registry
-                    .complete_process(
-                        &claim.process.id,
-                        Completion::new(TerminalState::Completed, json!(null)).fenced(&claim.lease),
-                    )
-                    .await?;
-            }
+            claimed += finish(registry.as_ref(), batch).await?;
         }
         let elapsed = started.elapsed().max(Duration::from_micros(1));
         let name = if limited {
@@ -167,15 +159,7 @@ async fn behind_a_held_backlog(
             .claim_runnable("bench-queues", Duration::from_secs(60), BATCH)
             .await?;
         claim_times.push(sent.elapsed());
-        claimed += batch.len();
-        for claim in batch {
-            registry
-                .complete_process(
-                    &claim.process.id,
-                    Completion::new(TerminalState::Completed, json!(null)).fenced(&claim.lease),
-                )
-                .await?;
-        }
+        claimed += finish(registry.as_ref(), batch).await?;
     }
     let elapsed = started.elapsed().max(Duration::from_micros(1));
     Ok(Row::new("claim and finish, behind a held backlog", 1)
@@ -184,4 +168,21 @@ async fn behind_a_held_backlog(
         .note(format!(
             "{held} older processes held (concurrency 0) in another queue; the claim call"
         )))
+}
+
+/// Completes every claimed process under its lease, as a pod's run would; returns how many.
+async fn finish(
+    registry: &dyn proclog::ProcessRegistry,
+    claims: Vec<proclog::RunnableClaim>,
+) -> BenchResult<usize> {
+    let count = claims.len();
+    for claim in claims {
+        registry
+            .complete_process(
+                &claim.process.id,
+                Completion::new(TerminalState::Completed, json!(null)).fenced(&claim.lease),
+            )
+            .await?;
+    }
+    Ok(count)
 }
