@@ -53,6 +53,13 @@ impl ProcessId {
     }
 }
 
+/// Lookups by `&str` in maps keyed by process id (hashing and equality are the text's).
+impl std::borrow::Borrow<str> for ProcessId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for ProcessId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

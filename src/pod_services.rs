@@ -185,6 +185,7 @@ impl PodLink for PgLink {
             sent: notifier.sent.load(Ordering::Relaxed),
             dropped: notifier.dropped.load(Ordering::Relaxed),
             batches: notifier.batches.load(Ordering::Relaxed),
+            payloads: notifier.payloads.load(Ordering::Relaxed),
             received: listener.notices.load(Ordering::Relaxed),
             reconnects: listener.reconnects.load(Ordering::Relaxed),
             sessions: listener.sessions.load(Ordering::Relaxed),

@@ -360,6 +360,100 @@ async fn events_appended_on_pod_a_reach_a_subscriber_on_pod_b_in_order() {
     assert!(b.link.counters().received > 0, "woken by notices");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn notices_travel_packed_and_earlier_json_notices_still_wake() {
+    let url = migrated_database_url().await;
+    let (a, b) = two_pods(&url).await;
+    // Long safety polls: what arrives promptly arrived through a notice.
+    let subscriptions = b
+        .subscriptions
+        .clone()
+        .with_safety_poll(Duration::from_secs(3600));
+    let mut ids = Vec::new();
+    for _ in 0..200 {
+        ids.push(register(&*a.registry).await);
+    }
+    let watched: Vec<_> = ids
+        .iter()
+        .step_by(50)
+        .map(|id| tokio::spawn(collect(subscriptions.subscribe(id.clone(), 0))))
+        .collect();
+    // Many processes' events at once: their notices share payloads.
+    let before = a.link.counters();
+    futures::future::join_all(ids.iter().map(|id| {
+        let registry = std::sync::Arc::clone(&a.registry);
+        async move {
+            registry.append_event(id, event(1)).await.unwrap();
+            registry
+                .complete_process(id, Completion::new(TerminalState::Completed, json!("ok")))
+                .await
+                .unwrap();
+        }
+    }))
+    .await;
+    for subscriber in watched {
+        assert_exactly_once_in_order(&subscriber.await.unwrap(), 2);
+    }
+    a.link.flush(Duration::from_secs(10)).await;
+    let after = a.link.counters();
+    let (sent, payloads) = (after.sent - before.sent, after.payloads - before.payloads);
+    assert!(sent >= 400, "{sent} notices sent");
+    assert!(
+        payloads * 4 < sent,
+        "{sent} notices went out in {payloads} payloads"
+    );
+
+    // Pods of an earlier version send JSON notices; malformed and forged payloads are ignored
+    // and the listener goes on.
+    let quiet = PgProcessRegistry::new(connect_pool(&url, 1).unwrap(), RegistryConfig::new("old"));
+    let id = register(&quiet).await;
+    let subscriber = tokio::spawn(collect(subscriptions.subscribe(id.clone(), 0)));
+    let waiter = {
+        let driver = b.driver.clone();
+        let id = id.clone();
+        tokio::spawn(async move { driver.await_terminal(&id, Duration::from_secs(3600)).await })
+    };
+    while b.driver.stats().waiters.load(Ordering::Relaxed) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let admin = sql_client(&url).await;
+    let notify = |channel: &'static str, payload: String| {
+        let admin = &admin;
+        async move {
+            admin
+                .execute("SELECT pg_notify($1, $2)", &[&channel, &payload])
+                .await
+                .unwrap();
+        }
+    };
+    for garbage in [
+        "p1 not-a-stamp old-pod\ne 1 x".to_owned(),
+        format!("p1 1 old-pod\nz 1 {id}\ne 1\n\u{7}"),
+        "{\"process_id\": 42}".to_owned(),
+        String::new(),
+    ] {
+        notify("proclog_events", garbage).await;
+    }
+    quiet.append_event(&id, event(1)).await.unwrap();
+    let legacy_event = json!({"process_id": id, "seq": 1, "event_type": "step", "pod": "old-pod"});
+    notify("proclog_events", legacy_event.to_string()).await;
+    quiet
+        .complete_process(&id, Completion::new(TerminalState::Completed, json!("ok")))
+        .await
+        .unwrap();
+    notify(
+        "proclog_terminal",
+        json!({"process_id": id, "pod": "old-pod"}).to_string(),
+    )
+    .await;
+    assert_exactly_once_in_order(&subscriber.await.unwrap(), 2);
+    assert_eq!(
+        waiter.await.unwrap().expect("terminal").state,
+        TerminalState::Completed
+    );
+    assert_eq!(b.link.status(), ListenerStatus::Listening);
+}
+
 /// Forwards only every other event's notice to the real notifier.
 struct DropEveryOther {
     inner: PgNotifier,

@@ -137,9 +137,15 @@ pub(super) async fn render(State(state): State<ApiState>) -> impl IntoResponse {
             value: link.batches,
         },
         Sample {
+            name: "proclog_notice_payloads",
+            kind: Kind::Counter,
+            help: "NOTIFY payloads sent (each packs the notices of one or more processes).",
+            value: link.payloads,
+        },
+        Sample {
             name: "proclog_notices_received",
             kind: Kind::Counter,
-            help: "Notices from other pods turned into local ticks.",
+            help: "Notices from other pods (one per process in a payload).",
             value: link.received,
         },
         Sample {

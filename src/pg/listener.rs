@@ -23,7 +23,7 @@ use crate::backoff::Backoff;
 use crate::tasks::TaskHandle;
 use crate::watch::hub::ProcessChangeHub;
 use crate::watch::notice::{
-    EVENTS_CHANNEL, EventNotice, TERMINAL_CHANNEL, TerminalHint, WORK_CHANNEL,
+    EVENTS_CHANNEL, EventNotice, NoticeKind, Pack, TERMINAL_CHANNEL, TerminalHint, WORK_CHANNEL,
 };
 
 /// Where the listener is.
@@ -344,43 +344,191 @@ async fn send_probe(target: &DatabaseTarget, probe: &str) -> Result<(), tokio_po
 /// The oldest notice stamp the latency histogram believes.
 const PLAUSIBLE_NOTICE_AGE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 
-/// Turns one notification into a hub tick, ignoring our own pod's notices (already ticked
-/// locally), probes and anything malformed.
+/// Turns one notification into hub ticks, ignoring our own pod's notices (already ticked
+/// locally), probes and anything malformed. A packed payload of another pod is read line by
+/// line only while someone on this pod watches (a subscriber, a waiter, the cancel watch);
+/// otherwise only its header is.
 fn forward(notification: &Notification, targets: &Targets, own_pod: &str, stats: &ListenerStats) {
-    let process_id = match notification.channel() {
-        WORK_CHANNEL => {
-            if notification.payload() != own_pod {
-                targets.work.notify_one();
+    forward_payload(
+        notification.channel(),
+        notification.payload(),
+        targets,
+        own_pod,
+        stats,
+    );
+}
+
+/// [`forward`] of a channel's payload.
+fn forward_payload(
+    channel: &str,
+    payload: &str,
+    targets: &Targets,
+    own_pod: &str,
+    stats: &ListenerStats,
+) {
+    match channel {
+        WORK_CHANNEL if payload != own_pod => targets.work.notify_one(),
+        EVENTS_CHANNEL => match Pack::parse(payload) {
+            Some(pack) if pack.pod == own_pod => {}
+            Some(pack) => {
+                observe_latency(stats, Some(pack.stamp_us));
+                if targets.hub.has_watchers() {
+                    let mut count = 0;
+                    for notice in pack.notices() {
+                        count += 1;
+                        let cancel = notice.kind == NoticeKind::CancelRequested;
+                        targets.hub.tick_named(notice.process_id, cancel);
+                    }
+                    stats.notices.fetch_add(count, Ordering::Relaxed);
+                } else {
+                    stats
+                        .notices
+                        .fetch_add(pack.len() as u64, Ordering::Relaxed);
+                }
             }
-            None
-        }
-        EVENTS_CHANNEL => EventNotice::from_payload(notification.payload())
-            .filter(|notice| notice.pod != own_pod)
-            .map(|notice| {
-                // Any database login may NOTIFY on this channel: a stamp from the future or
-                // older than a minute is skew or forgery, and is not measured.
-                if let Some(sent) = notice
-                    .sent_at_us
-                    .and_then(chrono::DateTime::from_timestamp_micros)
-                    .filter(|sent| {
-                        let age = chrono::Utc::now() - *sent;
-                        age >= -chrono::TimeDelta::seconds(1) && age <= PLAUSIBLE_NOTICE_AGE
-                    })
+            // A JSON notice of a pod of an earlier version.
+            None => {
+                if let Some(notice) =
+                    EventNotice::from_payload(payload).filter(|notice| notice.pod != own_pod)
                 {
-                    stats.notice_latency.observe_since(sent);
+                    observe_latency(stats, notice.sent_at_us);
+                    stats.notices.fetch_add(1, Ordering::Relaxed);
+                    let cancel = notice.event_type == crate::reserved::CANCEL_REQUESTED;
+                    targets.hub.tick_named(notice.process_id.as_str(), cancel);
                 }
-                if notice.event_type == crate::reserved::CANCEL_REQUESTED {
-                    targets.hub.tick_cancel(&notice.process_id);
-                }
-                notice.process_id
-            }),
-        TERMINAL_CHANNEL => TerminalHint::from_payload(notification.payload())
-            .filter(|hint| hint.pod != own_pod)
-            .map(|hint| hint.process_id),
-        _ => None,
-    };
-    if let Some(id) = process_id {
-        stats.notices.fetch_add(1, Ordering::Relaxed);
-        targets.hub.tick(&id);
+            }
+        },
+        TERMINAL_CHANNEL => {
+            if let Some(hint) =
+                TerminalHint::from_payload(payload).filter(|hint| hint.pod != own_pod)
+            {
+                stats.notices.fetch_add(1, Ordering::Relaxed);
+                targets.hub.tick_named(hint.process_id.as_str(), false);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Records a notice's latency from the sender's stamp. Any database login may NOTIFY on these
+/// channels: a stamp from the future or older than a minute is skew or forgery, and is not
+/// measured.
+fn observe_latency(stats: &ListenerStats, sent_at_us: Option<i64>) {
+    if let Some(sent) = sent_at_us
+        .and_then(chrono::DateTime::from_timestamp_micros)
+        .filter(|sent| {
+            let age = chrono::Utc::now() - *sent;
+            age >= -chrono::TimeDelta::seconds(1) && age <= PLAUSIBLE_NOTICE_AGE
+        })
+    {
+        stats.notice_latency.observe_since(sent);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+    use crate::model::ProcessId;
+    use crate::watch::hub::FeedEvent;
+    use crate::watch::notice::{PackedNotice, pack};
+
+    fn targets() -> Targets {
+        Targets {
+            hub: Arc::new(ProcessChangeHub::new()),
+            work: Arc::new(Notify::new()),
+        }
+    }
+
+    fn packed(pod: &str, notices: &[(&str, NoticeKind)]) -> String {
+        let notices = notices.iter().map(|&(process_id, kind)| PackedNotice {
+            process_id,
+            seq: 1,
+            kind,
+        });
+        let mut payloads = pack(pod, chrono::Utc::now().timestamp_micros(), notices);
+        assert_eq!(payloads.len(), 1);
+        payloads.remove(0)
+    }
+
+    #[test]
+    fn another_pods_pack_ticks_the_watched_processes_and_the_cancel_feed() {
+        let (targets, stats) = (targets(), ListenerStats::default());
+        let (a, b) = (ProcessId::new("a").unwrap(), ProcessId::new("b").unwrap());
+        let mut watch_a = targets.hub.watch(&a);
+        let mut cancels = targets.hub.cancel_feed();
+        let payload = packed(
+            "pod-b",
+            &[
+                ("a", NoticeKind::Event),
+                ("b", NoticeKind::CancelRequested),
+                ("not an id", NoticeKind::CancelRequested),
+            ],
+        );
+        forward_payload(EVENTS_CHANNEL, &payload, &targets, "pod-a", &stats);
+        assert!(watch_a.changed().now_or_never().is_some(), "a was ticked");
+        assert_eq!(cancels.next().now_or_never(), Some(FeedEvent::Tick(b)));
+        assert!(
+            cancels.next().now_or_never().is_none(),
+            "no tick for a bad id"
+        );
+        assert_eq!(stats.notices.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn the_own_pods_pack_and_malformed_payloads_tick_nothing() {
+        let (targets, stats) = (targets(), ListenerStats::default());
+        let a = ProcessId::new("a").unwrap();
+        let mut watch_a = targets.hub.watch(&a);
+        let mut feed = targets.hub.feed();
+        let own = packed("pod-a", &[("a", NoticeKind::CancelRequested)]);
+        for (channel, payload) in [
+            (EVENTS_CHANNEL, own.as_str()),
+            (EVENTS_CHANNEL, "p1 x pod-b\ne 1 a\n"),
+            (EVENTS_CHANNEL, "p9 1 pod-b\ne 1 a\n"),
+            (EVENTS_CHANNEL, "{\"process_id\": \"a\"}"),
+            (EVENTS_CHANNEL, ""),
+            (TERMINAL_CHANNEL, "p1 1 pod-b\nt 0 a\n"),
+            (TERMINAL_CHANNEL, r#"{"process_id": "a", "pod": "pod-a"}"#),
+            ("elsewhere", r#"{"process_id": "a", "pod": "pod-b"}"#),
+            (WORK_CHANNEL, "pod-a"),
+        ] {
+            forward_payload(channel, payload, &targets, "pod-a", &stats);
+        }
+        assert!(watch_a.changed().now_or_never().is_none());
+        assert!(feed.next().now_or_never().is_none());
+        assert_eq!(stats.notices.load(Ordering::Relaxed), 0);
+        assert!(targets.work.notified().now_or_never().is_none());
+        forward_payload(WORK_CHANNEL, "pod-b", &targets, "pod-a", &stats);
+        assert!(targets.work.notified().now_or_never().is_some());
+    }
+
+    #[test]
+    fn an_earlier_versions_json_notices_still_tick() {
+        let (targets, stats) = (targets(), ListenerStats::default());
+        let a = ProcessId::new("a").unwrap();
+        let mut watch_a = targets.hub.watch(&a);
+        let mut cancels = targets.hub.cancel_feed();
+        let event = r#"{"process_id": "a", "seq": 3, "event_type": "process.cancel_requested", "pod": "pod-b"}"#;
+        forward_payload(EVENTS_CHANNEL, event, &targets, "pod-a", &stats);
+        assert!(watch_a.changed().now_or_never().is_some());
+        assert_eq!(cancels.next().now_or_never(), Some(FeedEvent::Tick(a)));
+        let terminal = r#"{"process_id": "a", "pod": "pod-b"}"#;
+        forward_payload(TERMINAL_CHANNEL, terminal, &targets, "pod-a", &stats);
+        assert!(watch_a.changed().now_or_never().is_some());
+        assert_eq!(stats.notices.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn with_nobody_watching_a_pack_is_counted_not_read() {
+        let (targets, stats) = (targets(), ListenerStats::default());
+        let payload = packed(
+            "pod-b",
+            &[("a", NoticeKind::Event), ("b", NoticeKind::Terminal)],
+        );
+        assert!(!targets.hub.has_watchers());
+        forward_payload(EVENTS_CHANNEL, &payload, &targets, "pod-a", &stats);
+        assert_eq!(stats.notices.load(Ordering::Relaxed), 2);
     }
 }

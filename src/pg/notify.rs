@@ -1,11 +1,13 @@
 //! `PgNotifier`: the LISTEN/NOTIFY-forwarding sink.
 //!
-//! `emit` (and the completion hint) only `try_send` a small notice onto a bounded channel,
-//! counting what is dropped when it is full. One background task drains the channel and sends
-//! every pending notice in one round trip (`pg_notify` over `unnest`), on its own connection,
-//! outside any append transaction. Postgres serialises the commits of transactions that
-//! NOTIFY, so batching them here, instead of notifying inside each append, keeps appends
-//! free to group-commit.
+//! `emit` (and the completion hint) only `try_send` a small notice (a process id, a seq, a
+//! kind, a clock reading) onto a bounded channel, counting what is dropped when it is full.
+//! One background task drains the channel, packs what it took into as few payloads as
+//! possible (one line per process, see [`crate::watch::notice`]) and sends them in one round
+//! trip (`pg_notify` over `unnest`), on its own connection, outside any append transaction.
+//! Postgres serialises the commits of transactions that NOTIFY, so batching them here,
+//! instead of notifying inside each append, keeps appends free to group-commit; packing
+//! spares every listening pod a message and a decode per event.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,13 +22,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::model::{ProcessEvent, ProcessId};
-use crate::watch::notice::{
-    EVENTS_CHANNEL, EventNotice, TERMINAL_CHANNEL, TerminalHint, WORK_CHANNEL,
-};
+use crate::watch::notice::{EVENTS_CHANNEL, NoticeKind, PackedNotice, WORK_CHANNEL, pack};
 use crate::watch::sink::{CompletionHint, ProcessEventSink};
 
 /// Most notices sent in one round trip.
 const MAX_BATCH: usize = 1000;
+
+/// Least time from the start of one NOTIFY round trip to the start of the next. Under load a
+/// round trip takes longer than this and nothing waits; at low load the notices of this
+/// interval share one round trip, so that a lone appender does not pay a second transaction
+/// (and every pod a wake-up) per event. A notice waits at most this long for company.
+pub const MIN_SEND_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Counters of a [`PgNotifier`], readable at any time.
 #[derive(Debug, Default)]
@@ -41,18 +47,27 @@ pub struct NotifierStats {
     pub failed: AtomicU64,
     /// Round trips made.
     pub batches: AtomicU64,
+    /// NOTIFY payloads sent (each packs the notices of one or more processes).
+    pub payloads: AtomicU64,
 }
 
-/// A notice waiting to be sent: its channel and payload.
-struct Outgoing {
-    channel: &'static str,
-    payload: String,
+/// A hint waiting to be sent.
+enum Outgoing {
+    /// Of a process: what happened, its seq, and when the writer learnt it (µs since the
+    /// Unix epoch).
+    Notice {
+        process_id: ProcessId,
+        seq: i64,
+        kind: NoticeKind,
+        at_us: i64,
+    },
+    /// Runnable work may exist.
+    Work,
 }
 
 /// The NOTIFY-forwarding sink and completion hint of one pod. Clones share the channel.
 #[derive(Clone)]
 pub struct PgNotifier {
-    pod: Arc<str>,
     queue: mpsc::Sender<Outgoing>,
     stats: Arc<NotifierStats>,
 }
@@ -81,13 +96,11 @@ impl PgNotifier {
         let (queue, pending) = mpsc::channel(capacity.max(1));
         let stats = Arc::new(NotifierStats::default());
         let sender_stats = Arc::clone(&stats);
-        let sender =
-            move |stop: CancellationToken| send_batches(pool, pending, sender_stats, stop).boxed();
-        let notifier = Self {
-            pod: Arc::from(pod.into()),
-            queue,
-            stats,
+        let pod: Arc<str> = Arc::from(pod.into());
+        let sender = move |stop: CancellationToken| {
+            send_batches(pool, pod, pending, sender_stats, stop).boxed()
         };
+        let notifier = Self { queue, stats };
         (notifier, sender)
     }
 
@@ -98,11 +111,20 @@ impl PgNotifier {
 
     /// Tells every pod that runnable processes may exist (after a registration or a release).
     pub fn work_available(&self) {
-        self.enqueue(WORK_CHANNEL, self.pod.to_string());
+        self.enqueue(Outgoing::Work);
     }
 
-    fn enqueue(&self, channel: &'static str, payload: String) {
-        match self.queue.try_send(Outgoing { channel, payload }) {
+    fn notice(&self, process_id: &ProcessId, seq: i64, kind: NoticeKind) {
+        self.enqueue(Outgoing::Notice {
+            process_id: process_id.clone(),
+            seq,
+            kind,
+            at_us: chrono::Utc::now().timestamp_micros(),
+        });
+    }
+
+    fn enqueue(&self, outgoing: Outgoing) {
+        match self.queue.try_send(outgoing) {
             Ok(()) => self.stats.enqueued.fetch_add(1, Ordering::Relaxed),
             Err(_) => self.stats.dropped.fetch_add(1, Ordering::Relaxed),
         };
@@ -129,31 +151,62 @@ impl PgNotifier {
 #[async_trait]
 impl ProcessEventSink for PgNotifier {
     async fn emit(&self, event: &ProcessEvent) {
-        self.enqueue(
-            EVENTS_CHANNEL,
-            EventNotice::of(event, &self.pod).to_payload(),
-        );
+        let kind = NoticeKind::of_event_type(&event.event_type);
+        self.notice(&event.process_id, event.seq, kind);
     }
 }
 
 impl CompletionHint for PgNotifier {
     fn completed(&self, id: &ProcessId) {
-        let hint = TerminalHint {
-            process_id: id.clone(),
-            pod: self.pod.to_string(),
-        };
-        self.enqueue(TERMINAL_CHANNEL, hint.to_payload());
+        self.notice(id, 0, NoticeKind::Terminal);
     }
+}
+
+/// The NOTIFY calls of a batch of hints: its notices packed, one work hint at most.
+fn notifications(pod: &str, batch: &[Outgoing]) -> (Vec<&'static str>, Vec<String>) {
+    let stamp_us = batch
+        .iter()
+        .filter_map(|outgoing| match outgoing {
+            Outgoing::Notice { at_us, .. } => Some(*at_us),
+            Outgoing::Work => None,
+        })
+        .min()
+        .unwrap_or_default();
+    let notices = batch.iter().filter_map(|outgoing| match outgoing {
+        Outgoing::Notice {
+            process_id,
+            seq,
+            kind,
+            ..
+        } => Some(PackedNotice {
+            process_id: process_id.as_str(),
+            seq: *seq,
+            kind: *kind,
+        }),
+        Outgoing::Work => None,
+    });
+    let mut payloads = pack(pod, stamp_us, notices);
+    let mut channels = vec![EVENTS_CHANNEL; payloads.len()];
+    if batch
+        .iter()
+        .any(|outgoing| matches!(outgoing, Outgoing::Work))
+    {
+        channels.push(WORK_CHANNEL);
+        payloads.push(pod.to_owned());
+    }
+    (channels, payloads)
 }
 
 async fn send_batches(
     pool: Pool,
+    pod: Arc<str>,
     mut pending: mpsc::Receiver<Outgoing>,
     stats: Arc<NotifierStats>,
     stop: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut last_send: Option<tokio::time::Instant> = None;
     loop {
         let received = tokio::select! {
             received = pending.recv_many(&mut batch, MAX_BATCH) => received,
@@ -167,7 +220,14 @@ async fn send_batches(
             return;
         }
         // Let appenders that are about to emit do so, so that one round trip carries them too.
+        if let Some(last) = last_send {
+            let due = last + MIN_SEND_INTERVAL;
+            if due > tokio::time::Instant::now() && !stop.is_cancelled() {
+                tokio::time::sleep_until(due).await;
+            }
+        }
         tokio::task::yield_now().await;
+        last_send = Some(tokio::time::Instant::now());
         if batch.len() < MAX_BATCH {
             while let Ok(more) = pending.try_recv() {
                 batch.push(more);
@@ -176,12 +236,14 @@ async fn send_batches(
                 }
             }
         }
-        let channels: Vec<&str> = batch.iter().map(|o| o.channel).collect();
-        let payloads: Vec<&str> = batch.iter().map(|o| o.payload.as_str()).collect();
+        let (channels, payloads) = notifications(&pod, &batch);
         match send(&pool, &channels, &payloads).await {
             Ok(()) => {
                 stats.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .payloads
+                    .fetch_add(payloads.len() as u64, Ordering::Relaxed);
                 backoff.reset();
             }
             Err(err) => {
@@ -201,7 +263,7 @@ async fn send_batches(
     }
 }
 
-async fn send(pool: &Pool, channels: &[&str], payloads: &[&str]) -> Result<(), String> {
+async fn send(pool: &Pool, channels: &[&str], payloads: &[String]) -> Result<(), String> {
     let client = pool.get().await.map_err(|e| e.to_string())?;
     let statement = client
         .prepare_cached(

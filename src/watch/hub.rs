@@ -69,6 +69,35 @@ impl ProcessChangeHub {
         }
     }
 
+    /// Whether a tick would reach anyone now: a watched process, an open feed or cancel
+    /// feed. A listener skips reading the notices of other pods while it is false.
+    pub fn has_watchers(&self) -> bool {
+        self.feed.receiver_count() > 0
+            || self.cancels.receiver_count() > 0
+            || !self.lock().is_empty()
+    }
+
+    /// [`ProcessChangeHub::tick`] (or [`ProcessChangeHub::tick_cancel`] when `cancel`) of a
+    /// process named by text from outside, such as a notice: no allocation unless someone
+    /// wants the tick, and nothing at all for text that is not a process id.
+    pub fn tick_named(&self, id: &str, cancel: bool) {
+        if let Some(sender) = self.lock().get(id) {
+            sender.send_modify(|version| *version += 1);
+        }
+        let to_feed = self.feed.receiver_count() > 0;
+        let to_cancels = cancel && self.cancels.receiver_count() > 0;
+        if !(to_feed || to_cancels) {
+            return;
+        }
+        let Ok(id) = ProcessId::new(id) else { return };
+        if to_cancels {
+            let _ = self.cancels.send(id.clone());
+        }
+        if to_feed {
+            let _ = self.feed.send(id);
+        }
+    }
+
     /// A feed of cancellation ticks (and resyncs) only.
     pub fn cancel_feed(&self) -> ChangeFeed {
         ChangeFeed {

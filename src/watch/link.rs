@@ -21,7 +21,10 @@ pub struct LinkCounters {
     pub dropped: u64,
     /// Round trips that sent notices.
     pub batches: u64,
-    /// Notices from other pods turned into local ticks.
+    /// NOTIFY payloads sent (each packs the notices of one or more processes).
+    pub payloads: u64,
+    /// Notices from other pods (one per process in a payload; those nobody on this pod
+    /// watched are counted, not read).
     pub received: u64,
     /// Reconnects after a lost connection.
     pub reconnects: u64,
