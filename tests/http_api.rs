@@ -1320,6 +1320,7 @@ async fn the_openapi_document_describes_every_route_and_is_public() {
         ("/v1/processes", &["get", "post"][..]),
         ("/v1/processes/{id}", &["get"]),
         ("/v1/processes/{id}/events", &["get", "post"]),
+        ("/v1/events", &["post"]),
         ("/v1/processes/{id}/stream", &["get"]),
         ("/v1/processes/{id}/complete", &["post"]),
         ("/v1/processes/{id}/cancel", &["post"]),
@@ -1748,4 +1749,108 @@ async fn queue_limits_over_http() {
         .call(reqwest::Method::DELETE, "/v1/queues/mail", None)
         .await;
     assert_eq!((status, code(&body)), (StatusCode::NOT_FOUND, "not_found"));
+}
+
+/// `POST /v1/events`: appends to many processes in one request, each answered on its own, in
+/// request order; one process's appends together and in order; bad batches refused whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_of_appends_to_many_processes_answers_each_append() {
+    let server = Server::start(&migrated_database_url().await, None).await;
+    for id in ["b-1", "b-2", "b-done"] {
+        server.external(id).await;
+    }
+    let (status, _) = server
+        .post(
+            "/v1/processes/b-done/complete",
+            json!({"state": "completed"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = server
+        .post(
+            "/v1/events",
+            json!({"appends": [
+                {"process_id": "b-1", "event_type": "a", "payload": {"n": 1}},
+                {"process_id": "b-2", "event_type": "a", "replay_key": "k-1"},
+                {"process_id": "b-1", "event_type": "b", "payload": {"n": 2}},
+                {"process_id": "missing", "event_type": "a"},
+                {"process_id": "b-done", "event_type": "a"},
+                {"process_id": "not an id", "event_type": "a"},
+                {"process_id": "b-2", "event_type": "process.completed"},
+            ]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let results = body["results"].as_array().unwrap();
+    let statuses: Vec<u64> = results
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    // b-2's two appends are written together: its reserved type refuses both.
+    assert_eq!(statuses, [201, 400, 201, 404, 409, 400, 400], "{body}");
+    assert_eq!(
+        (
+            results[0]["event"]["seq"].as_i64(),
+            results[2]["event"]["seq"].as_i64()
+        ),
+        (Some(1), Some(2)),
+        "one process's appends in request order"
+    );
+    assert_eq!(results[2]["event"]["payload"], json!({"n": 2}));
+    assert_eq!(results[3]["error"]["code"], "not_found");
+    assert_eq!(results[4]["error"]["code"], "process_terminal");
+    assert_eq!(results[5]["error"]["code"], "invalid_input");
+    let (_, events) = server.get("/v1/processes/b-2/events").await;
+    assert_eq!(
+        events["events"],
+        json!([]),
+        "nothing of a refused process written"
+    );
+
+    // A retry with the same replay key answers 200 with the stored event.
+    let retry = json!({"appends": [{"process_id": "b-2", "event_type": "a", "replay_key": "k-1"}]});
+    let (_, first) = server.post("/v1/events", retry.clone()).await;
+    let (_, again) = server.post("/v1/events", retry).await;
+    assert_eq!(first["results"][0]["status"], 201, "{first}");
+    assert_eq!(again["results"][0]["status"], 200, "{again}");
+    assert_eq!(again["results"][0]["replayed"], true);
+    assert_eq!(again["results"][0]["event"], first["results"][0]["event"]);
+
+    // Refused whole, nothing written: empty, too many, not a batch, not JSON.
+    let many: Vec<Value> = (0..1001)
+        .map(|_| json!({"process_id": "b-1", "event_type": "a"}))
+        .collect();
+    for (bad, expected) in [
+        (json!({"appends": []}), "invalid_input"),
+        (json!({"appends": many}), "invalid_input"),
+        (json!({"appends": [{"event_type": "a"}]}), "invalid_input"),
+        (
+            json!([{"process_id": "b-1", "event_type": "a"}]),
+            "invalid_input",
+        ),
+    ] {
+        let (status, body) = server.post("/v1/events", bad).await;
+        assert_eq!(
+            (status, code(&body)),
+            (StatusCode::BAD_REQUEST, expected),
+            "{body}"
+        );
+    }
+    let (status, body) = server
+        .post_raw("/v1/events", Some("application/json"), "{")
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::BAD_REQUEST, "invalid_json")
+    );
+    let (status, _) = server
+        .post_raw("/v1/events", Some("text/plain"), "{}")
+        .await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let (_, events) = server.get("/v1/processes/b-1/events").await;
+    assert_eq!(
+        events["events"].as_array().unwrap().len(),
+        2,
+        "only the first batch's two"
+    );
 }

@@ -5,6 +5,7 @@
 //! `replay_conflict`, `process_terminal`, `already_terminal`, `lease_lost`, 413
 //! `payload_too_large`, 415 `unsupported_media_type`, 503 `unavailable`, 500 `database_error`.
 
+mod batches;
 pub mod body;
 mod console;
 mod console_queues;
@@ -149,6 +150,7 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
             "/processes/{id}/events",
             post(routes::append).get(routes::events),
         )
+        .route("/events", post(batches::append_many))
         .route("/processes/{id}/stream", get(routes::stream))
         .route("/processes/{id}/complete", post(routes::complete))
         .route("/processes/{id}/cancel", post(routes::cancel))

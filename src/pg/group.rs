@@ -44,6 +44,11 @@ use crate::model::{AppendOutcome, AppendRequest, ProcessEvent, ProcessId};
 /// row each; the others' events are inserted at consecutive seqs per process, in caller
 /// order, after one `last_seq` bump per process (a data-modifying CTE runs to completion
 /// whether or not the final SELECT reads it). Rows have `proclog.append_group`'s shape.
+///
+/// Every step is linear in the batch: the bump carries its callers along (arrays, unnested
+/// after it) instead of being joined back to them, and each event finds its caller by a hash
+/// join on the caller's number (`$8`, one per event) instead of slicing the event arrays per
+/// caller, so a batch of 1,000 costs ten batches of 100.
 const APPEND_GROUP_UNKEYED: &str = "
     WITH callers AS (
         SELECT c.caller::int AS caller, c.process_id, c.token, c.start, c.cnt
@@ -67,28 +72,36 @@ const APPEND_GROUP_UNKEYED: &str = "
            SET last_seq = p.last_seq + t.total,
                status = CASE WHEN p.status = 'pending' THEN 'running' ELSE p.status END,
                updated_at = now()
-          FROM (SELECT DISTINCT process_id, total FROM accepted) t
+          FROM (SELECT process_id, max(total) AS total,
+                       array_agg(caller ORDER BY caller) AS callers,
+                       array_agg(before ORDER BY caller) AS befores,
+                       array_agg(start ORDER BY caller) AS starts,
+                       array_agg(cnt ORDER BY caller) AS cnts,
+                       array_agg(token IS NULL ORDER BY caller) AS unfenced
+                  FROM accepted GROUP BY process_id) t
          WHERE p.process_id = t.process_id
-        RETURNING p.process_id, p.last_seq - t.total AS base, p.lease_generation),
+        RETURNING p.process_id, p.last_seq - t.total AS base, p.lease_generation,
+                  t.callers, t.befores, t.starts, t.cnts, t.unfenced),
+    placed AS (
+        SELECT u.caller, b.process_id, u.start, u.cnt,
+               b.base + u.before - u.start + 1 AS shift,
+               CASE WHEN u.unfenced THEN NULL ELSE b.lease_generation END AS generation
+          FROM bumped b
+         CROSS JOIN LATERAL unnest(b.callers, b.befores, b.starts, b.cnts, b.unfenced)
+               AS u(caller, before, start, cnt, unfenced)),
     inserted AS (
         INSERT INTO proclog.events
                (process_id, seq, event_type, payload, writer, lease_generation)
-        SELECT a.process_id, b.base + a.before + e.ord, e.t, e.p, $1,
-               CASE WHEN a.token IS NULL THEN NULL ELSE b.lease_generation END
-          FROM accepted a
-          JOIN bumped b USING (process_id)
-         CROSS JOIN LATERAL unnest(($6::text[])[a.start : a.start + a.cnt - 1],
-                                   ($7::jsonb[])[a.start : a.start + a.cnt - 1])
-               WITH ORDINALITY AS e(t, p, ord)
+        SELECT p.process_id, p.shift + e.ord, e.t, e.p, $1, p.generation
+          FROM unnest($8::int[], $6::text[], $7::jsonb[]) WITH ORDINALITY AS e(caller, t, p, ord)
+          JOIN placed p USING (caller)
         RETURNING 1)
-    SELECT a.caller, NULL::text AS refusal, NULL::text AS detail,
-           b.base + a.before + g.n AS seq, NULL::text AS event_type, NULL::jsonb AS payload,
-           NULL::text AS replay_key, now() AS occurred_at,
-           CASE WHEN a.token IS NULL THEN NULL ELSE b.lease_generation END AS lease_generation,
+    SELECT p.caller, NULL::text AS refusal, NULL::text AS detail,
+           p.shift + g.ord AS seq, NULL::text AS event_type, NULL::jsonb AS payload,
+           NULL::text AS replay_key, now() AS occurred_at, p.generation AS lease_generation,
            false AS replayed, $1::text AS writer
-      FROM accepted a
-      JOIN bumped b USING (process_id)
-     CROSS JOIN LATERAL generate_series(1::bigint, a.cnt::bigint) AS g(n)
+      FROM placed p
+     CROSS JOIN LATERAL generate_series(p.start::bigint, (p.start + p.cnt - 1)::bigint) AS g(ord)
     UNION ALL
     SELECT c.caller,
            CASE WHEN l.process_id IS NULL THEN 'not_found'
@@ -252,6 +265,8 @@ async fn flusher(
         if first.reply.is_closed() {
             continue;
         }
+        // Callers just answered are about to append again: let them, while the queue grows.
+        gather(&queue).await;
         let mut events = first.requests.len();
         let mut bytes = first.bytes();
         let mut batch = vec![first];
@@ -290,6 +305,26 @@ async fn flusher(
     }
 }
 
+/// Most times a flusher yields while its queue grows (see [`gather`]).
+const MAX_GATHER_YIELDS: usize = 8;
+
+/// Lets the tasks that are ready to run (callers answered by the last statement, about to
+/// append again) do so before a batch is taken: yields while the queue keeps growing, at most
+/// [`MAX_GATHER_YIELDS`] times. Without it a flusher takes the first caller back alone and
+/// the rest wait for the next statement, so batches alternate between one and many. At low
+/// load the queue does not grow and the flusher goes on after one yield: no timer, no wait.
+async fn gather(queue: &mpsc::Receiver<Pending>) {
+    let mut seen = queue.len();
+    for _ in 0..MAX_GATHER_YIELDS {
+        tokio::task::yield_now().await;
+        let now = queue.len();
+        if now == seen {
+            return;
+        }
+        seen = now;
+    }
+}
+
 /// Runs one append as a statement of its own and answers its caller.
 async fn alone(single: &AppendWriter, pending: Pending) {
     if pending.reply.is_closed() {
@@ -317,12 +352,14 @@ async fn flush(single: &AppendWriter, mut batch: Vec<Pending>, stats: &GroupComm
     let mut types = Vec::new();
     let mut payloads = Vec::new();
     let mut keys = Vec::new();
+    let mut event_callers = Vec::new();
     let mut next = 1i32;
-    for pending in &batch {
+    for (caller, pending) in (1i32..).zip(&batch) {
         let count = i32::try_from(pending.requests.len()).unwrap_or(i32::MAX);
         starts.push(next);
         counts.push(count);
         next = next.saturating_add(count);
+        event_callers.extend(std::iter::repeat_n(caller, pending.requests.len()));
         for (request, payload) in pending.requests.iter().zip(&pending.payloads) {
             types.push(request.event_type.as_str());
             payloads.push(payload);
@@ -362,7 +399,16 @@ async fn flush(single: &AppendWriter, mut batch: Vec<Pending>, stats: &GroupComm
             .db
             .run(
                 APPEND_GROUP_UNKEYED,
-                &[writer, &ids, &tokens, &starts, &counts, &types, &payloads],
+                &[
+                    writer,
+                    &ids,
+                    &tokens,
+                    &starts,
+                    &counts,
+                    &types,
+                    &payloads,
+                    &event_callers,
+                ],
                 on_error,
             )
             .await
@@ -399,18 +445,23 @@ async fn flush(single: &AppendWriter, mut batch: Vec<Pending>, stats: &GroupComm
         }
     }
     for (pending, rows) in batch.into_iter().zip(by_caller) {
-        let result = outcome(&pending, &rows, single);
-        pending.answer(result);
+        let Pending {
+            id,
+            requests,
+            reply,
+            ..
+        } = pending;
+        let _ = reply.send(outcome(&id, requests, &rows, single));
     }
 }
 
 /// One caller's answer from its rows of `proclog.append_group`.
 fn outcome(
-    pending: &Pending,
+    id: &ProcessId,
+    requests: Vec<AppendRequest>,
     rows: &[&tokio_postgres::Row],
     writer: &AppendWriter,
 ) -> ProcessResult<Vec<AppendOutcome>> {
-    let id = &pending.id;
     if let Some(row) = rows.first() {
         let refusal: Option<String> = row.try_get("refusal").map_err(db_error)?;
         if let Some(refusal) = refusal {
@@ -432,15 +483,15 @@ fn outcome(
             });
         }
     }
-    if rows.len() != pending.requests.len() {
+    if rows.len() != requests.len() {
         return Err(ProcessError::Database(format!(
             "append to {id} answered {} of {} events",
             rows.len(),
-            pending.requests.len()
+            requests.len()
         )));
     }
     rows.iter()
-        .zip(&pending.requests)
+        .zip(requests)
         .map(|(row, request)| {
             let replayed: bool = row.try_get("replayed").map_err(db_error)?;
             let event = if replayed {
@@ -456,7 +507,7 @@ fn outcome(
                     lease_generation: row.try_get("lease_generation").map_err(db_error)?,
                 }
             } else {
-                writer.stored(id, request.clone(), row)?
+                writer.stored(id, request, row)?
             };
             Ok(AppendOutcome { event, replayed })
         })

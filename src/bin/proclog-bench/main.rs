@@ -13,6 +13,7 @@ mod baseline;
 mod citus;
 mod durable;
 mod pgbench;
+mod profile;
 mod queues;
 mod report;
 mod retention;
@@ -46,6 +47,18 @@ struct Args {
     /// Only run workloads whose name contains this.
     #[arg(long)]
     only: Option<String>,
+    /// Instead of the table: run one of proclog's paths alone, for a profiler to watch
+    /// (`tools/flamegraph.sh`): `pod` (a pod's registry: NOTIFY sink, group commit),
+    /// `group` (group commit, no sink), `single` (no group commit, no sink), `batch` (batches of
+    /// 100 events), `raw` (the raw SQL baseline).
+    #[arg(long, value_parser = ["pod", "group", "single", "batch", "raw"])]
+    profile: Option<String>,
+    /// Appenders of `--profile`.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Seconds `--profile` runs.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
 }
 
 /// How long each measurement runs, and the kill-recovery TTL.
@@ -106,6 +119,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
     drop(client);
 
+    if let Some(path) = &args.profile {
+        let window = Duration::from_secs(args.seconds.max(1));
+        let rate = profile::run(&url, path, args.concurrency.max(1), window).await?;
+        println!("{path} x{}: {rate:.0} events/s", args.concurrency);
+        return Ok(());
+    }
     let mut rows: Vec<Row> = Vec::new();
     let selected = |name: &str| args.only.as_deref().is_none_or(|only| name.contains(only));
     if selected("append") {

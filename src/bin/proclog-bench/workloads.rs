@@ -95,7 +95,7 @@ pub(crate) async fn register_many(
     Ok(ids)
 }
 
-fn payload(i: u64) -> Value {
+pub(crate) fn payload(i: u64) -> Value {
     json!({"i": i, "note": "a small event payload"})
 }
 
@@ -112,7 +112,11 @@ pub(crate) fn registry_op(registry: Arc<dyn ProcessRegistry>, ids: Arc<Vec<Proce
     })
 }
 
-fn raw_op(pool: deadpool_postgres::Pool, sql: &'static str, ids: Arc<Vec<ProcessId>>) -> Op {
+pub(crate) fn raw_op(
+    pool: deadpool_postgres::Pool,
+    sql: &'static str,
+    ids: Arc<Vec<ProcessId>>,
+) -> Op {
     Arc::new(move |worker, i| {
         let pool = pool.clone();
         let id = ids[worker % ids.len()].clone();
@@ -616,6 +620,7 @@ pub async fn http_appends(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
     let ids = Arc::new(register_many(&setup, "http", concurrency, Disposition::External).await?);
     let mut servers = Vec::new();
     let mut bases = Vec::new();
+    let mut pods = Vec::new();
     for n in 0..3 {
         let services = Arc::new(PodServices::start(
             url,
@@ -623,6 +628,7 @@ pub async fn http_appends(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
             pod_options(concurrency),
         )?);
         warm(services.pool().expect("postgres"), concurrency).await?;
+        pods.push(Arc::clone(&services));
         let state = ApiState::new(services, None, &proclog::http::HttpOptions::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         bases.push(format!("http://{}", listener.local_addr()?));
@@ -657,17 +663,46 @@ pub async fn http_appends(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
             })
         })
     };
+    // `POST /v1/events` with 100 appends, one to each of 100 processes (each appender its own
+    // hundred), through one pod.
+    let spread =
+        Arc::new(register_many(&setup, "httpb", 100 * concurrency, Disposition::External).await?);
+    let batched: Op = {
+        let client = client.clone();
+        let url = format!("{}/v1/events", bases[0]);
+        Arc::new(move |worker, i| {
+            let (client, url) = (client.clone(), url.clone());
+            let appends: Vec<Value> = spread[worker * 100..(worker + 1) * 100]
+                .iter()
+                .map(|id| json!({"process_id": id, "event_type": "bench", "payload": payload(i)}))
+                .collect();
+            Box::pin(async move {
+                let response = client
+                    .post(url)
+                    .json(&json!({"appends": appends}))
+                    .send()
+                    .await?;
+                if !response.status().is_success() {
+                    return Err(format!("HTTP {}", response.status()).into());
+                }
+                Ok(100)
+            })
+        })
+    };
     let ops = [
         raw_op(
             warm_pool(url, concurrency).await?,
             baseline::APPEND,
             Arc::clone(&ids),
         ),
+        registry_op(Arc::clone(&pods[0].registry), Arc::clone(&ids)),
         through(1),
         through(3),
+        batched,
     ];
     let mut results = interleaved(concurrency, plan, &ops).await?.into_iter();
     let (raw, _) = results.next().expect("raw");
+    let (library, _) = results.next().expect("library");
     let mut rows = Vec::new();
     for pods in [1, 3] {
         let (ours, mut latency) = results.next().expect("http");
@@ -677,9 +712,22 @@ pub async fn http_appends(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
                 concurrency,
             )
             .rates(Some(raw), ours)
-            .latency(&Latency::of(&mut latency)),
+            .latency(&Latency::of(&mut latency))
+            .note(format!(
+                "{:.2} of the library path through the same pod ({library:.0}/s)",
+                ours / library
+            )),
         );
     }
+    let (ours, mut latency) = results.next().expect("batched");
+    rows.push(
+        Row::new(
+            "HTTP POST /v1/events, 100 processes a request: events/s vs library single appends",
+            concurrency,
+        )
+        .rates(Some(library), ours)
+        .latency(&Latency::of(&mut latency)),
+    );
     for server in servers {
         server.abort();
     }
