@@ -26,6 +26,7 @@ pub const MAX_BATCH_APPENDS: usize = 1000;
 
 /// Appends to one or more processes.
 #[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub(super) struct BatchBody {
     /// 1 to 1,000 appends; several may name one process (written together, in this order).
     appends: Vec<BatchAppend>,

@@ -247,6 +247,8 @@ async fn flusher(
     stop: CancellationToken,
 ) {
     let mut held: Option<Pending> = None;
+    // Callers in the last batch sent: as many may be about to append again.
+    let mut last_batch = 0usize;
     loop {
         let next = match held.take() {
             Some(pending) => Some(pending),
@@ -266,7 +268,9 @@ async fn flusher(
             continue;
         }
         // Callers just answered are about to append again: let them, while the queue grows.
-        gather(&queue).await;
+        if last_batch > 1 {
+            gather(&queue, last_batch).await;
+        }
         let mut events = first.requests.len();
         let mut bytes = first.bytes();
         let mut batch = vec![first];
@@ -287,6 +291,7 @@ async fn flusher(
             bytes += next_bytes;
             batch.push(next);
         }
+        last_batch = batch.len();
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats
             .largest_batch
@@ -309,13 +314,18 @@ async fn flusher(
 const MAX_GATHER_YIELDS: usize = 8;
 
 /// Lets the tasks that are ready to run (callers answered by the last statement, about to
-/// append again) do so before a batch is taken: yields while the queue keeps growing, at most
-/// [`MAX_GATHER_YIELDS`] times. Without it a flusher takes the first caller back alone and
-/// the rest wait for the next statement, so batches alternate between one and many. At low
-/// load the queue does not grow and the flusher goes on after one yield: no timer, no wait.
-async fn gather(queue: &mpsc::Receiver<Pending>) {
+/// append again) do so before a batch is taken: yields while the queue keeps growing, until
+/// it holds as many appends as the last batch had callers, at most [`MAX_GATHER_YIELDS`]
+/// times. Without it a flusher takes the first caller back alone and the rest wait for the
+/// next statement, so batches alternate between one and many. Only after a batch of several
+/// (a lone caller is not made to wait for company: a yield costs a pass of the scheduler);
+/// no timer.
+async fn gather(queue: &mpsc::Receiver<Pending>, expected: usize) {
     let mut seen = queue.len();
     for _ in 0..MAX_GATHER_YIELDS {
+        if seen + 1 >= expected {
+            return;
+        }
         tokio::task::yield_now().await;
         let now = queue.len();
         if now == seen {

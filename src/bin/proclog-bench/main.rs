@@ -50,8 +50,9 @@ struct Args {
     /// Instead of the table: run one of proclog's paths alone, for a profiler to watch
     /// (`tools/flamegraph.sh`): `pod` (a pod's registry: NOTIFY sink, group commit),
     /// `group` (group commit, no sink), `single` (no group commit, no sink), `batch` (batches of
-    /// 100 events), `raw` (the raw SQL baseline).
-    #[arg(long, value_parser = ["pod", "group", "single", "batch", "raw"])]
+    /// 100 events), `http` (single appends over HTTP through one pod, the client in this
+    /// process), `raw` (the raw SQL baseline).
+    #[arg(long, value_parser = ["pod", "group", "single", "batch", "http", "raw"])]
     profile: Option<String>,
     /// Appenders of `--profile`.
     #[arg(long, default_value_t = 64)]

@@ -59,6 +59,33 @@ pub async fn run(url: &str, path: &str, concurrency: usize, window: Duration) ->
                 })
             })
         }
+        "http" => {
+            let services = Arc::new(PodServices::start(
+                url,
+                "bench-prof",
+                workloads::pod_options(64),
+            )?);
+            workloads::warm(services.pool().expect("postgres"), 64).await?;
+            let (base, _server) = workloads::serve_pod(Arc::clone(&services)).await?;
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(concurrency)
+                .build()?;
+            Arc::new(move |worker, i| {
+                let client = client.clone();
+                let url = format!("{base}/v1/processes/{}/events", ids[worker % ids.len()]);
+                Box::pin(async move {
+                    let response = client
+                        .post(url)
+                        .json(&serde_json::json!({"event_type": "bench", "payload": workloads::payload(i)}))
+                        .send()
+                        .await?;
+                    if !response.status().is_success() {
+                        return Err(format!("HTTP {}", response.status()).into());
+                    }
+                    Ok(1)
+                })
+            })
+        }
         "raw" => {
             let pool = connect_pool(url, connections)?;
             workloads::warm(&pool, connections).await?;

@@ -612,6 +612,25 @@ pub async fn await_wake(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
     Ok(rows)
 }
 
+/// Serves a pod's API on a free loopback port with the pod's own accept loop (keep-alive,
+/// `TCP_NODELAY`, its bounds), as `proclog serve` does; returns its base URL.
+pub(crate) async fn serve_pod(
+    services: Arc<PodServices>,
+) -> BenchResult<(String, tokio::task::JoinHandle<()>)> {
+    let options = proclog::http::HttpOptions::default();
+    let state = ApiState::new(services, None, &options);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let server = tokio::spawn(proclog::http::server::serve(
+        listener,
+        router(state, 1 << 20),
+        options.limits.clone(),
+        Arc::default(),
+        std::future::pending(),
+    ));
+    Ok((base, server))
+}
+
 /// Workload 7: appends over HTTP through one pod and through three.
 pub async fn http_appends(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
     let concurrency = 16;
@@ -629,12 +648,9 @@ pub async fn http_appends(url: &str, plan: Plan) -> BenchResult<Vec<Row>> {
         )?);
         warm(services.pool().expect("postgres"), concurrency).await?;
         pods.push(Arc::clone(&services));
-        let state = ApiState::new(services, None, &proclog::http::HttpOptions::default());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        bases.push(format!("http://{}", listener.local_addr()?));
-        servers.push(tokio::spawn(
-            axum::serve(listener, router(state, 1 << 20)).into_future(),
-        ));
+        let (base, server) = serve_pod(services).await?;
+        bases.push(base);
+        servers.push(server);
     }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
