@@ -126,9 +126,9 @@ pub struct GroupCommitOptions {
     pub max_batch_bytes: usize,
     /// Appends queued per flusher before callers wait for room (default 4096).
     pub queue_capacity: usize,
-    /// Send a batch of one through the group statement too, instead of the single-append
-    /// statement (default false: slower at low load; for tests that hold the group path to
-    /// every rule of the registry contract).
+    /// Send a batch of one, and an append of 32 events or more, through the group statement
+    /// too, instead of a statement of its own (default false: slower; for tests that hold the
+    /// group path to every rule of the registry contract).
     pub group_single_appends: bool,
 }
 

@@ -74,6 +74,13 @@ enum Flushers {
     Owned(Arc<GroupCommit>),
 }
 
+/// Appends of at least this many events go out as statements of their own, past group commit:
+/// batches of 100 from 4 appenders reach 0.97-1.01 of raw SQL so, 0.65-0.78 through the
+/// flushers (BENCHMARKS.md). Not when every append is to go through the group statement
+/// ([`GroupCommitOptions::group_single_appends`], for tests). Smaller batches stay grouped: many callers appending a few events
+/// each to one hot process still take its row lock once per statement.
+const DIRECT_BATCH_EVENTS: usize = 32;
+
 /// How long a group-commit flusher waits for its statement when the registry has no call
 /// bound of its own.
 const FLUSHER_CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -860,7 +867,15 @@ impl ProcessRegistry for PgProcessRegistry {
         // alone, on its process's shard.
         let distributed = self.distributed().await;
         let slot = match &self.group {
-            Some(slot) if !distributed => slot,
+            // A batch this large already shares its commit among its events; a flusher would
+            // only add a hop and a turn behind other batches.
+            Some(slot)
+                if !distributed
+                    && (requests.len() < DIRECT_BATCH_EVENTS
+                        || slot.options.group_single_appends) =>
+            {
+                slot
+            }
             _ => {
                 return self
                     .writer(distributed)

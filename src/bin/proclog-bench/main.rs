@@ -60,6 +60,9 @@ struct Args {
     /// Seconds `--profile` runs.
     #[arg(long, default_value_t = 20)]
     seconds: u64,
+    /// Group-commit flushers of `--profile group` (default: the registry's default).
+    #[arg(long)]
+    flushers: Option<usize>,
 }
 
 /// How long each measurement runs, and the kill-recovery TTL.
@@ -122,7 +125,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 
     if let Some(path) = &args.profile {
         let window = Duration::from_secs(args.seconds.max(1));
-        let rate = profile::run(&url, path, args.concurrency.max(1), window).await?;
+        let rate = profile::run(&url, path, args.concurrency.max(1), window, args.flushers).await?;
         println!("{path} x{}: {rate:.0} events/s", args.concurrency);
         return Ok(());
     }

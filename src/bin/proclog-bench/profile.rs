@@ -12,9 +12,16 @@ use crate::Plan;
 use crate::baseline::{self, BenchResult};
 use crate::workloads::{self, Op};
 
-/// Runs `path` with `concurrency` appenders for `window` (after a second of warm-up);
-/// returns events per second.
-pub async fn run(url: &str, path: &str, concurrency: usize, window: Duration) -> BenchResult<f64> {
+/// Runs `path` with `concurrency` appenders for `window` (after a second of warm-up), with
+/// `flushers` group-commit flushers on the `group` path (default: the registry's); returns
+/// events per second.
+pub async fn run(
+    url: &str,
+    path: &str,
+    concurrency: usize,
+    window: Duration,
+    flushers: Option<usize>,
+) -> BenchResult<f64> {
     let setup = PgProcessRegistry::new(connect_pool(url, 2)?, RegistryConfig::new("setup"));
     let ids = Arc::new(
         workloads::register_many(&setup, "prof", concurrency, Disposition::External).await?,
@@ -34,7 +41,13 @@ pub async fn run(url: &str, path: &str, concurrency: usize, window: Duration) ->
         "group" => {
             let pool = connect_pool(url, 16)?;
             workloads::warm(&pool, 16).await?;
-            let registry = PgProcessRegistry::new(pool, RegistryConfig::new("bench"));
+            let mut registry = PgProcessRegistry::new(pool, RegistryConfig::new("bench"));
+            if let Some(flushers) = flushers {
+                registry = registry.with_group_commit(Some(proclog::pg::GroupCommitOptions {
+                    flushers,
+                    ..Default::default()
+                }));
+            }
             stats = registry.group_commit_stats();
             workloads::registry_op(Arc::new(registry), ids)
         }
