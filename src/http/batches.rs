@@ -1,9 +1,13 @@
 //! `POST /v1/events`: appends to many processes in one request.
 //!
-//! The appends of one request are grouped by process; each process's appends are written
-//! together, in request order, all or none (one `append_events` call), and the processes are
-//! written concurrently, so that group commit carries them in one statement. Every append gets
-//! its own answer, in request order: one process's refusal never fails another's.
+//! A request that breaks a rule of its own (an empty or too long list, a malformed process
+//! id, event type or replay key, two appends to one process with different lease fences or
+//! one replay key) is refused whole with 400, naming the append, and writes nothing. Otherwise
+//! the appends are grouped by process; each process's appends are written together, in
+//! request order, all or none (one `append_events` call), and the processes are written
+//! concurrently, so that group commit carries them in one statement. Every append then gets
+//! its own answer, in request order: what the process's state decided (not found, ended, a
+//! lost lease, a replay) for one process never fails another's.
 
 use std::collections::HashMap;
 
@@ -65,6 +69,21 @@ pub struct BatchAnswer {
     pub results: Vec<BatchResult>,
 }
 
+/// The rules one append must keep whatever the state of its process; the error names it.
+fn check(index: usize, append: &BatchAppend) -> Result<ProcessId, ApiError> {
+    let at = |err: crate::error::ProcessError| {
+        let mut err = ApiError::from(err);
+        err.message = format!("appends[{index}]: {}", err.message);
+        err
+    };
+    let id = ProcessId::new(append.process_id.as_str()).map_err(at)?;
+    crate::validate::user_event_type(&append.event.event_type).map_err(at)?;
+    if let Some(key) = &append.event.replay_key {
+        crate::validate::caller_replay_key(key).map_err(at)?;
+    }
+    Ok(id)
+}
+
 fn refused(error: ApiError) -> BatchResult {
     if error.status.is_server_error() {
         tracing::error!(status = %error.status, code = error.code, message = %error.message, "answering an append of a batch with a server error");
@@ -84,8 +103,8 @@ fn refused(error: ApiError) -> BatchResult {
     post, path = "/v1/events", tag = "events",
     request_body = BatchBody,
     responses(
-        (status = 200, description = "Every append answered, in request order, each with its own status", body = BatchAnswer),
-        (status = 400, description = "Not a batch, or empty, or more than 1,000 appends (`invalid_input`, `invalid_json`, `bad_request`)", body = ErrorBody),
+        (status = 200, description = "Every append answered, in request order, each with its own status (a 5xx there may or may not have been written: retry it with its replay key)", body = BatchAnswer),
+        (status = 400, description = "Not a batch, empty, more than 1,000 appends, or an append that breaks a rule (`invalid_input`, `invalid_json`, `bad_request`): nothing written", body = ErrorBody),
         (status = 401, description = "A bearer token is required (`unauthorized`)", body = ErrorBody),
         (status = 413, description = "Body too large (`payload_too_large`)", body = ErrorBody),
         (status = 415, description = "Not JSON (`unsupported_media_type`)", body = ErrorBody)
@@ -95,41 +114,45 @@ pub(super) async fn append_many(
     State(state): State<ApiState>,
     body: AdmittedBody,
 ) -> Result<Response, ApiError> {
-    super::body::require_object(&body.bytes)?;
-    let batch: BatchBody = serde_json::from_slice(&body.bytes).map_err(|err| {
-        if err.is_data() {
-            ApiError::invalid(format!(
-                "expected {{\"appends\": [{{\"process_id\", \"event_type\", \"payload\", \"replay_key\"?}}, ...]}}: {err}"
-            ))
-        } else {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", err.to_string())
-        }
-    })?;
+    let batch: BatchBody = body.parse_expecting(
+        "{\"appends\": [{\"process_id\", \"event_type\", \"payload\", \"replay_key\"?}, ...]}",
+    )?;
     let count = batch.appends.len();
     if count == 0 || count > MAX_BATCH_APPENDS {
         return Err(ApiError::invalid(format!(
             "a batch carries 1 to {MAX_BATCH_APPENDS} appends, got {count}"
         )));
     }
-    // Each append's answer slot; appends grouped by process, in request order.
-    let mut results: Vec<Option<BatchResult>> = (0..count).map(|_| None).collect();
+    // Appends grouped by process, in request order, each with its place in the request.
     let mut groups: Vec<(ProcessId, Vec<usize>, Vec<AppendRequest>)> = Vec::new();
     let mut group_of: HashMap<String, usize> = HashMap::new();
     for (index, append) in batch.appends.into_iter().enumerate() {
-        let id = match ProcessId::new(append.process_id.as_str()) {
-            Ok(id) => id,
-            Err(err) => {
-                results[index] = Some(refused(err.into()));
-                continue;
-            }
-        };
+        let id = check(index, &append)?;
         let group = *group_of.entry(append.process_id).or_insert_with(|| {
             groups.push((id, Vec::new(), Vec::new()));
             groups.len() - 1
         });
-        groups[group].1.push(index);
-        groups[group].2.push(append.event);
+        let (id, slots, requests) = &mut groups[group];
+        if let Some(first) = requests.first() {
+            if first.fence != append.event.fence {
+                return Err(ApiError::invalid(format!(
+                    "appends[{index}]: the appends to {id} in one request are written together \
+                     and must carry the same lease fence as appends[{}]",
+                    slots[0]
+                )));
+            }
+            if let Some(key) = &append.event.replay_key
+                && requests.iter().any(|r| r.replay_key.as_ref() == Some(key))
+            {
+                return Err(ApiError::invalid(format!(
+                    "appends[{index}]: replay key {key:?} is given twice for {id} in this request"
+                )));
+            }
+        }
+        slots.push(index);
+        requests.push(append.event);
     }
+    let mut results: Vec<Option<BatchResult>> = (0..count).map(|_| None).collect();
     let registry = &state.services.registry;
     let written =
         futures::future::join_all(groups.into_iter().map(|(id, slots, requests)| async move {

@@ -170,6 +170,16 @@ impl AdmittedBody {
             ApiError::new(StatusCode::BAD_REQUEST, code, err.to_string())
         })
     }
+
+    /// [`AdmittedBody::parse`], a wrong shape answered with `expected <shape>: <why>`.
+    pub fn parse_expecting<T: DeserializeOwned>(&self, shape: &str) -> Result<T, ApiError> {
+        self.parse().map_err(|mut err| {
+            if err.code == "invalid_input" && !err.message.starts_with("the body must be") {
+                err.message = format!("expected {shape}: {}", err.message);
+            }
+            err
+        })
+    }
 }
 
 /// Every body of the API is a JSON object: serde would read a struct from an array of its

@@ -268,16 +268,8 @@ pub(super) async fn append(
     body: AdmittedBody,
 ) -> Result<Response, ApiError> {
     let id = path_id(&id)?;
-    super::body::require_object(&body.bytes)?;
-    let body: AppendBody = serde_json::from_slice(&body.bytes).map_err(|err| {
-        if err.is_data() {
-            ApiError::invalid(format!(
-                "expected {{\"event_type\", \"payload\", \"replay_key\"?}} or {{\"events\": [...]}}: {err}"
-            ))
-        } else {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", err.to_string())
-        }
-    })?;
+    let body: AppendBody = body
+        .parse_expecting("{\"event_type\", \"payload\", \"replay_key\"?} or {\"events\": [...]}")?;
     let registry = &state.services.registry;
     match body {
         AppendBody::One(request) => {

@@ -15,8 +15,9 @@
 //! `e`: the process has events up to `seq`; `c`: one of them is a cancellation request; `t`:
 //! it was completed (seq 0). Process ids have no spaces and pod ids no line breaks, so every
 //! field is found by splitting. The JSON notices of earlier versions ([`EventNotice`],
-//! [`TerminalHint`]) are still understood, so pods of both versions can share a database
-//! during a rolling upgrade.
+//! [`TerminalHint`]) are still understood, so a pod of this version hears pods of earlier
+//! ones; pods of earlier versions ignore packed payloads, so during a rolling upgrade they hear
+//! the upgraded pods only through their safety polls (1 s) until they are upgraded too.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -179,9 +180,9 @@ impl<'a> Pack<'a> {
         })
     }
 
-    /// How many lines (notices) it carries, without reading them.
+    /// How many lines (notices) it carries, without parsing them.
     pub fn len(&self) -> usize {
-        self.lines.bytes().filter(|&b| b == b'\n').count()
+        self.lines.lines().count()
     }
 
     /// Whether it carries no line.
