@@ -20,9 +20,7 @@ use utoipa::ToSchema;
 use super::ApiState;
 use super::body::AdmittedBody;
 use super::error::ApiError;
-#[allow(unused_imports)] // named by the OpenAPI annotation
-use super::openapi::ErrorBody;
-use super::openapi::ErrorDetail;
+use super::openapi::{ErrorBody, ErrorDetail};
 use crate::model::{AppendRequest, ProcessEvent, ProcessId};
 
 /// Most appends one request may carry.
@@ -152,47 +150,40 @@ pub(super) async fn append_many(
         slots.push(index);
         requests.push(append.event);
     }
-    let mut results: Vec<Option<BatchResult>> = (0..count).map(|_| None).collect();
     let registry = &state.services.registry;
     let written =
         futures::future::join_all(groups.into_iter().map(|(id, slots, requests)| async move {
             (slots, registry.append_events(&id, requests).await)
         }))
         .await;
+    // Every append is in exactly one group: one answer each, put back in request order.
+    let mut answered: Vec<(usize, BatchResult)> = Vec::with_capacity(count);
     for (slots, outcome) in written {
         match outcome {
             Ok(outcomes) => {
-                for (slot, outcome) in slots.into_iter().zip(outcomes) {
-                    results[slot] = Some(BatchResult {
-                        status: if outcome.replayed {
-                            StatusCode::OK.as_u16()
-                        } else {
-                            StatusCode::CREATED.as_u16()
-                        },
+                answered.extend(slots.into_iter().zip(outcomes).map(|(slot, outcome)| {
+                    let status = if outcome.replayed {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::CREATED
+                    };
+                    let result = BatchResult {
+                        status: status.as_u16(),
                         event: Some(outcome.event),
                         replayed: Some(outcome.replayed),
                         error: None,
-                    });
-                }
+                    };
+                    (slot, result)
+                }))
             }
-            Err(err) => {
-                for slot in slots {
-                    results[slot] = Some(refused(ApiError::from(err.clone())));
-                }
-            }
+            Err(err) => answered.extend(
+                slots
+                    .into_iter()
+                    .map(|slot| (slot, refused(ApiError::from(err.clone())))),
+            ),
         }
     }
-    let results = results
-        .into_iter()
-        .map(|result| {
-            result.unwrap_or_else(|| {
-                refused(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal_error",
-                    "no answer for this append",
-                ))
-            })
-        })
-        .collect();
+    answered.sort_unstable_by_key(|(slot, _)| *slot);
+    let results = answered.into_iter().map(|(_, result)| result).collect();
     Ok((StatusCode::OK, axum::Json(BatchAnswer { results })).into_response())
 }

@@ -393,8 +393,11 @@ fn forward_payload(
                 {
                     observe_latency(stats, notice.sent_at_us);
                     stats.notices.fetch_add(1, Ordering::Relaxed);
-                    let cancel = notice.event_type == crate::reserved::CANCEL_REQUESTED;
-                    targets.hub.tick_named(notice.process_id.as_str(), cancel);
+                    if notice.event_type == crate::reserved::CANCEL_REQUESTED {
+                        targets.hub.tick_cancel(&notice.process_id);
+                    } else {
+                        targets.hub.tick(&notice.process_id);
+                    }
                 }
             }
         },
@@ -403,7 +406,7 @@ fn forward_payload(
                 TerminalHint::from_payload(payload).filter(|hint| hint.pod != own_pod)
             {
                 stats.notices.fetch_add(1, Ordering::Relaxed);
-                targets.hub.tick_named(hint.process_id.as_str(), false);
+                targets.hub.tick(&hint.process_id);
             }
         }
         _ => {}

@@ -24,7 +24,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ProcessEvent, ProcessId};
+use crate::model::ProcessId;
 
 /// The NOTIFY channel of event notices (packed, see the module documentation).
 pub const EVENTS_CHANNEL: &str = "proclog_events";
@@ -228,22 +228,6 @@ pub struct EventNotice {
 }
 
 impl EventNotice {
-    /// The notice of `event` written by `pod`.
-    pub fn of(event: &ProcessEvent, pod: &str) -> Self {
-        Self {
-            process_id: event.process_id.clone(),
-            seq: event.seq,
-            event_type: event.event_type.clone(),
-            pod: pod.to_owned(),
-            sent_at_us: Some(chrono::Utc::now().timestamp_micros()),
-        }
-    }
-
-    /// The NOTIFY payload.
-    pub fn to_payload(&self) -> String {
-        serde_json::to_string(self).expect("a notice serializes")
-    }
-
     /// Parses a NOTIFY payload; `None` for anything malformed (ignored by listeners).
     pub fn from_payload(payload: &str) -> Option<Self> {
         serde_json::from_str(payload).ok()
@@ -262,11 +246,6 @@ pub struct TerminalHint {
 }
 
 impl TerminalHint {
-    /// The NOTIFY payload.
-    pub fn to_payload(&self) -> String {
-        serde_json::to_string(self).expect("a hint serializes")
-    }
-
     /// Parses a NOTIFY payload; `None` for anything malformed (ignored by listeners).
     pub fn from_payload(payload: &str) -> Option<Self> {
         serde_json::from_str(payload).ok()
